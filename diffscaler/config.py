@@ -1,0 +1,457 @@
+"""Frozen dataclass configs, loaded from YAML with `key=value` overrides and validated up front.
+
+    cfg = load_config("ray_jobs/configs/tiny.yaml", ["pretrain.steps=50", "model.name=DiT-S/2"])
+    cfg.pretrain.steps  # 50
+
+Every field has a one-line comment. Validation runs before any cluster resource is taken and
+raises `ConfigError` naming the field (dotted path) and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the field."""
+
+
+MODEL_NAME_PATTERN = re.compile(r"^DiT-(T|S|B|L|XL)/(2|4|8)$")
+ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full")
+ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
+SAMPLERS = ("ddim", "ddpm")
+PIPELINE_STAGES = ("shards", "pretrain", "finetune", "sweep", "evaluate", "report")
+FEATURE_NETWORKS = ("efficientnet-lite0", "inception-v3-compat")
+BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashion-mnist")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "DiT-T/4"  # size/patch preset: DiT-{T,S,B,L,XL}/{2,4,8}
+    input_size: int = 32  # square input side in pixels (or latent cells)
+    in_channels: int = 3  # 3 for pixel space, 4 for VAE latents
+    num_classes: int = 22  # backbone classes; the label table has one extra null row for CFG
+    learn_sigma: bool = False  # predict the variance too (doubles output channels, hybrid loss)
+    class_dropout_prob: float = 0.1  # label dropout to the null row during training (for CFG)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    num_timesteps: int = 1000  # training diffusion steps
+    beta_start: float = 1e-4  # linear beta schedule start
+    beta_end: float = 0.02  # linear beta schedule end
+    sampler: str = "ddim"  # ddim | ddpm
+    sampling_steps: int = 50  # respaced steps used at sampling time
+    ddim_eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    method: str = "affiner"  # affiner | difffit | lora | bitfit | full
+    rank: int = 8  # rank r of the new subspace (affiner, lora)
+    targets: tuple[str, ...] = ADAPTER_TARGETS  # wrapped linears: qkv, proj, fc1, fc2, adaLN
+    branch_scale_init: float = 1.0  # initial s_t of the rank-r branch (its U starts at zero)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str  # task name; adapter files are <name>.safetensors
+    source: str = ""  # shard-building source: a bundled name or folder:PATH (default: name)
+    conditional: bool = False  # one conditioning row per class instead of a single learned row
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.name
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards_root: str = "shards"  # folder or fsspec URL holding <dataset>/<split>-NNNNNN.tar
+    image_size: int = 32  # square side images are resized and centre-cropped to
+    samples_per_shard: int = 1000  # samples per tar shard
+    eval_fraction: float = 0.1  # share held out as the eval split
+    limit: int = 0  # cap on images per source (0 = all)
+    pretrain_source: str = "openclipart"  # class-conditional pretraining set
+    targets: tuple[TaskSpec, ...] = (  # fine-tune datasets, one task each
+        TaskSpec("emoji"),
+        TaskSpec("icons"),
+        TaskSpec("tiles"),
+        TaskSpec("textiles"),
+    )
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer
+    hflip: bool = True  # random horizontal flip augmentation
+    loader_workers: int = 0  # DataLoader worker processes per rank
+    skip_bad_samples: bool = False  # skip and count undecodable samples instead of stopping
+    seed: int = 0  # shuffle and split seed
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    num_workers: int = 2  # Ray Train workers (one DeepSpeed rank each)
+    use_gpu: bool = False  # one GPU per worker, NCCL, bf16
+    cpus_per_worker: float = 1.0  # CPU resource request per worker
+    global_batch_size: int = 32  # images per optimizer step over all workers
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    steps: int = 200  # optimizer steps
+    lr: float = 3e-4  # peak AdamW learning rate
+    warmup_steps: int = 20  # linear warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip (0 = off)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 0, 1, 2 or 3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    ema_decay: float = 0.999  # EMA decay of the weights (fp32)
+    grad_checkpointing: bool = False  # recompute block activations in backward
+    log_every: int = 10  # steps between logged metrics
+    checkpoint_every: int = 50  # steps between checkpoints
+    sample_every: int = 100  # steps between sample grids (0 = off)
+    max_failures: int = 2  # automatic restarts from the last checkpoint
+    storage_path: str = "runs/ray"  # Ray Train storage: local dir, NFS or s3://
+    run_name: str = "pretrain"  # Ray run name; rerun with the same name resumes
+    peak_tflops: float = 0.0  # device peak for MFU (0 = pick by device: 989 H100 bf16, 1 CPU)
+    seed: int = 0  # model init and data order seed
+    fail_at_step: int = -1  # testing hook: rank 1 exits hard once at this step (-1 = never)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    methods: tuple[str, ...] = ("affiner",)  # methods run per task (comparison-table rows)
+    steps: int = 200  # optimizer steps per task
+    batch_size: int = 32  # images per step
+    lr: float = 1e-3  # AdamW learning rate for adapter parameters
+    warmup_steps: int = 10  # linear warm-up steps
+    grad_clip: float = 1.0  # gradient-norm clip (0 = off)
+    use_gpu: bool = False  # one GPU per fine-tune
+    cpus_per_task: float = 0.5  # CPU resource request per fine-tune (fractional packs a node)
+    mixed: bool = False  # one run trains all tasks together from interleaved shards
+    log_every: int = 10  # steps between loss log lines
+    seed: int = 0  # init and data seed
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    ranks: tuple[int, ...] = (2, 4, 8, 16, 32)  # adapter ranks searched
+    lr_min: float = 1e-4  # log-uniform learning-rate range, low end
+    lr_max: float = 1e-2  # log-uniform learning-rate range, high end
+    num_samples: int = 4  # trials per dataset
+    max_steps: int = 100  # steps of the longest trial
+    rung_steps: int = 25  # steps between validation reports (ASHA rungs)
+    grace_period: int = 1  # ASHA: rungs before a trial may be stopped
+    reduction_factor: int = 2  # ASHA reduction factor
+    cpus_per_trial: float = 0.5  # CPU request per trial
+    max_concurrent_trials: int = 0  # 0 = from the cluster's resources
+    datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets)
+    fid_samples: int = 64  # generated images for the final FID of the best trials
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    feature_network: str = "efficientnet-lite0"  # efficientnet-lite0 | inception-v3-compat
+    feature_weights_path: str = ""  # weights file (required for inception-v3-compat)
+    num_samples: int = 256  # generated images per task
+    num_reference: int = 0  # reference images from the eval split (0 = all)
+    num_actors: int = 2  # actors in the evaluation pool
+    cpus_per_actor: float = 0.5  # CPU request per actor
+    gpus_per_actor: float = 0.0  # GPU request per actor
+    batch_size: int = 64  # images per sampling batch
+    sampling_steps: int = 25  # sampler steps for evaluation
+    kid_subset_size: int = 100  # KID subset size (capped at the sample count)
+    cache_dir: str = "runs/fid-cache"  # reference statistics cache
+    seed: int = 0  # first per-sample seed
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    stages: tuple[str, ...] = PIPELINE_STAGES  # stages to run, in order
+    backbone: str = ""  # start from this backbone file (or a public DiT .pt) instead of pretraining
+    ray_address: str = ""  # empty = local ray.init(); "auto" inside ray job submit
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def validate(self) -> ExperimentConfig:
+        validate(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Building from dicts (YAML / JSON), with type checking per field
+# ------------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    origin = get_origin(annotation)
+    if annotation is Any:
+        return value
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if isinstance(value, str) and annotation is TaskSpec:
+            return TaskSpec(name=value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for {annotation.__name__}, got {value!r}")
+        return from_dict(annotation, value, path)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_type, *_rest) = get_args(annotation)
+        return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys are an error naming the allowed ones."""
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = path or "config"
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["a.b=3", "c.d=[x, y]"]` -> nested dict; values parse as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. pretrain.steps=100")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: cannot parse {raw!r}: {err}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Load YAML (or JSON) at `path`, apply `key=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, parse_overrides(list(overrides)))
+    return from_dict(ExperimentConfig, data).validate()
+
+
+def config_from_json(text_or_dict: str | dict[str, Any]) -> ExperimentConfig:
+    data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+    return from_dict(ExperimentConfig, data).validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _require(cond: bool, field_path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_path}: {message}")
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], field_path: str) -> None:
+    _require(value in allowed, field_path, f"{value!r} is not one of {list(allowed)}")
+
+
+def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    match = MODEL_NAME_PATTERN.match(m.name)
+    _require(
+        match is not None,
+        f"{prefix}.name",
+        f"{m.name!r} is not a preset; allowed: DiT-{{T,S,B,L,XL}}/{{2,4,8}}",
+    )
+    patch = int(match.group(2))  # type: ignore[union-attr]
+    _require(m.input_size > 0, f"{prefix}.input_size", "must be positive")
+    _require(
+        m.input_size % patch == 0,
+        f"{prefix}.input_size",
+        f"{m.input_size} is not divisible by the patch size {patch} of {m.name}",
+    )
+    _require(m.in_channels > 0, f"{prefix}.in_channels", "must be positive")
+    _require(m.num_classes >= 1, f"{prefix}.num_classes", "must be at least 1")
+    _require(0.0 <= m.class_dropout_prob < 1.0, f"{prefix}.class_dropout_prob", "must be in [0, 1)")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    validate_model(cfg.model)
+
+    d = cfg.diffusion
+    _require(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+    _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1")
+    _one_of(d.sampler, SAMPLERS, "diffusion.sampler")
+    _require(
+        1 <= d.sampling_steps <= d.num_timesteps,
+        "diffusion.sampling_steps",
+        f"must be in [1, {d.num_timesteps}]",
+    )
+    _require(d.ddim_eta >= 0, "diffusion.ddim_eta", "must be >= 0")
+    _require(d.cfg_scale >= 0, "diffusion.cfg_scale", "must be >= 0")
+
+    a = cfg.adapter
+    _one_of(a.method, ADAPTER_METHODS, "adapter.method")
+    _require(a.rank >= 1, "adapter.rank", "must be at least 1")
+    _require(len(a.targets) > 0, "adapter.targets", f"must name at least one of {list(ADAPTER_TARGETS)}")
+    for t in a.targets:
+        _one_of(t, ADAPTER_TARGETS, "adapter.targets")
+    _require(len(set(a.targets)) == len(a.targets), "adapter.targets", "has duplicates")
+
+    data = cfg.data
+    _require(data.image_size > 0, "data.image_size", "must be positive")
+    _require(data.samples_per_shard > 0, "data.samples_per_shard", "must be positive")
+    _require(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+    _require(data.limit >= 0, "data.limit", "must be >= 0 (0 = no limit)")
+    names = [t.name for t in data.targets]
+    _require(len(set(names)) == len(names), "data.targets", f"task names repeat: {names}")
+    for i, t in enumerate(data.targets):
+        _require(
+            re.fullmatch(r"[A-Za-z0-9_.-]+", t.name) is not None,
+            f"data.targets[{i}].name",
+            f"{t.name!r} must be letters, digits, '_', '.', '-' (it names files)",
+        )
+    _require(data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+
+    p = cfg.pretrain
+    _require(p.num_workers >= 1, "pretrain.num_workers", "must be at least 1")
+    _require(p.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be positive")
+    _require(p.grad_accum_steps >= 1, "pretrain.grad_accum_steps", "must be at least 1")
+    per_step = p.num_workers * p.grad_accum_steps
+    _require(
+        p.global_batch_size > 0 and p.global_batch_size % per_step == 0,
+        "pretrain.global_batch_size",
+        f"{p.global_batch_size} is not divisible by num_workers x grad_accum_steps = {per_step}",
+    )
+    _require(p.steps >= 1, "pretrain.steps", "must be at least 1")
+    _require(p.lr > 0, "pretrain.lr", "must be positive")
+    _require(p.warmup_steps >= 0, "pretrain.warmup_steps", "must be >= 0")
+    _require(p.grad_clip >= 0, "pretrain.grad_clip", "must be >= 0")
+    _one_of(p.zero_stage, (0, 1, 2, 3), "pretrain.zero_stage")
+    _one_of(p.precision, ("auto", "bf16", "fp32"), "pretrain.precision")
+    _require(0.0 <= p.ema_decay < 1.0, "pretrain.ema_decay", "must be in [0, 1)")
+    for name in ("log_every", "checkpoint_every"):
+        _require(getattr(p, name) >= 1, f"pretrain.{name}", "must be at least 1")
+    _require(p.sample_every >= 0, "pretrain.sample_every", "must be >= 0")
+    _require(p.max_failures >= 0, "pretrain.max_failures", "must be >= 0")
+    _require(bool(p.storage_path), "pretrain.storage_path", "must be set")
+    _require(
+        re.fullmatch(r"[A-Za-z0-9_.-]+", p.run_name) is not None,
+        "pretrain.run_name",
+        "letters, digits, '_', '.', '-' only",
+    )
+
+    f = cfg.finetune
+    _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
+    for m in f.methods:
+        _one_of(m, ADAPTER_METHODS, "finetune.methods")
+    _require(f.steps >= 1, "finetune.steps", "must be at least 1")
+    _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
+    _require(f.lr > 0, "finetune.lr", "must be positive")
+    _require(f.cpus_per_task > 0, "finetune.cpus_per_task", "must be positive")
+
+    s = cfg.sweep
+    _require(len(s.ranks) > 0, "sweep.ranks", "the search space is empty: give at least one rank")
+    for r in s.ranks:
+        _require(isinstance(r, int) and r >= 1, "sweep.ranks", f"{r!r} is not a positive integer")
+    _require(
+        0 < s.lr_min <= s.lr_max and math.isfinite(s.lr_max),
+        "sweep.lr_min",
+        f"need 0 < lr_min <= lr_max, got [{s.lr_min}, {s.lr_max}]",
+    )
+    _require(s.num_samples >= 1, "sweep.num_samples", "must be at least 1")
+    _require(s.rung_steps >= 1, "sweep.rung_steps", "must be at least 1")
+    _require(s.max_steps >= s.rung_steps, "sweep.max_steps", "must be >= sweep.rung_steps")
+    _require(s.reduction_factor >= 2, "sweep.reduction_factor", "must be at least 2")
+    _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be positive")
+    for ds in s.datasets:
+        _require(ds in names, "sweep.datasets", f"{ds!r} is not a task in data.targets {names}")
+
+    e = cfg.eval
+    _one_of(e.feature_network, FEATURE_NETWORKS, "eval.feature_network")
+    _require(
+        e.feature_network != "inception-v3-compat" or bool(e.feature_weights_path),
+        "eval.feature_weights_path",
+        "inception-v3-compat needs a weights file (its download is not available offline)",
+    )
+    _require(e.num_samples >= 2, "eval.num_samples", "must be at least 2")
+    _require(e.num_reference >= 0, "eval.num_reference", "must be >= 0 (0 = all)")
+    _require(e.num_actors >= 1, "eval.num_actors", "must be at least 1")
+    _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
+    _require(e.sampling_steps >= 1, "eval.sampling_steps", "must be at least 1")
+
+    for st in cfg.pipeline.stages:
+        _one_of(st, PIPELINE_STAGES, "pipeline.stages")

@@ -1,0 +1,96 @@
+"""Sampling helpers on top of GaussianDiffusion: batches, guidance, tasks, uint8 images.
+
+Image i depends only on (seed, i, task, class): noise comes from per-sample generators
+(`SampleNoise`), so batch size, task mix and worker count do not change what is generated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from diffscaler.diffusion.gaussian import GaussianDiffusion, SampleNoise
+from diffscaler.models.dit import DiT
+
+
+@torch.no_grad()
+def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, indices: Sequence[int],
+             seed: int, task_ids: torch.Tensor | int | None = None, steps: int = 50, sampler: str = "ddim",
+             cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
+             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One batch: float images (N, C, H, W) in [-1, 1] for sample `indices` with `labels`."""
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    if isinstance(task_ids, torch.Tensor):
+        task_ids = task_ids.to(device)
+    cfg = model.config
+    noise = SampleNoise(seed, indices, (cfg.in_channels, cfg.input_size, cfg.input_size), device)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model.forward_with_cfg(x, t, labels, cfg_scale, task_ids).float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        x = diffusion.sample(model_fn, noise, steps=steps, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
+    finally:
+        model.train(was_training)
+    return x.clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 (C = 3 for pixel space)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: int,
+                  labels: Sequence[int] | None = None, task_ids: Sequence[int] | None = None,
+                  start_index: int = 0, batch_size: int = 64, steps: int = 50, sampler: str = "ddim",
+                  cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
+                  autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """`num` images as uint8 (num, H, W, C); sample k has index `start_index + k`.
+
+    `labels[k]` / `task_ids[k]` give each sample's class and task (tasks may mix within a batch).
+    """
+    if num < 0 or batch_size < 1:
+        raise ValueError(f"num must be >= 0 and batch_size >= 1, got {num} and {batch_size}")
+    labels = [0] * num if labels is None else list(labels)
+    if len(labels) != num or (task_ids is not None and len(task_ids) != num):
+        raise ValueError(f"need one label (and task id) per sample: num={num}, labels={len(labels)}, "
+                         f"task_ids={None if task_ids is None else len(task_ids)}")
+    out = []
+    for lo in range(0, num, batch_size):
+        hi = min(num, lo + batch_size)
+        ids = None if task_ids is None else torch.tensor(list(task_ids[lo:hi]), dtype=torch.long)
+        x = generate(model, diffusion, labels=torch.tensor(labels[lo:hi], dtype=torch.long),
+                     indices=range(start_index + lo, start_index + hi), seed=seed, task_ids=ids, steps=steps,
+                     sampler=sampler, cfg_scale=cfg_scale, eta=eta, clip_denoised=clip_denoised,
+                     autocast_dtype=autocast_dtype)
+        out.append(to_uint8(x))
+    if not out:
+        c, s = model.config.in_channels, model.config.input_size
+        return np.zeros((0, s, s, c), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) grid on white."""
+    n, h, w, c = images.shape
+    ncols = ncols or max(1, int(np.ceil(np.sqrt(n))))
+    nrows = max(1, int(np.ceil(n / ncols)))
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+    return grid
+
+
+def save_png(array: np.ndarray, path) -> None:
+    from PIL import Image
+
+    arr = array[..., 0] if array.shape[-1] == 1 else array[..., :3]
+    Image.fromarray(arr).save(path)

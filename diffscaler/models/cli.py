@@ -1,0 +1,180 @@
+"""Model subcommands of the `diffscaler` CLI: model-info, init-backbone, sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("model-info", help="parameter and FLOP counts of a DiT preset")
+    p.add_argument("--model", default="DiT-XL/2", help="preset, e.g. DiT-XL/2 (default) or DiT-T/4")
+    p.add_argument("--input-size", type=int, default=32, help="input side (latent cells or pixels)")
+    p.add_argument("--in-channels", type=int, default=4, help="4 for VAE latents, 3 for pixels")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes (default: ImageNet's 1000)")
+    p.add_argument("--no-learn-sigma", action="store_true", help="fixed variance (halves output channels)")
+    p.add_argument("--all", action="store_true", help="every preset at this input size")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("init-backbone", help="write a freshly initialised backbone file")
+    p.add_argument("--model", required=True, help="preset, e.g. DiT-T/4")
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--learn-sigma", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .safetensors path (a JSON is written beside it)")
+    p.set_defaults(func=cmd_init_backbone)
+
+    p = sub.add_parser("sample", help="sample images from a backbone, optionally with task adapters")
+    p.add_argument("--backbone", required=True, help="backbone .safetensors (or a public DiT .pt)")
+    p.add_argument("--adapters", nargs="*", default=[], help="<task>.safetensors files (one bank)")
+    p.add_argument("--task", default="", help="task name(s), comma-separated; interleaved in shared batches")
+    p.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class label (default: cycle over classes of a conditional model)")
+    p.add_argument("--num", type=int, default=16, help="images per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--merge", action="store_true", help="fold the single task's adapter into the weights")
+    p.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
+    p.set_defaults(func=cmd_sample)
+
+
+def _model_config(args: argparse.Namespace, learn_sigma: bool):
+    from diffscaler.config import ModelConfig, validate_model
+
+    cfg = ModelConfig(name=args.model, input_size=args.input_size, in_channels=args.in_channels,
+                      num_classes=args.num_classes, learn_sigma=learn_sigma)
+    validate_model(cfg)
+    return cfg
+
+
+def model_info(cfg) -> dict:
+    import torch
+
+    from diffscaler.models.dit import DiT, model_macs
+
+    with torch.device("meta"):  # counts without allocating (XL is 675 M parameters)
+        model = DiT(cfg)
+    return {
+        "model": cfg.name,
+        "input_size": cfg.input_size,
+        "in_channels": cfg.in_channels,
+        "params": model.num_parameters(),
+        "gflops_per_forward": round(model_macs(cfg) / 1e9, 3),
+        "flops_convention": "multiply-adds per image (DiT paper)",
+    }
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from diffscaler.models.dit import DIT_SIZES
+
+    learn_sigma = not args.no_learn_sigma
+    if args.all:
+        names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8) if args.input_size % p == 0]
+        rows = []
+        for name in names:
+            args.model = name
+            rows.append(model_info(_model_config(args, learn_sigma)))
+    else:
+        rows = [model_info(_model_config(args, learn_sigma))]
+    if args.json:
+        print(json.dumps(rows if args.all else rows[0]))
+        return 0
+    print(f"{'model':<10} {'input':>9} {'params (M)':>11} {'GFLOPs (MACs/img)':>18}")
+    for r in rows:
+        print(f"{r['model']:<10} {r['input_size']:>4}x{r['in_channels']:<4} {r['params'] / 1e6:>11.2f} "
+              f"{r['gflops_per_forward']:>18.2f}")
+    return 0
+
+
+def cmd_init_backbone(args: argparse.Namespace) -> int:
+    from diffscaler.artifacts import save_backbone
+    from diffscaler.models.dit import build_model
+
+    cfg = _model_config(args, args.learn_sigma)
+    model = build_model(cfg, seed=args.seed)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: a backbone file ends in .safetensors")
+    digest = save_backbone(model, out, provenance={"init": "fresh", "seed": args.seed})
+    print(json.dumps({"backbone": str(out), "content_hash": digest, "params": model.num_parameters()}))
+    return 0
+
+
+def plan_samples(task_names: list[str], num_per_task: int, class_counts: list[int],
+                 class_label: int | None) -> tuple[list[int], list[int]]:
+    """Interleave tasks sample by sample (a, b, a, b, ...) so every batch mixes them.
+
+    Returns (task index per sample, label per sample). Sample order fixes the per-sample seed index.
+    """
+    tasks, labels = [], []
+    for k in range(num_per_task):
+        for t in range(len(task_names)):
+            tasks.append(t)
+            n_cls = class_counts[t]
+            labels.append(class_label if class_label is not None else k % n_cls)
+    return tasks, labels
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+
+    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.config import DiffusionConfig
+    from diffscaler.diffusion.gaussian import GaussianDiffusion
+    from diffscaler.diffusion.sampling import image_grid, sample_images, save_png
+
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
+    model, meta = load_backbone(args.backbone)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma)
+    if args.steps < 1 or args.steps > diffusion.num_timesteps:
+        raise ValueError(f"--steps must be in [1, {diffusion.num_timesteps}], got {args.steps}")
+    names = [t for t in args.task.split(",") if t]
+    task_ids = None
+    if args.adapters:
+        bank = load_adapters(model, args.adapters, backbone_hash=meta["content_hash"])
+        names = names or [t.name for t in bank.tasks]
+        idx = [bank.task_index(n) for n in names]
+        counts = [bank.tasks[i].num_classes for i in idx]
+        per_sample_task, labels = plan_samples(names, args.num, counts, args.class_label)
+        task_ids = [idx[t] for t in per_sample_task]
+        for i, lab in zip(task_ids, labels, strict=True):
+            if not 0 <= lab < bank.tasks[i].num_classes:
+                raise ValueError(f"--class {lab} is out of range for task {bank.tasks[i].name!r} "
+                                 f"({bank.tasks[i].num_classes} class(es))")
+        if args.merge:
+            if len(names) != 1:
+                raise ValueError("--merge folds one task into the weights; give exactly one --task")
+            bank.merge(names[0])
+    else:
+        if names:
+            raise ValueError(f"--task {args.task} needs --adapters holding those tasks")
+        names = [""]
+        per_sample_task, labels = plan_samples(names, args.num, [model.config.num_classes], args.class_label)
+        if not all(0 <= lab < model.config.num_classes for lab in labels):
+            raise ValueError(f"--class must be in [0, {model.config.num_classes})")
+    t0 = time.perf_counter()
+    images = sample_images(model, diffusion, num=len(labels), seed=args.seed, labels=labels, task_ids=task_ids,
+                           batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
+                           cfg_scale=args.cfg_scale)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task_of = np.array([names[t] for t in per_sample_task])
+    np.savez(out / "samples.npz", images=images, task=task_of, label=np.array(labels, dtype=np.int64),
+             index=np.arange(len(labels), dtype=np.int64))
+    # grid: one row per task when several are interleaved
+    order = np.argsort(np.array(per_sample_task), kind="stable")
+    save_png(image_grid(images[order], ncols=args.num if len(names) > 1 else None), out / "grid.png")
+    print(json.dumps({"images": len(labels), "tasks": names, "seconds": round(seconds, 2),
+                      "samples": str(out / "samples.npz"), "grid": str(out / "grid.png")}))
+    return 0

@@ -1,0 +1,29 @@
+"""Shared fixtures. One local Ray cluster per test session (ray.init costs 2-6 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Ray Train's controller polls every 2 s by default; every ray.train.report waits on it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Token auth is the product default; tests on a throwaway local cluster turn it off.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray cluster with 2 CPUs, started and stopped by this test session."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

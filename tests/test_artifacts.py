@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import torch
+
+from diffscaler.adapters import AdapterBank, AdapterLoadError
+from diffscaler.artifacts import (
+    BackboneLoadError,
+    load_adapters,
+    load_backbone,
+    save_adapter,
+    save_backbone,
+)
+from diffscaler.config import ModelConfig
+from diffscaler.models import DiT
+from tests.test_adapters import TASKS, backbone, inputs, randomize
+
+
+def test_backbone_round_trip_is_bit_exact(tmp_path):
+    model = backbone()
+    digest = save_backbone(model, tmp_path / "backbone.safetensors", provenance={"step": 3})
+    loaded, meta = load_backbone(tmp_path / "backbone.safetensors", expect=model.config)
+    assert meta["content_hash"] == digest and meta["provenance"]["step"] == 3
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_backbone_errors(tmp_path):
+    model = backbone()
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(model, path)
+    with pytest.raises(BackboneLoadError, match="name file='DiT-T/8' config='DiT-S/2'"):
+        load_backbone(path, expect=ModelConfig(name="DiT-S/2", input_size=16))
+    other = backbone()
+    with torch.no_grad():
+        other.blocks[0].attn.qkv.weight.add_(1)
+    from safetensors.torch import save_file
+
+    from diffscaler.artifacts import backbone_state
+
+    save_file(backbone_state(other), str(path))  # weights replaced behind the JSON's back
+    with pytest.raises(BackboneLoadError, match="content hash"):
+        load_backbone(path)
+    with pytest.raises(BackboneLoadError, match="not found"):
+        load_backbone(tmp_path / "missing.safetensors")
+
+
+def test_public_dit_checkpoint_layout_round_trips(tmp_path):
+    cfg = ModelConfig(name="DiT-T/2", input_size=8, in_channels=4, num_classes=7, learn_sigma=True)
+    torch.manual_seed(0)
+    ref = DiT(cfg)
+    torch.save(ref.state_dict(), tmp_path / "DiT-T-2-64x64.pt")  # the layout of facebookresearch/DiT
+    model, meta = load_backbone(tmp_path / "DiT-T-2-64x64.pt")
+    assert model.config.name == "DiT-T/2" and model.config.learn_sigma and model.config.num_classes == 7
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True))
+    keys = set(ref.state_dict())
+    for k in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight",
+              "y_embedder.embedding_table.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight",
+              "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight", "blocks.1.adaLN_modulation.1.weight",
+              "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight", "pos_embed"):
+        assert k in keys
+
+
+def test_adapter_save_load_round_trips_bit_exactly_into_a_mixed_bank(tmp_path):
+    model = backbone().eval()
+    digest = save_backbone(model, tmp_path / "backbone.safetensors")
+    bank = AdapterBank.attach(model, TASKS, rank=4)
+    randomize(bank)
+    for task in TASKS:
+        save_adapter(bank, task.name, tmp_path / "adapters", backbone_hash=digest)
+    meta = json.loads((tmp_path / "adapters" / "b.json").read_text())
+    assert meta["method"] == "affiner" and meta["rank"] == 4 and meta["num_classes"] == 3
+    x, t, y, ids = inputs()
+    expected = model(x, t, y, ids)
+    fresh, m = load_backbone(tmp_path / "backbone.safetensors")
+    files = [tmp_path / "adapters" / f"{n}.safetensors" for n in ("c", "a", "b")]  # another order
+    bank2 = load_adapters(fresh, files, backbone_hash=m["content_hash"])
+    fresh.eval()
+    remap = torch.tensor([1, 2, 0])  # a->1, b->2, c->0
+    assert torch.equal(fresh(x, t, y, remap[ids]), expected)
+    for task in TASKS:
+        for k, v in bank.task_state(task.name).items():
+            assert torch.equal(v, bank2.task_state(task.name)[k])
+
+
+def test_adapter_load_errors(tmp_path):
+    model = backbone()
+    bank = AdapterBank.attach(model, TASKS[:1], rank=4)
+    save_adapter(bank, "a", tmp_path, backbone_hash="sha256:aaa")
+    with pytest.raises(AdapterLoadError, match="trained on backbone 'sha256:aaa'"):
+        load_adapters(backbone(), [tmp_path / "a.safetensors"], backbone_hash="sha256:bbb")
+    other = DiT(ModelConfig(name="DiT-T/4", input_size=16, num_classes=5))
+    with pytest.raises(AdapterLoadError, match="name adapter='DiT-T/8' backbone='DiT-T/4'"):
+        load_adapters(other, [tmp_path / "a.safetensors"], backbone_hash=None)
+    lora = AdapterBank.attach(backbone(), [TASKS[2]], method="lora", rank=4)
+    save_adapter(lora, "c", tmp_path, backbone_hash="sha256:aaa")
+    with pytest.raises(AdapterLoadError, match="disagree on method"):
+        load_adapters(backbone(), [tmp_path / "a.safetensors", tmp_path / "c.safetensors"], backbone_hash=None)
+    (tmp_path / "c.json").unlink()
+    with pytest.raises(AdapterLoadError, match="c.json is missing"):
+        load_adapters(backbone(), [tmp_path / "c.safetensors"], backbone_hash=None)

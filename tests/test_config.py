@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from diffscaler.config import ConfigError, ExperimentConfig, config_from_json, load_config
+
+
+def test_defaults_validate_and_round_trip_through_json():
+    cfg = ExperimentConfig().validate()
+    again = config_from_json(cfg.to_json())
+    assert again == cfg
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  name: DiT-S/2\npretrain:\n  steps: 7\n")
+    cfg = load_config(path, ["pretrain.steps=9", "adapter.targets=[qkv, fc1]", "data.targets=[emoji, icons]"])
+    assert cfg.model.name == "DiT-S/2"
+    assert cfg.pretrain.steps == 9
+    assert cfg.adapter.targets == ("qkv", "fc1")
+    assert [t.name for t in cfg.data.targets] == ["emoji", "icons"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "words"),
+    [
+        ("model.name=DiT-Q/2", "model.name", "DiT-{T,S,B,L,XL}/{2,4,8}"),
+        ("model.input_size=30", "model.input_size", "not divisible by the patch size 4"),
+        ("pretrain.zero_stage=4", "pretrain.zero_stage", "[0, 1, 2, 3]"),
+        ("pretrain.global_batch_size=33", "pretrain.global_batch_size", "not divisible"),
+        ("adapter.method=prefix", "adapter.method", "affiner"),
+        ("adapter.targets=[qkv, conv]", "adapter.targets", "qkv"),
+        ("diffusion.sampler=euler", "diffusion.sampler", "ddim"),
+        ("sweep.ranks=[]", "sweep.ranks", "empty"),
+        ("pipeline.stages=[shards, paint]", "pipeline.stages", "report"),
+        ("eval.feature_network=inception-v3-compat", "eval.feature_weights_path", "weights file"),
+        ("pretrain.steps=ten", "pretrain.steps", "integer"),
+        ("model.colour=3", "model", "unknown key"),
+    ],
+)
+def test_bad_values_name_the_field_and_allowed_values(override, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert field in str(err.value)
+    assert words in str(err.value)
+
+
+def test_override_syntax_error_is_clear():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["pretrain.steps"])
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_saved_json_is_plain_json(tmp_path):
+    cfg = ExperimentConfig()
+    cfg.save_json(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["model"]["name"] == "DiT-T/4"

@@ -1,0 +1,1 @@
+"""Speed benchmarks: printed tables, never timed assertions."""

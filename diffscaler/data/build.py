@@ -1,0 +1,83 @@
+"""Build every dataset a config names - the pretraining set and each target task - optionally in parallel.
+
+    build_all(cfg.data)                       # Ray tasks, one per dataset (ray.init() if needed)
+    build_all(cfg.data, ["emoji"], parallel=False)
+    dataset_dir(cfg.data, "emoji")            # -> "<shards_root>/emoji", where readers look
+
+Names: the pretraining set is named after its source (`openclipart`, or a folder's base name);
+a target is named after its task (`TaskSpec.name`), its source being `TaskSpec.source_name`.
+A dataset whose index.json already records the same build parameters and tool version is kept
+(`force=True` rebuilds). Ray is imported only when `parallel=True`: this package stays usable
+without a cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from diffscaler.config import DataConfig
+from diffscaler.data import storage
+from diffscaler.data.index import DatasetIndex, load_index
+from diffscaler.data.sources import dataset_name
+from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards
+
+
+def dataset_jobs(data: DataConfig) -> dict[str, str]:
+    """{dataset name: source spec}, pretraining set first, then the targets in config order."""
+    jobs = {dataset_name(data.pretrain_source): data.pretrain_source}
+    for task in data.targets:
+        if task.name in jobs and jobs[task.name] != task.source_name:
+            raise ValueError(
+                f"data.targets: task {task.name!r} (source {task.source_name!r}) clashes with the dataset "
+                f"{task.name!r} of source {jobs[task.name]!r}; rename the task"
+            )
+        jobs[task.name] = task.source_name
+    return jobs
+
+
+def dataset_dir(data: DataConfig, name: str) -> str:
+    return storage.join(data.shards_root, name)
+
+
+def pretrain_dataset_dir(data: DataConfig) -> str:
+    return dataset_dir(data, dataset_name(data.pretrain_source))
+
+
+def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
+    out = dataset_dir(data, name)
+    params = build_parameters(
+        source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed
+    )
+    if not force and is_up_to_date(out, params):
+        print(f"shards {name}: up to date at {out}", file=sys.stderr)
+        return load_index(out)
+    return make_shards(
+        source,
+        out,
+        size=data.image_size,
+        samples_per_shard=data.samples_per_shard,
+        eval_fraction=data.eval_fraction,
+        limit=data.limit,
+        seed=data.seed,
+        skip_bad=data.skip_bad_samples,
+    )
+
+
+def build_all(
+    data: DataConfig, names: Sequence[str] | None = None, *, parallel: bool = True, force: bool = False
+) -> dict[str, DatasetIndex]:
+    """Build the named datasets (default: all of `dataset_jobs`); returns {name: loaded index}."""
+    jobs = dataset_jobs(data)
+    chosen = list(jobs) if not names else list(names)
+    unknown = [n for n in chosen if n not in jobs]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
+    if not parallel or len(chosen) == 1:
+        return {n: _build_one(data, n, jobs[n], force) for n in chosen}
+    import ray
+
+    # One CPU each: decoding is single-threaded Pillow/zlib work; Ray packs as many as the cluster has.
+    remote = ray.remote(num_cpus=1, max_retries=0)(_build_one)
+    refs = [remote.remote(data, n, jobs[n], force) for n in chosen]
+    return dict(zip(chosen, ray.get(refs)))

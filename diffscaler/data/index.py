@@ -1,0 +1,167 @@
+"""`index.json`: what a shard folder holds. Written last, so a folder without it is not a dataset.
+
+Format (version 1), keys sorted, no timestamps (reruns are byte-identical):
+
+    {
+      "format": "diffscaler-shards", "format_version": 1, "tool": "diffscaler 0.1.0",
+      "source": "emoji", "source_detail": "/usr/share/fonts/...",
+      "image_size": 32, "samples_per_shard": 1000, "eval_fraction": 0.1, "limit": 0, "seed": 0,
+      "class_names": ["emoji"], "num_samples": 1922,
+      "splits": {"train": {"num_samples": 1730, "class_counts": [1730],
+                           "shards": [{"name": "train-000000.tar", "num_samples": 1000,
+                                       "sha256": "..."}, ...]},
+                 "eval": {...}},
+      "skipped_inputs": [],
+      "content_hash": "sha256:..."
+    }
+
+A shard's `sha256` hashes its samples' contents (key, then each member's extension and bytes, in
+order); `content_hash` hashes the shard hashes of all splits in order. Both are checked by
+`diffscaler shards check`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from diffscaler.data import storage
+
+INDEX_NAME = "index.json"
+FORMAT_NAME = "diffscaler-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "eval")
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the folder or file and the problem."""
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def sample_digest(hasher: Any, key: str, members: dict[str, bytes]) -> None:
+    """Feed one sample into a running sha256 (shared by the writer and `check`)."""
+    hasher.update(key.encode() + b"\0")
+    for ext in sorted(members):
+        data = members[ext]
+        hasher.update(ext.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
+
+
+def combine_hashes(shard_hashes: list[str]) -> str:
+    return "sha256:" + hashlib.sha256("\n".join(shard_hashes).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str  # full path or URL of the tar
+    name: str  # base name, e.g. train-000000.tar
+    num_samples: int  # samples in it
+    sha256: str  # content hash of its samples
+    first_sample: int  # position of its first sample within the split
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """A loaded and structurally validated index.json."""
+
+    url: str  # dataset folder
+    data: dict[str, Any]  # the JSON as loaded
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data["image_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data["class_names"])
+
+    @property
+    def source(self) -> str:
+        return str(self.data["source"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.data["content_hash"])
+
+    def num_samples(self, split: str) -> int:
+        return int(self._split(split)["num_samples"])
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        out, first = [], 0
+        for entry in self._split(split)["shards"]:
+            n = int(entry["num_samples"])
+            out.append(ShardInfo(storage.join(self.url, entry["name"]), entry["name"], n, entry["sha256"], first))
+            first += n
+        return out
+
+    def _split(self, split: str) -> dict[str, Any]:
+        splits = self.data["splits"]
+        if split not in splits:
+            raise DatasetError(f"{self.url}: no split {split!r}; index has {sorted(splits)}")
+        return splits[split]
+
+
+def index_url(dataset_dir: str) -> str:
+    return storage.join(dataset_dir, INDEX_NAME)
+
+
+def encode_index(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _validate(data: Any, where: str) -> None:
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise DatasetError(f"{where}: {what}")
+
+    need(isinstance(data, dict), "not a JSON object")
+    need(data.get("format") == FORMAT_NAME, f"format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
+    version = data.get("format_version")
+    need(
+        version == FORMAT_VERSION,
+        f"format_version {version!r} is not supported (this tool reads {FORMAT_VERSION})",
+    )
+    for key in ("image_size", "class_names", "splits", "content_hash", "source"):
+        need(key in data, f"missing field {key!r}")
+    need(isinstance(data["image_size"], int) and data["image_size"] > 0, "image_size must be a positive int")
+    need(isinstance(data["class_names"], list) and len(data["class_names"]) >= 1, "class_names is empty")
+    for split, entry in data["splits"].items():
+        need(isinstance(entry, dict) and isinstance(entry.get("shards"), list), f"split {split!r} has no shards list")
+        total = 0
+        for shard in entry["shards"]:
+            need(
+                isinstance(shard, dict) and {"name", "num_samples", "sha256"} <= set(shard),
+                f"split {split!r}: shard entry {shard!r} lacks name/num_samples/sha256",
+            )
+            need("/" not in shard["name"], f"shard name {shard['name']!r} must be a base name")
+            total += int(shard["num_samples"])
+        need(
+            total == entry.get("num_samples"),
+            f"split {split!r}: shard counts add up to {total}, num_samples says {entry.get('num_samples')}",
+        )
+
+
+def load_index(dataset_dir: str) -> DatasetIndex:
+    """Read and validate `<dataset_dir>/index.json`; DatasetError names the file and the problem."""
+    url = index_url(dataset_dir)
+    try:
+        raw = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise DatasetError(
+            f"{url}: not found - not a shard folder, or `diffscaler shards make` did not finish "
+            "(the index is written last)"
+        ) from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{url}: not valid JSON: {err}") from None
+    _validate(data, url)
+    return DatasetIndex(str(dataset_dir).rstrip("/") or str(dataset_dir), data)

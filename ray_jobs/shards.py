@@ -1,0 +1,58 @@
+"""Ray program: build the shards of every dataset a config names, one Ray task per dataset.
+
+    python -m ray_jobs.shards --config ray_jobs/configs/tiny.yaml
+    python -m ray_jobs.shards --config ray_jobs/configs/tiny.yaml data.limit=200 --only emoji,icons --force
+    ray job submit -- python -m ray_jobs.shards --config cfg.yaml pipeline.ray_address=auto \
+        data.shards_root=s3://bucket/shards
+
+Datasets: cfg.data.pretrain_source and every cfg.data.targets[i] (by its source), written to
+cfg.data.shards_root/<name>. Up-to-date datasets are kept unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffscaler.config import ConfigError, load_config
+from diffscaler.data import build_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.shards", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.limit=200")
+    parser.add_argument("--only", default="", help="comma-separated dataset names (default: all)")
+    parser.add_argument("--force", action="store_true", help="rebuild datasets that are up to date")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ray_jobs.shards: config error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=cfg.pipeline.ray_address or None)
+    try:
+        names = [n for n in args.only.split(",") if n] or None
+        indexes = build_all(cfg.data, names, parallel=True, force=args.force)
+    except (ValueError, FileNotFoundError) as err:  # missing package, empty source, bad input
+        print(f"ray_jobs.shards: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"{'dataset':<16} {'train':>8} {'eval':>8} {'classes':>8}  content hash")
+    for name, index in indexes.items():
+        print(
+            f"{name:<16} {index.num_samples('train'):>8} {index.num_samples('eval'):>8} "
+            f"{index.num_classes:>8}  {index.content_hash}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

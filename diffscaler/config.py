@@ -138,6 +138,7 @@ class FinetuneConfig:
     cpus_per_task: float = 0.5  # CPU resource request per fine-tune (fractional packs a node)
     mixed: bool = False  # one run trains all tasks together from interleaved shards
     log_every: int = 10  # steps between loss log lines
+    val_samples: int = 128  # eval-split images in the validation diffusion loss
     seed: int = 0  # init and data seed
 
 
@@ -155,6 +156,8 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0 = from the cluster's resources
     datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets)
     fid_samples: int = 64  # generated images for the final FID of the best trials
+    fid_candidates: int = 2  # best trials per dataset (by validation loss) scored by FID
+    storage_path: str = ""  # Tune storage (local dir, NFS or s3://); empty = <out>/tune
 
 
 @dataclass(frozen=True)
@@ -422,6 +425,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
     _require(f.lr > 0, "finetune.lr", "must be positive")
     _require(f.cpus_per_task > 0, "finetune.cpus_per_task", "must be positive")
+    _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
 
     s = cfg.sweep
     _require(len(s.ranks) > 0, "sweep.ranks", "the search space is empty: give at least one rank")
@@ -437,6 +441,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(s.max_steps >= s.rung_steps, "sweep.max_steps", "must be >= sweep.rung_steps")
     _require(s.reduction_factor >= 2, "sweep.reduction_factor", "must be at least 2")
     _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be positive")
+    _require(s.fid_candidates >= 1, "sweep.fid_candidates", "must be at least 1")
     for ds in s.datasets:
         _require(ds in names, "sweep.datasets", f"{ds!r} is not a task in data.targets {names}")
 

@@ -71,6 +71,20 @@ class TaskInfo:
 # ------------------------------------------------------------------------------------------------
 
 
+def _scale_shift(
+    y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """(1 + a) ⊙ y + b̂ + b, in y's dtype; a, b: (out,) or per sample (N, 1.., out).
+
+    Written y + y·a rather than y·(1 + a): in bf16, 1 + a keeps 8 bits, so a = 0.05 would act as
+    0.047; a alone keeps its relative precision. Casting the per-channel terms to y's dtype keeps a
+    bf16 activation bf16 (fp32 parameters would otherwise promote it) and lets autograd save y in bf16.
+    """
+    out = y if scale is None else y + y * scale.to(y.dtype)
+    bias = bias if shift is None else bias + shift.to(bias.dtype)
+    return out + bias.to(y.dtype)
+
+
 class AdaptedLinear(nn.Module):
     """A frozen base linear plus stacked per-task parameters; forward(x, task_ids) like TaskLinear."""
 
@@ -118,7 +132,7 @@ class AdaptedLinear(nn.Module):
         if self.relu_branch:
             h = F.relu(h)
         z = F.linear(h, self.up[t].to(x.dtype))  # (..., out)
-        return z * self.branch_scale[t].to(x.dtype) if self.branch_scale is not None else z
+        return z * self.branch_scale[t].to(z.dtype) if self.branch_scale is not None else z
 
     def _branch_mixed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         n, in_f = x.shape[0], x.shape[-1]
@@ -128,7 +142,7 @@ class AdaptedLinear(nn.Module):
             h = F.relu(h)
         z = torch.bmm(h, self.up[ids].to(x.dtype).transpose(1, 2))  # (N, L, out)
         if self.branch_scale is not None:
-            z = z * self.branch_scale[ids].to(x.dtype).view(n, 1, 1)
+            z = z * self.branch_scale[ids].to(z.dtype).view(n, 1, 1)  # z.dtype: no promotion to fp32
         return z.reshape(*x.shape[:-1], z.shape[-1])
 
     def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
@@ -138,7 +152,13 @@ class AdaptedLinear(nn.Module):
                 raise RuntimeError("a task is merged into this layer's weights; unmerge() to run the backbone")
             return F.linear(x, w, b)
         if self.merged_task is not None:
-            # a_t, b_t (or ΔW_t) live in W, b̂ now; only the rank-r side path remains.
+            # a_t, b_t (or ΔW_t) live in W, b̂ now; only the rank-r side path remains. Any other task in
+            # the batch would silently get the merged one's weights: refuse it.
+            if isinstance(task_ids, int):
+                if task_ids != self.merged_task:
+                    raise RuntimeError(f"task {self.merged_task} is merged; task {task_ids} needs unmerge() first")
+            elif bool((task_ids != self.merged_task).any()):
+                raise RuntimeError(f"task {self.merged_task} is merged; a batch with other tasks needs unmerge()")
             y = F.linear(x, w, b)
             return y + self._branch_single(x, self.merged_task) if self.down is not None else y
         if isinstance(task_ids, int):
@@ -149,6 +169,12 @@ class AdaptedLinear(nn.Module):
         w, b = self.base.weight, self.base.bias
         if self.weight_delta is not None:
             return F.linear(x, w + self.weight_delta[t].to(w.dtype), b + self.bias_delta[t].to(b.dtype))
+        if self.scale is not None and self.scale.requires_grad and torch.is_grad_enabled():
+            # Training: (1 + a_t) as an epilogue on W x. Folded into W, autograd would compute the full
+            # weight gradient (a matmul as large as the forward) only to reduce it to a_t's gradient.
+            shift = self.shift[t] if self.shift is not None else None
+            y = _scale_shift(F.linear(x, w), self.scale[t], b, shift)
+            return y + self._branch_single(x, t) if self.down is not None else y
         if self.scale is not None:  # (1 + a_t) ⊙ (W x) == ((1 + a_t) ⊙_rows W) x: one matmul
             w = w * (1 + self.scale[t]).to(w.dtype).unsqueeze(1)
         if self.shift is not None:
@@ -166,9 +192,9 @@ class AdaptedLinear(nn.Module):
             y = torch.bmm(x3, w_t.transpose(1, 2)).reshape(*x.shape[:-1], -1)
             return y + (b + self.bias_delta[ids].to(b.dtype)).view(per_sample)
         y = F.linear(x, w)  # (N, *, out): one shared matmul for every task in the batch
-        if self.scale is not None:
-            y = y * (1 + self.scale[ids]).to(y.dtype).view(per_sample)
-        y = y + b if self.shift is None else y + (b + self.shift[ids].to(b.dtype)).view(per_sample)
+        scale = self.scale[ids].view(per_sample) if self.scale is not None else None
+        shift = self.shift[ids].view(per_sample) if self.shift is not None else None
+        y = _scale_shift(y, scale, b, shift)
         return y + self._branch_mixed(x, ids) if self.down is not None else y
 
     @torch.no_grad()
@@ -202,13 +228,16 @@ class TaskEmbedder(nn.Module):
         k_max = max(t.num_classes for t in tasks)
         rows = null_row.detach().float().reshape(1, 1, -1).repeat(len(tasks), k_max, 1)
         self.rows = nn.Parameter(rows)  # (T, K_max, D)
-        self.register_buffer("num_classes", torch.tensor([t.num_classes for t in tasks]), persistent=False)
-        self.register_buffer("conditional", torch.tensor([t.conditional for t in tasks]), persistent=False)
+        # On the backbone's device: a host-to-device copy per forward would sync every training step.
+        dev = null_row.device
+        num_classes = torch.tensor([t.num_classes for t in tasks], device=dev)
+        self.register_buffer("num_classes", num_classes, persistent=False)
+        self.register_buffer("conditional", torch.tensor([t.conditional for t in tasks], device=dev), persistent=False)
         self.dropout_prob = 0.0  # set from the backbone's label dropout by AdapterBank.attach
 
     def check(self, y: torch.Tensor, task_ids: TaskIds, n: int) -> None:
         num_tasks = self.rows.shape[0]
-        ids = torch.full((n,), task_ids, dtype=torch.long) if isinstance(task_ids, int) else task_ids
+        ids = torch.full((n,), task_ids, dtype=torch.long, device=y.device) if isinstance(task_ids, int) else task_ids
         if ids.shape != (n,):
             raise ValueError(f"task_ids must be an int or have shape ({n},), got {tuple(ids.shape)}")
         if ids.dtype not in (torch.int32, torch.int64):

@@ -139,3 +139,19 @@ def test_bad_task_ids_and_labels():
         model(x, t, y, ids[:3])
     with pytest.raises(ValueError, match="integers"):
         model(x, t, y, ids.float())
+
+
+def test_merged_model_refuses_other_tasks_instead_of_silently_using_the_merged_one():
+    model = backbone().eval()
+    bank = AdapterBank.attach(model, TASKS, rank=4)
+    randomize(bank)
+    bank.merge("a")
+    x, t, y, ids = inputs()
+    y = torch.zeros_like(y)
+    with pytest.raises(RuntimeError, match="task 0 is merged"):
+        model(x, t, y, ids)
+    with pytest.raises(RuntimeError, match="task 0 is merged"):
+        model(x, t, y, 2)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        model(x, t, y)  # the backbone alone is not available while a task is folded in
+    assert model(x, t, y, torch.zeros(6, dtype=torch.long)).shape == x.shape

@@ -27,11 +27,6 @@ def linear_betas(num_timesteps: int, beta_start: float, beta_end: float) -> np.n
     return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
 
 
-def _gather(arr: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    # arr (T,) float64 on CPU; t (N,) -> (N, 1, 1, 1) float32 on t's device
-    return arr.to(t.device)[t].float().view(-1, *([1] * (ndim - 1)))
-
-
 @dataclass(frozen=True)
 class Schedule:
     """Betas over a (possibly respaced) subset of the training timesteps."""
@@ -52,6 +47,24 @@ class Schedule:
         object.__setattr__(self, "posterior_log_variance_clipped", torch.log(clipped))
         object.__setattr__(self, "posterior_mean_coef1", self.betas * torch.sqrt(ac_prev) / (1.0 - ac))
         object.__setattr__(self, "posterior_mean_coef2", (1.0 - ac_prev) * torch.sqrt(alphas) / (1.0 - ac))
+        object.__setattr__(self, "log_betas", torch.log(self.betas))
+        # fixed "large" variance: beta, with the posterior's at t=0 (as in DiT's fixed-sigma runs)
+        fixed = torch.cat([post_var[1:2], self.betas[1:]]) if len(post_var) > 1 else self.betas
+        object.__setattr__(self, "log_fixed_variance", torch.log(fixed))
+        object.__setattr__(self, "_on_device", {})
+
+    def gather(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Table `name` at indices t (N,) -> (N, 1, ..., 1) float32 on t's device.
+
+        Device copies are made once and kept: a host-to-device copy per call would sync the GPU
+        several times per training step.
+        """
+        key = (name, t.device)
+        table = self._on_device.get(key)
+        if table is None:
+            table = getattr(self, name).float().to(t.device)
+            self._on_device[key] = table
+        return table[t].view(-1, *([1] * (ndim - 1)))
 
     @property
     def num_steps(self) -> int:
@@ -72,7 +85,7 @@ class GaussianDiffusion:
 
     # -- forward process --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        ac = _gather(self.schedule.alphas_cumprod, t, x0.dim())
+        ac = self.schedule.gather("alphas_cumprod", t, x0.dim())
         return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
 
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
@@ -103,8 +116,8 @@ class GaussianDiffusion:
     def _vb_terms(self, s: Schedule, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
                   t: torch.Tensor) -> torch.Tensor:
         nd = x0.dim()
-        true_mean = _gather(s.posterior_mean_coef1, t, nd) * x0 + _gather(s.posterior_mean_coef2, t, nd) * x_t
-        true_logvar = _gather(s.posterior_log_variance_clipped, t, nd)
+        true_mean = s.gather("posterior_mean_coef1", t, nd) * x0 + s.gather("posterior_mean_coef2", t, nd) * x_t
+        true_logvar = s.gather("posterior_log_variance_clipped", t, nd)
         mean, logvar, _ = self.p_mean_variance(s, out, x_t, t, clip_denoised=False)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=(1, 2, 3)) / math.log(2.0)
@@ -119,19 +132,17 @@ class GaussianDiffusion:
         eps = out[:, :c].float()
         if self.learn_sigma:
             # Output v in [-1, 1] interpolates between log beta and the posterior's log variance.
-            min_log = _gather(s.posterior_log_variance_clipped, idx, nd)
-            max_log = _gather(torch.log(s.betas), idx, nd)
+            min_log = s.gather("posterior_log_variance_clipped", idx, nd)
+            max_log = s.gather("log_betas", idx, nd)
             frac = (out[:, c:].float() + 1) / 2
             logvar = frac * max_log + (1 - frac) * min_log
         else:
-            # Fixed "large" variance (beta, with the posterior's at t=0), as in DiT's fixed-sigma runs.
-            fixed = torch.cat([s.posterior_variance[1:2], s.betas[1:]]) if s.num_steps > 1 else s.betas
-            logvar = _gather(torch.log(fixed), idx, nd).expand_as(x_t)
-        ac = _gather(s.alphas_cumprod, idx, nd)
+            logvar = s.gather("log_fixed_variance", idx, nd).expand_as(x_t)
+        ac = s.gather("alphas_cumprod", idx, nd)
         x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
-        mean = _gather(s.posterior_mean_coef1, idx, nd) * x0 + _gather(s.posterior_mean_coef2, idx, nd) * x_t
+        mean = s.gather("posterior_mean_coef1", idx, nd) * x0 + s.gather("posterior_mean_coef2", idx, nd) * x_t
         return mean, logvar, x0
 
     def respaced(self, steps: int) -> Schedule:
@@ -170,8 +181,8 @@ class GaussianDiffusion:
     def _ddim_step(self, s: Schedule, out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
                    idx: torch.Tensor, i: int, eta: float, noise_source: SampleNoise, k: int) -> torch.Tensor:
         nd = x.dim()
-        ac = _gather(s.alphas_cumprod, idx, nd)
-        ac_prev = _gather(s.alphas_cumprod_prev, idx, nd)
+        ac = s.gather("alphas_cumprod", idx, nd)
+        ac_prev = s.gather("alphas_cumprod_prev", idx, nd)
         eps = (x - ac.sqrt() * x0) / (1 - ac).sqrt()  # re-derived from the (possibly clipped) x0
         sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
         mean = x0 * ac_prev.sqrt() + (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * eps

@@ -65,7 +65,10 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
     out = []
     for lo in range(0, num, batch_size):
         hi = min(num, lo + batch_size)
-        ids = None if task_ids is None else torch.tensor(list(task_ids[lo:hi]), dtype=torch.long)
+        batch_tasks = None if task_ids is None else list(task_ids[lo:hi])
+        # one task in the batch: an int id takes the single-task path (plain matmuls, no gathers)
+        ids = (None if batch_tasks is None else int(batch_tasks[0]) if len(set(batch_tasks)) == 1
+               else torch.tensor(batch_tasks, dtype=torch.long))
         x = generate(model, diffusion, labels=torch.tensor(labels[lo:hi], dtype=torch.long),
                      indices=range(start_index + lo, start_index + hi), seed=seed, task_ids=ids, steps=steps,
                      sampler=sampler, cfg_scale=cfg_scale, eta=eta, clip_denoised=clip_denoised,

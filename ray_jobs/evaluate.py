@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=cfg.pipeline.ray_address or None)
+    from diffscaler.cluster import connect_ray
+
+    started_ray = connect_ray(cfg)
     done = {"n": 0}
 
     def log(event: dict) -> None:

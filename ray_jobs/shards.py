@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=cfg.pipeline.ray_address or None)
+    from diffscaler.cluster import connect_ray
+
+    started = connect_ray(cfg)
     try:
         names = [n for n in args.only.split(",") if n] or None
         indexes = build_all(cfg.data, names, parallel=True, force=args.force)

@@ -46,6 +46,7 @@ import ray
 
 from diffscaler.adapters import METHOD_PARTS
 from diffscaler.artifacts import AdapterLoadError, BackboneLoadError, read_adapter_file, read_backbone_meta
+from diffscaler.cluster import connect_ray
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.models.dit import parse_preset
@@ -396,15 +397,6 @@ def _has_eval_split(spec: AdapterRunSpec) -> bool:
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
-
-
-def connect_ray(cfg: ExperimentConfig) -> bool:
-    """ray.init() unless connected: cfg.pipeline.ray_address, else RAY_ADDRESS (set by `ray job submit`),
-    else a local cluster. True when this call connected (the caller then shuts down)."""
-    if ray.is_initialized():
-        return False
-    ray.init(address=cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS") or None)
-    return True
 
 
 def failure_reason(err: BaseException) -> str:

@@ -58,6 +58,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import ExperimentConfig
 from diffscaler.data import load_index
 from diffscaler.train.finetune import (
@@ -65,7 +66,6 @@ from diffscaler.train.finetune import (
     backbone_model_config,
     check_fits,
     check_rank,
-    connect_ray,
     fingerprint,
     resolve_tasks,
     uses_rank,

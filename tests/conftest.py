@@ -22,7 +22,8 @@ def ray_local():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # "local": always a new cluster, never one named by /tmp/ray/ray_current_cluster
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
         yield ray
     finally:

@@ -45,6 +45,13 @@ def test_bad_values_name_the_field_and_allowed_values(override, field, words):
     assert words in str(err.value)
 
 
+def test_exponent_floats_without_a_dot_parse(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  lr: 1e-3\n")  # YAML 1.1 reads this as a string
+    cfg = load_config(path, ["finetune.lr=2e-4"])
+    assert cfg.pretrain.lr == 1e-3 and cfg.finetune.lr == 2e-4
+
+
 def test_override_syntax_error_is_clear():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["pretrain.steps"])

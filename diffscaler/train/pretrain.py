@@ -1,0 +1,697 @@
+"""Backbone pretraining: Ray Train `TorchTrainer` workers, each one DeepSpeed ZeRO rank.
+
+    python -m ray_jobs.pretrain --config ray_jobs/configs/tiny.yaml --out runs/pretrain
+    python -m ray_jobs.pretrain --config ray_jobs/configs/tiny.yaml --out runs/pretrain pretrain.zero_stage=3
+    ray job submit --working-dir . -- python -m ray_jobs.pretrain --config ray_jobs/configs/gpu.yaml \
+        --out /shared/runs/pretrain pipeline.ray_address=auto
+
+    result = run_pretrain(cfg, "runs/pretrain")      # library form; connects to Ray if needed
+
+What happens:
+1. The driver checks everything that can be checked before a worker starts (`plan_run`,
+   `check_cluster`): the config, the shards (size, channels, classes, enough samples per rank), a
+   writable output folder and storage path, GPUs in the cluster when asked for, a resumable latest
+   checkpoint. Bad input raises `ConfigError` / `DatasetError` naming the field or file.
+2. `pretrain_worker` runs on `pretrain.num_workers` workers: DeepSpeed (config generated from
+   `pretrain.*`; ZeRO 2 by default), fp32 EMA, the step-indexed shard stream, and every
+   `checkpoint_every` steps a checkpoint that every rank contributes its DeepSpeed shard to
+   (`pretrain_checkpoint` describes the folder). `ray.train.report` is called at checkpoints only:
+   each call waits on Ray Train's controller poll.
+3. Resume: rerun with the same `pretrain.storage_path` and `pretrain.run_name`; Ray hands the workers
+   the latest checkpoint and the run continues at its step, on the same data position and RNG
+   states. A worker that dies is restarted the same way, up to `pretrain.max_failures` times.
+4. The driver exports `OUT/backbone.safetensors` + `backbone.json` (EMA weights unless told
+   otherwise) from the final checkpoint and copies its `metrics.jsonl` to `OUT`.
+
+Multi-node clusters: `pretrain.storage_path` must be shared by all nodes (NFS or `s3://...`), as
+Ray Train requires. Rank 0 writes live logs (`metrics.jsonl`, TensorBoard, sample grids) to `OUT`;
+when `OUT` is not on rank 0's machine or a shared folder, the final backbone and metrics still
+arrive there, since the driver takes them from the checkpoint in storage.
+
+A non-finite loss stops the run: every rank sees the same all-reduced loss and raises
+`NonFiniteLossError` with the step; no checkpoint is written after it, so the last good one stays
+the latest. A marker in the run folder makes Ray's automatic restarts of that launch fail at once
+instead of replaying the same divergence; a new launch (say with a lower `pretrain.lr`) resumes
+from the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
+from diffscaler.data import storage
+from diffscaler.data.build import pretrain_dataset_dir
+from diffscaler.data.index import DatasetError, load_index
+from diffscaler.train.deepspeed_setup import micro_batch_size, resolve_precision
+from diffscaler.train.pretrain_checkpoint import (
+    EMA_FILE,
+    METRICS_FILE,
+    SAMPLES_FILE,
+    STATE_FILE,
+    TrainerState,
+    checkpoint_dir_name,
+    deepspeed_tag,
+    export_backbone,
+    latest_checkpoint,
+    read_state,
+    rng_file,
+)
+from diffscaler.train.train_log import follow_progress, interactive, read_jsonl, say
+
+CHECKPOINTS_KEPT = 3  # Ray deletes older checkpoint folders of a run
+NAN_MARKER = "nonfinite_loss.json"  # in the run folder; stops automatic restarts of a diverged launch
+SAMPLE_GRID_CLASSES = 8  # sample grids: up to this many classes (rows), evenly spread over all classes
+SAMPLE_GRID_PER_CLASS = 4  # ... and this many fixed seeds each (columns)
+
+
+class PretrainError(RuntimeError):
+    """The training run failed; the message says where and why."""
+
+
+class NonFiniteLossError(PretrainError):
+    """The all-reduced loss became NaN or infinite; the message names the step."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver: checks before any worker starts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Resolved, absolute locations of one launch (passed to the workers as a dict)."""
+
+    out_dir: str  # absolute: live logs, then backbone.safetensors + metrics.jsonl
+    shards_dir: str  # absolute path or URL of the pretraining shards
+    storage_path: str  # absolute path or URL: Ray Train storage
+    run_dir: str  # storage_path/run_name: this run's checkpoints and markers
+    launch_id: str  # unique per run_pretrain call (tells restarts of this launch from a new launch)
+    shards_hash: str  # content hash of the shards (recorded in checkpoints and the backbone)
+    num_samples: int  # training samples in the shards
+    class_names: tuple[str, ...]  # class names of the shards (sample grid rows)
+    print_lines: bool  # rank 0 prints a line per logged step (False when the driver shows a bar)
+    resume_step: int  # step of the latest checkpoint found (0 = fresh run)
+
+
+def _absolute(path_or_url: str) -> str:
+    return path_or_url if "://" in path_or_url else str(Path(path_or_url).expanduser().resolve())
+
+
+def check_writable(path_or_url: str, field_name: str) -> None:
+    """Create the folder and a probe file in it, or raise ConfigError naming the field."""
+    probe = storage.join(path_or_url, f".diffscaler-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        fs, path = storage.filesystem(path_or_url)
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(storage.filesystem(probe)[1], b"ok")
+        fs.rm(storage.filesystem(probe)[1])
+    except (OSError, ValueError, ImportError) as err:
+        raise ConfigError(f"{field_name}: cannot write to {path_or_url!r}: {err}") from None
+
+
+def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str) -> None:
+    """A checkpoint continues only with the settings that shaped its DeepSpeed files and data order."""
+    p = cfg.pretrain
+    same = {
+        "pretrain.num_workers": (state.world_size, p.num_workers),
+        "pretrain.zero_stage": (state.zero_stage, p.zero_stage),
+        "pretrain.global_batch_size": (state.global_batch_size, p.global_batch_size),
+        "pretrain.grad_accum_steps": (state.grad_accum_steps, p.grad_accum_steps),
+        "pretrain.precision": (state.precision, resolve_precision(p.precision, p.use_gpu)),
+    }
+    for key in ("name", "input_size", "in_channels", "num_classes", "learn_sigma"):
+        same[f"model.{key}"] = (state.model.get(key), getattr(cfg.model, key))
+    diff = [f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in same.items() if a != b]
+    if diff:
+        raise ConfigError(
+            f"{where} (step {state.step}) cannot be resumed with this config: "
+            + "; ".join(diff)
+            + ". Use the checkpoint's values, or a new pretrain.run_name to start over"
+        )
+
+
+def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None) -> PretrainPlan:
+    """All checks that need no cluster; raises ConfigError / DatasetError naming the field or file."""
+    cfg.validate()
+    p, m = cfg.pretrain, cfg.model
+    out = _absolute(str(out_dir))
+    if "://" in out:
+        raise ConfigError(f"--out {out_dir!r}: the output folder must be a local or mounted path")
+    check_writable(out, "--out")
+    shards = _absolute(shards_dir or pretrain_dataset_dir(cfg.data))
+    index = load_index(shards)  # DatasetError naming the folder when missing or malformed
+    if index.image_size != m.input_size:
+        raise ConfigError(
+            f"model.input_size: {m.input_size}, but the shards in {shards} hold "
+            f"{index.image_size}x{index.image_size} images"
+        )
+    if m.in_channels != 3:
+        raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds RGB images (3 channels)")
+    if index.num_classes > m.num_classes:
+        raise ConfigError(
+            f"model.num_classes: {m.num_classes}, but the shards in {shards} have {index.num_classes} classes"
+        )
+    train = index.num_samples("train")
+    micro = micro_batch_size(p)
+    if (train // p.num_workers) // micro < 1:
+        raise DatasetError(
+            f"{shards}: {train} training samples cannot give each of pretrain.num_workers={p.num_workers} "
+            f"ranks one micro-batch of {micro} (pretrain.global_batch_size={p.global_batch_size}); "
+            "lower the batch size or build more data"
+        )
+    store = _absolute(p.storage_path)
+    check_writable(store, "pretrain.storage_path")
+    run_dir = storage.join(store, p.run_name)
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        check_resumable(found[1], cfg, found[0])
+    return PretrainPlan(
+        out_dir=out,
+        shards_dir=shards,
+        storage_path=store,
+        run_dir=run_dir,
+        launch_id=uuid.uuid4().hex,
+        shards_hash=index.content_hash,
+        num_samples=train,
+        class_names=tuple(index.class_names),
+        print_lines=not interactive(),
+        resume_step=found[1].step if found else 0,
+    )
+
+
+def check_cluster(cfg: ExperimentConfig) -> None:
+    """Resources a request needs must exist: Ray leaves an unplaceable request pending forever."""
+    import ray
+
+    p = cfg.pretrain
+    total = ray.cluster_resources()
+    if p.use_gpu and total.get("GPU", 0) < p.num_workers:
+        raise ConfigError(
+            f"pretrain.use_gpu: {p.num_workers} workers need {p.num_workers} GPUs, the Ray cluster has "
+            f"{total.get('GPU', 0):g}; set pretrain.use_gpu=false or add GPU nodes"
+        )
+    need = p.num_workers * p.cpus_per_worker
+    if total.get("CPU", 0) < need:
+        raise ConfigError(
+            f"pretrain.cpus_per_worker: {p.num_workers} workers x {p.cpus_per_worker:g} CPUs = {need:g}, "
+            f"the Ray cluster has {total.get('CPU', 0):g}"
+        )
+
+
+def connect_ray(address: str = "") -> bool:
+    """Connect unless already connected: `address` (e.g. "auto"), else RAY_ADDRESS (set inside
+    `ray job submit`), else a new local cluster. Returns True when this call started the connection."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or None)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver: run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    backbone: Path  # OUT/backbone.safetensors (backbone.json beside it)
+    content_hash: str  # the backbone's content hash
+    metrics: Path  # OUT/metrics.jsonl
+    checkpoint: str  # the final checkpoint folder (in storage)
+    step: int  # optimizer steps trained in total
+    weights: str  # "ema" or "raw"
+    wall_s: float  # seconds this call took (Ray start included when it started Ray)
+
+
+def run_pretrain(
+    cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None, *, weights: str = "ema"
+) -> PretrainResult:
+    """Pretrain (or resume) the backbone; writes OUT/backbone.safetensors, backbone.json, metrics.jsonl.
+
+    `shards_dir` defaults to `<data.shards_root>/<pretrain dataset>`. Uses the connected Ray cluster
+    or connects (`pipeline.ray_address`, RAY_ADDRESS, else local). `weights`: what is exported.
+    """
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    start = time.perf_counter()
+    plan = plan_run(cfg, out_dir, shards_dir)
+    connect_ray(cfg.pipeline.ray_address)
+    check_cluster(cfg)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = cfg.pretrain
+    resources = {"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})}
+    trainer = TorchTrainer(
+        pretrain_worker,
+        train_loop_config={"experiment": cfg.to_dict(), "plan": asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=p.run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
+    )
+    out = Path(plan.out_dir)
+    say(
+        f"pretrain: run {p.run_name!r} in {plan.storage_path}: "
+        + (f"resuming from step {plan.resume_step}" if plan.resume_step else "new run")
+        + f", {p.steps} steps, {p.num_workers} workers; logs in {out}"
+    )
+    try:
+        with follow_progress(out / METRICS_FILE, p.steps, enabled=not plan.print_lines):
+            result = trainer.fit()
+    except Exception as err:
+        nan = _read_nan_marker(plan)
+        if nan is not None:
+            raise NonFiniteLossError(nan["message"]) from err
+        raise PretrainError(f"pretrain run {p.run_name!r} in {plan.storage_path} failed: {err}") from err
+    if result.checkpoint is None:
+        raise PretrainError(f"pretrain run {p.run_name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = read_state(ckpt_dir)
+        digest = export_backbone(ckpt_dir, out / "backbone.safetensors", weights=weights)
+        metrics = Path(ckpt_dir) / METRICS_FILE
+        tmp = out / (METRICS_FILE + ".tmp")
+        shutil.copyfile(metrics, tmp)
+        tmp.replace(out / METRICS_FILE)
+    return PretrainResult(
+        backbone=out / "backbone.safetensors",
+        content_hash=digest,
+        metrics=out / METRICS_FILE,
+        checkpoint=result.checkpoint.path,
+        step=state.step,
+        weights=weights,
+        wall_s=time.perf_counter() - start,
+    )
+
+
+def _read_nan_marker(plan: PretrainPlan) -> dict[str, Any] | None:
+    url = storage.join(plan.run_dir, NAN_MARKER)
+    try:
+        marker = json.loads(storage.read_bytes(url))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return marker if marker.get("launch_id") == plan.launch_id else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers
+# ------------------------------------------------------------------------------------------------
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)
+
+
+class LossWindow:
+    """Per-step losses since the last check, all-reduced in one collective when read.
+
+    Reading them is the only host sync of the loop; it happens at log, checkpoint and sample steps,
+    and a non-finite value is located at its exact step.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[torch.Tensor] = []  # local per-step mean losses (0-dim, on device)
+        self.first_step = 0  # step of pending[0]
+        self.values: list[float] = []  # reduced losses since the last logged line
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        if not self.pending:
+            self.first_step = step
+        self.pending.append(loss)
+
+    def reduce(self) -> tuple[int, float] | None:
+        """All-reduce the pending losses; returns (step, value) of the first non-finite one, if any."""
+        import torch.distributed as dist
+
+        if not self.pending:
+            return None
+        local = torch.stack(self.pending)  # (k,)
+        dist.all_reduce(local)
+        reduced = (local / dist.get_world_size()).tolist()
+        self.pending = []
+        for i, value in enumerate(reduced):
+            if not math.isfinite(value):
+                return self.first_step + i, value
+        self.values.extend(reduced)
+        return None
+
+    def take_mean(self) -> float:
+        mean = sum(self.values) / len(self.values)
+        self.values = []
+        return mean
+
+
+class GridSampler:
+    """Rank 0: sample grids from the EMA weights (fixed seeds, a few classes) with a plain DiT."""
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device, class_names: tuple[str, ...], bf16: bool):
+        from diffscaler.diffusion import GaussianDiffusion
+        from diffscaler.models import DiT
+
+        self.cfg, self.device = cfg, device
+        self.model = DiT(cfg.model).to(device).eval()
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+        n = min(SAMPLE_GRID_CLASSES, len(class_names))
+        self.classes = sorted({round(i * (len(class_names) - 1) / max(n - 1, 1)) for i in range(n)})
+        self.class_names = [class_names[c] for c in self.classes]
+        self.autocast = torch.bfloat16 if bf16 else None
+
+    def grid(self, ema_state: dict[str, torch.Tensor]):
+        from diffscaler.diffusion.sampling import image_grid, sample_images
+
+        self.model.load_state_dict(ema_state, strict=False)  # parameters; buffers are the model's own
+        labels = [c for c in self.classes for _ in range(SAMPLE_GRID_PER_CLASS)]
+        d = self.cfg.diffusion
+        images = sample_images(
+            self.model,
+            self.diffusion,
+            num=len(labels),
+            seed=self.cfg.pretrain.seed,
+            labels=labels,
+            steps=d.sampling_steps,
+            sampler=d.sampler,
+            cfg_scale=d.cfg_scale,
+            eta=d.ddim_eta,
+            autocast_dtype=self.autocast,
+        )
+        return image_grid(images, ncols=SAMPLE_GRID_PER_CLASS)  # (rows, cols) = (classes, seeds)
+
+
+def train_step(
+    engine,
+    diffusion,
+    batches: Iterator[dict[str, torch.Tensor]],
+    grad_accum_steps: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimizer step of the DeepSpeed `engine` over `grad_accum_steps` micro-batches.
+
+    Returns this rank's mean loss as a 0-dim tensor on `device` (no host sync).
+    """
+    step_loss = torch.zeros((), device=device)
+    for _ in range(grad_accum_steps):
+        batch = next(batches)
+        x0 = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        y = batch["label"].to(device, non_blocking=True)  # (B,)
+        t = diffusion.sample_timesteps(x0.shape[0], device)  # (B,)
+        terms = diffusion.training_losses(lambda xt, tt, y=y: engine(xt.to(dtype), tt, y), x0, t)
+        loss = terms["loss"].mean()
+        engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum_steps
+        engine.step()  # the optimizer steps on the last micro-batch of the accumulation
+        step_loss += loss.detach().float()
+    return step_loss / grad_accum_steps
+
+
+def _continue_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, steps_done: int) -> None:
+    """Put the warm-up schedule (built from this config) at `steps_done`: the next step's lr."""
+    scheduler.last_epoch = steps_done
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(steps_done)
+
+
+def pretrain_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train function, one per rank; reads everything from `loop_config`."""
+    import ray.train
+
+    cfg = config_from_json(loop_config["experiment"])
+    plan = PretrainPlan(**{**loop_config["plan"], "class_names": tuple(loop_config["plan"]["class_names"])})
+    marker = _read_nan_marker(plan)
+    if marker is not None:  # an automatic restart of a launch that diverged: replaying it would too
+        raise NonFiniteLossError(marker["message"])
+    ctx = ray.train.get_context()
+    trainer = RankTrainer(cfg, plan, ctx.get_world_rank(), ctx.get_world_size())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            trainer.restore(ckpt_dir, checkpoint.path)
+    trainer.train()
+
+
+class RankTrainer:
+    """One rank of the run: DeepSpeed engine, EMA, data stream, and (rank 0) the logs and samples."""
+
+    def __init__(self, cfg: ExperimentConfig, plan: PretrainPlan, rank: int, world: int):
+        import ray.train.torch
+
+        p = cfg.pretrain
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if p.use_gpu else "cpu")
+        import deepspeed
+
+        from diffscaler.diffusion import GaussianDiffusion
+        from diffscaler.models import build_model, model_macs
+        from diffscaler.train.deepspeed_setup import (
+            build_optimizer,
+            deepspeed_config,
+            skip_cpu_shm_allreduce_build,
+            warmup_scheduler,
+        )
+        from diffscaler.train.ema import EmaWeights
+        from diffscaler.train.train_log import device_peak_flops, training_flops_per_image
+
+        self.cfg, self.p, self.plan, self.rank, self.world = cfg, p, plan, rank, world
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        skip_cpu_shm_allreduce_build()
+        self.device = ray.train.torch.get_device()
+        if p.use_gpu:
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(p.precision, p.use_gpu)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+        # The same initial weights on every rank (ZeRO-3 partitions each rank's own copy).
+        model = build_model(cfg.model, seed=p.seed)
+        model.check_inputs = False  # the reader checked labels and shapes; the checks would sync every step
+        model.set_grad_checkpointing(p.grad_checkpointing)
+        params = {n for n, _ in model.named_parameters()}
+        self.buffers = {n: t.detach().float().clone() for n, t in model.state_dict().items() if n not in params}
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=build_optimizer(model, p),
+            lr_scheduler=warmup_scheduler(p.warmup_steps),
+            config=deepspeed_config(p, world_size=world, use_gpu=p.use_gpu),
+        )
+        self.ema = EmaWeights(self.engine.module, p.ema_decay)
+        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
+        self.sampler = None
+        if rank == 0 and p.sample_every > 0:
+            self.sampler = GridSampler(cfg, self.device, plan.class_names, bf16=self.precision == "bf16")
+        # After every other draw from the global RNG (the sampler's model init is one), so a resumed
+        # run restores exactly the stream that an uninterrupted one continues with.
+        torch.manual_seed(_rank_seed(p.seed, rank))  # timesteps, noise, label dropout: one stream per rank
+
+        device_name = torch.cuda.get_device_name(self.device) if p.use_gpu else ""
+        self.peak_flops, self.peak_source = device_peak_flops(p.peak_tflops, p.use_gpu, device_name)
+        self.flops_per_image = training_flops_per_image(model_macs(cfg.model))
+        self.step = self.micro_step = self.images_seen = 0  # optimizer steps, data position, images
+        self.history: list[dict[str, Any]] | None = None  # rank 0: the resumed checkpoint's metrics
+        self.resumed_from: str | None = None
+
+    def restore(self, ckpt_dir: str, where: str) -> None:
+        """Continue from a checkpoint folder: DeepSpeed shards, EMA, RNG, step, data position."""
+        from diffscaler.train.pretrain_checkpoint import load_ema_state, restore_rng
+
+        state = read_state(ckpt_dir)
+        check_resumable(state, self.cfg, where)
+        # The schedule is rebuilt from this config (not loaded), so a resumed launch may change the lr.
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=state.deepspeed_tag, load_lr_scheduler_states=False)
+        if path is None:
+            raise PretrainError(f"{where}: DeepSpeed found no checkpoint {state.deepspeed_tag!r} in it")
+        _continue_schedule(self.scheduler, state.step)
+        self.ema.load_full_state(load_ema_state(ckpt_dir), state.ema_updates)
+        restore_rng(json.loads(Path(ckpt_dir, rng_file(self.rank)).read_text()))
+        if self.rank == 0:
+            self.history = read_jsonl(Path(ckpt_dir) / METRICS_FILE)
+        self.step, self.micro_step, self.images_seen = state.step, state.micro_step, state.images_seen
+        self.resumed_from = where
+
+    def train(self) -> None:
+        import torch.distributed as dist
+
+        from diffscaler.data.reader import ShardReader
+
+        p, data = self.p, self.cfg.data
+        reader = ShardReader(self.plan.shards_dir, "train", micro_batch_size(p), rank=self.rank,
+                             world_size=self.world, seed=data.seed, hflip=data.hflip, skip_bad=data.skip_bad_samples,
+                             loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+        stream = reader.stream(start_step=self.micro_step)
+        self._open_logs()
+        self.window, self.last_checkpoint = LossWindow(), self.step
+        self.window_start, self.window_images, self.overhead = time.perf_counter(), 0, 0.0
+        while self.step < p.steps:
+            self.step += 1
+            self._inject_failure_once()
+            lr = self.engine.get_lr()[0]  # the lr of this step (the schedule advances inside engine.step)
+            loss = train_step(self.engine, self.diffusion, stream, p.grad_accum_steps, self.dtype, self.device)
+            self.micro_step += p.grad_accum_steps
+            self.images_seen += p.global_batch_size
+            self.window_images += p.global_batch_size
+            self.ema.update()
+            self.window.add(self.step, loss)
+
+            final = self.step == p.steps
+            is_log = self.step % p.log_every == 0 or final
+            is_checkpoint = self.step % p.checkpoint_every == 0 or final
+            is_sample = p.sample_every > 0 and (self.step % p.sample_every == 0 or final)
+            if not (is_log or is_checkpoint or is_sample):
+                continue
+            bad = self.window.reduce()  # the same values on every rank: all stop together
+            if bad is not None:
+                self._stop_on_nonfinite(*bad)
+            record = self._log(lr) if is_log else None
+            if is_checkpoint or is_sample:
+                extra_start = time.perf_counter()
+                self._samples_and_checkpoint(is_checkpoint, is_sample, record)
+                self.overhead += time.perf_counter() - extra_start
+                dist.barrier()  # rank 0 sampled alone; start the next step together
+        if self.rank == 0:
+            self.events.write("done", step=self.step, images_seen=self.images_seen)
+            self.log.close()
+            say(f"pretrain: done at step {self.step}, {self.images_seen} images seen")
+
+    # -- rank 0's sinks ----------------------------------------------------------------------------
+
+    def _open_logs(self) -> None:
+        from diffscaler.train.train_log import EventLog, MetricsLog
+
+        self.log = self.events = None
+        if self.rank != 0:
+            return
+        p, out = self.p, Path(self.plan.out_dir)
+        self.log = MetricsLog(out, start_step=self.step, total_steps=p.steps, print_lines=self.plan.print_lines,
+                              history=self.history)  # fmt: skip
+        self.events = EventLog(out)
+        common = {"step": self.step, "world_size": self.world, "zero_stage": p.zero_stage,
+                  "precision": self.precision, "peak_flops_per_device": self.peak_flops,
+                  "peak_source": self.peak_source, "launch_id": self.plan.launch_id}  # fmt: skip
+        if self.resumed_from is not None:
+            self.events.write("resume", checkpoint=self.resumed_from, discarded=self.log.discarded, **common)
+        else:
+            self.events.write("start", **common)
+        say(f"pretrain: {'resuming at' if self.resumed_from else 'starting at'} step {self.step}/{p.steps}, "
+            f"{self.world} workers, ZeRO-{p.zero_stage}, {self.precision}; MFU against {self.peak_source}")  # fmt: skip
+
+    def _log(self, lr: float) -> dict[str, Any]:
+        """The metrics line of this step (every rank computes it; rank 0 writes it)."""
+        elapsed = max(time.perf_counter() - self.window_start - self.overhead, 1e-9)
+        images_per_s = self.window_images / elapsed  # whole job: every rank waits on the others each step
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step,
+            "loss": self.window.take_mean(),
+            "lr": lr,
+            "images_per_s": images_per_s,
+            "mfu": images_per_s * self.flops_per_image / (self.peak_flops * self.world),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+        }
+        if self.log is not None:
+            self.log.log(record)
+        self.window_start, self.window_images, self.overhead = time.perf_counter(), 0, 0.0
+        return record
+
+    # -- samples and checkpoints ---------------------------------------------------------------------
+
+    def _samples_and_checkpoint(self, is_checkpoint: bool, is_sample: bool, record: dict[str, Any] | None) -> None:
+        ema = self.ema
+        ema_state = ema.full_state() if (ema.partitioned or self.rank == 0) else {}  # collective under ZeRO-3
+        grid = self.sampler.grid(ema_state) if (self.sampler is not None and is_sample) else None
+        if grid is not None:
+            from diffscaler.diffusion.sampling import save_png
+
+            path = Path(self.plan.out_dir) / "samples" / f"step{self.step:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_png(grid, path)
+            self.events.write("samples", step=self.step, path=str(path), rows=self.sampler.class_names,
+                              columns=f"{SAMPLE_GRID_PER_CLASS} seeds")  # fmt: skip
+        if not is_checkpoint:
+            return
+        p, plan = self.p, self.plan
+        state = TrainerState(
+            step=self.step, micro_step=self.micro_step, images_seen=self.images_seen, ema_updates=ema.num_updates,
+            ema_decay=p.ema_decay, world_size=self.world, zero_stage=p.zero_stage, precision=self.precision,
+            global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
+            deepspeed_tag=deepspeed_tag(self.step), run_name=p.run_name, model=asdict(self.cfg.model),
+            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "num_samples": plan.num_samples,
+                    "class_names": list(plan.class_names)},
+            config=self.cfg.to_dict(),
+        )  # fmt: skip
+        metrics = {"step": self.step, "images_seen": self.images_seen, **({"loss": record["loss"]} if record else {})}
+        self._save_and_report(state, ema_state, grid, metrics)
+        self.last_checkpoint = self.step
+        if self.events is not None:
+            self.events.write("checkpoint", step=self.step, name=checkpoint_dir_name(self.step))
+
+    def _save_and_report(self, state: TrainerState, ema_state: dict[str, torch.Tensor], grid,
+                         metrics: dict[str, Any]) -> None:  # fmt: skip
+        """Every rank writes its part into its own temp folder and reports it; Ray merges the parts."""
+        import ray.train
+        from safetensors.torch import save_file
+
+        from diffscaler.train.pretrain_checkpoint import capture_rng, write_json
+
+        with tempfile.TemporaryDirectory(prefix="diffscaler-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=state.deepspeed_tag)  # collective: each rank its ZeRO shard
+            write_json(Path(tmp, rng_file(self.rank)), capture_rng())
+            if self.rank == 0:
+                save_file({**ema_state, **self.buffers}, str(Path(tmp, EMA_FILE)))
+                shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
+                if grid is not None:
+                    from diffscaler.diffusion.sampling import save_png
+
+                    save_png(grid, Path(tmp, SAMPLES_FILE))
+                Path(tmp, STATE_FILE).write_text(state.to_json())  # last: marks the folder complete
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(state.step))  # fmt: skip
+        # Wait until the controller has registered it: a rank that died right after reporting could
+        # otherwise take the checkpoint with it, and the restart would begin at an older one.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    # -- failures ----------------------------------------------------------------------------------
+
+    def _stop_on_nonfinite(self, step: int, value: float) -> None:
+        import torch.distributed as dist
+
+        p, plan = self.p, self.plan
+        message = (
+            f"pretrain: the loss is {value} at step {step} (run {p.run_name!r}); stopped without "
+            f"checkpointing it. The last good checkpoint is step {self.last_checkpoint} in {plan.run_dir}. Lower "
+            f"pretrain.lr (now {p.lr:g}) or raise pretrain.warmup_steps and rerun with the same "
+            "run name to continue from it"
+        )
+        if self.rank == 0:
+            marker = {"launch_id": plan.launch_id, "step": step, "value": str(value),
+                      "last_checkpoint": self.last_checkpoint, "message": message}  # fmt: skip
+            storage.write_bytes_atomic(storage.join(plan.run_dir, NAN_MARKER), json.dumps(marker).encode())
+            self.events.write("nonfinite_loss", step=step, value=str(value), last_checkpoint=self.last_checkpoint)
+        dist.barrier()  # the marker exists before any rank fails (Ray tears the group down on the first)
+        raise NonFiniteLossError(message)
+
+    def _inject_failure_once(self) -> None:
+        """Testing hook `pretrain.fail_at_step`: rank 1 dies hard, once per run folder."""
+        if self.step != self.p.fail_at_step or self.rank != min(1, self.world - 1):
+            return
+        marker = storage.join(self.plan.run_dir, f"injected_failure_step{self.step:08d}.json")
+        if storage.exists(marker):
+            return
+        storage.write_bytes_atomic(marker, json.dumps({"step": self.step, "rank": self.rank}).encode())
+        say(f"pretrain: rank {self.rank} exits hard at step {self.step} (pretrain.fail_at_step)")
+        os._exit(1)

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
 from diffscaler.data.build import pretrain_dataset_dir
@@ -212,17 +213,6 @@ def check_cluster(cfg: ExperimentConfig) -> None:
         )
 
 
-def connect_ray(address: str = "") -> bool:
-    """Connect unless already connected: `address` (e.g. "auto"), else RAY_ADDRESS (set inside
-    `ray job submit`), else a new local cluster. Returns True when this call started the connection."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address or None)
-    return True
-
-
 # ------------------------------------------------------------------------------------------------
 # Driver: run
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +241,7 @@ def run_pretrain(
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     start = time.perf_counter()
     plan = plan_run(cfg, out_dir, shards_dir)
-    connect_ray(cfg.pipeline.ray_address)
+    connect_ray(cfg)
     check_cluster(cfg)
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -1,0 +1,400 @@
+"""The run report: `report.md` plus PNG files in the run folder, written from the stages' outputs.
+
+    python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo   # report is the last stage
+    python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo 'pipeline.stages=[report]'
+
+    write_report(ReportInputs(cfg, run_dir, backbone=..., adapters={"affiner": {"emoji": ".../emoji.safetensors"}},
+                              fid_json=run_dir / "fid.json", ...))     # -> [report.md, *.png]
+
+What it shows (each part says so when its stage has not produced anything yet):
+- one sample grid per task (`samples_<task>.png`, the first fine-tune method's adapters), all cut from
+  one mixed-task batch (`samples_mixed.png`: every sample in it uses its own task's adapter), plus
+  the bare backbone's class-conditional samples (`samples_backbone.png`);
+- the FID/KID table per task and method, naming the feature network and the sample counts;
+- trainable parameters per method (per task, and as % of the backbone);
+- the sweep's best (rank, learning rate) per dataset;
+- wall time per stage (s) and the loss curves (`loss_curves.png`: pretraining and every fine-tune).
+
+Sampling runs here on the local CPU (or the first GPU), with `diffusion.sampling_steps` steps and
+fixed seeds, so grids are comparable between runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffscaler.adapters import METHOD_PARTS
+from diffscaler.config import ExperimentConfig
+
+GRID_PER_TASK = 8  # images per task, all tasks in one batch (the mixed-task path costs ~2.5x on CPU)
+GRID_COLUMNS = 8  # columns of a task's grid
+BACKBONE_GRID_CLASSES = 8  # rows of the backbone grid: classes spread over the backbone's classes
+BACKBONE_GRID_PER_CLASS = 3  # columns of the backbone grid
+GRID_MIN_WIDTH_PX = 384  # small images are enlarged (nearest neighbour) so a grid is readable
+SAMPLE_SEED = 0  # seeds of every grid: the same images each time the report is written
+LOSS_UNIT = "MSE of the predicted noise, per element"
+
+
+@dataclass(frozen=True)
+class StageRow:
+    name: str
+    status: str  # done | skipped | failed | interrupted | not selected | running | pending
+    wall_s: float | None  # seconds of its latest run (None = never ran)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    cfg: ExperimentConfig
+    out_dir: Path  # report.md and the PNGs go here
+    backbone: Path | None = None  # backbone.safetensors (None or missing = no grids)
+    adapters: dict[str, dict[str, str]] = field(default_factory=dict)  # method -> task -> adapter file
+    fid_json: Path | None = None  # written by the evaluate stage
+    pretrain_metrics: Path | None = None  # metrics.jsonl of the pretraining run
+    finetune_logs: Path | None = None  # <adapters>/logs/<method>/<task>.jsonl
+    sweep_dir: Path | None = None  # the sweep's output folder
+    stages: tuple[StageRow, ...] = ()  # wall time per stage
+
+
+def write_report(inputs: ReportInputs) -> list[Path]:
+    """Write report.md and its PNGs into `inputs.out_dir`; returns [report.md, png, ...]."""
+    out = Path(inputs.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = inputs.cfg
+    images: list[Path] = []
+    md: list[str] = [f"# DiffScaler run: `{out}`", ""]
+    md += _overview(inputs)
+    grids, grid_md = _sample_grids(inputs)
+    images += grids
+    md += grid_md
+    md += _fid_section(inputs)
+    md += _params_section(inputs)
+    md += _sweep_section(inputs)
+    md += _stage_section(inputs)
+    curves = _loss_curves(inputs)
+    md += ["## Loss curves", ""]
+    if curves is not None:
+        images.append(curves)
+        md += [f"![loss curves]({curves.name})", "", f"Loss: {LOSS_UNIT}; x axis: optimizer steps.", ""]
+    else:
+        md += ["_No loss logs yet (pretrain / finetune have not run)._", ""]
+    md += ["## Config", "", f"The resolved config is `{out / 'config.json'}`. Model {cfg.model.name}, "
+           f"{cfg.model.input_size}x{cfg.model.input_size} px, tasks: "
+           + ", ".join(f"`{t.name}`" for t in cfg.data.targets) + ".", ""]  # fmt: skip
+    report = out / "report.md"
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(md).rstrip() + "\n")
+    tmp.replace(report)
+    return [report, *images]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+
+
+def _overview(inputs: ReportInputs) -> list[str]:
+    total = sum(s.wall_s or 0.0 for s in inputs.stages if s.status in ("done", "failed", "interrupted"))
+    states = ", ".join(f"{s.name} {s.status}" for s in inputs.stages)
+    lines = []
+    if inputs.backbone is not None and inputs.backbone.is_file():
+        from diffscaler.artifacts import read_backbone_meta
+
+        meta = read_backbone_meta(inputs.backbone)
+        m = meta["model"]
+        lines.append(f"Backbone `{inputs.backbone}`: {m['name']}, {m['input_size']}x{m['input_size']} px, "
+                     f"{m['num_classes']} classes, {meta.get('num_parameters', 0):,} parameters, "
+                     f"hash `{meta['content_hash'][:23]}...`.")  # fmt: skip
+    if states:
+        lines.append(f"Stages: {states}. Stage time in this run: {total:.1f} s.")
+    return [*lines, ""] if lines else []
+
+
+def _stage_section(inputs: ReportInputs) -> list[str]:
+    lines = ["## Wall time per stage", "", "| stage | status | wall time (s) | note |", "|---|---|---:|---|"]
+    for s in inputs.stages:
+        wall = f"{s.wall_s:.1f}" if s.wall_s is not None else "-"
+        if s.status == "skipped" and s.wall_s is not None:
+            wall += " (earlier run)"
+        lines.append(f"| {s.name} | {s.status} | {wall} | {_cell(s.reason)} |")
+    return [*lines, ""]
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _fid_section(inputs: ReportInputs) -> list[str]:
+    doc = _read_json(inputs.fid_json)
+    lines = ["## FID / KID per task and method", ""]
+    if doc is None:
+        return [*lines, "_Not evaluated yet (the evaluate stage has not run)._", ""]
+    rows = doc.get("results", [])
+    if not rows:
+        return [*lines, f"_{inputs.fid_json} holds no scores._", ""]
+    nets = sorted({r["feature_network"] for r in rows})
+    gens = sorted({r["num_generated"] for r in rows})
+    refs = sorted({r["num_reference"] for r in rows})
+    lines.append(
+        f"Feature network: **{', '.join(nets)}**; {', '.join(map(str, gens))} generated images per task and method, "
+        f"against {refs[0]}{'-' + str(refs[-1]) if len(refs) > 1 else ''} reference images (the task's eval "
+        "split). Lower is better. "
+        + ("Scores on EfficientNet-Lite0 features rank runs against each other; they are not comparable with "
+           "published (Inception) FID." if "efficientnet-lite0" in nets else "")
+    )  # fmt: skip
+    lines += ["", "| task | method | rank | FID | KID (mean ± std) | generated | reference | sampler | status |",
+              "|---|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: (str(r["task"]), r["label"])):
+        fid = f"{r['fid']:.2f}" if r.get("fid") is not None else "-"
+        kid = f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f}" if r.get("kid_mean") is not None else "-"
+        status = r["status"] if r["status"] == "ok" else f"failed: {_cell(r.get('error', ''), 80)}"
+        lines.append(f"| {r['task'] or '(backbone)'} | {r['label'] or r['method'] or '-'} | {r['rank'] or '-'} | "
+                     f"{fid} | {kid} | {r['num_generated']} | {r['num_reference']} | "
+                     f"{r['sampler']} {r['steps']} steps | {status} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _adapter_meta(path: str) -> dict[str, Any] | None:
+    return _read_json(Path(path).with_suffix(".json"))
+
+
+def _params_section(inputs: ReportInputs) -> list[str]:
+    lines = ["## Trainable parameters per method", ""]
+    rows = []
+    for method, tasks in inputs.adapters.items():
+        metas = [m for m in (_adapter_meta(p) for p in tasks.values()) if m is not None]
+        if not metas:
+            continue
+        per_task = [m["trainable_params"] for m in metas]
+        backbone = metas[0].get("backbone_params", 0)
+        mean = sum(per_task) / len(per_task)
+        pct = 100.0 * mean / backbone if backbone else math.nan
+        sizes = [Path(p).stat().st_size for p in tasks.values() if Path(p).is_file()]
+        ranks = sorted({m.get("rank", 0) for m in metas})
+        rank = "/".join(map(str, ranks)) if "down" in METHOD_PARTS.get(metas[0].get("method", ""), ()) else "-"
+        rows.append(f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
+                    f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |")  # fmt: skip
+    if not rows:
+        return [*lines, "_No adapters yet (the finetune stage has not run)._", ""]
+    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows included); the "
+              "backbone stays frozen.", "",
+              "| method | rank | trainable params per task | mean % of backbone | backbone params | tasks | "
+              "adapter file (KiB, mean) |", "|---|---:|---:|---:|---:|---:|---:|", *rows]  # fmt: skip
+    return [*lines, ""]
+
+
+def _sweep_section(inputs: ReportInputs) -> list[str]:
+    if inputs.sweep_dir is None or not Path(inputs.sweep_dir).is_dir():
+        return []
+    best = _read_json(Path(inputs.sweep_dir) / "best.json")
+    lines = ["## Sweep (Ray Tune)", ""]
+    if best is None:
+        return [*lines, f"_No sweep result in `{inputs.sweep_dir}` yet._", ""]
+    per_dataset = best.get("best", best.get("datasets", best))
+    if isinstance(per_dataset, dict) and all(isinstance(v, dict) for v in per_dataset.values()):
+        columns = ("rank", "lr", "fid", "val_loss", "steps", "selected_by", "trial_id")
+        keys = [k for k in columns if any(k in v for v in per_dataset.values())]
+        lines += ["| dataset | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for name, row in per_dataset.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt_value(row.get(k)) for k in keys) + " |")
+    else:
+        lines += ["```json", json.dumps(best, indent=2)[:3000], "```"]
+    lines += ["", f"All trials: `{inputs.sweep_dir}`."]
+    return [*lines, ""]
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample grids
+# ------------------------------------------------------------------------------------------------
+
+
+def _enlarge(grid: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour enlargement so a grid of 32 px images is readable in a browser."""
+    factor = max(1, math.ceil(GRID_MIN_WIDTH_PX / grid.shape[1]))
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
+def _save_grid(images: np.ndarray, ncols: int, path: Path) -> Path:
+    from diffscaler.diffusion.sampling import image_grid, save_png
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    save_png(_enlarge(image_grid(images, ncols=ncols)), tmp)
+    tmp.replace(path)
+    return path
+
+
+def _sample_grids(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
+    import torch
+
+    # One intra-op thread on CPU: these small matmuls gain little from a second thread, and when the
+    # machine is busy (Ray workers, other jobs) two threads were measured 3x slower than one.
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        return _sample_grids_here(inputs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
+    lines = ["## Samples", ""]
+    backbone = inputs.backbone
+    if backbone is None or not Path(backbone).is_file():
+        return [], [*lines, "_No backbone yet (the pretrain stage has not run)._", ""]
+    import torch
+
+    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.diffusion import GaussianDiffusion
+    from diffscaler.diffusion.sampling import sample_images
+    from diffscaler.models.cli import plan_samples
+
+    cfg = inputs.cfg
+    out = Path(inputs.out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps = cfg.diffusion.sampling_steps  # the "quick look" setting; eval.sampling_steps is for FID
+    settings = dict(steps=steps, sampler=cfg.diffusion.sampler, cfg_scale=cfg.diffusion.cfg_scale,
+                    eta=cfg.diffusion.ddim_eta)  # fmt: skip
+    files: list[Path] = []
+
+    model, meta = load_backbone(backbone)
+    model.to(device).eval()
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=model.config.learn_sigma)
+    n_cls = model.config.num_classes
+    rows = min(BACKBONE_GRID_CLASSES, n_cls)
+    classes = [round(i * (n_cls - 1) / max(rows - 1, 1)) for i in range(rows)]
+    labels = [c for c in classes for _ in range(BACKBONE_GRID_PER_CLASS)]
+    with torch.no_grad():
+        imgs = sample_images(model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels,
+                             batch_size=len(labels), **settings)  # fmt: skip
+    files.append(_save_grid(imgs, BACKBONE_GRID_PER_CLASS, out / "samples_backbone.png"))
+    lines += [f"Backbone alone, class-conditional: one row per class ({', '.join(map(str, classes))}), "
+              f"{settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.", "",
+              "![backbone samples](samples_backbone.png)", ""]  # fmt: skip
+
+    method, task_files = next(iter(inputs.adapters.items()), (None, {}))
+    present = {t: p for t, p in task_files.items() if Path(p).is_file()}
+    if not present:
+        return files, [*lines, "_No adapters yet (the finetune stage has not run)._", ""]
+    model, meta = load_backbone(backbone)
+    bank = load_adapters(model, list(present.values()), backbone_hash=meta["content_hash"])
+    model.to(device).eval()
+    names = [t.name for t in bank.tasks]
+    counts = [t.num_classes for t in bank.tasks]
+    # ONE batch holds every task's images, interleaved (a, b, c, a, b, c, ...): each sample uses its own
+    # task's adapter; the per-task grids are that batch's rows, so the mixed path is what is shown.
+    per_sample_task, labels = plan_samples(names, GRID_PER_TASK, counts, None)
+    with torch.no_grad():
+        imgs = sample_images(model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels,
+                             task_ids=per_sample_task, batch_size=len(labels), **settings)  # fmt: skip
+    task_of = np.array(per_sample_task)
+    lines += [f"With the **{method}** adapters: {len(labels)} images of {len(names)} tasks sampled in a single "
+              f"batch, every image with its own task's adapter ({GRID_PER_TASK} per task; conditional tasks "
+              f"cycle through their classes), {settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.",
+              ""]  # fmt: skip
+    for i, name in enumerate(names):
+        files.append(_save_grid(imgs[task_of == i], GRID_COLUMNS, out / f"samples_{name}.png"))
+        lines += [f"**{name}** (generated)", "", f"![{name}](samples_{name}.png)", ""]
+        real = _real_images(cfg, name, GRID_COLUMNS)
+        if real is not None:
+            files.append(_save_grid(real, GRID_COLUMNS, out / f"real_{name}.png"))
+            lines += [f"{name}, real images of its eval split:", "", f"![{name} real](real_{name}.png)", ""]
+    order = np.argsort(task_of, kind="stable")  # one row per task
+    files.append(_save_grid(imgs[order], GRID_PER_TASK, out / "samples_mixed.png"))
+    lines += [f"**The whole mixed batch**, one row per task ({', '.join(names)}):", "",
+              "![mixed batch](samples_mixed.png)", ""]  # fmt: skip
+    return files, lines
+
+
+def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | None:
+    """The first `count` images of a task's eval split, or None when its shards cannot be read."""
+    from diffscaler.data import DatasetError, ShardError, dataset_dir, read_split
+
+    try:
+        images, _labels = read_split(dataset_dir(cfg.data, task), "eval", limit=count)
+    except (DatasetError, ShardError, OSError):
+        return None
+    return images
+
+
+# ------------------------------------------------------------------------------------------------
+# Loss curves
+# ------------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def _loss_curves(inputs: ReportInputs) -> Path | None:
+    pretrain = []
+    if inputs.pretrain_metrics is not None:
+        pretrain = [(r["step"], r["loss"]) for r in _read_jsonl(inputs.pretrain_metrics)
+                    if r.get("loss") is not None and "step" in r]  # fmt: skip
+    finetune: dict[str, list[tuple[int, float]]] = {}
+    logs = inputs.finetune_logs
+    if logs is not None and Path(logs).is_dir():
+        for log in sorted(Path(logs).glob("*/*.jsonl")):
+            points = [(r["step"], r["loss"]) for r in _read_jsonl(log) if r.get("kind") == "train" and "loss" in r]
+            if points:
+                finetune[f"{log.parent.name}/{log.stem}"] = points
+    if not pretrain and not finetune:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in (("pretraining", pretrain), ("fine-tunes", finetune)) if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, data) in zip(axes[0], panels):
+        series = {"backbone": data} if isinstance(data, list) else data
+        for label, points in series.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=label, linewidth=1.3)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (MSE of predicted noise)")
+        ys = [y for pts in series.values() for _, y in pts]
+        if min(ys) > 0 and max(ys) / min(ys) > 10:  # log scale only where the loss spans decades
+            ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
+    fig.tight_layout()
+    path = Path(inputs.out_dir) / "loss_curves.png"
+    tmp = path.with_name(".loss_curves.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,58 @@
+"""Ray program: the whole pipeline from one YAML file - shards, pretrain, fine-tunes, sweep, FID, report.
+
+    python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo          # `make demo`
+    python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo pretrain.steps=400
+    python -m ray_jobs.pipeline --config cfg.yaml --out runs/x 'pipeline.stages=[finetune,evaluate,report]'
+    python -m ray_jobs.pipeline --config cfg.yaml --out runs/x pipeline.backbone=runs/demo/backbone/backbone.safetensors
+    python -m ray_jobs.pipeline --config cfg.yaml --out runs/x --force finetune,evaluate
+    ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env-json '{"excludes": [".git", ".venv", "shards", "runs"]}' \
+        -- python -m ray_jobs.pipeline --config ray_jobs/configs/gpu.yaml --out /shared/runs/run1
+
+Rerun the same command after a failure or Ctrl-C: finished stages whose outputs are still valid are
+skipped (`OUT/pipeline.json` records each stage's status, wall time and outputs). Exit status:
+0 done; 1 a stage failed (named on stderr and in pipeline.json); 2 bad input found before any stage
+ran; 130 interrupted (Ctrl-C or SIGTERM, e.g. `ray job stop`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffscaler.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ray_jobs.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. ray_jobs/configs/tiny.yaml")
+    parser.add_argument("--out", required=True, help="run folder (relative storage paths of the config go inside)")
+    parser.add_argument("--force", default="", help="comma-separated stages to redo even if their outputs are valid")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=400")
+    args = parser.parse_args(argv)
+
+    from diffscaler.pipeline import PipelineInputError, PipelineStageError, run_pipeline
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"ray_jobs.pipeline: config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_pipeline(cfg, args.out, force=[s for s in args.force.split(",") if s])
+    except (ConfigError, PipelineInputError) as err:
+        print(f"ray_jobs.pipeline: error: {err}", file=sys.stderr)
+        return 2
+    except PipelineStageError as err:
+        print(f"ray_jobs.pipeline: {err}\nrerun the same command to continue; see {args.out}/pipeline.json",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except KeyboardInterrupt:
+        print(f"ray_jobs.pipeline: interrupted; finished stages are kept, rerun to continue ({args.out}/pipeline.json)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

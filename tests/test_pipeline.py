@@ -1,0 +1,383 @@
+"""The pipeline's orchestration: bad input before any stage, skip-if-valid, resume after a failure or Ctrl-C.
+
+Real stages throughout (shards as Ray tasks, fine-tunes as Ray tasks, the report), on a micro config:
+a 16x16 DiT-T/4 and three synthetic image folders. The full six-stage run is in test_pipeline_e2e.py
+and, through `ray job submit`, in test_pipeline_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from diffscaler.config import ConfigError, ModelConfig, load_config
+from diffscaler.pipeline import (
+    Manifest,
+    PipelineInputError,
+    PipelineStageError,
+    resolve_run_config,
+    run_pipeline,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_MODEL = ModelConfig(name="DiT-T/4", input_size=16, num_classes=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# A micro experiment: three image folders and a config that runs every stage in seconds
+# ------------------------------------------------------------------------------------------------
+
+
+def make_image_folders(root: Path) -> dict[str, Path]:
+    """pre/ (3 class folders x 12 images) and two flat target folders (12 images each), 20x20 PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(color: tuple[int, int, int], k: int) -> Image.Image:
+        a = np.full((20, 20, 3), 255, np.uint8)
+        x, y = rng.integers(0, 10, 2)
+        a[y : y + 8 + k % 3, x : x + 8] = color
+        return Image.fromarray(a)
+
+    folders = {}
+    for cls, color in [("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))]:
+        (root / "pre" / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(12):
+            image(color, k).save(root / "pre" / cls / f"{k}.png")
+    folders["pre"] = root / "pre"
+    for task, color in [("red", (250, 0, 0)), ("blue", (0, 0, 250))]:
+        (root / task).mkdir(parents=True, exist_ok=True)
+        for k in range(12):
+            image(color, k).save(root / task / f"{k}.png")
+        folders[task] = root / task
+    return folders
+
+
+def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
+    """Write a micro experiment YAML under `tmp` (image folders made once); returns its path."""
+    src = tmp / "src"
+    if not src.exists():
+        make_image_folders(src)
+    cfg = {
+        "model": {"name": MICRO_MODEL.name, "input_size": 16, "num_classes": 3},
+        "diffusion": {"num_timesteps": 100, "sampling_steps": 2},
+        "adapter": {"rank": 2},
+        "data": {
+            "image_size": 16,
+            "samples_per_shard": 16,
+            "eval_fraction": 0.25,
+            "shuffle_buffer": 8,
+            "pretrain_source": f"folder:{src / 'pre'}",
+            "targets": [
+                {"name": "red", "source": f"folder:{src / 'red'}"},
+                {"name": "blue", "source": f"folder:{src / 'blue'}"},
+            ],
+        },  # fmt: skip
+        "pretrain": {
+            "num_workers": 1,
+            "cpus_per_worker": 0.5,
+            "global_batch_size": 8,
+            "steps": 4,
+            "warmup_steps": 0,
+            "log_every": 2,
+            "checkpoint_every": 4,
+            "sample_every": 0,
+        },  # fmt: skip
+        "finetune": {
+            "methods": ["affiner"],
+            "steps": 2,
+            "batch_size": 4,
+            "warmup_steps": 0,
+            "log_every": 1,
+            "cpus_per_task": 0.5,
+        },  # fmt: skip
+        "sweep": {
+            "ranks": [2, 4],
+            "num_samples": 2,
+            "max_steps": 4,
+            "rung_steps": 2,
+            "fid_samples": 4,
+            "cpus_per_trial": 0.5,
+            "datasets": ["red"],
+        },  # fmt: skip
+        "eval": {
+            "num_samples": 6,
+            "num_actors": 1,
+            "cpus_per_actor": 0.5,
+            "batch_size": 8,
+            "sampling_steps": 2,
+            "kid_subset_size": 3,
+        },  # fmt: skip
+        "pipeline": {"stages": stages},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    path = tmp / f"micro-{len(list(tmp.glob('micro-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def save_micro_backbone(path: Path, model_cfg: ModelConfig = MICRO_MODEL) -> Path:
+    from diffscaler.artifacts import save_backbone
+    from diffscaler.models import build_model
+
+    save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
+    return path
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "pipeline.json").read_text())
+
+
+def statuses(out: Path) -> dict[str, str]:
+    return {k: v["status"] for k, v in manifest(out)["stages"].items()}
+
+
+def mtimes(*paths: Path) -> list[int]:
+    return [p.stat().st_mtime_ns for p in paths]
+
+
+# ------------------------------------------------------------------------------------------------
+# Paths and bad input (no Ray: nothing may start)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_relative_storage_paths_go_inside_the_run_folder(tmp_path):
+    cfg = load_config(micro_config(tmp_path, ["report"]), ["data.shards_root=shards", "eval.cache_dir=/abs/cache",
+                                                            "pretrain.storage_path=s3://bucket/ray"])  # fmt: skip
+    run = resolve_run_config(cfg, tmp_path / "out")
+    assert run.data.shards_root == str(tmp_path / "out" / "shards")
+    assert run.eval.cache_dir == "/abs/cache"
+    assert run.pretrain.storage_path == "s3://bucket/ray"
+
+
+def run_expecting_input_error(cfg_path: Path, out: Path, overrides=(), match: str = "") -> str:
+    with pytest.raises(PipelineInputError, match=match) as err:
+        run_pipeline(load_config(cfg_path, list(overrides)), out)
+    assert not (out / "pipeline.json").exists(), "bad input must be found before any stage (and any manifest)"
+    return str(err.value)
+
+
+def test_stages_out_of_order(tmp_path):
+    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune", "shards"]), tmp_path / "out", match="order")
+    assert "['shards', 'finetune']" in msg
+
+
+def test_unknown_stage_is_a_config_error_with_exit_status_2(tmp_path, capsys):
+    from ray_jobs.pipeline import main
+
+    cfg = micro_config(tmp_path, ["shards", "pretrian"])
+    with pytest.raises(ConfigError, match="pipeline.stages"):
+        load_config(cfg)
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert "pretrian" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_without_shards_when_shards_stage_is_off(tmp_path):
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",
+                                    [f"pipeline.backbone={backbone}"], match="no shards")  # fmt: skip
+    assert "'red'" in msg and str(tmp_path / "out" / "shards" / "red") in msg
+
+
+def test_shards_built_with_other_parameters_when_shards_stage_is_off(tmp_path):
+    from diffscaler.data import build_all
+
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    cfg_path = micro_config(tmp_path, ["finetune"])
+    cfg = resolve_run_config(load_config(cfg_path), tmp_path / "out")
+    build_all(cfg.data, ["red", "blue"], parallel=False)  # built with limit 0
+    msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=5"],
+                                    match="other parameters")  # fmt: skip
+    assert "limit built=0 config=5" in msg
+
+
+def test_backbone_that_does_not_match_the_model_config(tmp_path):
+    other = save_micro_backbone(tmp_path / "b8.safetensors", ModelConfig(name="DiT-T/8", input_size=16, num_classes=3))
+    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
+                                    [f"pipeline.backbone={other}"], match="does not match")  # fmt: skip
+    assert "name file='DiT-T/8' config='DiT-T/4'" in msg
+    # the public checkpoint path is checked the same way
+    import torch
+
+    from diffscaler.models import build_model
+
+    pt = tmp_path / "dit.pt"
+    torch.save(build_model(ModelConfig(name="DiT-T/4", input_size=32, num_classes=3), seed=0).state_dict(), pt)
+    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
+                                    [f"pipeline.backbone={pt}"], match="input_size")  # fmt: skip
+    # no backbone at all while pretrain is not run
+    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
+                                    match="no backbone")  # fmt: skip
+    assert "add 'pretrain'" in msg
+    run_expecting_input_error(micro_config(tmp_path, ["shards"]), tmp_path / "out", ["pipeline.backbone=/nope.pt"],
+                              match="not found")  # fmt: skip
+
+
+def test_evaluate_needs_adapters_when_finetune_is_off(tmp_path):
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "evaluate"]), tmp_path / "out",
+                                    [f"pipeline.backbone={backbone}"], match="needs adapters")  # fmt: skip
+    assert "red.safetensors" in msg
+
+
+def test_public_dit_checkpoint_is_imported_once_and_reported(tmp_path):
+    """pipeline.backbone=X.pt: the pretrain stage imports it to safetensors (no Ray); a rerun skips it."""
+    import torch
+
+    from diffscaler.artifacts import load_backbone
+    from diffscaler.models import build_model
+
+    pt = tmp_path / "DiT-T-4-16.pt"
+    torch.save(build_model(MICRO_MODEL, seed=3).state_dict(), pt)
+    out = tmp_path / "out"
+    run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), out, [f"pipeline.backbone={pt}"],
+                              match="add 'pretrain'")  # fmt: skip
+    cfg = load_config(micro_config(tmp_path, ["pretrain", "report"]), [f"pipeline.backbone={pt}"])
+    run_pipeline(cfg, out)
+    assert statuses(out)["pretrain"] == "done" and statuses(out)["report"] == "done"
+    model, meta = load_backbone(out / "backbone" / "backbone.safetensors", expect=MICRO_MODEL)
+    assert meta["provenance"]["source"] == str(pt)
+    report = (out / "report.md").read_text()
+    assert "samples_backbone.png" in report and "No adapters yet" in report and "Not evaluated yet" in report
+    before = mtimes(out / "backbone" / "backbone.safetensors")
+    run_pipeline(cfg, out)
+    assert statuses(out)["pretrain"] == "skipped"
+    assert mtimes(out / "backbone" / "backbone.safetensors") == before
+
+
+# ------------------------------------------------------------------------------------------------
+# Skip-if-valid and resume after a failure (real Ray stages)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
+    backbone = save_micro_backbone(tmp_path / "backbone.safetensors")
+    out = tmp_path / "run"
+    full = load_config(micro_config(tmp_path, ["shards", "finetune", "report"]), [f"pipeline.backbone={backbone}"])
+    lines: list[str] = []
+
+    # 1. a fresh run: every selected stage runs, the manifest says so with wall times
+    run_pipeline(full, out, log=lines.append)
+    m = manifest(out)
+    assert m["status"] == "done"
+    assert statuses(out) == {"shards": "done", "pretrain": "not selected", "finetune": "done",
+                             "sweep": "not selected", "evaluate": "not selected", "report": "done"}  # fmt: skip
+    for name in ("shards", "finetune", "report"):
+        assert m["stages"][name]["wall_s"] > 0
+        assert any(line.startswith("[pipeline]") and name in line and "started" in line for line in lines)
+        assert any(name in line and "done in" in line for line in lines)
+    assert set(m["stages"]["shards"]["outputs"]) == {"pre", "red", "blue"}
+    adapters = {t: out / "adapters" / f"{t}.safetensors" for t in ("red", "blue")}
+    assert all(p.is_file() for p in adapters.values())
+    report = (out / "report.md").read_text()
+    for image in ("samples_red.png", "samples_blue.png", "samples_mixed.png", "loss_curves.png"):
+        assert image in report and (out / image).is_file()
+    assert "| affiner | 2 |" in report  # trainable parameters per method, with the rank
+
+    # 2. the same command again: nothing is redone
+    indexes = {n: out / "shards" / n / "index.json" for n in ("pre", "red", "blue")}
+    before = mtimes(*adapters.values(), *indexes.values())
+    run_pipeline(full, out)
+    assert statuses(out)["shards"] == "skipped" and statuses(out)["finetune"] == "skipped"
+    assert mtimes(*adapters.values(), *indexes.values()) == before
+
+    # 3. red's adapter is lost and its shards corrupted; without the shards stage its fine-tune fails
+    for ext in (".safetensors", ".json"):
+        adapters["red"].with_suffix(ext).unlink()
+    for tar in (out / "shards" / "red").glob("train-*.tar"):
+        tar.write_bytes(b"\0" * 100)
+    blue_before = mtimes(adapters["blue"], indexes["blue"], indexes["pre"])
+    partial = load_config(micro_config(tmp_path, ["finetune", "report"]), [f"pipeline.backbone={backbone}"])
+    with pytest.raises(PipelineStageError, match="red") as err:
+        run_pipeline(partial, out)
+    assert err.value.stage == "finetune"
+    m = manifest(out)
+    assert m["status"] == "failed" and m["stages"]["finetune"]["status"] == "failed"
+    assert "red" in m["stages"]["finetune"]["reason"]
+    assert m["stages"]["report"]["status"] == "pending"  # never reached
+    assert m["stages"]["shards"]["status"] == "skipped"  # kept from the run before
+    assert mtimes(adapters["blue"]) == blue_before[:1], "a failing fine-tune must not touch the finished ones"
+
+    # 4. the full command again: only red's shards are rebuilt and only red's adapter is trained
+    run_pipeline(full, out)
+    m = manifest(out)
+    assert m["status"] == "done" and statuses(out)["shards"] == "done" and statuses(out)["finetune"] == "done"
+    assert "red: shards check failed" in m["stages"]["shards"]["reason"]
+    assert mtimes(adapters["blue"], indexes["blue"], indexes["pre"]) == blue_before
+    assert adapters["red"].is_file()
+
+
+def interrupt_during_finetune(cfg_path: Path, out: Path, overrides: list[str], sig: int, env: dict) -> str:
+    """Run the pipeline program, send `sig` once its fine-tunes run; returns its output (exit status checked)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray_jobs.pipeline", "--config", str(cfg_path), "--out", str(out), *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = Manifest.load(out / "pipeline.json")
+            if found is not None and found.stages["finetune"].status == "running":
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(3)  # the fine-tune tasks are submitted and running
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted" in output
+    return output
+
+
+@pytest.mark.ray
+def test_ctrl_c_and_sigterm_keep_finished_stages_and_a_rerun_continues(ray_local, tmp_path):
+    """SIGINT (Ctrl-C) after pretraining - whose Ray Train run leaves its own SIGINT handler behind - and
+    SIGTERM (`ray job stop`) while the fine-tunes run: exit 130, the manifest says interrupted, finished
+    stages stay valid and are skipped by the next run."""
+    import ray
+
+    out = tmp_path / "run"
+    long_finetune = micro_config(tmp_path, ["shards", "pretrain", "finetune"], finetune={"steps": 100000})
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}  # join the session's cluster
+
+    def wait_for_free_cpus() -> None:  # the interrupted driver's tasks die with it
+        deadline = time.monotonic() + 60
+        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    interrupt_during_finetune(long_finetune, out, [], signal.SIGINT, env)
+    m = manifest(out)
+    assert m["status"] == "interrupted"
+    assert m["stages"]["shards"]["status"] == "done" and m["stages"]["pretrain"]["status"] == "done"
+    assert m["stages"]["finetune"]["status"] == "interrupted"
+    backbone = out / "backbone" / "backbone.safetensors"
+    before = mtimes(backbone)
+    wait_for_free_cpus()
+
+    interrupt_during_finetune(long_finetune, out, [], signal.SIGTERM, env)
+    assert statuses(out)["shards"] == "skipped" and statuses(out)["pretrain"] == "skipped"
+    assert statuses(out)["finetune"] == "interrupted" and manifest(out)["status"] == "interrupted"
+    assert mtimes(backbone) == before
+    wait_for_free_cpus()
+
+    run_pipeline(load_config(micro_config(tmp_path, ["shards", "pretrain", "finetune"])), out)
+    assert statuses(out) == {"shards": "skipped", "pretrain": "skipped", "finetune": "done",
+                             "sweep": "not selected", "evaluate": "not selected", "report": "not selected"}  # fmt: skip
+    assert (out / "adapters" / "red.safetensors").is_file() and mtimes(backbone) == before

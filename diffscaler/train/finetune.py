@@ -46,7 +46,7 @@ import ray
 
 from diffscaler.adapters import METHOD_PARTS
 from diffscaler.artifacts import AdapterLoadError, BackboneLoadError, read_adapter_file, read_backbone_meta
-from diffscaler.cluster import connect_ray
+from diffscaler.cluster import connect_ray, node_shapes
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.models.dit import parse_preset
@@ -139,12 +139,10 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
 
 
 def check_fits(cpus: float, gpus: float, what: str, count: int = 1) -> None:
-    """Raise if no alive node can hold one request of `cpus` CPUs and `gpus` GPUs.
-
-    Ray keeps a request no node can hold PENDING forever (a silent hang): fail clearly instead. On an
-    autoscaling cluster keep one worker of the needed kind up (min_workers >= 1) so this check sees it.
+    """Raise if no node - alive, or a type the autoscaler can start - can hold one request of `cpus`
+    CPUs and `gpus` GPUs. Ray keeps such a request PENDING forever (a silent hang): fail clearly instead.
     """
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    nodes = node_shapes()
     fits = [n for n in nodes if n.get("CPU", 0.0) + 1e-9 >= cpus and n.get("GPU", 0.0) + 1e-9 >= gpus]
     if not fits:
         have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"

@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from diffscaler.cluster import connect_ray
+from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
 from diffscaler.data.build import pretrain_dataset_dir
@@ -195,11 +195,10 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
 
 
 def check_cluster(cfg: ExperimentConfig) -> None:
-    """Resources a request needs must exist: Ray leaves an unplaceable request pending forever."""
-    import ray
-
+    """Resources a request needs must exist, now or once the autoscaler adds nodes: Ray leaves an
+    unplaceable request pending forever."""
     p = cfg.pretrain
-    total = ray.cluster_resources()
+    total = max_cluster_resources()
     if p.use_gpu and total.get("GPU", 0) < p.num_workers:
         raise ConfigError(
             f"pretrain.use_gpu: {p.num_workers} workers need {p.num_workers} GPUs, the Ray cluster has "

@@ -53,12 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from diffscaler.cluster import connect_ray
+from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ExperimentConfig
 from diffscaler.data import load_index
 from diffscaler.train.finetune import (
@@ -184,7 +183,7 @@ def concurrent_trials(cfg: ExperimentConfig) -> int:
     """sweep.max_concurrent_trials, or (0) as many trials as the cluster's resources hold at once."""
     if cfg.sweep.max_concurrent_trials > 0:
         return cfg.sweep.max_concurrent_trials
-    total = ray.cluster_resources()
+    total = max_cluster_resources()  # on an autoscaling cluster: what it can grow to
     res = trial_resources(cfg)
     n = math.floor(total.get("CPU", 0.0) / res["cpu"] + 1e-9)
     if res["gpu"]:
@@ -194,7 +193,7 @@ def concurrent_trials(cfg: ExperimentConfig) -> int:
 
 def fid_actors(cfg: ExperimentConfig) -> int:
     """Evaluation actors that fit the cluster together (they start after the trials have ended)."""
-    total = ray.cluster_resources()
+    total = max_cluster_resources()
     e = cfg.eval
     n = min(e.num_actors, math.floor(total.get("CPU", 0.0) / e.cpus_per_actor + 1e-9))
     if e.gpus_per_actor:

@@ -7,24 +7,14 @@ import json
 import types
 
 import pytest
-import torch
 
 from diffscaler.artifacts import load_adapters, load_backbone, read_adapter_file
 from diffscaler.config import ConfigError
 from diffscaler.data import make_shards
 from diffscaler.train.finetune import FinetuneInputError
 from diffscaler.train.sweep import plan_sweep, run_sweep
-from tests.test_finetune import make_backbone, make_task_shards, tiny_config
-
-TASKS = "[{name: ta, conditional: true}, {name: tb}]"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_finetune import TWO_TASKS as TASKS
+from tests.test_finetune import make_backbone, make_task_shards, one_torch_thread, tiny_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")

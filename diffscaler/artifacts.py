@@ -54,8 +54,9 @@ def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
-                 st_meta: dict[str, str]) -> None:
+def write_file_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
+                    st_meta: dict[str, str]) -> None:
+    """Write `X.safetensors` + `X.json` atomically: temp names, then renames, the JSON last."""
     st_path.parent.mkdir(parents=True, exist_ok=True)
     js_path = st_path.with_suffix(".json")
     tmp_st, tmp_js = st_path.with_name(st_path.name + ".tmp"), js_path.with_name(js_path.name + ".tmp")
@@ -63,6 +64,20 @@ def _atomic_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str
     tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     tmp_st.replace(st_path)
     tmp_js.replace(js_path)
+
+
+def read_format_json(path: Path, fmt: str, version: int, what: str, error: type[ValueError]) -> dict[str, Any]:
+    """A versioned JSON of ours: parses, names `fmt`, and is no newer than `version` - else `error`."""
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise error(f"{path}: not a DiffScaler {what} (format={found!r})")
+    if meta.get("format_version", 0) > version:
+        raise error(f"{path}: format version {meta['format_version']} is newer than this DiffScaler reads ({version})")
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +106,7 @@ def save_backbone(model: DiT | dict[str, torch.Tensor], path: str | Path, config
         "num_parameters": sum(v.numel() for k, v in state.items() if k != "pos_embed"),
         "provenance": provenance or {},
     }
-    _atomic_pair(state, path, meta, {"format": BACKBONE_FORMAT, "content_hash": digest})
+    write_file_pair(state, path, meta, {"format": BACKBONE_FORMAT, "content_hash": digest})
     return digest
 
 
@@ -102,16 +117,7 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
         raise BackboneLoadError(f"backbone file not found: {path}")
     if not meta_path.is_file():
         raise BackboneLoadError(f"{path}: its config {meta_path.name} is missing beside it")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise BackboneLoadError(f"{meta_path}: not valid JSON ({err})") from None
-    if meta.get("format") != BACKBONE_FORMAT:
-        raise BackboneLoadError(f"{meta_path}: not a DiffScaler backbone config (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > BACKBONE_FORMAT_VERSION:
-        raise BackboneLoadError(f"{meta_path}: format version {meta['format_version']} is newer than "
-                                f"this DiffScaler reads ({BACKBONE_FORMAT_VERSION})")
-    return meta
+    return read_format_json(meta_path, BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, "backbone config", BackboneLoadError)
 
 
 def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_hash: bool = True,
@@ -225,7 +231,7 @@ def save_adapter(bank: AdapterBank, task: str | int, out_dir: str | Path, backbo
         **(extra or {}),
     }
     st_path = Path(out_dir) / f"{info.name}.safetensors"
-    _atomic_pair(bank.task_state(info.name), st_path, meta, {"format": ADAPTER_FORMAT, "task": info.name})
+    write_file_pair(bank.task_state(info.name), st_path, meta, {"format": ADAPTER_FORMAT, "task": info.name})
     return st_path, st_path.with_suffix(".json")
 
 
@@ -238,12 +244,7 @@ def read_adapter_file(file: str | Path) -> tuple[dict[str, Any], dict[str, torch
         raise AdapterLoadError(f"adapter file not found: {path}")
     if not meta_path.is_file():
         raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise AdapterLoadError(f"{meta_path}: not a DiffScaler adapter config (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
-        raise AdapterLoadError(f"{meta_path}: format version {meta['format_version']} is newer than this "
-                               f"DiffScaler reads ({ADAPTER_FORMAT_VERSION})")
+    meta = read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
     return meta, load_file(str(path))
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from diffscaler.adapters import AdapterBank, AdapterLoadError, TaskInfo
-from diffscaler.artifacts import read_adapter_file
+from diffscaler.artifacts import read_adapter_file, read_format_json, write_file_pair
 from diffscaler.models.dit import DiT
 
 BANK_FORMAT = "diffscaler-adapter-bank"
@@ -56,14 +56,9 @@ def save_bank(adapter_files: Sequence[str | Path], out_dir: str | Path, stem: st
         "backbone_hash": metas[0]["backbone_hash"],
         "tasks": metas,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    st_path, js_path = out / f"{stem}.safetensors", out / f"{stem}.json"
-    tmp_st, tmp_js = out / f".{stem}.safetensors.tmp", out / f".{stem}.json.tmp"
-    save_file(tensors, str(tmp_st), metadata={"format": BANK_FORMAT})
-    tmp_js.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    tmp_st.replace(st_path)
-    tmp_js.replace(js_path)  # JSON last: a crash never leaves a manifest without its tensors
+    st_path = Path(out_dir) / f"{stem}.safetensors"
+    write_file_pair(tensors, st_path, manifest, {"format": BANK_FORMAT})  # JSON last: never a manifest alone
+    js_path = st_path.with_suffix(".json")
     return st_path, js_path
 
 
@@ -74,14 +69,7 @@ def read_bank(path: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, tor
     for need in (js_path, st_path):
         if not need.is_file():
             raise AdapterLoadError(f"bank file not found: {need}")
-    manifest = json.loads(js_path.read_text())
-    if manifest.get("format") != BANK_FORMAT:
-        raise AdapterLoadError(f"{js_path}: not a DiffScaler adapter bank (format={manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > BANK_FORMAT_VERSION:
-        raise AdapterLoadError(
-            f"{js_path}: format version {manifest['format_version']} is newer than this "
-            f"DiffScaler reads ({BANK_FORMAT_VERSION})"
-        )
+    manifest = read_format_json(js_path, BANK_FORMAT, BANK_FORMAT_VERSION, "adapter bank", AdapterLoadError)
     flat = load_file(str(st_path))
     states: dict[str, dict[str, torch.Tensor]] = {m["task"]: {} for m in manifest["tasks"]}
     for key, value in flat.items():

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffscaler.adapters.lean_grad import lean_affine_linear
 from diffscaler.config import ADAPTER_METHODS, ADAPTER_TARGETS
 from diffscaler.models.dit import DiT, LabelEmbedder, TaskIds, TaskLinear
 
@@ -87,6 +88,10 @@ def _scale_shift(
 
 class AdaptedLinear(nn.Module):
     """A frozen base linear plus stacked per-task parameters; forward(x, task_ids) like TaskLinear."""
+
+    # Training a scale (affiner, difffit) over a frozen base: take a's gradient from the output instead of
+    # saving W x (see diffscaler.adapters.lean_grad). False: plain autograd, for A/B benchmarks and checks.
+    lean_backward: bool = True
 
     def __init__(self, base: nn.Linear, method: str, num_tasks: int, rank: int, branch_scale_init: float,
                  generator: torch.Generator):
@@ -145,6 +150,14 @@ class AdaptedLinear(nn.Module):
             z = z * self.branch_scale[ids].to(z.dtype).view(n, 1, 1)  # z.dtype: no promotion to fp32
         return z.reshape(*x.shape[:-1], z.shape[-1])
 
+    def _lean(self) -> bool:
+        """Train the scale with lean_affine_linear (frozen base, scale trained, grad mode on)."""
+        base = self.base
+        branch_ok = self.down is None or (self.relu_branch and self.branch_scale is not None)
+        return (self.lean_backward and self.scale is not None and self.shift is not None and branch_ok
+                and self.scale.requires_grad and torch.is_grad_enabled() and base.bias is not None
+                and not base.weight.requires_grad and not base.bias.requires_grad)
+
     def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
         w, b = self.base.weight, self.base.bias
         if task_ids is None:
@@ -169,6 +182,9 @@ class AdaptedLinear(nn.Module):
         w, b = self.base.weight, self.base.bias
         if self.weight_delta is not None:
             return F.linear(x, w + self.weight_delta[t].to(w.dtype), b + self.bias_delta[t].to(b.dtype))
+        if self._lean():
+            branch = (self.down[t], self.up[t], self.branch_scale[t]) if self.down is not None else ()
+            return lean_affine_linear(x, w, b, self.scale[t], self.shift[t], *branch)
         if self.scale is not None and self.scale.requires_grad and torch.is_grad_enabled():
             # Training: (1 + a_t) as an epilogue on W x. Folded into W, autograd would compute the full
             # weight gradient (a matmul as large as the forward) only to reduce it to a_t's gradient.
@@ -191,6 +207,9 @@ class AdaptedLinear(nn.Module):
             w_t = w.unsqueeze(0) + self.weight_delta[ids].to(w.dtype)  # (N, out, in)
             y = torch.bmm(x3, w_t.transpose(1, 2)).reshape(*x.shape[:-1], -1)
             return y + (b + self.bias_delta[ids].to(b.dtype)).view(per_sample)
+        if self._lean():
+            branch = (self.down[ids], self.up[ids], self.branch_scale[ids]) if self.down is not None else ()
+            return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *branch)
         y = F.linear(x, w)  # (N, *, out): one shared matmul for every task in the batch
         scale = self.scale[ids].view(per_sample) if self.scale is not None else None
         shift = self.shift[ids].view(per_sample) if self.shift is not None else None

@@ -1,0 +1,138 @@
+"""The Affiner's training forward/backward without saving the pre-scale product W x.
+
+Autograd's path for y = (1 + a) ⊙ (W x) + c + s · U relu(D x)  (c = b̂ + b) keeps p = W x alive
+until the backward, only for a's gradient Σ_tokens g ⊙ p: one more activation of the layer's output
+width for every adapted layer (DiT-XL/2, batch 128, bf16: ~20 GiB). But the layer's output y is kept
+anyway by whatever consumes it (flash attention keeps q, k, v; GELU its input; the adaLN gates their
+operand), and p follows from y:
+
+    Σ_t g ⊙ p = (Σ_t g ⊙ y − c ⊙ Σ_t g − s · rowsum(U ⊙ M)) / (1 + a),    M = g^T relu(D x)  (out, r)
+
+where M is the product U's gradient needs anyway. So this Function saves x (D's gradient needs it),
+relu(D x) (rank r), y (shared with its consumer) and the parameters, never p. The frozen W is saved
+as the parameter itself and cast again in the backward: autocast's bf16 copy of every frozen weight
+is not kept either.
+
+The division is ill-conditioned only where 1 + a ≈ 0 (a channel the task switched off). The k
+channels with the smallest |1 + a| keep their columns of p (k = 16, a static size, so no host sync)
+and get the direct sum; every other channel's |1 + a| is at least theirs (and is floored at 1e-3).
+
+One Function serves both paths: per-sample parameters (N, ...) gathered by task id, or one task's
+parameters with a leading 1, so a single-task batch is a mixed batch of one group. The parameters'
+gradients flow back through the gather (or the unsqueeze) by ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EXACT_CHANNELS = 16  # channels per group whose a-gradient uses saved columns of p (see above)
+MIN_DIVISOR = 1e-3  # |1 + a| floor for the other channels' division
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LeanAffineLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, down, up, branch_scale):
+        # x (G, L, in): G groups (samples, or 1 for a single task) of L rows
+        # weight (out, in), bias (out,): frozen; scale, shift (G, out); down (G, r, in), up (G, out, r),
+        # branch_scale (G,) or all three None (difffit: no rank-r branch)
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            p = F.linear(xc, weight.to(dtype))  # (G, L, out)
+            c = (bias.to(shift.dtype) + shift).to(dtype)  # (G, out)
+            y = p + p * scale.to(dtype).unsqueeze(1) + c.unsqueeze(1)  # y + y·a keeps a's precision in bf16
+            relu_h = None
+            if down is not None:
+                relu_h = F.relu(torch.bmm(xc, down.to(dtype).transpose(1, 2)))  # (G, L, r)
+                z = torch.bmm(relu_h, up.to(dtype).transpose(1, 2))  # (G, L, out)
+                y = y + z * branch_scale.to(dtype).view(-1, 1, 1)
+            k = min(EXACT_CHANNELS, p.shape[-1])
+            exact_idx = (1 + scale.detach()).abs().topk(k, dim=1, largest=False).indices  # (G, k)
+            exact_p = p.gather(2, exact_idx.unsqueeze(1).expand(-1, p.shape[1], -1))  # (G, L, k)
+        ctx.has_branch = down is not None
+        ctx.input_dtype = x.dtype
+        saved = (xc, weight, bias, scale, shift, y, exact_idx, exact_p)
+        ctx.save_for_backward(*saved, *((relu_h, down, up, branch_scale) if down is not None else ()))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xc, weight, bias, scale, shift, y, exact_idx, exact_p = ctx.saved_tensors[:8]
+        dtype = y.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # sums in fp32 (fp64 stays fp64)
+        g = grad_y.to(dtype)  # (G, L, out)
+        g_sum = g.sum(1, dtype=acc)  # (G, out): b's gradient
+        # Σ_t g ⊙ y with fp32 accumulation, less the terms y holds beyond (1 + a) ⊙ p, each rounded to
+        # the compute dtype exactly as the forward used it.
+        c = (bias.to(shift.dtype) + shift).to(dtype).to(acc)  # (G, out)
+        numerator = (g * y).sum(1, dtype=acc) - c * g_sum
+        grad_x = grad_down = grad_up = grad_branch_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.linear(g + g * scale.to(dtype).unsqueeze(1), weight.to(dtype).t())  # (G, L, in)
+        if ctx.has_branch:
+            relu_h, down, up, branch_scale = ctx.saved_tensors[8:]
+            s = branch_scale.to(dtype)
+            m = torch.bmm(g.transpose(1, 2), relu_h).to(acc)  # (G, out, r) = g^T relu(h)
+            grad_up = m * branch_scale.view(-1, 1, 1)
+            up_used = up.to(dtype).to(acc)
+            grad_branch_scale = (up_used * m).sum((1, 2))
+            numerator = numerator - s.to(acc).view(-1, 1) * (up_used * m).sum(2)  # Σ_t g ⊙ z
+            grad_h = torch.bmm(g, up.to(dtype)) * s.view(-1, 1, 1) * (relu_h > 0)  # (G, L, r)
+            grad_down = torch.bmm(grad_h.transpose(1, 2), xc)  # (G, r, in)
+            if grad_x is not None:
+                grad_x = grad_x + torch.bmm(grad_h, down.to(dtype))
+        one_plus_a = 1 + scale.to(dtype).to(acc)  # as the forward applied it: p + p·a
+        # Beyond the k exact channels, |1 + a| < MIN_DIVISOR would need more than k switched-off channels
+        # in one layer; there the gradient keeps its sign and shrinks instead of amplifying rounding.
+        sign = torch.where(one_plus_a < 0, -1.0, 1.0).to(acc)
+        grad_scale = numerator / torch.where(one_plus_a.abs() < MIN_DIVISOR, sign * MIN_DIVISOR, one_plus_a)
+        exact_g = g.gather(2, exact_idx.unsqueeze(1).expand(-1, g.shape[1], -1))  # (G, L, k)
+        grad_scale = grad_scale.scatter(1, exact_idx, (exact_g * exact_p).sum(1, dtype=acc))
+        return (
+            None if grad_x is None else grad_x.to(ctx.input_dtype),
+            None,
+            None,
+            grad_scale.to(scale.dtype),
+            g_sum.to(shift.dtype),
+            None if grad_down is None else grad_down.to(down.dtype),
+            None if grad_up is None else grad_up.to(up.dtype),
+            None if grad_branch_scale is None else grad_branch_scale.to(branch_scale.dtype),
+        )
+
+
+def lean_affine_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    down: torch.Tensor | None = None,
+    up: torch.Tensor | None = None,
+    branch_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(1 + a) ⊙ (W x) + b̂ + b [+ s · U relu(D x)] for a frozen W, b̂, with a's gradient from y.
+
+    Per-sample parameters (scale, shift (N, out); down (N, r, in); up (N, out, r); branch_scale (N,))
+    apply to x (N, ..., in) sample by sample; one task's (scale (out,), down (r, in), ...) to every
+    row of x (..., in).
+    """
+    if weight.requires_grad or bias.requires_grad:
+        raise ValueError("lean_affine_linear is for a frozen base layer; W and b̂ must not require grad")
+    per_sample = scale.dim() == 2
+    if per_sample:
+        groups = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, L, in)
+    else:
+        groups = x.reshape(1, -1, x.shape[-1])  # (1, M, in)
+        scale, shift = scale.unsqueeze(0), shift.unsqueeze(0)
+        if down is not None:
+            down, up, branch_scale = down.unsqueeze(0), up.unsqueeze(0), branch_scale.reshape(1)
+    y = _LeanAffineLinear.apply(groups, weight, bias, scale, shift, down, up, branch_scale)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,148 @@
+"""The Affiner's lean backward (a's gradient from the output, W x never saved) against plain
+autograd: the same gradients, and less memory kept for the backward (counted, not timed)."""
+
+import pytest
+import torch
+
+from bench.activation_memory import saved_activation_bytes
+from diffscaler.adapters import AdapterBank, TaskInfo
+from diffscaler.adapters.lean_grad import EXACT_CHANNELS, lean_affine_linear
+from diffscaler.diffusion import GaussianDiffusion
+from tests.test_adapters import TASKS, backbone, inputs, randomize
+
+
+def reference(x, w, b, a, shift, down, up, s):
+    """The method's equation with plain autograd (per-sample parameters broadcast over tokens)."""
+    per_sample = a.dim() == 2
+    view = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,) if per_sample else (-1,)
+    p = x @ w.T
+    y = p + p * a.view(view) + (b + shift).view(view)
+    if down is None:
+        return y
+    if per_sample:
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        z = torch.bmm(torch.relu(torch.bmm(x3, down.transpose(1, 2))), up.transpose(1, 2)) * s.view(-1, 1, 1)
+        return y + z.reshape(y.shape)
+    return y + torch.relu(x @ down.T) @ up.T * s
+
+
+def operands(per_sample: bool, branch: bool, x_shape: tuple, dead: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    kw = {"dtype": torch.float64}
+    out_f, in_f, rank = 40, x_shape[-1], 3  # 40 > EXACT_CHANNELS: most channels take the division
+    lead = (x_shape[0],) if per_sample else ()
+    a = torch.randn(*lead, out_f, generator=g, **kw) * 0.3
+    a.view(-1, out_f)[:, :dead] = -1 + 1e-9  # channels the task switched off: 1 + a ~ 0
+    leaves = {
+        "x": torch.randn(*x_shape, generator=g, **kw),
+        "a": a,
+        "shift": torch.randn(*lead, out_f, generator=g, **kw),
+        "down": torch.randn(*lead, rank, in_f, generator=g, **kw) if branch else None,
+        "up": torch.randn(*lead, out_f, rank, generator=g, **kw) if branch else None,
+        "s": (torch.rand(*(lead or (1,)), generator=g, **kw) + 0.5).reshape(lead) if branch else None,
+    }
+    leaves = {k: None if v is None else v.requires_grad_() for k, v in leaves.items()}
+    w, b = torch.randn(out_f, in_f, generator=g, **kw), torch.randn(out_f, generator=g, **kw)
+    grad_y = torch.randn(*x_shape[:-1], out_f, generator=g, **kw)
+    return leaves, w, b, grad_y
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["one-task", "per-sample"])
+@pytest.mark.parametrize("branch", [True, False], ids=["affiner", "difffit"])
+@pytest.mark.parametrize("x_shape", [(4, 7, 12), (4, 12)], ids=["tokens", "vector"])
+def test_lean_gradients_equal_autograd_to_float64_rounding(per_sample, branch, x_shape):
+    leaves, w, b, grad_y = operands(per_sample, branch, x_shape)
+    args = [leaves[k] for k in ("x", "a", "shift", "down", "up", "s")]
+    inputs_ = [t for t in args if t is not None]
+    y_lean = lean_affine_linear(args[0], w, b, *args[1:])
+    y_ref = reference(args[0], w, b, *args[1:])
+    assert torch.equal(y_lean, y_ref) or torch.allclose(y_lean, y_ref, rtol=1e-14, atol=1e-14)
+    lean = torch.autograd.grad(y_lean, inputs_, grad_y)
+    ref = torch.autograd.grad(y_ref, inputs_, grad_y)
+    for name, got, want in zip([k for k, v in leaves.items() if v is not None], lean, ref, strict=True):
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-12, (name, err)
+
+
+def test_more_switched_off_channels_than_exact_ones_stay_finite_and_the_rest_exact():
+    leaves, w, b, grad_y = operands(True, True, (3, 5, 12), dead=EXACT_CHANNELS + 4)
+    with torch.no_grad():
+        leaves["a"][:, : EXACT_CHANNELS + 4] = -1.0  # 1 + a == 0 exactly: no division may blow up
+    args = [leaves[k] for k in ("x", "a", "shift", "down", "up", "s")]
+    (grad_a,) = torch.autograd.grad(lean_affine_linear(args[0], w, b, *args[1:]), [leaves["a"]], grad_y)
+    (want,) = torch.autograd.grad(reference(args[0], w, b, *args[1:]), [leaves["a"]], grad_y)
+    assert torch.isfinite(grad_a).all()
+    live = slice(EXACT_CHANNELS + 4, None)
+    assert torch.allclose(grad_a[:, live], want[:, live], rtol=1e-10, atol=1e-10)
+
+
+def test_lean_rejects_a_trainable_base():
+    leaves, w, b, _ = operands(False, False, (2, 12))
+    with pytest.raises(ValueError, match="frozen base"):
+        lean_affine_linear(leaves["x"], w.requires_grad_(), b, leaves["a"], leaves["shift"])
+
+
+def _train_grads(model, bank, task_ids, lean: bool, autocast: bool = False) -> dict[str, torch.Tensor]:
+    for layer in bank.layers.values():
+        layer.lean_backward = lean
+    model.zero_grad(set_to_none=True)
+    x, t, y, _ = inputs()
+    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x, t, noise=torch.ones_like(x))
+    loss["loss"].mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("method", ["affiner", "difffit"])
+@pytest.mark.parametrize("task_ids", [1, torch.tensor([0, 1, 2, 1, 0, 2])], ids=["single", "mixed"])
+def test_a_training_step_gets_the_same_gradients_lean_or_not(method, task_ids):
+    model = backbone().train()
+    bank = AdapterBank.attach(model, TASKS, method=method, rank=4)
+    randomize(bank)
+    model.task_embedder.dropout_prob = 0.0
+    lean, plain = _train_grads(model, bank, task_ids, True), _train_grads(model, bank, task_ids, False)
+    assert lean.keys() == plain.keys() and len(lean) > 0
+    for name in lean:
+        err = float((lean[name] - plain[name]).norm() / plain[name].norm().clamp(min=1e-30))
+        assert err < 1e-4, (name, err)
+
+
+def test_under_bf16_autocast_lean_is_as_close_to_fp32_as_autograd_is():
+    model = backbone().train()
+    bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
+    randomize(bank)
+    model.task_embedder.dropout_prob = 0.0
+    exact = _train_grads(model, bank, 1, lean=False)
+    lean = _train_grads(model, bank, 1, lean=True, autocast=True)
+    plain = _train_grads(model, bank, 1, lean=False, autocast=True)
+    for name in exact:
+        e_lean = float((lean[name] - exact[name]).norm() / exact[name].norm())
+        e_plain = float((plain[name] - exact[name]).norm() / exact[name].norm())
+        assert e_lean < max(2 * e_plain, 2e-2), (name, e_lean, e_plain)
+
+
+def test_the_lean_step_keeps_less_for_the_backward_than_autograd_and_the_full_step():
+    model = backbone().train()
+    x, t, y, _ = inputs()
+    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+    params = list(model.parameters())
+
+    def forward(task_ids):
+        return lambda: diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x, t)["loss"].mean()
+
+    full = saved_activation_bytes(forward(None), params)
+    bank = AdapterBank.attach(model, [TaskInfo("a", 5, True), TaskInfo("b", 5, True)], method="affiner", rank=4)
+    randomize(bank)
+    params = list(model.parameters())
+    lean = saved_activation_bytes(forward(1), params)
+    for layer in bank.layers.values():
+        layer.lean_backward = False
+    plain = saved_activation_bytes(forward(1), params)
+    # plain autograd keeps W x of every adapted layer: its output width per row, fp32 here
+    n, length = x.shape[0], model.grid_size**2
+    pre_scale = sum(
+        layer.base.out_features * (length if "adaLN" not in path else 1) * n * 4 for path, layer in bank.layers.items()
+    )
+    assert plain - lean >= 0.9 * pre_scale, (plain, lean, pre_scale)
+    assert lean <= full, (lean, full)

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.workloads import ModelSpec, bench_tasks, compile_blocks, diffusion_on, input_maker, raise_recompile_limits
+from bench.workloads import (
+    ModelSpec,
+    bench_tasks,
+    compile_blocks,
+    diffusion_on,
+    input_maker,
+    raise_recompile_limits,
+    set_lean_backward,
+)
 from diffscaler.adapters import AdapterBank
 from diffscaler.models import DiT, build_model
 
@@ -119,8 +127,7 @@ def measure(
     ):
         if phase not in phases:
             continue
-        for layer in bank.layers.values():
-            layer.lean_backward = lean
+        set_lean_backward(bank, lean)
         rows.append(MemoryRow(label, phase, *saved(mode, params), state))
     return rows
 

@@ -22,6 +22,7 @@ On an H100 the whole table takes about 6.5 minutes, 60 % of it compiling (~27 bl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gzip
 import json
@@ -34,7 +35,16 @@ from pathlib import Path
 
 import torch
 
-from bench.workloads import PHASES, ModelSpec, Row, RunSettings, matmul_ceiling_tflops, measure_model, ratio
+from bench.workloads import (
+    PHASES,
+    SDPA_BACKENDS,
+    ModelSpec,
+    Row,
+    RunSettings,
+    matmul_ceiling_tflops,
+    measure_model,
+    ratio,
+)
 
 H100_SXM_DENSE_BF16_TFLOPS = 989.4  # datasheet, dense (no sparsity)
 
@@ -48,6 +58,8 @@ CPU_SMOKE_SPECS = {"T": ModelSpec("DiT-T/8", 16, 4, train_batch=4, sample_batch=
 # (phase, the phase it is compared with, how: "speedup" = images/s over, "cost" = time per image over)
 COMPARISONS = (
     ("affiner", "train", "speedup", ">= 1.5x"),
+    ("affiner", "affiner-autograd", "speedup", "lean backward's A/B (> 1x: lean faster)"),
+    ("affiner-ckpt", "train", "speedup", "recompute: memory for speed"),
     ("mixed-train", "affiner", "cost", "<= 1.05x"),
     ("sample-unmerged", "sample-bare", "cost", "<= 1.10x"),
     ("sample-mixed", "sample-unmerged", "cost", "<= 1.05x"),
@@ -100,8 +112,9 @@ def table(rows: list[Row], specs: dict[str, ModelSpec], peak_tflops: float) -> s
             what = f"{num} images/s / {den} images/s" if kind == "speedup" else f"{num} / {den} time per image"
             lines.append(f"| {label} | {what} | {fmt(value, 2)}{'' if math.isnan(value) else 'x'} | {target} |")
         mem = {r.phase: r.peak_mem_bytes for r in mine if r.peak_mem_bytes}
-        if "affiner" in mem and "train" in mem:
-            lines.append(f"| {label} | affiner / train peak memory | {mem['affiner'] / mem['train']:.2f}x | <= 0.6x |")
+        for phase in ("affiner", "affiner-autograd", "affiner-ckpt", "mixed-train"):
+            if phase in mem and "train" in mem:
+                lines.append(f"| {label} | {phase} / train peak memory | {mem[phase] / mem['train']:.2f}x | <= 0.6x |")
     return "\n".join(lines)
 
 
@@ -128,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"), help="folder for the results")
     parser.add_argument("--commit", default="unknown", help="the commit measured (the device copy has no .git)")
     parser.add_argument("--compile-backend", default=None, help="inductor (GPU default), aot_eager (CPU default), none")
+    parser.add_argument("--sdpa-backend", default=None, choices=SDPA_BACKENDS, help="force one attention kernel")
+    parser.add_argument("--train-batch", type=int, default=None, help="override every model's training batch")
+    parser.add_argument("--sample-batch", type=int, default=None, help="override every model's sampling batch")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip phases that would start after this")
@@ -151,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"--models {bad}: allowed {list(specs_all)}")
     specs = {n: specs_all[n] for n in names}
+    for flag in ("train_batch", "sample_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+        if value is not None:
+            specs = {n: dataclasses.replace(spec, **{flag: value}) for n, spec in specs.items()}
     phases = tuple(p for p in args.phases.split(",") if p)
     backend = args.compile_backend or ("aot_eager" if smoke else "inductor")
     settings = RunSettings(
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         fullgraph=smoke,
         warmup=args.warmup if args.warmup is not None else (2 if smoke else 3),
         repeats=args.repeats if args.repeats is not None else (2 if smoke else 10),
+        sdpa_backend=args.sdpa_backend,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "spec_bf16_tflops": H100_SXM_DENSE_BF16_TFLOPS,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
+        "sdpa_backend": settings.sdpa_backend,
+        "batches": {spec.label(): [spec.train_batch, spec.sample_batch] for spec in specs.values()},
     }
     print(
         f"== {card} | torch {torch.__version__} | bf16 matmul ceiling {peak:.0f} TFLOP/s (8192^3, median)"

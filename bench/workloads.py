@@ -12,6 +12,7 @@ fast model. Speed comes only from how they are run: bf16 autocast over fp32 mast
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -30,12 +31,14 @@ PHASES = (
     "train",  # full backbone step: forward, loss, backward, AdamW over every parameter
     "sample-bare",  # sampling forward of the plain backbone
     "affiner",  # Affiner step, backbone frozen, one task (int task id: the single-task path)
+    "affiner-autograd",  # the same step with plain autograd (keeps W x): the lean backward's A/B
+    "affiner-ckpt",  # the Affiner step with every block recomputed in the backward (memory for speed)
     "mixed-train",  # the same step on a batch mixing all tasks
     "sample-unmerged",  # sampling forward, one task's Affiner unmerged
     "sample-mixed",  # sampling forward, a batch mixing all tasks
     "sample-merged",  # sampling forward, one task merged into W (the rank-r side path stays)
 )
-TRAIN_PHASES = ("train", "affiner", "mixed-train")
+TRAIN_PHASES = ("train", "affiner", "affiner-autograd", "affiner-ckpt", "mixed-train")
 TASK_CLASSES = 10  # classes of each benchmark task (conditional tasks)
 
 
@@ -78,6 +81,7 @@ class RunSettings:
     rank: int = 8  # Affiner rank
     check: bool = True  # compare compiled against eager, mixed against single, merged against unmerged
     cpu_clock: str = "wall"  # CPU timing: "wall" or "process" (CPU time; see time_calls)
+    sdpa_backend: str | None = None  # force one SDPA kernel: "cudnn", "flash", "efficient", "math"; None = torch picks
     seed: int = 0
 
 
@@ -236,6 +240,12 @@ def diffusion_on(device: torch.device, learn_sigma: bool) -> GaussianDiffusion:
     return diffusion
 
 
+def set_lean_backward(bank: AdapterBank, enabled: bool) -> None:
+    """Train the Affiner's scale with the lean backward (True, the default) or plain autograd."""
+    for layer in bank.layers.values():
+        layer.lean_backward = enabled
+
+
 def bench_tasks(num_tasks: int) -> list[TaskInfo]:
     return [TaskInfo(f"task{i}", num_classes=TASK_CLASSES, conditional=True) for i in range(num_tasks)]
 
@@ -245,9 +255,30 @@ def bench_tasks(num_tasks: int) -> list[TaskInfo]:
 # ------------------------------------------------------------------------------------------------
 
 
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
 def _autocast(settings: RunSettings):
     return torch.autocast(
         settings.device.type, dtype=settings.amp_dtype or torch.float32, enabled=settings.amp_dtype is not None
+    )
+
+
+def _sdpa(settings: RunSettings):
+    """The forced SDPA kernel around a whole step (the backward, and checkpoint recomputes, included)."""
+    if settings.sdpa_backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if settings.sdpa_backend not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend {settings.sdpa_backend!r}: allowed {list(SDPA_BACKENDS)}")
+    return sdpa_kernel(
+        {
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[settings.sdpa_backend]
     )
 
 
@@ -257,10 +288,11 @@ def train_step(
     """One optimizer step on (x0, t, y, task_ids): the loss the trainers use (hybrid when sigma is learned)."""
 
     def step(x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids) -> None:
-        with _autocast(settings):
-            losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x0, t)
-            loss = losses["loss"].mean()
-        loss.backward()
+        with _sdpa(settings):
+            with _autocast(settings):
+                losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x0, t)
+                loss = losses["loss"].mean()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -272,7 +304,7 @@ def sample_step(model: DiT, settings: RunSettings) -> Callable:
 
     @torch.no_grad()
     def step(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids) -> torch.Tensor:
-        with _autocast(settings):
+        with _sdpa(settings), _autocast(settings):
             return model(x, t, y, task_ids)
 
     return step
@@ -408,7 +440,14 @@ def measure_model(
     model.train()
     optimizer = torch.optim.AdamW(bank.parameters(), lr=1e-4, fused=device.type == "cuda")
     step = train_step(model, diffusion, optimizer, settings)
-    run("affiner", step, input_maker(spec, batch_t, device, "single", settings.num_tasks, generator), batch_t)
+    single = input_maker(spec, batch_t, device, "single", settings.num_tasks, generator)
+    run("affiner", step, single, batch_t)
+    set_lean_backward(bank, False)
+    run("affiner-autograd", step, single, batch_t)
+    set_lean_backward(bank, True)
+    model.set_grad_checkpointing(True)
+    run("affiner-ckpt", step, single, batch_t)
+    model.set_grad_checkpointing(False)
     run("mixed-train", step, input_maker(spec, batch_t, device, "mixed", settings.num_tasks, generator), batch_t)
     del optimizer
     model.zero_grad(set_to_none=True)

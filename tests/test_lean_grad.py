@@ -1,10 +1,13 @@
 """The Affiner's lean backward (a's gradient from the output, W x never saved) against plain
 autograd: the same gradients, and less memory kept for the backward (counted, not timed)."""
 
+import statistics
+
 import pytest
 import torch
 
 from bench.activation_memory import saved_activation_bytes
+from bench.workloads import set_lean_backward
 from diffscaler.adapters import AdapterBank, TaskInfo
 from diffscaler.adapters.lean_grad import EXACT_CHANNELS, lean_affine_linear
 from diffscaler.diffusion import GaussianDiffusion
@@ -83,8 +86,7 @@ def test_lean_rejects_a_trainable_base():
 
 
 def _train_grads(model, bank, task_ids, lean: bool, autocast: bool = False) -> dict[str, torch.Tensor]:
-    for layer in bank.layers.values():
-        layer.lean_backward = lean
+    set_lean_backward(bank, lean)
     model.zero_grad(set_to_none=True)
     x, t, y, _ = inputs()
     diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
@@ -96,12 +98,15 @@ def _train_grads(model, bank, task_ids, lean: bool, autocast: bool = False) -> d
 
 @pytest.mark.parametrize("method", ["affiner", "difffit"])
 @pytest.mark.parametrize("task_ids", [1, torch.tensor([0, 1, 2, 1, 0, 2])], ids=["single", "mixed"])
-def test_a_training_step_gets_the_same_gradients_lean_or_not(method, task_ids):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "recomputed"])
+def test_a_training_step_gets_the_same_gradients_lean_or_not(method, task_ids, checkpointing):
     model = backbone().train()
     bank = AdapterBank.attach(model, TASKS, method=method, rank=4)
     randomize(bank)
     model.task_embedder.dropout_prob = 0.0
-    lean, plain = _train_grads(model, bank, task_ids, True), _train_grads(model, bank, task_ids, False)
+    plain = _train_grads(model, bank, task_ids, False)
+    model.set_grad_checkpointing(checkpointing)  # blocks recomputed in the backward: one unpack only
+    lean = _train_grads(model, bank, task_ids, True)
     assert lean.keys() == plain.keys() and len(lean) > 0
     for name in lean:
         err = float((lean[name] - plain[name]).norm() / plain[name].norm().clamp(min=1e-30))
@@ -116,10 +121,18 @@ def test_under_bf16_autocast_lean_is_as_close_to_fp32_as_autograd_is():
     exact = _train_grads(model, bank, 1, lean=False)
     lean = _train_grads(model, bank, 1, lean=True, autocast=True)
     plain = _train_grads(model, bank, 1, lean=False, autocast=True)
-    for name in exact:
-        e_lean = float((lean[name] - exact[name]).norm() / exact[name].norm())
-        e_plain = float((plain[name] - exact[name]).norm() / exact[name].norm())
-        assert e_lean < max(2 * e_plain, 2e-2), (name, e_lean, e_plain)
+
+    def error(grads, name):
+        return float((grads[name] - exact[name]).norm() / exact[name].norm())
+
+    # a's gradient carries y's bf16 rounding instead of W x's: noise of the same size, no bias. A
+    # systematic slip (a term rounded unlike the forward) moves every layer's error, so the medians.
+    for part in ("scale", "shift", "down", "up", "branch_scale"):
+        names = [n for n in exact if n.endswith("." + part)]
+        e_lean, e_plain = [error(lean, n) for n in names], [error(plain, n) for n in names]
+        assert statistics.median(e_lean) < 1.5 * statistics.median(e_plain) + 1e-3, (part, e_lean, e_plain)
+        for name, a, b in zip(names, e_lean, e_plain, strict=True):
+            assert a < max(3 * b, 3e-2), (name, a, b)
 
 
 def test_the_lean_step_keeps_less_for_the_backward_than_autograd_and_the_full_step():
@@ -136,8 +149,7 @@ def test_the_lean_step_keeps_less_for_the_backward_than_autograd_and_the_full_st
     randomize(bank)
     params = list(model.parameters())
     lean = saved_activation_bytes(forward(1), params)
-    for layer in bank.layers.values():
-        layer.lean_backward = False
+    set_lean_backward(bank, False)
     plain = saved_activation_bytes(forward(1), params)
     # plain autograd keeps W x of every adapted layer: its output width per row, fp32 here
     n, length = x.shape[0], model.grid_size**2

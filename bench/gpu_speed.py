@@ -8,15 +8,17 @@ MFU = (FLOPs per image) x images/s / peak, with 2 FLOPs per multiply-add and a t
 counted as 3 forwards; the peak is the bf16 matrix-product rate measured at the start of the run
 (and, second, the H100 SXM's 989 TFLOP/s dense bf16 datasheet figure).
 
-    python -m bench.gpu_speed --out $OUT --commit abc1234          # on the GPU (about 6.5 min)
+    python -m bench.gpu_speed --out $OUT --commit abc1234 --budget-s 520   # on the GPU (about 9 min)
     python -m bench.gpu_speed --models XL --load-compile-cache F   # a rerun reusing compiled kernels
+    python -m bench.gpu_speed --models XL --phases train --sdpa-backend cudnn --train-batch 192   # levers
     python -m bench.gpu_speed --cpu-smoke --out /tmp/smoke         # every code path, tiny, on the CPU
 
 Writes OUT/gpu_speed.jsonl (a header line, then one line per phase, all timings) and
 OUT/gpu_speed.md (the table for bench/RESULTS.md); with --save-compile-cache also
 OUT/compile_cache.bin.gz (torch.compile's artefacts, for --load-compile-cache on the next run).
-On an H100 the whole table takes about 6.5 minutes, 60 % of it compiling (~27 block graphs);
---budget-s skips the phases that would start later, and --models/--phases pick a subset.
+On an H100 run 1's seven phases took about 6.5 minutes, 60 % of it compiling (~27 block graphs);
+the two Affiner A/B phases (plain autograd, recomputed blocks) add about 70 s per model. --budget-s
+skips the phases that would start later, and --models/--phases pick a subset.
 """
 
 from __future__ import annotations

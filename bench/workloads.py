@@ -1,5 +1,6 @@
-"""The workloads the speed benchmarks time: a backbone training step, an Affiner fine-tune step,
-a mixed-task step, and the sampling forward pass (bare, unmerged, mixed, merged).
+"""The workloads the speed benchmarks time: a backbone training step, an Affiner fine-tune step
+(lean backward; plain autograd and recomputed blocks as A/B), a mixed-task step, and the sampling
+forward pass (bare, unmerged, mixed, merged).
 
 Shared by `bench.adapter_cost` (issue 2's micro-benchmark, CPU or GPU) and `bench.gpu_speed`
 (issue 8's table). Everything runs the project's own model, adapters and loss: there is no separate

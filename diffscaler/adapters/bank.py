@@ -132,23 +132,33 @@ class AdaptedLinear(nn.Module):
         for name in METHOD_PARTS[self.method]:
             yield name, getattr(self, name)
 
-    def _branch_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
+    def _up_scaled(self, t: int | torch.Tensor) -> torch.Tensor:
+        """s_t · U_t, (out, r) or per sample (N, out, r): the branch scale folded into U (fp32)."""
+        if self.branch_scale is None:
+            return self.up[t]
+        s = self.branch_scale[t]
+        return self.up[t] * (s if s.dim() == 0 else s.view(-1, 1, 1))
+
+    def _add_branch_single(self, y: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        """y + s_t · U_t · act(D_t x), the rank-r product accumulated into y by the matmul itself: no
+        (..., out) temporary written and read back (addmm's C operand)."""
         h = F.linear(x, self.down[t].to(x.dtype))  # (..., r)
         if self.relu_branch:
             h = F.relu(h)
-        z = F.linear(h, self.up[t].to(x.dtype))  # (..., out)
-        return z * self.branch_scale[t].to(z.dtype) if self.branch_scale is not None else z
+        y2 = y.reshape(-1, y.shape[-1])  # (rows, out)
+        out = torch.addmm(y2, h.reshape(-1, h.shape[-1]).to(y.dtype), self._up_scaled(t).to(y.dtype).t())
+        return out.reshape(y.shape)
 
-    def _branch_mixed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _add_branch_mixed(self, y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same per sample: batched matmuls over the gathered D, U of each sample's task."""
         n, in_f = x.shape[0], x.shape[-1]
         x3 = x.reshape(n, -1, in_f)  # (N, L, in)
         h = torch.bmm(x3, self.down[ids].to(x.dtype).transpose(1, 2))  # (N, L, r)
         if self.relu_branch:
             h = F.relu(h)
-        z = torch.bmm(h, self.up[ids].to(x.dtype).transpose(1, 2))  # (N, L, out)
-        if self.branch_scale is not None:
-            z = z * self.branch_scale[ids].to(z.dtype).view(n, 1, 1)  # z.dtype: no promotion to fp32
-        return z.reshape(*x.shape[:-1], z.shape[-1])
+        y3 = y.reshape(n, -1, y.shape[-1])  # (N, L, out)
+        out = torch.baddbmm(y3, h.to(y.dtype), self._up_scaled(ids).to(y.dtype).transpose(1, 2))
+        return out.reshape(y.shape)
 
     def _lean(self) -> bool:
         """Train the scale with lean_affine_linear (frozen base, scale trained, grad mode on)."""
@@ -173,7 +183,7 @@ class AdaptedLinear(nn.Module):
             elif bool((task_ids != self.merged_task).any()):
                 raise RuntimeError(f"task {self.merged_task} is merged; a batch with other tasks needs unmerge()")
             y = F.linear(x, w, b)
-            return y + self._branch_single(x, self.merged_task) if self.down is not None else y
+            return self._add_branch_single(y, x, self.merged_task) if self.down is not None else y
         if isinstance(task_ids, int):
             return self._forward_single(x, task_ids)
         return self._forward_mixed(x, task_ids)
@@ -190,13 +200,13 @@ class AdaptedLinear(nn.Module):
             # weight gradient (a matmul as large as the forward) only to reduce it to a_t's gradient.
             shift = self.shift[t] if self.shift is not None else None
             y = _scale_shift(F.linear(x, w), self.scale[t], b, shift)
-            return y + self._branch_single(x, t) if self.down is not None else y
+            return self._add_branch_single(y, x, t) if self.down is not None else y
         if self.scale is not None:  # (1 + a_t) ⊙ (W x) == ((1 + a_t) ⊙_rows W) x: one matmul
             w = w * (1 + self.scale[t]).to(w.dtype).unsqueeze(1)
         if self.shift is not None:
             b = b + self.shift[t].to(b.dtype)
         y = F.linear(x, w, b)
-        return y + self._branch_single(x, t) if self.down is not None else y
+        return self._add_branch_single(y, x, t) if self.down is not None else y
 
     def _forward_mixed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -214,7 +224,7 @@ class AdaptedLinear(nn.Module):
         scale = self.scale[ids].view(per_sample) if self.scale is not None else None
         shift = self.shift[ids].view(per_sample) if self.shift is not None else None
         y = _scale_shift(y, scale, b, shift)
-        return y + self._branch_mixed(x, ids) if self.down is not None else y
+        return self._add_branch_mixed(y, x, ids) if self.down is not None else y
 
     @torch.no_grad()
     def merge(self, t: int) -> None:

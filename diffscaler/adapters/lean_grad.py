@@ -37,6 +37,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _folded_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(1 + a) ⊙_rows W, formed in fp32 and rounded once: a weight-sized op, beside the cast to bf16
+    that every step does anyway, instead of two passes over the (rows, out) output."""
+    work = torch.promote_types(torch.promote_types(weight.dtype, scale.dtype), torch.float32)
+    return (weight.to(work) * (1 + scale.to(work)).unsqueeze(1)).to(dtype)  # (out, in)
+
+
 class _LeanAffineLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, down, up, branch_scale):
@@ -44,24 +51,36 @@ class _LeanAffineLinear(torch.autograd.Function):
         # weight (out, in), bias (out,): frozen; scale, shift (G, out); down (G, r, in), up (G, out, r),
         # branch_scale (G,) or all three None (difffit: no rank-r branch)
         dtype = _compute_dtype(x)
+        branch = down is not None
+        fold = x.shape[0] == 1  # one task: (1 + a) goes into W; per-sample scales stay an epilogue
+        out_f = weight.shape[0]
+        k = min(EXACT_CHANNELS, out_f)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            p = F.linear(xc, weight.to(dtype))  # (G, L, out)
-            c = (bias.to(shift.dtype) + shift).to(dtype)  # (G, out)
-            # The plain path's operations in its order (AdaptedLinear), so both forwards round alike.
-            y = p + p * scale.to(dtype).unsqueeze(1) + c.unsqueeze(1)  # y + y·a keeps a's precision in bf16
-            relu_h = None
-            if down is not None:
-                relu_h = F.relu(torch.bmm(xc, down.to(dtype).transpose(1, 2)))  # (G, L, r)
-                z = torch.bmm(relu_h, up.to(dtype).transpose(1, 2))  # (G, L, out)
-                y = y + z * branch_scale.to(dtype).view(-1, 1, 1)
-            k = min(EXACT_CHANNELS, p.shape[-1])
+            c = (bias.to(shift.dtype) + shift).to(dtype)  # (G, out): b̂ + b
             exact_idx = (1 + scale.detach()).abs().topk(k, dim=1, largest=False).indices  # (G, k)
-            exact_p = p.gather(2, exact_idx.unsqueeze(1).expand(-1, p.shape[1], -1))  # (G, L, k)
-        ctx.has_branch = down is not None
-        ctx.input_dtype = x.dtype
+            up_scaled = (up * branch_scale.view(-1, 1, 1)).to(dtype) if branch else None  # s · U, (G, out, r)
+            relu_h = None
+            if fold:
+                # [relu(D x) | p's exact columns] from one thin product: x is read once for both
+                thin = weight[exact_idx[0]] if not branch else torch.cat([down[0], weight[exact_idx[0]]])
+                hp = F.linear(xc, thin.to(dtype))  # (1, L, r + k)
+                exact_p = hp[..., -k:].clone()  # (1, L, k); a copy, so hp itself is not kept
+                y = torch.addmm(c[0], xc[0], _folded_weight(weight, scale[0], dtype).t()).unsqueeze(0)
+                if branch:
+                    relu_h = F.relu(hp[..., :-k])  # (1, L, r)
+            else:
+                p = F.linear(xc, weight.to(dtype))  # (G, L, out)
+                exact_p = p.gather(2, exact_idx.unsqueeze(1).expand(-1, p.shape[1], -1))  # (G, L, k)
+                y = p + p * scale.to(dtype).unsqueeze(1) + c.unsqueeze(1)  # y + y·a keeps a's precision in bf16
+                del p
+                if branch:
+                    relu_h = F.relu(torch.bmm(xc, down.to(dtype).transpose(1, 2)))  # (G, L, r)
+            if branch:
+                y.baddbmm_(relu_h, up_scaled.transpose(1, 2))  # + s · U relu(D x), accumulated in the matmul
+        ctx.has_branch, ctx.fold, ctx.input_dtype = branch, fold, x.dtype
         saved = (xc, weight, bias, scale, shift, y, exact_idx, exact_p)
-        ctx.save_for_backward(*saved, *((relu_h, down, up, branch_scale) if down is not None else ()))
+        ctx.save_for_backward(*saved, *((relu_h, down, up, branch_scale) if branch else ()))
         return y
 
     @staticmethod
@@ -73,28 +92,31 @@ class _LeanAffineLinear(torch.autograd.Function):
         g = grad_y.to(dtype)  # (G, L, out)
         g_sum = g.sum(1, dtype=acc)  # (G, out): b's gradient
         # Σ_t g ⊙ y with fp32 accumulation, less the terms y holds beyond (1 + a) ⊙ p, each rounded to
-        # the compute dtype exactly as the forward used it.
+        # the compute dtype as the forward used it.
         c = (bias.to(shift.dtype) + shift).to(dtype).to(acc)  # (G, out)
         numerator = (g * y).sum(1, dtype=acc) - c * g_sum
         grad_x = grad_down = grad_up = grad_branch_scale = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.linear(torch.addcmul(g, g, scale.to(dtype).unsqueeze(1)), weight.to(dtype).t())  # (G, L, in)
+            if ctx.fold:
+                grad_x = F.linear(g, _folded_weight(weight, scale[0], dtype).t())  # (1, L, in)
+            else:
+                grad_x = F.linear(torch.addcmul(g, g, scale.to(dtype).unsqueeze(1)), weight.to(dtype).t())
         if ctx.has_branch:
             relu_h, down, up, branch_scale = saved[8:]
-            s = branch_scale.to(dtype)
+            up_scaled = (up * branch_scale.view(-1, 1, 1)).to(dtype)  # s · U as the forward used it
             # (G, out, r) = g^T relu(h), computed as (relu(h)^T g)^T: the same product, but a wide output
             # instead of a (out x r) one reduced over all rows (11x faster on the CPU, where BLAS
             # handles the tall-skinny case badly)
             m = torch.bmm(relu_h.transpose(1, 2), g).transpose(1, 2).to(acc)
-            grad_up = m * branch_scale.view(-1, 1, 1)
-            up_used = up.to(dtype).to(acc)
-            grad_branch_scale = (up_used * m).sum((1, 2))
-            numerator = numerator - s.to(acc).view(-1, 1) * (up_used * m).sum(2)  # Σ_t g ⊙ z
-            grad_h = torch.bmm(g, up.to(dtype)) * s.view(-1, 1, 1) * (relu_h > 0)  # (G, L, r)
+            grad_up = m * branch_scale.view(-1, 1, 1).to(acc)
+            grad_branch_scale = (up.to(acc) * m).sum((1, 2))
+            numerator = numerator - (up_scaled.to(acc) * m).sum(2)  # Σ_t g ⊙ z
+            grad_h = torch.bmm(g, up_scaled).mul_(relu_h > 0)  # (G, L, r)
             grad_down = torch.bmm(grad_h.transpose(1, 2), xc)  # (G, r, in)
             if grad_x is not None:
                 grad_x.baddbmm_(grad_h, down.to(dtype))
-        one_plus_a = 1 + scale.to(dtype).to(acc)  # as the forward applied it: p + p·a
+        # 1 + a as the forward applied it: folded into W in fp32, or p + p·a with a in the compute dtype
+        one_plus_a = 1 + (scale if ctx.fold else scale.to(dtype)).to(acc)
         # Beyond the k exact channels, |1 + a| < MIN_DIVISOR would need more than k switched-off channels
         # in one layer; there the gradient keeps its sign and shrinks instead of amplifying rounding.
         sign = torch.where(one_plus_a < 0, -1.0, 1.0).to(acc)

@@ -158,3 +158,28 @@ def test_the_lean_step_keeps_less_for_the_backward_than_autograd_and_the_full_st
     )
     assert plain - lean >= 0.9 * pre_scale, (plain, lean, pre_scale)
     assert lean <= full, (lean, full)
+
+
+def test_compiled_blocks_trace_the_lean_backward_and_match_eager():
+    import torch._dynamo
+
+    from bench.workloads import compile_blocks, raise_recompile_limits
+
+    model = backbone().train()
+    bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
+    randomize(bank)
+    model.task_embedder.dropout_prob = 0.0
+    eager = {ids_name: _train_grads(model, bank, ids, True) for ids_name, ids in (("one", 1), ("mixed", inputs()[3]))}
+    torch._dynamo.reset()
+    raise_recompile_limits()
+    # AOT autograd traces forward and backward of the Function into one joint graph (as inductor does
+    # on the GPU); fullgraph: a graph break fails
+    compile_blocks(model, "aot_eager", fullgraph=True)
+    try:
+        for ids_name, ids in (("one", 1), ("mixed", inputs()[3])):
+            compiled = _train_grads(model, bank, ids, True)
+            for name, want in eager[ids_name].items():
+                err = float((compiled[name] - want).norm() / want.norm().clamp(min=1e-30))
+                assert err < 1e-5, (ids_name, name, err)
+    finally:
+        torch._dynamo.reset()

@@ -12,7 +12,9 @@ a_t, b_t, U_t, ΔW_t start at zero, so at init every task's output equals the ba
 Parameters are stacked over tasks ([T, ...]); a batch carries `task_ids` (N,) and each sample
 gathers its own task's rows, in training too. A single-task batch (an int task id) costs plain
 matmuls: a_t is folded into the weight and b_t into the bias on the fly. `AdapterBank.merge` folds
-one task into W for zero-overhead single-task sampling (the relu branch stays as a side path).
+one task into W for zero-overhead single-task sampling (the relu branch stays as a side path, its
+rank-r product accumulated into the output by the matmul). Training a_t over the frozen base uses
+`diffscaler.adapters.lean_grad`: a_t's gradient comes from the output, so W x is never saved.
 
 Each task also owns conditioning rows (one per class, or one for an unconditional task),
 initialised from the backbone's null-class embedding.

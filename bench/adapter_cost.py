@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights")
     parser.add_argument("--compile", default=None, metavar="BACKEND", help="compile each block (inductor, ...)")
+    parser.add_argument(
+        "--no-grouped-mixed", action="store_true", help="mixed batches per sample, not sorted into a grouped matmul"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_backend=args.compile,
         warmup=args.warmup,
         repeats=args.repeats,
+        group_mixed=not args.no_grouped_mixed,
         cpu_clock=args.cpu_clock,
     )
     where = (

@@ -11,6 +11,7 @@ counted as 3 forwards; the peak is the bf16 matrix-product rate measured at the 
     python -m bench.gpu_speed --out $OUT --commit abc1234 --budget-s 520   # on the GPU (about 9 min)
     python -m bench.gpu_speed --models XL --load-compile-cache F   # a rerun reusing compiled kernels
     python -m bench.gpu_speed --models XL --phases train --sdpa-backend cudnn --train-batch 192   # levers
+    python -m bench.gpu_speed --models XL --phases mixed-train,sample-mixed --no-grouped-mixed     # A/B
     python -m bench.gpu_speed --cpu-smoke --out /tmp/smoke         # every code path, tiny, on the CPU
 
 Writes OUT/gpu_speed.jsonl (a header line, then one line per phase, all timings) and
@@ -144,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default="unknown", help="the commit measured (the device copy has no .git)")
     parser.add_argument("--compile-backend", default=None, help="inductor (GPU default), aot_eager (CPU default), none")
     parser.add_argument("--sdpa-backend", default=None, choices=SDPA_BACKENDS, help="force one attention kernel")
+    parser.add_argument(
+        "--no-grouped-mixed", action="store_true", help="mixed batches per sample, not sorted into a grouped matmul"
+    )
     parser.add_argument("--train-batch", type=int, default=None, help="override every model's training batch")
     parser.add_argument("--sample-batch", type=int, default=None, help="override every model's sampling batch")
     parser.add_argument("--warmup", type=int, default=None)
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup if args.warmup is not None else (2 if smoke else 3),
         repeats=args.repeats if args.repeats is not None else (2 if smoke else 10),
         sdpa_backend=args.sdpa_backend,
+        group_mixed=not args.no_grouped_mixed,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "sdpa_backend": settings.sdpa_backend,
+        "group_mixed": settings.group_mixed,
         "batches": {spec.label(): [spec.train_batch, spec.sample_batch] for spec in specs.values()},
     }
     print(

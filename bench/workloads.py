@@ -34,7 +34,7 @@ PHASES = (
     "affiner",  # Affiner step, backbone frozen, one task (int task id: the single-task path)
     "affiner-autograd",  # the same step with plain autograd (keeps W x): the lean backward's A/B
     "affiner-ckpt",  # the Affiner step with every block recomputed in the backward (memory for speed)
-    "mixed-train",  # the same step on a batch mixing all tasks
+    "mixed-train",  # the same step on a batch mixing all tasks (sorted by task: grouped matmuls)
     "sample-unmerged",  # sampling forward, one task's Affiner unmerged
     "sample-mixed",  # sampling forward, a batch mixing all tasks
     "sample-merged",  # sampling forward, one task merged into W (the rank-r side path stays)
@@ -83,6 +83,7 @@ class RunSettings:
     check: bool = True  # compare compiled against eager, mixed against single, merged against unmerged
     cpu_clock: str = "wall"  # CPU timing: "wall" or "process" (CPU time; see time_calls)
     sdpa_backend: str | None = None  # force one SDPA kernel: "cudnn", "flash", "efficient", "math"; None = torch picks
+    group_mixed: bool = True  # mixed batches sorted by task, one grouped matmul (False: per-sample epilogue)
     seed: int = 0
 
 
@@ -437,6 +438,7 @@ def measure_model(
 
     # -- the Affiner bank --------------------------------------------------------------------------
     bank = AdapterBank.attach(model, bench_tasks(settings.num_tasks), method="affiner", rank=settings.rank)
+    bank.group_mixed_batches = settings.group_mixed
     perturb_(bank.parameters(), 0.02, seed=settings.seed + 2)
     model.train()
     optimizer = torch.optim.AdamW(bank.parameters(), lr=1e-4, fused=device.type == "cuda")

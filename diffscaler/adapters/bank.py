@@ -36,9 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffscaler.adapters.lean_grad import lean_affine_linear
+from diffscaler.adapters.lean_grad import (
+    add_shift_and_branch_,
+    compute_dtype,
+    grouped_scaled_linear,
+    grouping_supported,
+    lean_affine_linear,
+)
 from diffscaler.config import ADAPTER_METHODS, ADAPTER_TARGETS
-from diffscaler.models.dit import DiT, LabelEmbedder, TaskIds, TaskLinear
+from diffscaler.models.dit import DiT, LabelEmbedder, TaskGroups, TaskIds, TaskLinear
 
 # Which per-task tensors each method owns (its "structure"; trainable params are chosen by it).
 METHOD_PARTS = {
@@ -182,7 +188,7 @@ class AdaptedLinear(nn.Module):
             if isinstance(task_ids, int):
                 if task_ids != self.merged_task:
                     raise RuntimeError(f"task {self.merged_task} is merged; task {task_ids} needs unmerge() first")
-            elif bool((task_ids != self.merged_task).any()):
+            elif bool(((task_ids.ids if isinstance(task_ids, TaskGroups) else task_ids) != self.merged_task).any()):
                 raise RuntimeError(f"task {self.merged_task} is merged; a batch with other tasks needs unmerge()")
             y = F.linear(x, w, b)
             return self._add_branch_single(y, x, self.merged_task) if self.down is not None else y
@@ -210,7 +216,36 @@ class AdaptedLinear(nn.Module):
         y = F.linear(x, w, b)
         return self._add_branch_single(y, x, t) if self.down is not None else y
 
-    def _forward_mixed(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _group_offsets(self, x: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor | None:
+        """Row offsets for one grouped matmul over the tasks' folded weights, or None where the
+        per-sample path is cheaper or unsupported: T folded weight copies must cost less than the two
+        passes over the (N, L, out) output they save (T * in <= N * L), so the adaLN layers (one row
+        per sample) stay per sample."""
+        if groups is None or self.scale is None or self.shift is None or x.dim() != 3:
+            return None
+        num_tasks, (n, length, in_f) = self.scale.shape[0], x.shape
+        if num_tasks * in_f > n * length or not grouping_supported(x.device, compute_dtype(x)):
+            return None
+        return groups.offsets(length)
+
+    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Sampling a batch sorted by task: (1 + a_t) folded into each task's weight copy, one grouped
+        matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output."""
+        w, b = self.base.weight, self.base.bias
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x3 = x.to(dtype)  # (N, L, in)
+            y = grouped_scaled_linear(x3, w, self.scale, offsets, dtype)  # (N, L, out)
+            c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
+            relu_h = up_scaled = None
+            if self.down is not None:
+                relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
+                up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
+            return add_shift_and_branch_(y, c, relu_h, up_scaled)
+
+    def _forward_mixed(self, x: torch.Tensor, task_ids: torch.Tensor | TaskGroups) -> torch.Tensor:
+        groups = task_ids if isinstance(task_ids, TaskGroups) else None
+        ids = groups.ids if groups is not None else task_ids
         n = x.shape[0]
         per_sample = (n,) + (1,) * (x.dim() - 2) + (-1,)  # broadcast (N, out) over tokens
         w, b = self.base.weight, self.base.bias
@@ -219,9 +254,13 @@ class AdaptedLinear(nn.Module):
             w_t = w.unsqueeze(0) + self.weight_delta[ids].to(w.dtype)  # (N, out, in)
             y = torch.bmm(x3, w_t.transpose(1, 2)).reshape(*x.shape[:-1], -1)
             return y + (b + self.bias_delta[ids].to(b.dtype)).view(per_sample)
+        offsets = self._group_offsets(x, groups)
         if self._lean():
             branch = (self.down[ids], self.up[ids], self.branch_scale[ids]) if self.down is not None else ()
-            return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *branch)
+            return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *branch,
+                                      task_scale=self.scale if offsets is not None else None, offsets=offsets)
+        if offsets is not None and not torch.is_grad_enabled():
+            return self._forward_grouped(x, ids, offsets)
         y = F.linear(x, w)  # (N, *, out): one shared matmul for every task in the batch
         scale = self.scale[ids].view(per_sample) if self.scale is not None else None
         shift = self.shift[ids].view(per_sample) if self.shift is not None else None
@@ -287,6 +326,8 @@ class TaskEmbedder(nn.Module):
             )
 
     def forward(self, y: torch.Tensor, task_ids: TaskIds, y_embedder: LabelEmbedder) -> torch.Tensor:
+        if isinstance(task_ids, TaskGroups):
+            task_ids = task_ids.ids
         n = y.shape[0]
         ids = torch.full((n,), task_ids, dtype=torch.long, device=y.device) if isinstance(task_ids, int) else task_ids
         if self.training and self.dropout_prob > 0:
@@ -341,6 +382,18 @@ class AdapterBank:
     targets: tuple[str, ...]
     tasks: list[TaskInfo]
     layers: dict[str, AdaptedLinear] = field(default_factory=dict)
+    # Mixed batches are sorted by task inside DiT.forward so each task's (1 + a_t) folds into its own
+    # weight copy (one grouped matmul); False keeps the per-sample epilogue (A/B benchmarks, checks).
+    group_mixed_batches: bool = True
+
+    def groups_batch(self, x: torch.Tensor, tokens: int) -> bool:
+        """Whether DiT.forward sorts the mixed batch `x` (N, C, H, W) by task: a method with a scale, and
+        at least the token-width layers would run grouped (see AdaptedLinear._group_offsets). Otherwise
+        the batch keeps its order (and each sample's bits do not depend on the other tasks' ids)."""
+        if not self.group_mixed_batches or self.method not in ("affiner", "difffit"):
+            return False
+        fits = len(self.tasks) * self.model.hidden_size <= x.shape[0] * tokens
+        return fits and grouping_supported(x.device, compute_dtype(x))
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod

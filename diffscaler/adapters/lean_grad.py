@@ -17,9 +17,14 @@ The division is ill-conditioned only where 1 + a ≈ 0 (a channel the task switc
 channels with the smallest |1 + a| keep their columns of p (k = 16, a static size, so no host sync)
 and get the direct sum; every other channel's |1 + a| is at least theirs (and is floored at 1e-3).
 
-One Function serves both paths: per-sample parameters (N, ...) gathered by task id, or one task's
-parameters with a leading 1, so a single-task batch is a mixed batch of one group. The parameters'
-gradients flow back through the gather (or the unsqueeze) by ordinary autograd.
+One Function serves three forms of the forward, all with the backward above:
+- one task (a single-task batch, parameters with a leading 1): (1 + a) folded into the bf16 weight
+  copy each step makes anyway, b̂ + b as the matmul's bias: one addmm, then the rank-r branch added
+  by the matmul that computes it (its C operand); the backward's input gradient is one matmul too;
+- a batch sorted by task (`DiT.forward` sorts mixed batches; T folded weight copies): one grouped
+  matmul, b̂ + b_t and the branch added together by one rank-(r + 1) batched matmul;
+- per sample (parameters gathered by task id, (N, ...)): the plain epilogue p + p·a + c.
+The parameters' gradients flow back through the gather (or the unsqueeze) by ordinary autograd.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ EXACT_CHANNELS = 16  # channels per group whose a-gradient uses saved columns of
 MIN_DIVISOR = 1e-3  # |1 + a| floor for the other channels' division
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -41,18 +46,56 @@ def _folded_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     """(1 + a) ⊙_rows W, formed in fp32 and rounded once: a weight-sized op, beside the cast to bf16
     that every step does anyway, instead of two passes over the (rows, out) output."""
     work = torch.promote_types(torch.promote_types(weight.dtype, scale.dtype), torch.float32)
-    return (weight.to(work) * (1 + scale.to(work)).unsqueeze(1)).to(dtype)  # (out, in)
+    return (weight.to(work) * (1 + scale.to(work)).unsqueeze(-1)).to(dtype)  # (..., out, in)
+
+
+def grouping_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm runs bf16 on Hopper-class GPUs (and newer) and bf16 or fp32 on the CPU, where
+    its compile-time shape function still demands bf16."""
+    if device.type == "cpu":
+        return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return False
+
+
+def grouped_scaled_linear(
+    xc: torch.Tensor, weight: torch.Tensor, task_scale: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """((1 + a_t) ⊙_rows W) x for a batch sorted by task: one grouped matmul over the T folded weights.
+
+    xc (N, L, in) in `dtype`; task_scale (T, out); offsets (T,) int32 end row of each task's run in the
+    (N * L, in) view. The T folded copies cost T weight-sized passes, which is why callers group only
+    when T * in <= N * L; the per-sample alternative costs two passes over the (N, L, out) output.
+    """
+    n, length, in_f = xc.shape
+    stack = _folded_weight(weight, task_scale, dtype)  # (T, out, in)
+    y = torch._grouped_mm(xc.reshape(n * length, in_f), stack.transpose(1, 2), offs=offsets)  # (N*L, out)
+    return y.view(n, length, -1)
+
+
+def add_shift_and_branch_(
+    y: torch.Tensor, c: torch.Tensor, relu_h: torch.Tensor | None = None, up_scaled: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y += c (N, out) [+ s U relu(D x)] in place; with a branch, c rides in the branch's matmul as one
+    more column ([relu(h) | 1] @ [s U | c]^T), so adding it is no extra pass over y."""
+    if relu_h is None:
+        return y.add_(c.unsqueeze(1))
+    ones = torch.ones_like(relu_h[..., :1])
+    return y.baddbmm_(torch.cat([relu_h, ones], dim=2), torch.cat([up_scaled, c.unsqueeze(2)], dim=2).transpose(1, 2))
 
 
 class _LeanAffineLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, down, up, branch_scale):
+    def forward(ctx, x, weight, bias, scale, shift, down, up, branch_scale, task_scale, offsets):
         # x (G, L, in): G groups (samples, or 1 for a single task) of L rows
         # weight (out, in), bias (out,): frozen; scale, shift (G, out); down (G, r, in), up (G, out, r),
-        # branch_scale (G,) or all three None (difffit: no rank-r branch)
-        dtype = _compute_dtype(x)
+        # branch_scale (G,) or all three None (difffit: no rank-r branch); task_scale (T, out) and
+        # offsets (T,) for a batch sorted by task (grouped matmul), else None
+        dtype = compute_dtype(x)
         branch = down is not None
         fold = x.shape[0] == 1  # one task: (1 + a) goes into W; per-sample scales stay an epilogue
+        grouped = offsets is not None and not fold  # sorted batch: each task's (1 + a_t) goes into its W copy
         out_f = weight.shape[0]
         k = min(EXACT_CHANNELS, out_f)
         with torch.autocast(x.device.type, enabled=False):
@@ -69,6 +112,15 @@ class _LeanAffineLinear(torch.autograd.Function):
                 y = torch.addmm(c[0], xc[0], _folded_weight(weight, scale[0], dtype).t()).unsqueeze(0)
                 if branch:
                     relu_h = F.relu(hp[..., :-k])  # (1, L, r)
+            elif grouped:
+                thin = weight[exact_idx]  # (G, k, in): each sample's exact channels
+                if branch:
+                    thin = torch.cat([down, thin], dim=1)  # (G, r + k, in)
+                hp = torch.bmm(xc, thin.to(dtype).transpose(1, 2))  # (G, L, r + k)
+                exact_p = hp[..., -k:].clone()
+                y = grouped_scaled_linear(xc, weight, task_scale, offsets, dtype)  # (G, L, out)
+                relu_h = F.relu(hp[..., :-k]) if branch else None
+                add_shift_and_branch_(y, c, relu_h, up_scaled)
             else:
                 p = F.linear(xc, weight.to(dtype))  # (G, L, out)
                 exact_p = p.gather(2, exact_idx.unsqueeze(1).expand(-1, p.shape[1], -1))  # (G, L, k)
@@ -76,17 +128,20 @@ class _LeanAffineLinear(torch.autograd.Function):
                 del p
                 if branch:
                     relu_h = F.relu(torch.bmm(xc, down.to(dtype).transpose(1, 2)))  # (G, L, r)
-            if branch:
+            if branch and not grouped:
                 y.baddbmm_(relu_h, up_scaled.transpose(1, 2))  # + s · U relu(D x), accumulated in the matmul
-        ctx.has_branch, ctx.fold, ctx.input_dtype = branch, fold, x.dtype
+        ctx.has_branch, ctx.fold, ctx.grouped, ctx.input_dtype = branch, fold, grouped, x.dtype
         saved = (xc, weight, bias, scale, shift, y, exact_idx, exact_p)
-        ctx.save_for_backward(*saved, *((relu_h, down, up, branch_scale) if branch else ()))
+        grouping = (task_scale, offsets) if grouped else ()
+        ctx.save_for_backward(*saved, *grouping, *((relu_h, down, up, branch_scale) if branch else ()))
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         saved = ctx.saved_tensors  # read once: activation checkpointing allows a single unpack
         xc, weight, bias, scale, shift, y, exact_idx, exact_p = saved[:8]
+        task_scale, offsets = saved[8:10] if ctx.grouped else (None, None)
+        rest = saved[10:] if ctx.grouped else saved[8:]
         dtype = y.dtype
         acc = torch.promote_types(dtype, torch.float32)  # sums in fp32 (fp64 stays fp64)
         g = grad_y.to(dtype)  # (G, L, out)
@@ -99,10 +154,14 @@ class _LeanAffineLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.fold:
                 grad_x = F.linear(g, _folded_weight(weight, scale[0], dtype).t())  # (1, L, in)
+            elif ctx.grouped:
+                stack = _folded_weight(weight, task_scale, dtype)  # (T, out, in)
+                n, length, out_f = g.shape
+                grad_x = torch._grouped_mm(g.reshape(n * length, out_f), stack, offs=offsets).view(n, length, -1)
             else:
                 grad_x = F.linear(torch.addcmul(g, g, scale.to(dtype).unsqueeze(1)), weight.to(dtype).t())
         if ctx.has_branch:
-            relu_h, down, up, branch_scale = saved[8:]
+            relu_h, down, up, branch_scale = rest
             up_scaled = (up * branch_scale.view(-1, 1, 1)).to(dtype)  # s · U as the forward used it
             # (G, out, r) = g^T relu(h), computed as (relu(h)^T g)^T: the same product, but a wide output
             # instead of a (out x r) one reduced over all rows (11x faster on the CPU, where BLAS
@@ -116,7 +175,7 @@ class _LeanAffineLinear(torch.autograd.Function):
             if grad_x is not None:
                 grad_x.baddbmm_(grad_h, down.to(dtype))
         # 1 + a as the forward applied it: folded into W in fp32, or p + p·a with a in the compute dtype
-        one_plus_a = 1 + (scale if ctx.fold else scale.to(dtype)).to(acc)
+        one_plus_a = 1 + (scale if ctx.fold or ctx.grouped else scale.to(dtype)).to(acc)
         # Beyond the k exact channels, |1 + a| < MIN_DIVISOR would need more than k switched-off channels
         # in one layer; there the gradient keeps its sign and shrinks instead of amplifying rounding.
         sign = torch.where(one_plus_a < 0, -1.0, 1.0).to(acc)
@@ -132,6 +191,8 @@ class _LeanAffineLinear(torch.autograd.Function):
             None if grad_down is None else grad_down.to(down.dtype),
             None if grad_up is None else grad_up.to(up.dtype),
             None if grad_branch_scale is None else grad_branch_scale.to(branch_scale.dtype),
+            None,
+            None,
         )
 
 
@@ -144,12 +205,16 @@ def lean_affine_linear(
     down: torch.Tensor | None = None,
     up: torch.Tensor | None = None,
     branch_scale: torch.Tensor | None = None,
+    task_scale: torch.Tensor | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(1 + a) ⊙ (W x) + b̂ + b [+ s · U relu(D x)] for a frozen W, b̂, with a's gradient from y.
 
     Per-sample parameters (scale, shift (N, out); down (N, r, in); up (N, out, r); branch_scale (N,))
     apply to x (N, ..., in) sample by sample; one task's (scale (out,), down (r, in), ...) to every
-    row of x (..., in).
+    row of x (..., in). For a batch sorted by task, `task_scale` (T, out) (the stacked parameter the
+    per-sample `scale` rows were gathered from) and `offsets` (see `grouped_scaled_linear`) select
+    one grouped matmul over the tasks' folded weights instead of the per-sample epilogue.
     """
     if weight.requires_grad or bias.requires_grad:
         raise ValueError("lean_affine_linear is for a frozen base layer; W and b̂ must not require grad")
@@ -161,5 +226,9 @@ def lean_affine_linear(
         scale, shift = scale.unsqueeze(0), shift.unsqueeze(0)
         if down is not None:
             down, up, branch_scale = down.unsqueeze(0), up.unsqueeze(0), branch_scale.reshape(1)
-    y = _LeanAffineLinear.apply(groups, weight, bias, scale, shift, down, up, branch_scale)
+    if per_sample and task_scale is not None:
+        task_scale = task_scale.detach()  # its gradient reaches it through the gathered `scale`
+    else:
+        task_scale = offsets = None
+    y = _LeanAffineLinear.apply(groups, weight, bias, scale, shift, down, up, branch_scale, task_scale, offsets)
     return y.reshape(*x.shape[:-1], y.shape[-1])

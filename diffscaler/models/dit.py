@@ -27,7 +27,22 @@ from torch.utils.checkpoint import checkpoint
 
 from diffscaler.config import ModelConfig, validate_model
 
-TaskIds = torch.Tensor | int | None  # (N,) long per sample, one int for a single-task batch, or None
+
+@dataclass(frozen=True)
+class TaskGroups:
+    """A mixed batch sorted by task, so each task's samples are one run of rows: adapters can run one
+    grouped matmul over per-task weights instead of per-sample work. Built by `DiT.forward`."""
+
+    ids: torch.Tensor  # (N,) task id per sample, ascending
+    counts: torch.Tensor  # (T,) samples of each task (T = tasks in the bank, empty ones included)
+
+    def offsets(self, rows_per_sample: int) -> torch.Tensor:
+        """(T,) int32 end row of each task's run in an (N * rows_per_sample, D) view."""
+        return (torch.cumsum(self.counts, 0) * rows_per_sample).to(torch.int32)
+
+
+# (N,) long per sample; one int for a single-task batch; TaskGroups (a sorted mixed batch); or None
+TaskIds = torch.Tensor | int | TaskGroups | None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +343,14 @@ class DiT(nn.Module):
         """
         if self.check_inputs:
             self._check(x, t, y, task_ids)
+        order = None
+        bank = self.adapter_bank
+        if isinstance(task_ids, torch.Tensor) and bank is not None and bank.groups_batch(x, self.grid_size**2):
+            # Sort the batch by task once here (every op in the model is per sample), so the adapters
+            # see each task's samples as one run of rows; the output is put back in the caller's order.
+            order = torch.argsort(task_ids, stable=True)
+            x, t, y, ids = x[order], t[order], y[order], task_ids[order]
+            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(bank.tasks)))
         h = self.x_embedder(x) + self.pos_embed  # (N, L, D)
         c = self.embed_condition(t, y, task_ids)  # (N, D)
         for block in self.blocks:
@@ -336,7 +359,10 @@ class DiT(nn.Module):
             else:
                 h = block(h, c, task_ids)  # (N, L, D)
         h = self.final_layer(h, c, task_ids)  # (N, L, p*p*C_out)
-        return self.unpatchify(h)  # (N, C_out, H, W)
+        out = self.unpatchify(h)  # (N, C_out, H, W)
+        if order is None:
+            return out
+        return torch.empty_like(out).index_copy_(0, order, out)  # row order[i] of the batch = sorted row i
 
     def null_labels(self, y: torch.Tensor, task_ids: TaskIds) -> torch.Tensor:
         return torch.full_like(y, -1 if task_ids is not None else self.y_embedder.null_label)

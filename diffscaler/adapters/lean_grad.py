@@ -55,8 +55,14 @@ def grouping_supported(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cpu":
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
     if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _HOPPER_OR_NEWER:  # filled on the first, uncompiled call (DiT.forward's)
+            _HOPPER_OR_NEWER[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+        return dtype == torch.bfloat16 and _HOPPER_OR_NEWER[index]
     return False
+
+
+_HOPPER_OR_NEWER: dict[int, bool] = {}  # CUDA device index -> compute capability >= 9.0
 
 
 def grouped_scaled_linear(

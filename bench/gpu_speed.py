@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-grouped-mixed", action="store_true", help="mixed batches per sample, not sorted into a grouped matmul"
     )
+    parser.add_argument(
+        "--compile-mode", default=None, help="inductor mode: reduce-overhead (CUDA graphs), max-autotune, ..."
+    )
     parser.add_argument("--train-batch", type=int, default=None, help="override every model's training batch")
     parser.add_argument("--sample-batch", type=int, default=None, help="override every model's sampling batch")
     parser.add_argument("--warmup", type=int, default=None)
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         repeats=args.repeats if args.repeats is not None else (2 if smoke else 10),
         sdpa_backend=args.sdpa_backend,
         group_mixed=not args.no_grouped_mixed,
+        compile_mode=args.compile_mode,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": settings.repeats,
         "sdpa_backend": settings.sdpa_backend,
         "group_mixed": settings.group_mixed,
+        "compile_mode": settings.compile_mode,
         "batches": {spec.label(): [spec.train_batch, spec.sample_batch] for spec in specs.values()},
     }
     print(

@@ -84,6 +84,7 @@ class RunSettings:
     cpu_clock: str = "wall"  # CPU timing: "wall" or "process" (CPU time; see time_calls)
     sdpa_backend: str | None = None  # force one SDPA kernel: "cudnn", "flash", "efficient", "math"; None = torch picks
     group_mixed: bool = True  # mixed batches sorted by task, one grouped matmul (False: per-sample epilogue)
+    compile_mode: str | None = None  # inductor mode, e.g. "reduce-overhead" (CUDA graphs), "max-autotune"
     seed: int = 0
 
 
@@ -211,11 +212,12 @@ def raise_recompile_limits(limit: int = 64) -> None:
             setattr(cfg, name, max(getattr(cfg, name), 8 * limit))
 
 
-def compile_blocks(model: DiT, backend: str, fullgraph: bool = False) -> None:
+def compile_blocks(model: DiT, backend: str, fullgraph: bool = False, mode: str | None = None) -> None:
     """Compile each DiT block in place (regional compilation): the blocks share one code object, so
-    one graph per variant serves all of them, and compile time does not grow with depth."""
+    one graph per variant serves all of them, and compile time does not grow with depth. `mode`:
+    inductor's ("max-autotune", "reduce-overhead" = CUDA graphs, ...); None = its default."""
     for block in model.blocks:
-        block.compile(backend=backend, dynamic=False, fullgraph=fullgraph)
+        block.compile(backend=backend, dynamic=False, fullgraph=fullgraph, mode=mode)
 
 
 @torch.no_grad()
@@ -365,7 +367,7 @@ def measure_model(
     perturb_(list(model.parameters()), 0.02, seed=settings.seed + 1)
     if settings.compile_backend:
         raise_recompile_limits()
-        compile_blocks(model, settings.compile_backend, settings.fullgraph)
+        compile_blocks(model, settings.compile_backend, settings.fullgraph, settings.compile_mode)
     diffusion = diffusion_on(device, spec.learn_sigma)
     rows: list[Row] = []
     reference: dict[str, tuple[tuple, torch.Tensor]] = {}  # fixed inputs and outputs for the checks

@@ -27,14 +27,13 @@ import torch
 from bench.workloads import (
     ModelSpec,
     bench_tasks,
-    compile_blocks,
     diffusion_on,
     input_maker,
-    raise_recompile_limits,
     set_lean_backward,
 )
 from diffscaler.adapters import AdapterBank
 from diffscaler.models import DiT, build_model
+from diffscaler.models.compile import compile_blocks
 
 PHASES = ("train", "affiner", "affiner-autograd", "mixed-train")
 SPECS = {  # the three models at the GPU table's batches (bench.gpu_speed), plus the CPU test size
@@ -88,7 +87,6 @@ def measure(
     model = build_model(spec.config(), seed=0)
     model.check_inputs = False
     if compile_backend:
-        raise_recompile_limits()
         compile_blocks(model, compile_backend)
     diffusion = diffusion_on(torch.device("cpu"), spec.learn_sigma)
     generator = torch.Generator().manual_seed(0)

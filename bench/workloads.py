@@ -26,6 +26,7 @@ from diffscaler.adapters import AdapterBank, TaskInfo
 from diffscaler.config import ModelConfig
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.models import DiT, build_model, model_macs
+from diffscaler.models.compile import compile_blocks
 
 # Phases in the order they run on one model (the backbone phases come before the bank is attached).
 PHASES = (
@@ -198,28 +199,6 @@ def matmul_ceiling_tflops(device: torch.device, n: int = 8192, repeats: int = 10
 # ------------------------------------------------------------------------------------------------
 
 
-def raise_recompile_limits(limit: int = 64) -> None:
-    """Each phase is a distinct block graph (train / no-grad, int / tensor task ids, merged) and each
-    model size another: more than dynamo's default of 8 per code object, past which it runs eager."""
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, limit)
-    for name in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 8 * limit))
-
-
-def compile_blocks(model: DiT, backend: str, fullgraph: bool = False, mode: str | None = None) -> None:
-    """Compile each DiT block in place (regional compilation): the blocks share one code object, so
-    one graph per variant serves all of them, and compile time does not grow with depth. `mode`:
-    inductor's ("max-autotune", "reduce-overhead" = CUDA graphs, ...); None = its default."""
-    for block in model.blocks:
-        block.compile(backend=backend, dynamic=False, fullgraph=fullgraph, mode=mode)
-
-
 @torch.no_grad()
 def perturb_(params: Sequence[torch.Tensor], std: float, seed: int) -> None:
     """Add small noise: adaLN-Zero and the Affiner's U, a, b start at exactly zero, and zeros time
@@ -366,7 +345,6 @@ def measure_model(
     model.check_inputs = False  # the input checks sync with the host
     perturb_(list(model.parameters()), 0.02, seed=settings.seed + 1)
     if settings.compile_backend:
-        raise_recompile_limits()
         compile_blocks(model, settings.compile_backend, settings.fullgraph, settings.compile_mode)
     diffusion = diffusion_on(device, spec.learn_sigma)
     rows: list[Row] = []

@@ -137,6 +137,7 @@ class FinetuneConfig:
     use_gpu: bool = False  # one GPU per fine-tune
     cpus_per_task: float = 0.5  # CPU resource request per fine-tune (fractional packs a node)
     mixed: bool = False  # one run trains all tasks together from interleaved shards
+    compile: str = "auto"  # torch.compile each block: auto (inductor on a GPU, off on CPU) | off | inductor | aot_eager
     log_every: int = 10  # steps between loss log lines
     val_samples: int = 128  # eval-split images in the validation diffusion loss
     seed: int = 0  # init and data seed
@@ -251,6 +252,8 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
+        if value is False:  # YAML 1.1 reads a bare off / no as false; "off" is what was meant
+            value = "off"
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
@@ -431,6 +434,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.lr > 0, "finetune.lr", "must be positive")
     _require(f.cpus_per_task > 0, "finetune.cpus_per_task", "must be positive")
     _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
+    _one_of(f.compile, ("auto", "off", "inductor", "aot_eager"), "finetune.compile")
 
     s = cfg.sweep
     _require(len(s.ranks) > 0, "sweep.ranks", "the search space is empty: give at least one rank")

@@ -3,6 +3,7 @@ autograd: the same gradients, and less memory kept for the backward (counted, no
 
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from diffscaler.adapters.lean_grad import EXACT_CHANNELS, lean_affine_linear
 from diffscaler.config import ModelConfig
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.models import DiT
+from diffscaler.models.compile import compile_blocks
 from tests.test_adapters import TASKS, backbone, inputs, randomize
 from tests.test_model import perturb
 
@@ -166,15 +168,12 @@ def test_the_lean_step_keeps_less_for_the_backward_than_autograd_and_the_full_st
 def test_compiled_blocks_trace_the_lean_backward_and_match_eager():
     import torch._dynamo
 
-    from bench.workloads import compile_blocks, raise_recompile_limits
-
     model = backbone().train()
     bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
     randomize(bank)
     model.task_embedder.dropout_prob = 0.0
     eager = {ids_name: _train_grads(model, bank, ids, True) for ids_name, ids in (("one", 1), ("mixed", inputs()[3]))}
     torch._dynamo.reset()
-    raise_recompile_limits()
     # AOT autograd traces forward and backward of the Function into one joint graph (as inductor does
     # on the GPU); fullgraph: a graph break fails
     compile_blocks(model, "aot_eager", fullgraph=True)
@@ -262,8 +261,6 @@ def test_grouped_training_gradients_equal_the_per_sample_path_and_autograd(group
 def test_compiled_blocks_trace_the_grouped_path_and_match_eager(monkeypatch, grouped_mm_calls):
     import torch._dynamo
 
-    from bench.workloads import compile_blocks, raise_recompile_limits
-
     model = grouped_backbone().train()
     bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
     randomize(bank)
@@ -285,7 +282,6 @@ def test_compiled_blocks_trace_the_grouped_path_and_match_eager(monkeypatch, gro
     assert grouped_mm_calls, "the grouped path did not run"
     monkeypatch.undo()  # the counting wrapper is a side effect dynamo refuses inside an autograd.Function
     torch._dynamo.reset()
-    raise_recompile_limits()
     compile_blocks(model, "aot_eager", fullgraph=True)
     try:
         sample, compiled = step()
@@ -295,3 +291,21 @@ def test_compiled_blocks_trace_the_grouped_path_and_match_eager(monkeypatch, gro
             assert err < 2e-2, (name, err)
     finally:
         torch._dynamo.reset()
+
+
+def test_images_keep_their_pixels_whether_or_not_their_batch_is_grouped(grouped_mm_calls):
+    """Grouping depends on the batch (T x width <= N x tokens); an image must not: batch 6 runs grouped,
+    batch 1 per sample, and the images agree to one level of 255, as across batch sizes elsewhere."""
+    from diffscaler.diffusion.sampling import sample_images
+
+    model = grouped_backbone().eval()
+    bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
+    randomize(bank)
+    _, _, labels, ids = grouped_inputs()
+    kw = dict(num=6, seed=3, labels=labels.tolist(), task_ids=ids.tolist(), steps=3)
+    grouped = sample_images(model, GaussianDiffusion(), batch_size=6, **kw)
+    assert grouped_mm_calls
+    grouped_mm_calls.clear()
+    one_by_one = sample_images(model, GaussianDiffusion(), batch_size=1, **kw)
+    assert not grouped_mm_calls
+    assert np.abs(grouped.astype(int) - one_by_one.astype(int)).max() <= 1

@@ -37,6 +37,7 @@ from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.data import MixedTaskReader, ShardReader, load_index, read_split
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.gaussian import ModelFn
+from diffscaler.models.compile import compile_blocks, resolve_compile
 
 LOSS_UNIT = "MSE of the predicted noise, per element"
 VALIDATION_SEED = 1234  # fixed timesteps/noise: comparable across trials, steps and runs
@@ -121,6 +122,9 @@ class AdapterRun:
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.
         self.model.check_inputs = self.device.type == "cpu"
+        self.compile_backend = resolve_compile(ft.compile, self.device)
+        if self.compile_backend:  # each block compiled in place; parameters and state-dict keys unchanged
+            compile_blocks(self.model, self.compile_backend)
         self.params = self.bank.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0)
         warmup = max(0, ft.warmup_steps)

@@ -98,7 +98,7 @@ def _train_grads(model, bank, task_ids, lean: bool, autocast: bool = False) -> d
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x, t, noise=torch.ones_like(x))
     loss["loss"].mean().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return trainable_grads(model)
 
 
 @pytest.mark.parametrize("method", ["affiner", "difffit"])
@@ -234,7 +234,8 @@ def test_a_sorted_mixed_batch_equals_per_task_runs_in_the_callers_order(method, 
         assert torch.allclose(mixed, model(x, t, y, ids), atol=1e-5)
 
 
-def test_grouped_training_gradients_equal_the_per_sample_path_and_autograd(grouped_mm_calls):
+def grouped_training():
+    """A model wide enough to group, a randomized Affiner bank, the mixed batch, and its loss."""
     model = grouped_backbone().train()
     bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
     randomize(bank)
@@ -242,13 +243,26 @@ def test_grouped_training_gradients_equal_the_per_sample_path_and_autograd(group
     x, t, y, ids = grouped_inputs()
     diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
 
+    def loss() -> torch.Tensor:
+        fixed_noise = torch.ones_like(x)
+        return diffusion.training_losses(lambda xt, tt: model(xt, tt, y, ids), x, t, noise=fixed_noise)["loss"].mean()
+
+    return model, bank, (x, t, y, ids), loss
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_grouped_training_gradients_equal_the_per_sample_path_and_autograd(grouped_mm_calls):
+    model, bank, _, loss = grouped_training()
+
     def grads(lean: bool, grouped: bool) -> dict[str, torch.Tensor]:
         set_lean_backward(bank, lean)
         bank.group_mixed_batches = grouped
         model.zero_grad(set_to_none=True)
-        loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, ids), x, t, noise=torch.ones_like(x))
-        loss["loss"].mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        loss().backward()
+        return trainable_grads(model)
 
     grouped = grads(lean=True, grouped=True)
     assert grouped_mm_calls, "the grouped path did not run"
@@ -261,22 +275,16 @@ def test_grouped_training_gradients_equal_the_per_sample_path_and_autograd(group
 def test_compiled_blocks_trace_the_grouped_path_and_match_eager(monkeypatch, grouped_mm_calls):
     import torch._dynamo
 
-    model = grouped_backbone().train()
-    bank = AdapterBank.attach(model, TASKS, method="affiner", rank=4)
-    randomize(bank)
-    model.task_embedder.dropout_prob = 0.0
-    x, t, y, ids = grouped_inputs()
-    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+    model, _, (x, t, y, ids), loss = grouped_training()
 
     def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the grouped matmul's traced form wants bf16
-            loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, ids), x, t, noise=torch.ones_like(x))
-            loss["loss"].mean().backward()
+            loss().backward()
             with torch.no_grad():
                 sample = model.eval()(x, t, y, ids).float()
         model.train()
-        return sample, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return sample, trainable_grads(model)
 
     eager_sample, eager = step()
     assert grouped_mm_calls, "the grouped path did not run"

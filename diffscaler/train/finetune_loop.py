@@ -126,7 +126,9 @@ class AdapterRun:
         if self.compile_backend:  # each block compiled in place; parameters and state-dict keys unchanged
             compile_blocks(self.model, self.compile_backend)
         self.params = self.bank.parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0)
+        # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=fused)
         warmup = max(0, ft.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0

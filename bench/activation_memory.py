@@ -29,7 +29,6 @@ from bench.workloads import (
     bench_tasks,
     diffusion_on,
     input_maker,
-    set_lean_backward,
 )
 from diffscaler.adapters import AdapterBank
 from diffscaler.models import DiT, build_model
@@ -125,7 +124,7 @@ def measure(
     ):
         if phase not in phases:
             continue
-        set_lean_backward(bank, lean)
+        bank.set_lean_backward(lean)
         rows.append(MemoryRow(label, phase, *saved(mode, params), state))
     return rows
 

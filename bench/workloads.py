@@ -223,12 +223,6 @@ def diffusion_on(device: torch.device, learn_sigma: bool) -> GaussianDiffusion:
     return diffusion
 
 
-def set_lean_backward(bank: AdapterBank, enabled: bool) -> None:
-    """Train the Affiner's scale with the lean backward (True, the default) or plain autograd."""
-    for layer in bank.layers.values():
-        layer.lean_backward = enabled
-
-
 def bench_tasks(num_tasks: int) -> list[TaskInfo]:
     return [TaskInfo(f"task{i}", num_classes=TASK_CLASSES, conditional=True) for i in range(num_tasks)]
 
@@ -425,9 +419,9 @@ def measure_model(
     step = train_step(model, diffusion, optimizer, settings)
     single = input_maker(spec, batch_t, device, "single", settings.num_tasks, generator)
     run("affiner", step, single, batch_t)
-    set_lean_backward(bank, False)
+    bank.set_lean_backward(False)
     run("affiner-autograd", step, single, batch_t)
-    set_lean_backward(bank, True)
+    bank.set_lean_backward(True)
     model.set_grad_checkpointing(True)
     run("affiner-ckpt", step, single, batch_t)
     model.set_grad_checkpointing(False)

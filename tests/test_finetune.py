@@ -89,14 +89,18 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
+def make_work(root: Path) -> types.SimpleNamespace:
+    """Two tasks' shards and a backbone under `root` (the fine-tune and sweep tests' set-up)."""
     shards = root / "shards"
     make_task_shards(shards, "ta", seed=1)
     make_task_shards(shards, "tb", seed=2)
     backbone = root / "backbone" / "backbone.safetensors"
     return types.SimpleNamespace(root=root, shards=shards, backbone=backbone, hash=make_backbone(backbone))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return make_work(tmp_path_factory.mktemp("finetune"))
 
 
 def _outputs(model, task_ids, y=(1, 0, 0, 0)) -> torch.Tensor:

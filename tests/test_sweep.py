@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import types
 
 import pytest
 
@@ -14,17 +13,12 @@ from diffscaler.data import make_shards
 from diffscaler.train.finetune import FinetuneInputError
 from diffscaler.train.sweep import plan_sweep, run_sweep
 from tests.test_finetune import TWO_TASKS as TASKS
-from tests.test_finetune import make_backbone, make_task_shards, one_torch_thread, tiny_config  # noqa: F401
+from tests.test_finetune import make_work, one_torch_thread, tiny_config  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    shards = root / "shards"
-    make_task_shards(shards, "ta", seed=1)
-    make_task_shards(shards, "tb", seed=2)
-    backbone = root / "backbone.safetensors"
-    return types.SimpleNamespace(root=root, shards=shards, backbone=backbone, hash=make_backbone(backbone))
+    return make_work(tmp_path_factory.mktemp("sweep"))
 
 
 def sweep_config(work, *overrides: str):

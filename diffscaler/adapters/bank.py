@@ -39,6 +39,7 @@ from torch import nn
 from diffscaler.adapters.lean_grad import (
     add_shift_and_branch_,
     compute_dtype,
+    folded_weight,
     grouped_scaled_linear,
     grouping_supported,
     lean_affine_linear,
@@ -210,7 +211,7 @@ class AdaptedLinear(nn.Module):
             y = _scale_shift(F.linear(x, w), self.scale[t], b, shift)
             return self._add_branch_single(y, x, t) if self.down is not None else y
         if self.scale is not None:  # (1 + a_t) ⊙ (W x) == ((1 + a_t) ⊙_rows W) x: one matmul
-            w = w * (1 + self.scale[t]).to(w.dtype).unsqueeze(1)
+            w = folded_weight(w, self.scale[t], w.dtype)
         if self.shift is not None:
             b = b + self.shift[t].to(b.dtype)
         y = F.linear(x, w, b)
@@ -385,6 +386,11 @@ class AdapterBank:
     # Mixed batches are sorted by task inside DiT.forward so each task's (1 + a_t) folds into its own
     # weight copy (one grouped matmul); False keeps the per-sample epilogue (A/B benchmarks, checks).
     group_mixed_batches: bool = True
+
+    def set_lean_backward(self, enabled: bool) -> None:
+        """Train the scale with the lean backward (True, the default) or plain autograd (A/B, checks)."""
+        for layer in self.layers.values():
+            layer.lean_backward = enabled
 
     def groups_batch(self, x: torch.Tensor, tokens: int) -> bool:
         """Whether DiT.forward sorts the mixed batch `x` (N, C, H, W) by task: a method with a scale, and

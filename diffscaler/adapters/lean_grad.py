@@ -42,11 +42,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _folded_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def folded_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(1 + a) ⊙_rows W, formed in fp32 and rounded once: a weight-sized op, beside the cast to bf16
     that every step does anyway, instead of two passes over the (rows, out) output."""
     work = torch.promote_types(torch.promote_types(weight.dtype, scale.dtype), torch.float32)
     return (weight.to(work) * (1 + scale.to(work)).unsqueeze(-1)).to(dtype)  # (..., out, in)
+
+
+_HOPPER_OR_NEWER: dict[int, bool] = {}  # CUDA device index -> compute capability >= 9.0
 
 
 def grouping_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -62,9 +65,6 @@ def grouping_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-_HOPPER_OR_NEWER: dict[int, bool] = {}  # CUDA device index -> compute capability >= 9.0
-
-
 def grouped_scaled_linear(
     xc: torch.Tensor, weight: torch.Tensor, task_scale: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -75,7 +75,7 @@ def grouped_scaled_linear(
     when T * in <= N * L; the per-sample alternative costs two passes over the (N, L, out) output.
     """
     n, length, in_f = xc.shape
-    stack = _folded_weight(weight, task_scale, dtype)  # (T, out, in)
+    stack = folded_weight(weight, task_scale, dtype)  # (T, out, in)
     y = torch._grouped_mm(xc.reshape(n * length, in_f), stack.transpose(1, 2), offs=offsets)  # (N*L, out)
     return y.view(n, length, -1)
 
@@ -115,7 +115,7 @@ class _LeanAffineLinear(torch.autograd.Function):
                 thin = weight[exact_idx[0]] if not branch else torch.cat([down[0], weight[exact_idx[0]]])
                 hp = F.linear(xc, thin.to(dtype))  # (1, L, r + k)
                 exact_p = hp[..., -k:].clone()  # (1, L, k); a copy, so hp itself is not kept
-                y = torch.addmm(c[0], xc[0], _folded_weight(weight, scale[0], dtype).t()).unsqueeze(0)
+                y = torch.addmm(c[0], xc[0], folded_weight(weight, scale[0], dtype).t()).unsqueeze(0)
                 if branch:
                     relu_h = F.relu(hp[..., :-k])  # (1, L, r)
             elif grouped:
@@ -159,9 +159,9 @@ class _LeanAffineLinear(torch.autograd.Function):
         grad_x = grad_down = grad_up = grad_branch_scale = None
         if ctx.needs_input_grad[0]:
             if ctx.fold:
-                grad_x = F.linear(g, _folded_weight(weight, scale[0], dtype).t())  # (1, L, in)
+                grad_x = F.linear(g, folded_weight(weight, scale[0], dtype).t())  # (1, L, in)
             elif ctx.grouped:
-                stack = _folded_weight(weight, task_scale, dtype)  # (T, out, in)
+                stack = folded_weight(weight, task_scale, dtype)  # (T, out, in)
                 n, length, out_f = g.shape
                 grad_x = torch._grouped_mm(g.reshape(n * length, out_f), stack, offs=offsets).view(n, length, -1)
             else:

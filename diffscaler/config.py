@@ -408,7 +408,7 @@ def validate(cfg: ExperimentConfig) -> None:
         f"{p.global_batch_size} is not divisible by num_workers x grad_accum_steps = {per_step}",
     )
     _require(p.steps >= 1, "pretrain.steps", "must be at least 1")
-    _require(p.lr > 0, "pretrain.lr", "must be positive")
+    _require(p.lr > 0 and math.isfinite(p.lr), "pretrain.lr", "must be positive and finite")
     _require(p.warmup_steps >= 0, "pretrain.warmup_steps", "must be >= 0")
     _require(p.grad_clip >= 0, "pretrain.grad_clip", "must be >= 0")
     _one_of(p.zero_stage, (0, 1, 2, 3), "pretrain.zero_stage")
@@ -431,7 +431,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _one_of(m, ADAPTER_METHODS, "finetune.methods")
     _require(f.steps >= 1, "finetune.steps", "must be at least 1")
     _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
-    _require(f.lr > 0, "finetune.lr", "must be positive")
+    _require(f.lr > 0 and math.isfinite(f.lr), "finetune.lr", "must be positive and finite")
     _require(f.cpus_per_task > 0, "finetune.cpus_per_task", "must be positive")
     _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
     _one_of(f.compile, ("auto", "off", "inductor", "aot_eager"), "finetune.compile")

@@ -66,3 +66,13 @@ def test_saved_json_is_plain_json(tmp_path):
     cfg = ExperimentConfig()
     cfg.save_json(tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text())["model"]["name"] == "DiT-T/4"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("pretrain.lr=.inf", "pretrain.lr"), ("pretrain.lr=.nan", "pretrain.lr"), ("finetune.lr=.inf", "finetune.lr"),
+     ("sweep.lr_max=.inf", "sweep.lr_min")],
+)  # fmt: skip
+def test_learning_rates_must_be_finite(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])

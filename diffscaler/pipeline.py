@@ -406,10 +406,22 @@ class Pipeline:
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> Manifest:
-        """Preflight, then every selected stage in order; the manifest is saved after each change."""
+        """Lock the run folder, preflight, then every selected stage in order (manifest saved after each change)."""
+        from diffscaler.runlock import RunFolderError, RunLock
+
+        try:  # a second pipeline on this folder would silently replace the first one's files
+            lock = RunLock(self.layout.root, "ray_jobs.pipeline", log=self.log)
+            lock.acquire()
+        except RunFolderError as err:
+            raise PipelineInputError(str(err)) from None
+        try:
+            return self._run_locked()
+        finally:
+            lock.release()
+
+    def _run_locked(self) -> Manifest:
         self.preflight()
         t0 = time.perf_counter()
-        self.layout.root.mkdir(parents=True, exist_ok=True)
         self.previous = previous = Manifest.load(self.layout.manifest)
         self.manifest = Manifest(str(self.layout.root), started_at=_now())
         for name in PIPELINE_STAGES:

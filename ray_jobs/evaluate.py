@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffscaler.config import ConfigError, load_config
+from diffscaler.config import ConfigError, ExperimentConfig, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,24 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from diffscaler.eval import EvalInputError, FidEvaluator, format_table, request_for_task, requests_for_adapter_dir
-    from diffscaler.eval.pool import write_fid_json
+    from diffscaler.eval import EvalInputError
+    from diffscaler.runlock import RunFolderError, run_lock
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if not args.adapters and not args.include_backbone:
-            raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
-        requests = requests_for_adapter_dir(cfg, args.adapters) if args.adapters else []
-        if args.include_backbone:
-            requests.append(request_for_task(cfg, None))
-    except (ConfigError, EvalInputError) as err:
+        with run_lock(args.out, "ray_jobs.evaluate"):  # one evaluation per --out: a second would mix up fid.json
+            return _evaluate(args, cfg)
+    except (ConfigError, EvalInputError, RunFolderError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
 
+
+def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    """Check every input, then connect to Ray and score; EvalInputError for bad input."""
     import ray
 
     from diffscaler.cluster import connect_ray
+    from diffscaler.eval import EvalInputError, FidEvaluator, format_table, request_for_task, requests_for_adapter_dir
+    from diffscaler.eval.pool import write_fid_json
 
+    if not args.adapters and not args.include_backbone:
+        raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
+    requests = requests_for_adapter_dir(cfg, args.adapters) if args.adapters else []
+    if args.include_backbone:
+        requests.append(request_for_task(cfg, None))
     started_ray = connect_ray(cfg)
     done = {"n": 0}
 

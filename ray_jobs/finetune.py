@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.steps=50")
     args = parser.parse_args(argv)
 
+    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.train.finetune import FinetuneInputError, format_table, run_finetunes
 
     try:
@@ -40,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.finetune: config error: {err}", file=sys.stderr)
         return 2
     try:  # Ray is started (or joined) only once the input checks pass and something is left to train
-        summary = run_finetunes(cfg, args.backbone, args.out, force=args.force)
-    except (ConfigError, FinetuneInputError) as err:
+        with run_lock(args.out, "ray_jobs.finetune"):  # one run per --out: a second would mix up the files
+            summary = run_finetunes(cfg, args.backbone, args.out, force=args.force)
+    except (ConfigError, FinetuneInputError, RunFolderError) as err:
         print(f"ray_jobs.finetune: error: {err}", file=sys.stderr)
         return 2
     print(format_table(summary))

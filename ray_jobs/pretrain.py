@@ -34,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from diffscaler.data.index import DatasetError
+    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.train.pretrain import PretrainError, run_pretrain
 
     connected_before = ray.is_initialized()
     try:
+        cfg = load_config(args.config, args.overrides)
         # run_pretrain checks the config, shards and storage first, then connects to (or starts) Ray.
-        result = run_pretrain(load_config(args.config, args.overrides), args.out, args.shards, weights=args.weights)
-    except (ConfigError, DatasetError) as err:
+        with run_lock(args.out, "ray_jobs.pretrain"):  # one run per --out: a second would mix up the files
+            result = run_pretrain(cfg, args.out, args.shards, weights=args.weights)
+    except (ConfigError, DatasetError, RunFolderError) as err:
         print(f"ray_jobs.pretrain: error: {err}", file=sys.stderr)
         return 2
     except PretrainError as err:

@@ -33,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from diffscaler.eval import EvalInputError
+    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.train.finetune import FinetuneInputError
     from diffscaler.train.sweep import run_sweep
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = run_sweep(cfg, args.backbone, args.out, adapter_dir=args.adapters, storage_path=args.storage,
-                           run_fid=not args.no_fid)  # fmt: skip
-    except (ConfigError, FinetuneInputError, EvalInputError) as err:
+        with run_lock(args.out, "tune.sweep"):  # one sweep per --out: a second would mix up the files
+            result = run_sweep(cfg, args.backbone, args.out, adapter_dir=args.adapters, storage_path=args.storage,
+                               run_fid=not args.no_fid)  # fmt: skip
+    except (ConfigError, FinetuneInputError, EvalInputError, RunFolderError) as err:
         print(f"tune.sweep: error: {err}", file=sys.stderr)
         return 2
     print(f"trials: {result.out_dir}/trials.csv ({len(result.trials)} trials); best: {result.out_dir}/best.json")

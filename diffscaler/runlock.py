@@ -1,0 +1,183 @@
+"""One program at a time per output folder: an exclusive lock file DIR/.lock.
+
+    with run_lock(out_dir, program="ray_jobs.pretrain"):
+        ...   # a second program on the same folder raises RunFolderError naming this one
+
+The lock is `fcntl.flock` on DIR/.lock, which the kernel drops when the holder dies however it
+dies (SIGKILL, OOM, a lost node's NFS lease), so a stale lock never blocks forever. The file holds
+JSON {host, pid, started_at, program} for the refusal message. A file left behind by a holder that
+died is taken over, with a message. On a file system without flock (some FUSE mounts) the JSON
+alone decides: a holder on this host whose pid is gone is stale; one on another host is refused.
+
+Nested locks on the same folder in one process are refused too (flock locks belong to the open
+file, not the process), which is what we want: two pipelines in one process would mix up as well.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used: it is a file, cannot be created, or another run holds it."""
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as an absolute folder path, or RunFolderError when it exists and is not a folder."""
+    p = Path(path).expanduser().resolve()
+    for parent in (p, *p.parents):  # a file anywhere up the path makes mkdir fail with a bare OSError
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is" if parent == p else f"is inside {parent}, which is"
+                raise RunFolderError(f"{flag} {path}: {what} a file, not a folder; give a folder path")
+            break
+    return p
+
+
+def _holder_text(info: dict[str, Any]) -> str:
+    if not info:
+        return "another process (its details are not written yet)"
+    return (
+        f"{info.get('program', '?')} (host {info.get('host', '?')}, pid {info.get('pid', '?')}, "
+        f"started {info.get('started_at', '?')})"
+    )
+
+
+def _read_info(fd: int) -> dict[str, Any]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = b""
+    while chunk := os.read(fd, 65536):
+        raw += chunk
+    try:
+        info = json.loads(raw.decode() or "{}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _flock(fd: int) -> bool | None:
+    """True: locked; False: another open file holds it; None: this file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
+class RunLock:
+    """Holds DIR/.lock from `acquire()` (or `with`) to `release()`; see the module docstring."""
+
+    def __init__(self, out_dir: str | Path, program: str = "", *, flag: str = "--out",
+                 log: Callable[[str], None] | None = None):  # fmt: skip
+        self.out_dir, self.flag = out_dir, flag
+        self.program = program or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.root = check_out_dir(out_dir, flag)
+        self.path = self.root / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> Path:
+        """Create the folder and take the lock; returns the absolute folder. Raises RunFolderError."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunFolderError(f"{self.flag} {self.out_dir}: cannot create the folder: {err}") from None
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "program": self.program,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        self._fd = _acquire(self.path, me, self.out_dir, self.flag, self.log)
+        return self.root
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self.path.unlink()  # while still locked: an opener that raced us finds the inode gone and retries
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> Path:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def run_lock(out_dir: str | Path, program: str = "", *, flag: str = "--out",
+             log: Callable[[str], None] | None = None) -> RunLock:  # fmt: skip
+    """`with run_lock(DIR, "ray_jobs.x"):` holds DIR/.lock for the block (RunFolderError if it cannot)."""
+    return RunLock(out_dir, program, flag=flag, log=log)
+
+
+def _acquire(path: Path, me: dict[str, Any], out_dir: str | Path, flag: str, log: Callable[[str], None]) -> int:
+    for _attempt in range(10):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunFolderError(f"{flag} {out_dir}: cannot create the lock file {path}: {err}") from None
+        locked = _flock(fd)
+        # The holder before us may have unlinked the file between our open and our flock; then what
+        # we opened is a name nobody else can see: start over on the current file.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        old = _read_info(fd)
+        if locked is False:
+            os.close(fd)
+            raise RunFolderError(
+                f"{flag} {out_dir} is in use by {_holder_text(old)}; wait for it to finish or stop it, "
+                "or choose another folder"
+            )
+        if locked is None and old:  # no kernel lock here: decide by the recorded holder
+            if old.get("host") != me["host"]:
+                os.close(fd)
+                raise RunFolderError(
+                    f"{flag} {out_dir} is in use by {_holder_text(old)} (this file system has no flock, so it "
+                    f"cannot be checked from here); if that run is gone, delete {path}"
+                )
+            if _pid_alive(old.get("pid")):
+                os.close(fd)
+                raise RunFolderError(
+                    f"{flag} {out_dir} is in use by {_holder_text(old)}; wait or choose another folder"
+                )
+        if old:
+            log(f"{flag} {out_dir}: taking over the stale lock of {_holder_text(old)}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(me, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+        return fd
+    raise RunFolderError(f"{flag} {out_dir}: could not take {path} (it keeps being replaced)")

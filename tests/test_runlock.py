@@ -1,0 +1,152 @@
+"""One program per output folder (DIR/.lock): a second one refuses naming the holder; a dead one's lock is taken over.
+
+No Ray: every refusal happens before a program connects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffscaler import runlock
+from diffscaler.runlock import LOCK_NAME, RunFolderError, RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = (
+    "import sys; from diffscaler.runlock import RunLock; RunLock(sys.argv[1], 'holder-program').acquire(); "
+    "print('locked', flush=True); sys.stdin.read()"
+)
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A folder whose lock another process holds; yields (folder, that process)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield out, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_second_run_refuses_naming_the_holder_and_a_killed_holder_is_taken_over(held):
+    out, proc = held
+    with pytest.raises(RunFolderError) as err:
+        RunLock(out, "second").acquire()
+    msg = str(err.value)
+    assert "holder-program" in msg and f"pid {proc.pid}" in msg and socket.gethostname() in msg
+    assert "started 20" in msg  # the holder's start time
+
+    proc.kill()  # SIGKILL: no clean-up ran, the JSON is left behind; the kernel dropped the flock
+    proc.wait(timeout=30)
+    assert (out / LOCK_NAME).is_file()
+    said: list[str] = []
+    with RunLock(out, "third", log=said.append):
+        assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+        with pytest.raises(RunFolderError, match="third"):  # the same folder twice in one process too
+            RunLock(out, "fourth").acquire()
+    assert len(said) == 1 and "stale" in said[0] and f"pid {proc.pid}" in said[0]
+    assert not (out / LOCK_NAME).exists()  # released: nothing left behind
+
+
+def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = dead_pid()
+    stale = {"host": socket.gethostname(), "pid": pid, "started_at": "2026-01-01T00:00:00", "program": "old"}
+    (out / LOCK_NAME).write_text(json.dumps(stale))
+    said: list[str] = []
+    with RunLock(out, "new", log=said.append):
+        pass
+    assert len(said) == 1 and f"pid {pid}" in said[0] and "no longer running" in said[0]
+
+
+def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock, "_flock", lambda fd: None)  # a file system without flock
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def write(**holder):
+        (out / LOCK_NAME).write_text(json.dumps({"started_at": "2026-01-01T00:00:00", "program": "p", **holder}))
+
+    write(host=socket.gethostname(), pid=os.getppid())  # alive on this host
+    with pytest.raises(RunFolderError, match=f"pid {os.getppid()}"):
+        RunLock(out).acquire()
+    write(host="some-other-node", pid=1)  # cannot be checked from here
+    with pytest.raises(RunFolderError, match="some-other-node.*delete"):
+        RunLock(out).acquire()
+    write(host=socket.gethostname(), pid=dead_pid())
+    said: list[str] = []
+    with RunLock(out, log=said.append):
+        pass
+    assert said and "stale" in said[0]
+
+
+def test_out_that_is_a_file_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        RunLock(f)
+    with pytest.raises(RunFolderError, match="inside .*file, which is a file"):
+        RunLock(f / "sub")
+
+
+def _config(tmp_path: Path) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  steps: 2\n")
+    return str(path)
+
+
+PROGRAMS = {
+    "ray_jobs.pipeline": lambda cfg, out: ["--config", cfg, "--out", out],
+    "ray_jobs.pretrain": lambda cfg, out: ["--config", cfg, "--out", out],
+    "ray_jobs.finetune": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
+    "tune.sweep": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
+    "ray_jobs.evaluate": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--include-backbone",
+                                           "--out", out],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_every_program_refuses_a_folder_in_use_before_anything_starts(program, held, tmp_path, capsys):
+    import importlib
+
+    import ray
+
+    out, proc = held
+    main = importlib.import_module(program).main
+    t0 = time.perf_counter()
+    assert main(PROGRAMS[program](_config(tmp_path), str(out))) == 2
+    err = capsys.readouterr().err
+    assert "in use by holder-program" in err and f"pid {proc.pid}" in err, err
+    assert time.perf_counter() - t0 < 10 and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("program", list(PROGRAMS))
+def test_every_program_refuses_an_out_that_is_a_file(program, tmp_path, capsys):
+    import importlib
+
+    import ray
+
+    f = tmp_path / "out.txt"
+    f.write_text("not a folder")
+    assert importlib.import_module(program).main(PROGRAMS[program](_config(tmp_path), str(f))) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert not ray.is_initialized() and f.read_text() == "not a folder"

@@ -7,7 +7,8 @@
         --out /shared/runs/pretrain pretrain.storage_path=s3://bucket/ray
 
 Writes OUT/backbone.safetensors + backbone.json, OUT/metrics.jsonl, OUT/events.jsonl,
-OUT/tensorboard/ and OUT/samples/; checkpoints go to pretrain.storage_path/pretrain.run_name.
+OUT/tensorboard/ and OUT/samples/; checkpoints go to pretrain.storage_path/pretrain.run_name, a relative
+storage_path inside OUT (OUT/runs/ray/pretrain by default), so only the same OUT resumes a run.
 Connects to pipeline.ray_address or RAY_ADDRESS (set by `ray job submit`) when given, else starts
 a local Ray. Under `ray job submit` the program runs in a temporary copy of the working dir: give
 --out, data.shards_root and pretrain.storage_path as absolute paths on shared storage (or URLs), or
@@ -17,9 +18,21 @@ the outputs stay in that copy. Exit status 2: bad input (named), found before an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
-from diffscaler.config import ConfigError, load_config
+from diffscaler.config import ConfigError, ExperimentConfig, load_config
+
+
+def in_out_folder(cfg: ExperimentConfig, out: str) -> ExperimentConfig:
+    """A relative pretrain.storage_path goes inside --out, as in the pipeline's run folder: against the
+    working directory, a new --out would resume whatever an earlier run left under the same run name."""
+    from diffscaler.pipeline import _inside
+
+    root = Path(out).expanduser().resolve()
+    storage_path = _inside(root, cfg.pretrain.storage_path)
+    return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, storage_path=storage_path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     connected_before = ray.is_initialized()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = in_out_folder(load_config(args.config, args.overrides), args.out)
         # run_pretrain checks the config, shards and storage first, then connects to (or starts) Ray.
         with run_lock(args.out, "ray_jobs.pretrain"):  # one run per --out: a second would mix up the files
             result = run_pretrain(cfg, args.out, args.shards, weights=args.weights)

@@ -171,3 +171,63 @@ def test_progress_bar_follows_the_metrics_file(tmp_path, capsys):
     assert "5/10" in capsys.readouterr().err
     line = format_line(record, 10)
     assert line == "pretrain: step 5/10, loss 0.5000, lr 1.00e-03, 20.0 images/s, MFU 1.00%, grad-norm 0.200"
+
+
+def test_standalone_pretrain_keeps_its_checkpoints_inside_out(tmp_path, monkeypatch):
+    """A relative pretrain.storage_path is inside --out: a new --out never resumes another run's checkpoint."""
+    import diffscaler.train.pretrain as pretrain
+    from ray_jobs.pretrain import main
+
+    seen = []
+
+    def fake_run(cfg, out, shards=None, weights="ema"):
+        seen.append(cfg.pretrain.storage_path)
+        raise pretrain.PretrainError("stop here")
+
+    monkeypatch.setattr(pretrain, "run_pretrain", fake_run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("pretrain:\n  storage_path: runs/ray\n")
+    assert main(["--config", "c.yaml", "--out", "new"]) == 1
+    assert main(["--config", "c.yaml", "--out", "new", f"pretrain.storage_path={tmp_path / 'abs'}"]) == 1
+    assert main(["--config", "c.yaml", "--out", "new", "pretrain.storage_path=s3://bucket/ray"]) == 1
+    assert seen == [str(tmp_path / "new" / "runs" / "ray"), str(tmp_path / "abs"), "s3://bucket/ray"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    """Same model, shards, seeds and schedule, or the resume is refused naming each difference."""
+    from dataclasses import asdict, replace
+
+    from diffscaler.config import ConfigError, load_config
+    from diffscaler.train.pretrain import NAN_MARKER, check_resumable
+
+    base = ["pretrain.num_workers=2", "pretrain.steps=8", "pretrain.lr=0.002", "model.num_classes=4"]
+    cfg = load_config(None, base)
+    run_dir = tmp_path / "run"
+    where = str(run_dir / checkpoint_dir_name(4))
+    state = replace(_state(4), world_size=2, zero_stage=cfg.pretrain.zero_stage, ema_decay=cfg.pretrain.ema_decay,
+                    global_batch_size=cfg.pretrain.global_batch_size, model=asdict(cfg.model),
+                    shards={"content_hash": "sha256:aaa"}, config=cfg.to_dict())  # fmt: skip
+    check_resumable(state, cfg, where, "sha256:aaa")  # its own run
+    check_resumable(state, load_config(None, [*base, "pretrain.steps=12"]), where, "sha256:aaa")
+
+    def refused(overrides: list[str], shards_hash: str = "sha256:aaa") -> str:
+        with pytest.raises(ConfigError, match="not a checkpoint of this run") as err:
+            check_resumable(state, load_config(None, [*base, *overrides]), where, shards_hash)
+        return str(err.value)
+
+    assert "shards (content hash): checkpoint 'sha256:aaa', config 'sha256:bbb'" in refused([], "sha256:bbb")
+    assert "model.class_dropout_prob: checkpoint 0.1, config 0.2" in refused(["model.class_dropout_prob=0.2"])
+    assert "pretrain.seed: checkpoint 0, config 1" in refused(["pretrain.seed=1"])
+    assert "data.seed: checkpoint 0, config 5" in refused(["data.seed=5"])
+    assert "pretrain.lr: checkpoint 0.002, config 0.001" in refused(["pretrain.lr=0.001"])
+    assert "pretrain.warmup_steps" in refused(["pretrain.warmup_steps=3"])
+    assert "at step 4, past the config's 3" in refused(["pretrain.steps=3"])
+    both = refused(["pretrain.seed=1", "data.seed=5"])
+    assert "pretrain.seed" in both and "data.seed" in both  # every difference at once
+
+    # After a divergence the last good checkpoint may continue with a lower lr (the documented way on).
+    run_dir.mkdir()
+    (run_dir / NAN_MARKER).write_text(json.dumps({"last_checkpoint": 4, "step": 5}))
+    check_resumable(state, load_config(None, [*base, "pretrain.lr=0.001"]), where, "sha256:aaa")
+    (run_dir / NAN_MARKER).write_text(json.dumps({"last_checkpoint": 2, "step": 3}))  # an older divergence
+    refused(["pretrain.lr=0.001"])

@@ -20,6 +20,9 @@ What happens:
 3. Resume: rerun with the same `pretrain.storage_path` and `pretrain.run_name`; Ray hands the workers
    the latest checkpoint and the run continues at its step, on the same data position and RNG
    states. A worker that dies is restarted the same way, up to `pretrain.max_failures` times.
+   `check_resumable` proves the checkpoint is this run's: the same model config, shards content
+   hash, seeds, lr, warm-up, batch and ZeRO layout, else it refuses naming each difference; raising
+   `pretrain.steps` continues the run.
 4. The driver exports `OUT/backbone.safetensors` + `backbone.json` (EMA weights unless told
    otherwise) from the final checkpoint and copies its `metrics.jsonl` to `OUT`.
 
@@ -124,8 +127,10 @@ def check_writable(path_or_url: str, field_name: str) -> None:
         raise ConfigError(f"{field_name}: cannot write to {path_or_url!r}: {err}") from None
 
 
-def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str) -> None:
-    """A checkpoint continues only with the settings that shaped its DeepSpeed files and data order."""
+def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None) -> None:
+    """A checkpoint continues only *its own* run: the settings that shaped its DeepSpeed files, its
+    weights and its data order, the same model, the same shards (`shards_hash`, when known) and the
+    same seeds and schedule. Raises ConfigError naming every difference."""
     p = cfg.pretrain
     same = {
         "pretrain.num_workers": (state.world_size, p.num_workers),
@@ -133,16 +138,42 @@ def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str) -> N
         "pretrain.global_batch_size": (state.global_batch_size, p.global_batch_size),
         "pretrain.grad_accum_steps": (state.grad_accum_steps, p.grad_accum_steps),
         "pretrain.precision": (state.precision, resolve_precision(p.precision, p.use_gpu)),
+        "pretrain.ema_decay": (state.ema_decay, p.ema_decay),
     }
-    for key in ("name", "input_size", "in_channels", "num_classes", "learn_sigma"):
-        same[f"model.{key}"] = (state.model.get(key), getattr(cfg.model, key))
+    model = asdict(cfg.model)
+    for key in sorted(set(model) | set(state.model)):
+        same[f"model.{key}"] = (state.model.get(key), model.get(key))
+    if shards_hash is not None:
+        same["shards (content hash)"] = (state.shards.get("content_hash"), shards_hash)
+    # Seeds and schedule, from the checkpoint's whole config (absent in checkpoints of older code).
+    # lr and warm-up may change only when resuming the last good checkpoint of a run that stopped on
+    # a non-finite loss: that is the documented way on from a divergence.
+    old = state.config or {}
+    diverged = _diverged_after(where.rstrip("/").rsplit("/", 1)[0], state.step) if old else False
+    keys = [("pretrain", "seed"), ("data", "seed")] + (
+        [] if diverged else [("pretrain", "lr"), ("pretrain", "warmup_steps")]
+    )
+    for section, key in keys:
+        if key in old.get(section, {}):
+            same[f"{section}.{key}"] = (old[section][key], getattr(getattr(cfg, section), key))
     diff = [f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in same.items() if a != b]
+    if state.step > p.steps:  # more steps continue the same schedule; fewer cannot be undone
+        diff.append(f"pretrain.steps: the checkpoint is at step {state.step}, past the config's {p.steps}")
     if diff:
         raise ConfigError(
-            f"{where} (step {state.step}) cannot be resumed with this config: "
+            f"{where} (step {state.step}) is not a checkpoint of this run, it cannot be resumed with this config: "
             + "; ".join(diff)
-            + ". Use the checkpoint's values, or a new pretrain.run_name to start over"
+            + ". Use the checkpoint's values, or a new pretrain.run_name (or --out) to start over"
         )
+
+
+def _diverged_after(run_dir: str, step: int) -> bool:
+    """Whether the run in `run_dir` stopped on a non-finite loss right after its checkpoint at `step`."""
+    try:
+        marker = json.loads(storage.read_bytes(storage.join(run_dir, NAN_MARKER)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return marker.get("last_checkpoint") == step
 
 
 def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None) -> PretrainPlan:
@@ -179,7 +210,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     run_dir = storage.join(store, p.run_name)
     found = latest_checkpoint(run_dir)
     if found is not None:
-        check_resumable(found[1], cfg, found[0])
+        check_resumable(found[1], cfg, found[0], index.content_hash)
     return PretrainPlan(
         out_dir=out,
         shards_dir=shards,
@@ -404,7 +435,9 @@ def train_step(
         x0 = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
         y = batch["label"].to(device, non_blocking=True)  # (B,)
         t = diffusion.sample_timesteps(x0.shape[0], device)  # (B,)
-        terms = diffusion.training_losses(lambda xt, tt, y=y: engine(xt.to(dtype), tt, y), x0, t)
+        # bf16 weights still meet fp32 tensors (the sinusoidal timestep features): autocast casts them.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            terms = diffusion.training_losses(lambda xt, tt, y=y: engine(xt.to(dtype), tt, y), x0, t)
         loss = terms["loss"].mean()
         engine.backward(loss)  # DeepSpeed scales by 1 / grad_accum_steps
         engine.step()  # the optimizer steps on the last micro-batch of the accumulation
@@ -500,8 +533,8 @@ class RankTrainer:
         from diffscaler.train.pretrain_checkpoint import load_ema_state, restore_rng
 
         state = read_state(ckpt_dir)
-        check_resumable(state, self.cfg, where)
-        # The schedule is rebuilt from this config (not loaded), so a resumed launch may change the lr.
+        check_resumable(state, self.cfg, where, self.plan.shards_hash)
+        # The schedule is rebuilt from this config (not loaded): after a divergence the lr may change.
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag=state.deepspeed_tag, load_lr_scheduler_states=False)
         if path is None:
             raise PretrainError(f"{where}: DeepSpeed found no checkpoint {state.deepspeed_tag!r} in it")

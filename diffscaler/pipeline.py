@@ -641,7 +641,8 @@ class Pipeline:
 
         result = run_pretrain(self.cfg, self.layout.backbone_dir)
         return {"backbone": str(result.backbone), "content_hash": result.content_hash, "metrics": str(result.metrics),
-                "checkpoint": str(result.checkpoint), "steps": result.step, "weights": result.weights}  # fmt: skip
+                "checkpoint": str(result.checkpoint), "steps": result.step, "weights": result.weights,
+                "skipped_samples": result.skipped_samples}  # fmt: skip
 
     def _import_public_backbone(self) -> dict[str, Any]:
         """A facebookresearch/DiT .pt becomes DIR/backbone/backbone.safetensors once (no pickle afterwards)."""

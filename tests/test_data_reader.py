@@ -155,6 +155,7 @@ def test_bad_sample_stops_or_is_skipped_and_counted(dataset, tmp_path):
     ids = [i for b in batches for i in sample_ids(b)]
     assert len(set(ids)) == 79 and reader.skipped == 1  # the bad one is gone, a good one filled in
     assert "train-000002.tar: sample '00000035'" in reader.skipped_messages[0]
+    assert {Path(url).name: n for url, n in reader.skipped_files.items()} == {"train-000002.tar": 1}
 
 
 def test_truncated_shard_stops_with_file_and_key_or_counts_lost_samples(dataset, tmp_path):

@@ -271,3 +271,42 @@ def test_tiny_config_is_the_cpu_default():
 def test_gpu_config_loads():
     cfg = load_config(REPO / "ray_jobs" / "configs" / "gpu.yaml")
     assert cfg.pretrain.use_gpu and cfg.pretrain.precision in ("auto", "bf16")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_skipped_samples_are_counted_and_a_bad_shard_is_not_retried(ray_local, shards, tmp_path):
+    import shutil
+
+    from diffscaler.data.tarformat import iter_raw_samples
+    from diffscaler.train.pretrain import PretrainDataError, run_pretrain
+    from tests.test_data_shards import _corrupt_png_of, _rewrite_member
+
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    shard = broken / "train-000003.tar"
+    key = next(iter(iter_raw_samples(shard.read_bytes(), str(shard)))).key
+    _rewrite_member(shard, _corrupt_png_of(key))
+
+    # Skipped: one epoch (96 samples, batch 8) reads the bad sample exactly once; the count and the
+    # file land in backbone.json, the metrics, the events and the result (the summary line's source).
+    cfg = tiny_cfg(tmp_path, "skip", "pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.sample_every=0",
+                   "data.skip_bad_samples=true")  # fmt: skip
+    result = run_pretrain(cfg, tmp_path / "out", str(broken))
+    prov = load_backbone(result.backbone)[1]["provenance"]
+    assert prov["skipped_samples"] == 1 and {Path(k).name: v for k, v in prov["skipped_files"].items()} == {
+        "train-000003.tar": 1
+    }
+    assert result.skipped_samples == 1 and len(result.skipped_files) == 1
+    assert read_jsonl(tmp_path / "out" / "metrics.jsonl")[-1]["skipped_samples"] == 1
+    assert events(tmp_path / "out", "checkpoint")[-1]["skipped_samples"] == 1
+
+    # Not skipped: the same sample fails every retry, so the run stops at once with the shard error
+    # instead of replaying max_failures times.
+    cfg = tiny_cfg(tmp_path, "strict", "pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.sample_every=0",
+                   "pretrain.max_failures=2")  # fmt: skip
+    with pytest.raises(PretrainDataError, match=rf"train-000003.tar: sample '{key}': unreadable image") as err:
+        run_pretrain(cfg, tmp_path / "out2", str(broken))
+    assert "skip_bad_samples" in str(err.value) and "shards check" in str(err.value)
+    starts = events(tmp_path / "out2", "start") + events(tmp_path / "out2", "resume")
+    assert len(starts) == 1  # the automatic restarts stopped on the marker before training again

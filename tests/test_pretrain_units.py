@@ -231,3 +231,13 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     check_resumable(state, load_config(None, [*base, "pretrain.lr=0.001"]), where, "sha256:aaa")
     (run_dir / NAN_MARKER).write_text(json.dumps({"last_checkpoint": 2, "step": 3}))  # an older divergence
     refused(["pretrain.lr=0.001"])
+
+
+def test_nonfinite_message_without_a_checkpoint_does_not_name_step_0():
+    from diffscaler.train.pretrain import nonfinite_message
+
+    p = PretrainConfig(lr=0.5, checkpoint_every=50)
+    none = nonfinite_message(p, 3, float("nan"), 0, "runs/ray/pretrain")
+    assert "step 0" not in none and "No checkpoint was written yet" in none and "lr (now 0.5)" in none
+    some = nonfinite_message(p, 53, float("inf"), 50, "runs/ray/pretrain")
+    assert "The last good checkpoint is step 50 in runs/ray/pretrain" in some and "continue from it" in some

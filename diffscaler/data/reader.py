@@ -6,6 +6,7 @@
     for batch in reader.epoch(3): ...   # dicts, see below
     for batch in reader.stream(start_step=k): ...   # infinite; step k = epoch k // n, batch k % n
     reader.skipped, reader.skipped_messages          # bad samples dropped (skip_bad=True only)
+    reader.skipped_files                             # {shard url: bad samples dropped from it}
 
     mixed = MixedTaskReader.from_dirs([("shards/emoji", 0), ("shards/icons", 1)], batch_size=32)
     for batch in mixed.stream(start_step=0): ...     # each batch holds every task, with task ids
@@ -289,6 +290,7 @@ class _ChunkDecoder:
             "label": torch.tensor(labels, dtype=torch.int64),  # (B,)
             "task_id": torch.full((len(labels),), self.task_id, dtype=torch.int64),  # (B,)
             "skipped": [b.message() for b in bad],
+            "skipped_urls": [b.url for b in bad],
         }
 
 
@@ -418,6 +420,7 @@ class ShardReader:
             batch_size, seed, rank, hflip, task_id, skip_bad,
         )  # fmt: skip
         self.skipped = 0  # bad samples dropped so far (skip_bad=True)
+        self.skipped_files: dict[str, int] = {}  # {shard url: bad samples dropped from it}
         self.skipped_messages: list[str] = []  # the first _MAX_MESSAGES of them, with file and key
 
     @property
@@ -470,8 +473,9 @@ class ShardReader:
         if "error" in raw:
             bad = raw["error"]
             raise ShardError(bad.url, bad.key, bad.reason)
-        for message in raw["skipped"]:
+        for message, url in zip(raw["skipped"], raw["skipped_urls"], strict=True):
             self.skipped += 1
+            self.skipped_files[url] = self.skipped_files.get(url, 0) + 1
             if len(self.skipped_messages) < _MAX_MESSAGES:
                 self.skipped_messages.append(message)
             log.warning("skipped bad sample (%d so far): %s", self.skipped, message)

@@ -71,13 +71,16 @@ from diffscaler.train.pretrain_checkpoint import (
     deepspeed_tag,
     export_backbone,
     latest_checkpoint,
+    read_skipped,
     read_state,
     rng_file,
+    skipped_file,
 )
 from diffscaler.train.train_log import follow_progress, interactive, read_jsonl, say
 
 CHECKPOINTS_KEPT = 3  # Ray deletes older checkpoint folders of a run
 NAN_MARKER = "nonfinite_loss.json"  # in the run folder; stops automatic restarts of a diverged launch
+DATA_MARKER = "data_error.json"  # in the run folder; stops automatic restarts of a launch whose data is bad
 SAMPLE_GRID_CLASSES = 8  # sample grids: up to this many classes (rows), evenly spread over all classes
 SAMPLE_GRID_PER_CLASS = 4  # ... and this many fixed seeds each (columns)
 
@@ -88,6 +91,10 @@ class PretrainError(RuntimeError):
 
 class NonFiniteLossError(PretrainError):
     """The all-reduced loss became NaN or infinite; the message names the step."""
+
+
+class PretrainDataError(PretrainError):
+    """A shard fault (ShardError / DatasetError) stopped the run; the message names the file and sample."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +264,8 @@ class PretrainResult:
     step: int  # optimizer steps trained in total
     weights: str  # "ema" or "raw"
     wall_s: float  # seconds this call took (Ray start included when it started Ray)
+    skipped_samples: int = 0  # bad samples dropped over the whole run (data.skip_bad_samples=true)
+    skipped_files: dict[str, int] | None = None  # {shard: bad samples dropped from it}
 
 
 def run_pretrain(
@@ -300,15 +309,19 @@ def run_pretrain(
         with follow_progress(out / METRICS_FILE, p.steps, enabled=not plan.print_lines):
             result = trainer.fit()
     except Exception as err:
-        nan = _read_nan_marker(plan)
+        nan = _read_marker(plan, NAN_MARKER)
         if nan is not None:
             raise NonFiniteLossError(nan["message"]) from err
+        bad_data = _read_marker(plan, DATA_MARKER)
+        if bad_data is not None:
+            raise PretrainDataError(bad_data["message"]) from None  # the worker's traceback says nothing more
         raise PretrainError(f"pretrain run {p.run_name!r} in {plan.storage_path} failed: {err}") from err
     if result.checkpoint is None:
         raise PretrainError(f"pretrain run {p.run_name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt_dir:
         state = read_state(ckpt_dir)
         digest = export_backbone(ckpt_dir, out / "backbone.safetensors", weights=weights)
+        skipped, skipped_files = read_skipped(ckpt_dir)
         metrics = Path(ckpt_dir) / METRICS_FILE
         tmp = out / (METRICS_FILE + ".tmp")
         shutil.copyfile(metrics, tmp)
@@ -321,16 +334,30 @@ def run_pretrain(
         step=state.step,
         weights=weights,
         wall_s=time.perf_counter() - start,
+        skipped_samples=skipped,
+        skipped_files=skipped_files,
     )
 
 
-def _read_nan_marker(plan: PretrainPlan) -> dict[str, Any] | None:
-    url = storage.join(plan.run_dir, NAN_MARKER)
+def _read_marker(plan: PretrainPlan, name: str) -> dict[str, Any] | None:
+    """The marker `name` in the run folder, if this launch wrote it."""
+    url = storage.join(plan.run_dir, name)
     try:
         marker = json.loads(storage.read_bytes(url))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return marker if marker.get("launch_id") == plan.launch_id else None
+
+
+def nonfinite_message(p, step: int, value: float, last_checkpoint: int, run_dir: str) -> str:
+    """What a non-finite loss at `step` means for the run (`p`: the pretrain config section)."""
+    head = f"pretrain: the loss is {value} at step {step} (run {p.run_name!r}); stopped without checkpointing it."
+    fix = f"Lower pretrain.lr (now {p.lr:g}) or raise pretrain.warmup_steps and rerun"
+    if last_checkpoint == 0:  # nothing to continue from: "the last good checkpoint is step 0" would say there is
+        none = f"No checkpoint was written yet (pretrain.checkpoint_every={p.checkpoint_every})."
+        return f"{head} {none} {fix}: it starts over"
+    where = f"The last good checkpoint is step {last_checkpoint} in {run_dir}."
+    return f"{head} {where} {fix} with the same run name to continue from it"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,21 +380,25 @@ class LossWindow:
         self.pending: list[torch.Tensor] = []  # local per-step mean losses (0-dim, on device)
         self.first_step = 0  # step of pending[0]
         self.values: list[float] = []  # reduced losses since the last logged line
+        self.skipped = 0  # bad samples dropped by all ranks so far, as of the last reduce
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         if not self.pending:
             self.first_step = step
         self.pending.append(loss)
 
-    def reduce(self) -> tuple[int, float] | None:
-        """All-reduce the pending losses; returns (step, value) of the first non-finite one, if any."""
+    def reduce(self, skipped: int = 0) -> tuple[int, float] | None:
+        """All-reduce the pending losses and this rank's count of skipped samples (one collective);
+        returns (step, value) of the first non-finite loss, if any."""
         import torch.distributed as dist
 
         if not self.pending:
             return None
-        local = torch.stack(self.pending)  # (k,)
+        count = torch.tensor([float(skipped)], device=self.pending[0].device)  # exact below 2**24
+        local = torch.cat([torch.stack(self.pending).float(), count])  # (k + 1,)
         dist.all_reduce(local)
-        reduced = (local / dist.get_world_size()).tolist()
+        self.skipped = int(round(local[-1].item()))
+        reduced = (local[:-1] / dist.get_world_size()).tolist()
         self.pending = []
         for i, value in enumerate(reduced):
             if not math.isfinite(value):
@@ -458,9 +489,12 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_json(loop_config["experiment"])
     plan = PretrainPlan(**{**loop_config["plan"], "class_names": tuple(loop_config["plan"]["class_names"])})
-    marker = _read_nan_marker(plan)
+    marker = _read_marker(plan, NAN_MARKER)
     if marker is not None:  # an automatic restart of a launch that diverged: replaying it would too
         raise NonFiniteLossError(marker["message"])
+    marker = _read_marker(plan, DATA_MARKER)
+    if marker is not None:  # ... or that hit a bad shard: the same sample fails the same way every time
+        raise PretrainDataError(marker["message"])
     ctx = ray.train.get_context()
     trainer = RankTrainer(cfg, plan, ctx.get_world_rank(), ctx.get_world_size())
     checkpoint = ray.train.get_checkpoint()
@@ -527,6 +561,9 @@ class RankTrainer:
         self.step = self.micro_step = self.images_seen = 0  # optimizer steps, data position, images
         self.history: list[dict[str, Any]] | None = None  # rank 0: the resumed checkpoint's metrics
         self.resumed_from: str | None = None
+        self.reader = None
+        # bad samples this rank dropped before the checkpoint it resumed from (its reader counts the rest)
+        self.skipped_before: dict[str, Any] = {"count": 0, "files": {}}
 
     def restore(self, ckpt_dir: str, where: str) -> None:
         """Continue from a checkpoint folder: DeepSpeed shards, EMA, RNG, step, data position."""
@@ -541,18 +578,28 @@ class RankTrainer:
         _continue_schedule(self.scheduler, state.step)
         self.ema.load_full_state(load_ema_state(ckpt_dir), state.ema_updates)
         restore_rng(json.loads(Path(ckpt_dir, rng_file(self.rank)).read_text()))
+        if Path(ckpt_dir, skipped_file(self.rank)).is_file():
+            self.skipped_before = json.loads(Path(ckpt_dir, skipped_file(self.rank)).read_text())
         if self.rank == 0:
             self.history = read_jsonl(Path(ckpt_dir) / METRICS_FILE)
         self.step, self.micro_step, self.images_seen = state.step, state.micro_step, state.images_seen
         self.resumed_from = where
 
     def train(self) -> None:
+        from diffscaler.data.tarformat import ShardError
+
+        try:
+            self._train()
+        except (ShardError, DatasetError) as err:
+            self._stop_on_data_error(err)
+
+    def _train(self) -> None:
         import torch.distributed as dist
 
         from diffscaler.data.reader import ShardReader
 
         p, data = self.p, self.cfg.data
-        reader = ShardReader(self.plan.shards_dir, "train", micro_batch_size(p), rank=self.rank,
+        self.reader = reader = ShardReader(self.plan.shards_dir, "train", micro_batch_size(p), rank=self.rank,
                              world_size=self.world, seed=data.seed, hflip=data.hflip, skip_bad=data.skip_bad_samples,
                              loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
         stream = reader.stream(start_step=self.micro_step)
@@ -576,7 +623,7 @@ class RankTrainer:
             is_sample = p.sample_every > 0 and (self.step % p.sample_every == 0 or final)
             if not (is_log or is_checkpoint or is_sample):
                 continue
-            bad = self.window.reduce()  # the same values on every rank: all stop together
+            bad = self.window.reduce(self._skipped()["count"])  # the same values on every rank: all stop together
             if bad is not None:
                 self._stop_on_nonfinite(*bad)
             record = self._log(lr) if is_log else None
@@ -625,6 +672,8 @@ class RankTrainer:
             "mfu": images_per_s * self.flops_per_image / (self.peak_flops * self.world),
             "grad_norm": None if grad_norm is None else float(grad_norm),
         }
+        if self.cfg.data.skip_bad_samples:
+            record["skipped_samples"] = self.window.skipped  # all ranks, whole run
         if self.log is not None:
             self.log.log(record)
         self.window_start, self.window_images, self.overhead = time.perf_counter(), 0, 0.0
@@ -656,11 +705,13 @@ class RankTrainer:
                     "class_names": list(plan.class_names)},
             config=self.cfg.to_dict(),
         )  # fmt: skip
-        metrics = {"step": self.step, "images_seen": self.images_seen, **({"loss": record["loss"]} if record else {})}
+        metrics = {"step": self.step, "images_seen": self.images_seen, "skipped_samples": self.window.skipped,
+                   **({"loss": record["loss"]} if record else {})}  # fmt: skip
         self._save_and_report(state, ema_state, grid, metrics)
         self.last_checkpoint = self.step
         if self.events is not None:
-            self.events.write("checkpoint", step=self.step, name=checkpoint_dir_name(self.step))
+            self.events.write("checkpoint", step=self.step, name=checkpoint_dir_name(self.step),
+                              skipped_samples=self.window.skipped)  # fmt: skip
 
     def _save_and_report(self, state: TrainerState, ema_state: dict[str, torch.Tensor], grid,
                          metrics: dict[str, Any]) -> None:  # fmt: skip
@@ -673,6 +724,7 @@ class RankTrainer:
         with tempfile.TemporaryDirectory(prefix="diffscaler-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=state.deepspeed_tag)  # collective: each rank its ZeRO shard
             write_json(Path(tmp, rng_file(self.rank)), capture_rng())
+            write_json(Path(tmp, skipped_file(self.rank)), self._skipped())
             if self.rank == 0:
                 save_file({**ema_state, **self.buffers}, str(Path(tmp, EMA_FILE)))
                 shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
@@ -687,18 +739,21 @@ class RankTrainer:
         # otherwise take the checkpoint with it, and the restart would begin at an older one.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
+    def _skipped(self) -> dict[str, Any]:
+        """This rank's bad samples dropped over the whole run: {"count", "files": {shard: count}}."""
+        files = dict(self.skipped_before["files"])
+        if self.reader is not None:
+            for url, n in self.reader.skipped_files.items():
+                files[url] = files.get(url, 0) + n
+        return {"count": sum(files.values()), "files": files}
+
     # -- failures ----------------------------------------------------------------------------------
 
     def _stop_on_nonfinite(self, step: int, value: float) -> None:
         import torch.distributed as dist
 
         p, plan = self.p, self.plan
-        message = (
-            f"pretrain: the loss is {value} at step {step} (run {p.run_name!r}); stopped without "
-            f"checkpointing it. The last good checkpoint is step {self.last_checkpoint} in {plan.run_dir}. Lower "
-            f"pretrain.lr (now {p.lr:g}) or raise pretrain.warmup_steps and rerun with the same "
-            "run name to continue from it"
-        )
+        message = nonfinite_message(p, step, value, self.last_checkpoint, plan.run_dir)
         if self.rank == 0:
             marker = {"launch_id": plan.launch_id, "step": step, "value": str(value),
                       "last_checkpoint": self.last_checkpoint, "message": message}  # fmt: skip
@@ -706,6 +761,21 @@ class RankTrainer:
             self.events.write("nonfinite_loss", step=step, value=str(value), last_checkpoint=self.last_checkpoint)
         dist.barrier()  # the marker exists before any rank fails (Ray tears the group down on the first)
         raise NonFiniteLossError(message)
+
+    def _stop_on_data_error(self, err: Exception) -> None:
+        """A bad shard fails the same way on every retry: a marker makes Ray's restarts of this launch
+        stop at once (see pretrain_worker), and the driver reports this message instead of Ray's."""
+        plan = self.plan
+        message = (
+            f"pretrain: data error at step {self.step} on rank {self.rank}: {err}. Retrying cannot help: "
+            f"run `diffscaler shards check {plan.shards_dir}` and rebuild the dataset, or set "
+            "data.skip_bad_samples=true to skip such samples (they are counted in backbone.json)"
+        )
+        marker = {"launch_id": plan.launch_id, "step": self.step, "rank": self.rank, "message": message}
+        storage.write_bytes_atomic(storage.join(plan.run_dir, DATA_MARKER), json.dumps(marker).encode())
+        if getattr(self, "events", None) is not None:  # None before the logs are open (a reader that cannot start)
+            self.events.write("data_error", step=self.step, rank=self.rank, error=str(err))
+        raise PretrainDataError(message) from err
 
     def _inject_failure_once(self) -> None:
         """Testing hook `pretrain.fail_at_step`: rank 1 dies hard, once per run folder."""

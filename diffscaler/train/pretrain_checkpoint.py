@@ -7,6 +7,7 @@ its part into a temp folder and reports it, and Ray Train merges the parts:
     trainer_state.json         rank 0: step, data position, EMA update count, world size, config
     ema.safetensors            rank 0: whole fp32 EMA weights + buffers in DiT key layout
     rng_rank<K>.json           rank K: its torch / CUDA / numpy / python RNG states
+    skipped_rank<K>.json       rank K: bad samples it dropped so far, per shard (data.skip_bad_samples)
     metrics.jsonl              rank 0: the metrics history up to this step
     samples.png                rank 0: EMA sample grid, when the step is also a sample step
 
@@ -55,6 +56,25 @@ def deepspeed_tag(step: int) -> str:
 
 def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.json"
+
+
+def skipped_file(rank: int) -> str:
+    return f"skipped_rank{rank}.json"
+
+
+SKIPPED_FILE = re.compile(r"^skipped_rank\d+\.json$")
+
+
+def read_skipped(checkpoint_dir: str) -> tuple[int, dict[str, int]]:
+    """(bad samples dropped by all ranks up to this checkpoint, {shard: count}); (0, {}) if none were."""
+    total, files = 0, {}
+    for name in storage.list_names(checkpoint_dir):
+        if SKIPPED_FILE.match(name):
+            part = json.loads(storage.read_bytes(storage.join(checkpoint_dir, name)))
+            total += int(part["count"])
+            for url, n in part["files"].items():
+                files[url] = files.get(url, 0) + int(n)
+    return total, dict(sorted(files.items()))
 
 
 @dataclass(frozen=True)
@@ -201,6 +221,7 @@ def export_backbone(checkpoint_dir: str, out_path: str | Path, weights: str = "e
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     state = read_state(checkpoint_dir)
     tensors = load_ema_state(checkpoint_dir) if weights == "ema" else raw_state(checkpoint_dir, state)
+    skipped, skipped_files = read_skipped(checkpoint_dir)
     provenance = {
         "stage": "pretrain",
         "run_name": state.run_name,
@@ -213,6 +234,8 @@ def export_backbone(checkpoint_dir: str, out_path: str | Path, weights: str = "e
         "precision": state.precision,
         "global_batch_size": state.global_batch_size,
         "shards": state.shards,
+        "skipped_samples": skipped,  # bad samples dropped (data.skip_bad_samples=true), all ranks, whole run
+        "skipped_files": skipped_files,  # {shard: count}
         "checkpoint": str(checkpoint_dir),
     }
     return save_backbone(tensors, out_path, config=state.model_config, provenance=provenance)

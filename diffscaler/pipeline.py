@@ -317,11 +317,11 @@ class Pipeline:
     def _check_datasets(self) -> None:
         """Without the shards stage, every dataset a stage reads must already be built as configured."""
         if "shards" in self.selected:
-            from diffscaler.data import dataset_jobs
+            from diffscaler.data.build import check_sources
 
-            try:
-                dataset_jobs(self.cfg.data)  # names that clash are an input error, not a stage failure
-            except ValueError as err:
+            try:  # clashing names, unknown, missing or empty sources: input errors, not a Ray task's failure
+                check_sources(self.cfg.data, force="shards" in self.force)
+            except (ValueError, FileNotFoundError) as err:
                 raise PipelineInputError(str(err)) from None
             return
         from diffscaler.data import DatasetError, dataset_dir, load_index

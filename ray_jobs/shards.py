@@ -34,10 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from diffscaler.cluster import connect_ray
+    from diffscaler.data.build import check_sources
 
+    names = [n for n in args.only.split(",") if n] or None
+    try:  # unknown, missing or empty sources are reported before Ray starts
+        check_sources(cfg.data, names, force=args.force)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"ray_jobs.shards: error: {err}", file=sys.stderr)
+        return 2
     started = connect_ray(cfg)
     try:
-        names = [n for n in args.only.split(",") if n] or None
         indexes = build_all(cfg.data, names, parallel=True, force=args.force)
     except (ValueError, FileNotFoundError) as err:  # missing package, empty source, bad input
         print(f"ray_jobs.shards: error: {err}", file=sys.stderr)

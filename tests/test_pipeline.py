@@ -184,6 +184,28 @@ def test_unknown_stage_is_a_config_error_with_exit_status_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["unknown", "empty", "missing"])
+def test_unknown_empty_or_missing_source_is_bad_input_before_ray(kind, tmp_path, capsys):
+    """Found on the driver, as `diffscaler shards make` reports them, not inside a Ray task."""
+    import ray
+
+    from ray_jobs.shards import main as shards_main
+
+    (tmp_path / "empty").mkdir()
+    source, words = {"unknown": ("nosuch", "unknown source 'nosuch'"),
+                     "empty": (f"folder:{tmp_path / 'empty'}", "no images found"),
+                     "missing": (f"folder:{tmp_path / 'nope'}", "not a folder")}[kind]  # fmt: skip
+    cfg = micro_config(tmp_path, ["shards", "pretrain"])
+    msg = run_expecting_input_error(cfg, tmp_path / "out", [f"data.pretrain_source={source}"], match=words)
+    assert "data.pretrain_source" in msg
+    msg = run_expecting_input_error(cfg, tmp_path / "out", [f"data.targets=[{{name: red, source: '{source}'}}]"],
+                                    match=words)  # fmt: skip
+    assert "data.targets: dataset 'red'" in msg
+    assert shards_main(["--config", str(cfg), f"data.pretrain_source={source}"]) == 2
+    assert words in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 def test_dataset_without_shards_when_shards_stage_is_off(tmp_path):
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
     msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 from diffscaler.config import DataConfig
 from diffscaler.data import storage
-from diffscaler.data.index import DatasetIndex, load_index
+from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.sources import dataset_name
-from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards
+from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source
 
 
 def dataset_jobs(data: DataConfig) -> dict[str, str]:
@@ -42,6 +42,27 @@ def dataset_dir(data: DataConfig, name: str) -> str:
 
 def pretrain_dataset_dir(data: DataConfig) -> str:
     return dataset_dir(data, dataset_name(data.pretrain_source))
+
+
+def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force: bool = False) -> None:
+    """Every source that a build of `names` (default: all) would read exists and holds images, else
+    DatasetError naming the dataset and source - the checks of `shards make`, on the driver before
+    any Ray task (a bad source inside a task fails as a task error, far from its cause)."""
+    jobs = dataset_jobs(data)
+    unknown = [n for n in names or () if n not in jobs]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
+    for name in names or jobs:
+        source = jobs[name]
+        params = build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
+                                  data.seed)  # fmt: skip
+        if not force and is_up_to_date(dataset_dir(data, name), params):
+            continue  # built as configured: its source is not read again
+        try:
+            open_source(source)
+        except (ValueError, FileNotFoundError) as err:  # DatasetError and SourceMissingError included
+            where = "data.pretrain_source" if name == next(iter(jobs)) else "data.targets"
+            raise DatasetError(f"{where}: dataset {name!r}: {err}") from None
 
 
 def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
@@ -73,6 +94,7 @@ def build_all(
     unknown = [n for n in chosen if n not in jobs]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
+    check_sources(data, chosen, force=force)
     if not parallel or len(chosen) == 1:
         return {n: _build_one(data, n, jobs[n], force) for n in chosen}
     import ray

@@ -146,6 +146,16 @@ def is_up_to_date(out: str, params: dict[str, Any]) -> bool:
     return all(index.data.get(k) == v for k, v in params.items())
 
 
+def open_source(source: str):
+    """(source, its catalog) for a spec, or the error `shards make` reports: ValueError for an unknown
+    name, SourceMissingError (which package to install), FileNotFoundError, DatasetError when empty."""
+    src = get_source(source)
+    catalog = src.catalog()
+    if not catalog.items:
+        raise DatasetError(f"source {source!r} ({src.detail}): no images found - empty dataset")
+    return src, catalog
+
+
 def make_shards(
     source: str,
     out: str,
@@ -171,10 +181,7 @@ def make_shards(
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 = all), got {limit}")
-    src = get_source(source)
-    catalog = src.catalog()
-    if not catalog.items:
-        raise DatasetError(f"source {source!r} ({src.detail}): no images found - empty dataset")
+    src, catalog = open_source(source)
     selected = select_balanced(catalog, limit, seed)
     train, evals = split_train_eval(selected, eval_fraction, seed)
     log(

@@ -185,12 +185,35 @@ def infer_dit_config(state: dict[str, torch.Tensor], class_dropout_prob: float =
                        num_classes=num_classes, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob)
 
 
+def _torch_load_plain(path: Path) -> Any:
+    """torch.load with weights_only=True (tensors and containers only, never arbitrary objects).
+
+    The one class allowed besides: argparse.Namespace, the `args` entry of checkpoints written by the
+    reference train.py ({"model", "ema", "opt", "args"}). Anything else is "not a plain state dict";
+    torch's own text is not passed on, as it advises weights_only=False (arbitrary code execution).
+    """
+    import argparse
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        why = f"it holds a pickled {found.group(1)} object" if found else "it is not a readable torch file"
+        raise BackboneLoadError(f"{path}: not a plain state dict ({why}); DiffScaler loads tensors only, "
+                                "never arbitrary pickled objects") from None  # fmt: skip
+    except (RuntimeError, EOFError) as err:  # a truncated or foreign zip archive
+        raise BackboneLoadError(f"{path}: not a plain state dict (not a readable torch file: "
+                                f"{str(err).splitlines()[0]})") from None  # fmt: skip
+
+
 def load_public_dit(path: str | Path, expect: ModelConfig | None = None) -> tuple[DiT, dict[str, Any]]:
     """Load e.g. `DiT-XL-2-256x256.pt` (a plain state dict in facebookresearch/DiT's key layout)."""
     path = Path(path)
     if not path.is_file():
         raise BackboneLoadError(f"DiT checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _torch_load_plain(path)
     if isinstance(state, dict) and "ema" in state and isinstance(state["ema"], dict):
         state = state["ema"]  # a training checkpoint of the reference code: take the EMA weights
     if not isinstance(state, dict):
@@ -246,6 +269,58 @@ def read_adapter_file(file: str | Path) -> tuple[dict[str, Any], dict[str, torch
         raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
     meta = read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
     return meta, load_file(str(path))
+
+
+def read_adapter_meta(file: str | Path) -> dict[str, Any]:
+    """The JSON beside an adapter file (no tensors read); AdapterLoadError when it is missing or foreign."""
+    path = Path(file)
+    meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise AdapterLoadError(f"adapter file not found: {path}")
+    if not meta_path.is_file():
+        raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
+    return read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
+
+
+def _bank_tasks(path: Path) -> list[str] | None:
+    """The task names of a bank file pair (bank.json / bank.safetensors), or None when `path` is no bank."""
+    from diffscaler.train.finetune_bank import BANK_FORMAT, BANK_FORMAT_VERSION
+
+    meta_path = path.with_suffix(".json")
+    try:
+        fmt = json.loads(meta_path.read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if fmt != BANK_FORMAT:
+        return None
+    meta = read_format_json(meta_path, BANK_FORMAT, BANK_FORMAT_VERSION, "adapter bank", AdapterLoadError)
+    return [m["task"] for m in meta["tasks"]]
+
+
+def adapter_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The per-task adapter files that `paths` name, in order: `<task>.safetensors` files; folders (their
+    `*.safetensors` adapters, not the bank written beside them, not sub-folders); bank files
+    (`bank.json` / `bank.safetensors`: the per-task files beside it, in bank order). A fine-tune's
+    output folder, its files by glob and its bank all work. AdapterLoadError names what is missing."""
+    out: list[Path] = []
+    for item in paths:
+        p = Path(item)
+        if p.is_dir():
+            found = [f for f in sorted(p.glob("*.safetensors")) if _bank_tasks(f) is None]
+            if not found:
+                raise AdapterLoadError(f"{p}: no <task>.safetensors adapter files")
+            out += found
+        elif p.suffix in (".json", ".safetensors") and (tasks := _bank_tasks(p)) is not None:
+            files = [p.with_name(f"{t}.safetensors") for t in tasks]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise AdapterLoadError(f"{p}: the bank's per-task file(s) {missing} are not beside it")
+            out += files
+        elif p.suffix == ".json" and p.with_suffix(".safetensors").is_file():
+            out.append(p.with_suffix(".safetensors"))  # the JSON half of an adapter pair
+        else:
+            out.append(p)  # read_adapter_file / read_adapter_meta say what is wrong with it
+    return list(dict.fromkeys(out))  # once each: `DIR/*.safetensors` names the bank and its files too
 
 
 def _check_adapter_fits(meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig,

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from diffscaler.config import ConfigError
+from diffscaler.runlock import RunFolderError
 
 # Modules with a `register(subparsers)` function; each subcommand sets `func` on its parser.
 COMMAND_MODULES = ("diffscaler.models.cli", "diffscaler.data.cli")
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RunFolderError) as err:
         print(f"diffscaler {args.command}: error: {err}", file=sys.stderr)
         return 2
 

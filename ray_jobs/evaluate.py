@@ -4,10 +4,12 @@
         --adapters runs/adapters --out runs/eval [--include-backbone] [eval.num_samples=64 eval.num_actors=2 ...]
     ray job submit --working-dir . -- python -m ray_jobs.evaluate --config ... pipeline.ray_address=auto
 
-The adapter folder holds `<task>.safetensors` + `<task>.json`; each task is scored against the eval
-split of its shards (cfg.data.shards_root/<task>). Writes OUT/fid.json (per task: FID, KID, feature
-network, generated and reference image counts, seconds) and prints the table. Exit status: 0 all
-scored, 1 some request failed (see its error), 2 bad input.
+--adapters takes folders (a fine-tune's --out: its `<task>.safetensors` + `<task>.json`, not the bank
+beside them), adapter files (`DIR/*.safetensors`) or a `bank.json`; each task is scored against the
+eval split of its shards (cfg.data.shards_root/<task>). Every input is checked before Ray is joined.
+Writes OUT/fid.json (per task: FID, KID, feature network, generated and reference image counts,
+seconds) and prints the table. Exit status: 0 all scored, 1 some request failed (see its error),
+2 bad input.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="experiment YAML (or JSON)")
     p.add_argument("--backbone", required=True, help="backbone.safetensors (or a public DiT .pt)")
-    p.add_argument("--adapters", default="", help="folder of <task>.safetensors adapters")
+    p.add_argument(
+        "--adapters",
+        nargs="*",
+        default=[],
+        help="adapter folder(s), <task>.safetensors files or a bank.json (e.g. a fine-tune's --out)",
+    )
     p.add_argument(
         "--include-backbone",
         action="store_true",
@@ -37,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `--adapters DIR/*.safetensors eval.num_samples=64`: the list also takes the overrides after it
+    overrides = [a for a in args.adapters if "=" in a and not Path(a).exists()]
+    args.adapters = [a for a in args.adapters if a not in overrides]
+    args.overrides = overrides + args.overrides
     from diffscaler.eval import EvalInputError
     from diffscaler.runlock import RunFolderError, run_lock
 
@@ -49,19 +60,46 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: list[str], include_backbone: bool) -> list:
+    """The requests to score, with the backbone, every adapter, the shards and the feature network
+    checked, before any Ray connection (FidEvaluator checks them again, on the cluster side)."""
+    from diffscaler.adapters.bank import AdapterLoadError
+    from diffscaler.artifacts import (
+        BackboneLoadError,
+        adapter_files,
+        load_backbone,
+        read_adapter_meta,
+        read_backbone_meta,
+    )
+    from diffscaler.eval import EvalInputError, request_for_task
+    from diffscaler.eval.features import FeatureWeightsError, resolve_weights_path
+    from diffscaler.eval.pool import _resolve
+
+    if not adapters and not include_backbone:
+        raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
+    try:
+        path = Path(backbone)
+        meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
+        requests = [request_for_task(cfg, read_adapter_meta(f)["task"], str(f)) for f in adapter_files(adapters)]
+        resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
+    except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
+        raise EvalInputError(str(err)) from None
+    if include_backbone:
+        requests.append(request_for_task(cfg, None))
+    for i, req in enumerate(requests):
+        _resolve(req, cfg, meta, f"request {i} ({req.task or 'backbone'})")  # adapter fits, shards exist
+    return requests
+
+
 def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     """Check every input, then connect to Ray and score; EvalInputError for bad input."""
     import ray
 
     from diffscaler.cluster import connect_ray
-    from diffscaler.eval import EvalInputError, FidEvaluator, format_table, request_for_task, requests_for_adapter_dir
+    from diffscaler.eval import EvalInputError, FidEvaluator, format_table
     from diffscaler.eval.pool import write_fid_json
 
-    if not args.adapters and not args.include_backbone:
-        raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
-    requests = requests_for_adapter_dir(cfg, args.adapters) if args.adapters else []
-    if args.include_backbone:
-        requests.append(request_for_task(cfg, None))
+    requests = check_inputs(cfg, args.backbone, args.adapters, args.include_backbone)
     started_ray = connect_ray(cfg)
     done = {"n": 0}
 

@@ -62,6 +62,48 @@ def test_public_dit_checkpoint_layout_round_trips(tmp_path):
         assert k in keys
 
 
+def test_reference_training_checkpoint_loads_its_ema_weights_under_weights_only(tmp_path):
+    """facebookresearch/DiT train.py saves {"model", "ema", "opt", "args"}, args an argparse.Namespace."""
+    import argparse
+
+    cfg = ModelConfig(name="DiT-T/2", input_size=8, in_channels=4, num_classes=7, learn_sigma=True)
+    torch.manual_seed(0)
+    raw, ema = DiT(cfg), DiT(cfg)
+    opt = torch.optim.AdamW(raw.parameters(), lr=1e-4)
+    raw(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 3])).square().mean().backward()
+    opt.step()
+    args = argparse.Namespace(model="DiT-T/2", image_size=64, num_classes=7, global_batch_size=256, results_dir="r")
+    path = tmp_path / "0400000.pt"
+    torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args}, path)
+    model, meta = load_backbone(path)
+    assert model.config == cfg
+    assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_a_pickle_that_is_not_a_plain_state_dict_is_refused_without_torch_advice(tmp_path):
+    from fractions import Fraction
+
+    for name, write in [("object.pt", lambda p: torch.save({"ema": {"w": torch.ones(1)}, "x": Fraction(1, 3)}, p)),
+                        ("corrupt.pt", lambda p: p.write_bytes(b"\x80\x02garbage" * 8)),
+                        ("truncated.pt", lambda p: p.write_bytes(_torch_bytes()[:200]))]:  # fmt: skip
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(BackboneLoadError, match="not a plain state dict") as err:
+            load_backbone(path)
+        assert "weights_only=False" not in str(err.value) and "Re-running" not in str(err.value)
+        assert str(path) in str(err.value)
+    with pytest.raises(BackboneLoadError, match="fractions.Fraction"):  # names what it would have had to unpickle
+        load_backbone(tmp_path / "object.pt")
+
+
+def _torch_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(64)}, buf)
+    return buf.getvalue()
+
+
 def test_adapter_save_load_round_trips_bit_exactly_into_a_mixed_bank(tmp_path):
     model = backbone().eval()
     digest = save_backbone(model, tmp_path / "backbone.safetensors")

@@ -102,3 +102,62 @@ def test_sample_errors(tmp_path, capsys):
     assert code == 2 and "needs --adapters" in err
     code, _, err = run(capsys, "sample", "--backbone", str(tmp_path / "none.safetensors"), "--out", str(tmp_path))
     assert code == 2 and "not found" in err
+
+
+@pytest.fixture
+def backbone_and_adapters(tmp_path):
+    """A DiT-T/8 backbone, adapters a and b in a fine-tune-style folder (with the bank beside them)."""
+    from diffscaler.models import build_model
+    from diffscaler.train.finetune_bank import save_bank
+
+    path = tmp_path / "b.safetensors"
+    model = build_model(__import__("diffscaler.config", fromlist=["ModelConfig"]).ModelConfig(
+        name="DiT-T/8", input_size=16, num_classes=10), seed=0)  # fmt: skip
+    digest = save_backbone(model, path)
+    bank = AdapterBank.attach(model, [TaskInfo("a"), TaskInfo("b")], rank=2)
+    files = [save_adapter(bank, t, tmp_path / "ad", backbone_hash=digest)[0] for t in ("a", "b")]
+    save_bank(files, tmp_path / "ad")
+    return path, tmp_path / "ad"
+
+
+def test_sample_refuses_unknown_tasks_and_an_out_that_is_a_file_before_sampling(backbone_and_adapters, tmp_path,
+                                                                              capsys, monkeypatch):  # fmt: skip
+    import diffscaler.diffusion.sampling as sampling
+
+    path, ad = backbone_and_adapters
+    calls = []
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
+    common = ["sample", "--backbone", str(path), "--adapters", str(ad / "a.safetensors"), "--steps", "2"]
+    code, _, err = run(capsys, *common, "--task", "a,nosuch", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--task: nosuch not among the adapters' tasks ['a']" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, *common, "--task", "a", "--out", str(tmp_path / "file"))
+    assert code == 2 and "is a file, not a folder" in err
+    assert calls == []  # refused before any image was sampled
+
+
+def test_adapters_are_taken_as_folder_files_or_bank(backbone_and_adapters, capsys, tmp_path):
+    from diffscaler.adapters.bank import AdapterLoadError
+    from diffscaler.artifacts import adapter_files
+
+    _path, ad = backbone_and_adapters
+    files = [ad / "a.safetensors", ad / "b.safetensors"]
+    assert (ad / "bank.safetensors").is_file() and (ad / "bank.json").is_file()
+    assert adapter_files([ad]) == files  # the bank beside them is not an adapter
+    assert adapter_files(sorted(ad.glob("*.safetensors"))) == files  # DIR/*.safetensors, bank included by the glob
+    assert adapter_files([ad / "bank.json"]) == files == adapter_files([ad / "bank.safetensors"])
+    assert adapter_files([ad / "b.safetensors", ad]) == files[::-1]  # once each, first mention first
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterLoadError, match="no <task>.safetensors"):
+        adapter_files([tmp_path / "empty"])
+    (ad / "b.safetensors").unlink()
+    with pytest.raises(AdapterLoadError, match=r"per-task file\(s\) .*b.safetensors.* are not beside it"):
+        adapter_files([ad / "bank.json"])
+
+
+def test_sample_takes_an_adapter_folder(backbone_and_adapters, tmp_path, capsys):
+    path, ad = backbone_and_adapters
+    code, out, err = run(capsys, "sample", "--backbone", str(path), "--adapters", str(ad), "--num", "1", "--steps",
+                         "2", "--out", str(tmp_path / "o"))  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["tasks"] == ["a", "b"]

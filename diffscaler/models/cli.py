@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="sample images from a backbone, optionally with task adapters")
     p.add_argument("--backbone", required=True, help="backbone .safetensors (or a public DiT .pt)")
-    p.add_argument("--adapters", nargs="*", default=[], help="<task>.safetensors files (one bank)")
+    p.add_argument("--adapters", nargs="*", default=[],
+                   help="<task>.safetensors files, adapter folders or a bank.json (one bank)")
     p.add_argument("--task", default="", help="task name(s), comma-separated; interleaved in shared batches")
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class label (default: cycle over classes of a conditional model)")
@@ -127,13 +128,15 @@ def plan_samples(task_names: list[str], num_per_task: int, class_counts: list[in
 
 def cmd_sample(args: argparse.Namespace) -> int:
 
-    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.artifacts import adapter_files, load_adapters, load_backbone
     from diffscaler.config import DiffusionConfig
     from diffscaler.diffusion.gaussian import GaussianDiffusion
     from diffscaler.diffusion.sampling import image_grid, sample_images, save_png
+    from diffscaler.runlock import check_out_dir
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
+    out = check_out_dir(args.out)  # before sampling: a bad --out found afterwards would lose the images
     model, meta = load_backbone(args.backbone)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma)
     if args.steps < 1 or args.steps > diffusion.num_timesteps:
@@ -141,8 +144,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     names = [t for t in args.task.split(",") if t]
     task_ids = None
     if args.adapters:
-        bank = load_adapters(model, args.adapters, backbone_hash=meta["content_hash"])
+        bank = load_adapters(model, adapter_files(args.adapters), backbone_hash=meta["content_hash"])
         names = names or [t.name for t in bank.tasks]
+        unknown = [n for n in names if n not in {t.name for t in bank.tasks}]
+        if unknown:
+            raise ValueError(f"--task: {', '.join(unknown)} not among the adapters' tasks "
+                             f"{[t.name for t in bank.tasks]}")  # fmt: skip
         idx = [bank.task_index(n) for n in names]
         counts = [bank.tasks[i].num_classes for i in idx]
         per_sample_task, labels = plan_samples(names, args.num, counts, args.class_label)
@@ -162,13 +169,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         per_sample_task, labels = plan_samples(names, args.num, [model.config.num_classes], args.class_label)
         if not all(0 <= lab < model.config.num_classes for lab in labels):
             raise ValueError(f"--class must be in [0, {model.config.num_classes})")
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     images = sample_images(model, diffusion, num=len(labels), seed=args.seed, labels=labels, task_ids=task_ids,
                            batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
                            cfg_scale=args.cfg_scale)
     seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     task_of = np.array([names[t] for t in per_sample_task])
     np.savez(out / "samples.npz", images=images, task=task_of, label=np.array(labels, dtype=np.int64),
              index=np.arange(len(labels), dtype=np.int64))

@@ -40,6 +40,12 @@ class Schedule:
         ac_prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
         object.__setattr__(self, "alphas_cumprod", ac)
         object.__setattr__(self, "alphas_cumprod_prev", ac_prev)
+        # Square roots taken in float64, as the reference does, and cast to float32 only when gathered:
+        # sqrt(1 - alphabar) from a float32 alphabar loses ~1e-4 relative near t=0 (1 - 0.9999).
+        object.__setattr__(self, "sqrt_alphas_cumprod", torch.sqrt(ac))
+        object.__setattr__(self, "sqrt_one_minus_alphas_cumprod", torch.sqrt(1.0 - ac))
+        object.__setattr__(self, "sqrt_recip_alphas_cumprod", torch.sqrt(1.0 / ac))
+        object.__setattr__(self, "sqrt_recipm1_alphas_cumprod", torch.sqrt(1.0 / ac - 1))
         post_var = self.betas * (1.0 - ac_prev) / (1.0 - ac)
         object.__setattr__(self, "posterior_variance", post_var)
         # log of posterior variance, with the t=0 entry (0) replaced by the next one (as in ADM)
@@ -85,8 +91,8 @@ class GaussianDiffusion:
 
     # -- forward process --------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        ac = self.schedule.gather("alphas_cumprod", t, x0.dim())
-        return ac.sqrt() * x0 + (1 - ac).sqrt() * noise
+        s, nd = self.schedule, x0.dim()
+        return s.gather("sqrt_alphas_cumprod", t, nd) * x0 + s.gather("sqrt_one_minus_alphas_cumprod", t, nd) * noise
 
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
                          generator: torch.Generator | None = None) -> torch.Tensor:
@@ -138,8 +144,10 @@ class GaussianDiffusion:
             logvar = frac * max_log + (1 - frac) * min_log
         else:
             logvar = s.gather("log_fixed_variance", idx, nd).expand_as(x_t)
-        ac = s.gather("alphas_cumprod", idx, nd)
-        x0 = (x_t - (1 - ac).sqrt() * eps) / ac.sqrt()
+        # x0 = x_t / sqrt(alphabar) - sqrt(1 / alphabar - 1) eps, from the float64 tables (the reference's)
+        recip = s.gather("sqrt_recip_alphas_cumprod", idx, nd)
+        recipm1 = s.gather("sqrt_recipm1_alphas_cumprod", idx, nd)
+        x0 = recip * x_t - recipm1 * eps
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = s.gather("posterior_mean_coef1", idx, nd) * x0 + s.gather("posterior_mean_coef2", idx, nd) * x_t
@@ -147,9 +155,7 @@ class GaussianDiffusion:
 
     def respaced(self, steps: int) -> Schedule:
         """A schedule over `steps` evenly spaced training timesteps (ADM's respacing)."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"sampling steps must be in [1, {self.num_timesteps}], got {steps}")
-        use = sorted({int(round(x)) for x in np.linspace(0, self.num_timesteps - 1, steps)})
+        use = space_timesteps(self.num_timesteps, steps)
         ac = self.schedule.alphas_cumprod
         last, betas = 1.0, []
         for i in use:
@@ -183,12 +189,30 @@ class GaussianDiffusion:
         nd = x.dim()
         ac = s.gather("alphas_cumprod", idx, nd)
         ac_prev = s.gather("alphas_cumprod_prev", idx, nd)
-        eps = (x - ac.sqrt() * x0) / (1 - ac).sqrt()  # re-derived from the (possibly clipped) x0
+        # eps re-derived from the (possibly clipped) x0, from the float64 tables (the reference's)
+        recip = s.gather("sqrt_recip_alphas_cumprod", idx, nd)
+        recipm1 = s.gather("sqrt_recipm1_alphas_cumprod", idx, nd)
+        eps = (recip * x - x0) / recipm1
         sigma = eta * ((1 - ac_prev) / (1 - ac) * (1 - ac / ac_prev)).sqrt()
         mean = x0 * ac_prev.sqrt() + (1 - ac_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and i > 0:
             return mean + sigma * noise_source.step(k)
         return mean
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The training timesteps a `steps`-step sampler uses, exactly as the reference's `space_timesteps`
+    (ADM / facebookresearch/DiT respace.py, one section) picks them: a fractional stride accumulated
+    in float and rounded (Python's round) at each step. Rounding a linspace instead picks a timestep one
+    off for 278 of the counts 1..1000 (21, 23, 31, ...)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be in [1, {num_timesteps}], got {steps}")
+    stride = 1 if steps <= 1 else (num_timesteps - 1) / (steps - 1)
+    taken, cur = [], 0.0
+    for _ in range(steps):
+        taken.append(round(cur))
+        cur += stride
+    return sorted(set(taken))
 
 
 class SampleNoise:

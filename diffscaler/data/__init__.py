@@ -13,8 +13,8 @@ from diffscaler.data.build import build_all, dataset_dir, dataset_jobs, pretrain
 from diffscaler.data.check import CheckReport, check_dataset
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.reader import MixedTaskReader, ShardReader, read_split
+from diffscaler.data.samples import ShardError
 from diffscaler.data.sources import BUNDLED_SOURCES, SourceMissingError, get_source
-from diffscaler.data.tarformat import ShardError
 from diffscaler.data.writer import ShardWriter, make_shards
 
 __all__ = [

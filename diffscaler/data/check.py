@@ -1,11 +1,13 @@
 """`diffscaler shards check DIR`: validate a shard folder completely; any problem -> non-zero exit.
 
-Checks: index.json parses and has a supported format; every listed shard exists and is a whole tar
-(truncation and header corruption are caught); samples are adjacent, in ascending key order, and
-have `png` and `cls`; every PNG decodes to image_size x image_size RGB; every label is an integer
-in [0, num_classes); `json` members parse; sample counts and class counts match the index; each
-shard's content hash and the dataset's content hash match. Every problem names the file and, where
-one is known, the sample key. Leftover temp files and unlisted shard files are reported as notes.
+Checks: index.json parses and has a supported format; every listed shard exists and reads to its end
+through the webdataset library (truncation and header corruption are caught); every sample has its
+image and label members (index.json's `members`: `png` + `cls` for our own shards); every image
+decodes to image_size x image_size RGB (latents: to channels x size x size); every label is a class of
+the index; `json` members parse; sample counts and class counts match the index; each shard's content
+hash and the dataset's content hash match. Our own shards (format_version 1) must also hold their
+samples in ascending key order. Every problem names the file and, where one is known, the sample key.
+Leftover temp files and unlisted shard files are reported as notes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,8 @@ import json
 from dataclasses import dataclass, field
 
 from diffscaler.data import storage
-from diffscaler.data.index import SPLITS, DatasetError, combine_hashes, load_index, sample_digest
-from diffscaler.data.pngcodec import PngError, decode_png
-from diffscaler.data.tarformat import ShardError, iter_raw_samples, missing_members, parse_label
+from diffscaler.data.index import SPLITS, DatasetError, ShardInfo, combine_hashes, load_index, sample_digest
+from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_samples
 
 
 @dataclass
@@ -41,18 +42,18 @@ def check_dataset(dataset_dir: str) -> CheckReport:
     except DatasetError as err:
         report.problems.append(str(err))
         return report
-    size, num_classes = index.image_size, index.num_classes
+    fmt, ordered = index.sample_format, index.version == 1
     shard_hashes: list[str] = []
     listed = set()
     for split in SPLITS:
         if split not in index.data["splits"]:
             report.problems.append(f"{index.url}/index.json: split {split!r} missing")
             continue
-        class_counts = [0] * num_classes
+        class_counts = [0] * index.num_classes
         for shard in index.shards(split):
             listed.add(shard.name)
             report.num_shards += 1
-            found, digest = _check_shard(shard.url, shard.num_samples, size, num_classes, class_counts, report)
+            found, digest = _check_shard(shard, fmt, ordered, class_counts, report)
             shard_hashes.append(digest)
             if found != shard.num_samples:
                 report.problems.append(f"{shard.url}: has {found} samples, index.json says {shard.num_samples}")
@@ -77,50 +78,43 @@ def check_dataset(dataset_dir: str) -> CheckReport:
 
 
 def _check_shard(
-    url: str, expected: int, size: int, num_classes: int, class_counts: list[int], report: CheckReport
+    shard: ShardInfo, fmt: SampleFormat, ordered: bool, class_counts: list[int], report: CheckReport
 ) -> tuple[int, str]:
-    """Read one shard fully; append problems; return (samples found, content hash)."""
+    """Read one shard fully; append problems; return (samples counted, content hash of all samples)."""
     hasher = hashlib.sha256()
     found = 0
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        report.problems.append(f"{url}: missing (listed in index.json)")
-        return 0, ""
     previous = ""
+    url = shard.url
     try:
-        for sample in iter_raw_samples(data, url):
-            found += 1
+        for sample in iter_samples(url):
+            key = sample["__key__"]
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            sample_digest(hasher, key, members)
             report.num_samples += 1
-            sample_digest(hasher, sample.key, sample.members)
-            where = f"{url}: sample {sample.key!r}"
-            if sample.key <= previous:
+            where = f"{url}: sample {key!r}"
+            if ordered and key <= previous:
                 report.problems.append(f"{where}: key not in ascending order (after {previous!r})")
-            previous = sample.key
-            missing = missing_members(sample)
-            if missing:
-                report.problems.append(f"{where}: missing member(s) {', '.join('.' + m for m in missing)}")
-            if "cls" in sample.members:
+            previous = key
+            if key in shard.excluded_keys:
+                continue  # known bad, left out by `shards index --skip-bad`
+            found += 1
+            try:
+                label = fmt.label(sample)
+                class_counts[label] += 1
+            except SampleError as err:
+                report.problems.append(f"{where}: {err}")
+            try:
+                fmt.decode_image(*fmt.image_member(sample))
+            except SampleError as err:
+                report.problems.append(f"{where}: {err}")
+            if "json" in sample:
                 try:
-                    label = parse_label(sample, url)
-                    if 0 <= label < num_classes:
-                        class_counts[label] += 1
-                    else:
-                        report.problems.append(f"{where}: label {label} outside [0, {num_classes})")
-                except ShardError as err:
-                    report.problems.append(str(err))
-            if "png" in sample.members:
-                try:
-                    image = decode_png(sample.members["png"])
-                    if image.shape != (size, size, 3):
-                        report.problems.append(f"{where}: image is {image.shape}, index says ({size}, {size}, 3)")
-                except PngError as err:
-                    report.problems.append(f"{where}: unreadable image: {err}")
-            if "json" in sample.members:
-                try:
-                    json.loads(sample.members["json"])
+                    json.loads(sample["json"])
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     report.problems.append(f"{where}: json member does not parse: {err}")
     except ShardError as err:
-        report.problems.append(f"{err} (after {found} of {expected} samples)")
+        if not err.key and "missing" in err.reason:
+            report.problems.append(f"{url}: missing (listed in index.json)")
+            return 0, ""
+        report.problems.append(f"{err} (after {found} of {shard.num_samples} samples)")
     return found, hasher.hexdigest()

@@ -18,6 +18,15 @@ Format (version 1), keys sorted, no timestamps (reruns are byte-identical):
 A shard's `sha256` hashes its samples' contents (key, then each member's extension and bytes, in
 order); `content_hash` hashes the shard hashes of all splits in order. Both are checked by
 `diffscaler shards check`.
+
+Version 2 is what `diffscaler shards index` writes for WebDataset shards made by other tools; it adds
+
+    "members": {"image": "jpg", "label": "json:label", "label_values": "index", "channels": 3,
+                "resize": false},
+    shard entries may carry "url" (where the tar is, when not beside index.json) and "excluded_keys"
+    (samples found undecodable when indexing, left out: num_samples counts the others),
+
+and a version-1 index reads as members {"image": "png", "label": "cls"}. Readers take version 1 and 2.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffscaler.data import storage
+from diffscaler.data.samples import IMAGE_EXTENSIONS, LATENT_EXTENSION, SampleFormat
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "diffscaler-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what `shards make` writes
+FOREIGN_FORMAT_VERSION = 2  # what `shards index` writes
+READ_VERSIONS = (FORMAT_VERSION, FOREIGN_FORMAT_VERSION)
 SPLITS = ("train", "eval")
 
 
@@ -62,6 +74,7 @@ class ShardInfo:
     num_samples: int  # samples in it
     sha256: str  # content hash of its samples
     first_sample: int  # position of its first sample within the split
+    excluded_keys: frozenset[str] = frozenset()  # samples left out when indexing (not in num_samples)
 
 
 @dataclass(frozen=True)
@@ -84,6 +97,32 @@ class DatasetIndex:
         return len(self.data["class_names"])
 
     @property
+    def version(self) -> int:
+        return int(self.data["format_version"])
+
+    @property
+    def sample_format(self) -> SampleFormat:
+        """Which members hold image and label, and how they decode (version 1: png + cls)."""
+        members = self.data.get("members", {})
+        return SampleFormat(
+            image_keys=tuple(members.get("image", "png").split(";")),
+            label_key=members.get("label", "cls"),
+            class_names=tuple(self.class_names),
+            label_values=members.get("label_values", "index"),
+            image_size=self.image_size,
+            channels=int(members.get("channels", 3)),
+            resize=bool(members.get("resize", False)),
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.sample_format.channels
+
+    @property
+    def latent(self) -> bool:
+        return self.sample_format.latent
+
+    @property
     def source(self) -> str:
         return str(self.data["source"])
 
@@ -98,7 +137,9 @@ class DatasetIndex:
         out, first = [], 0
         for entry in self._split(split)["shards"]:
             n = int(entry["num_samples"])
-            out.append(ShardInfo(storage.join(self.url, entry["name"]), entry["name"], n, entry["sha256"], first))
+            url = entry.get("url") or storage.join(self.url, entry["name"])
+            excluded = frozenset(entry.get("excluded_keys", ()))
+            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded))
             first += n
         return out
 
@@ -126,8 +167,8 @@ def _validate(data: Any, where: str) -> None:
     need(data.get("format") == FORMAT_NAME, f"format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
     version = data.get("format_version")
     need(
-        version == FORMAT_VERSION,
-        f"format_version {version!r} is not supported (this tool reads {FORMAT_VERSION})",
+        version in READ_VERSIONS,
+        f"format_version {version!r} is not supported (this tool reads {', '.join(map(str, READ_VERSIONS))})",
     )
     for key in ("image_size", "class_names", "splits", "content_hash", "source"):
         need(key in data, f"missing field {key!r}")
@@ -142,11 +183,17 @@ def _validate(data: Any, where: str) -> None:
                 f"split {split!r}: shard entry {shard!r} lacks name/num_samples/sha256",
             )
             need("/" not in shard["name"], f"shard name {shard['name']!r} must be a base name")
+            need(version > 1 or "url" not in shard, "shard entries of format_version 1 have no 'url'")
             total += int(shard["num_samples"])
         need(
             total == entry.get("num_samples"),
             f"split {split!r}: shard counts add up to {total}, num_samples says {entry.get('num_samples')}",
         )
+    members = data.get("members", {})
+    need(isinstance(members, dict), "members must be an object")
+    for ext in str(members.get("image", "png")).split(";"):
+        need(ext in IMAGE_EXTENSIONS + (LATENT_EXTENSION,), f"members.image {ext!r} is not one of "
+             f"{', '.join(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))}")  # fmt: skip
 
 
 def load_index(dataset_dir: str) -> DatasetIndex:

@@ -13,7 +13,8 @@
 
     images, labels = read_split("shards/emoji", "eval")   # uint8 (N, H, W, 3), int64 (N,): FID refs
 
-A batch is {"image": float32 (B, 3, H, W) in [-1, 1], "label": int64 (B,), "task_id": int64 (B,)}.
+A batch is {"image": float32 (B, 3, H, W) in [-1, 1], "label": int64 (B,), "task_id": int64 (B,)};
+for latent (npy) shards "image" is float32 (B, C, H, W) as stored.
 
 How samples are assigned (a pure function of seed, epoch, rank, world_size, batch_size and
 shuffle_buffer - never of loader_workers or timing):
@@ -31,24 +32,25 @@ shuffle_buffer - never of loader_workers or timing):
    `stream()` keeps its workers across epochs (no restart at epoch boundaries); `epoch()` starts
    them per call.
 Resuming at step k therefore yields exactly the batches an uninterrupted run yields from step k;
-skipped batches are never decoded (tar headers are cheap to walk, PNG decoding is not).
+skipped batches are never decoded (a chunk's samples are read as bytes, only its batches from step k
+on are decoded).
 
-Why this and not `wds.split_by_node` + `split_by_worker` or Ray Data `read_webdataset`: both
-split whole shards, so ranks get unequal sample counts whenever shards do not divide evenly (and a
-rank with no shard hangs the others); neither can resume mid-epoch at an exact batch. And both are
-slower here - they parse tars with `tarfile` and decode each PNG with Pillow. Measured with
-bench/shard_read.py on 32x32 Fashion-MNIST shards, one process, decoded images/s:
-  - 2-core CPU machine (shared, load average ~10-20), one run: this reader 3,787; wds.WebDataset
-    + decode("rgb8") 870; Ray Data read_webdataset + iter_batches 433 on 2 CPUs (and on 2 cores it
-    hangs when trainer workers hold a whole CPU each, ../shared/STACK.md).
-  - idle 16-core host of an H100 machine: this reader 20,800 per core (local path), 20,100 through
-    fsspec memory://, 20,000 through file://; wds.WebDataset 4,100 per core.
+Reading goes through the webdataset library (diffscaler.data.samples: its tar iteration, URL
+handlers and decoders), so any WebDataset a `diffscaler shards index` has indexed is read like our
+own shards: png/jpg/webp images or npy latents, labels from cls, a json field or none, index.json's
+`members` say which. A rank reads only the shards its range touches, each from its start up to the
+range's end (WebDataset tars are streams; the samples before the range are read, not decoded).
+
+Why not `wds.split_by_node` + `split_by_worker` or Ray Data `read_webdataset`: both split whole
+shards, so ranks get unequal sample counts whenever shards do not divide evenly (and a rank with no
+shard hangs the others); neither can resume mid-epoch at an exact batch. Speeds: bench/RESULTS.md
+(bench/shard_read.py).
 The shards remain plain WebDataset tars: `wds.WebDataset` and Ray Data read them as they are.
 Inside Ray Train pass `rank=ray.train.get_context().get_world_rank()` and `world_size` explicitly:
 nothing here reads RANK / WORLD_SIZE from the environment, so tests need no Ray.
 
-Bad input: a truncated or corrupt tar, a missing shard, a sample without `png` or `cls`, an
-undecodable PNG, a label outside the class range, or a shard holding fewer samples than
+Bad input: a truncated or corrupt tar, a missing shard, a sample without its image or label member,
+an undecodable image, a label outside the index's classes, or a shard holding fewer samples than
 index.json says raise ShardError naming the file and sample key. With `skip_bad=True` such samples
 are dropped instead, counted in `reader.skipped` and logged with file and key; the batch is
 filled up with the chunk's next good samples, so every batch keeps batch_size rows (a few samples
@@ -69,10 +71,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffscaler.data import storage
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
-from diffscaler.data.pngcodec import PngError, decode_png, decode_png_batch
-from diffscaler.data.tarformat import ShardError, iter_raw_samples, missing_members, parse_label
+from diffscaler.data.pngcodec import PngError, decode_png_batch
+from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -156,35 +157,36 @@ def epoch_chunks(
 class _ChunkDecoder:
     """Turns chunks into decoded batches; runs in the main process or in DataLoader workers."""
 
-    def __init__(self, shard_urls, shard_counts, image_size, num_classes, batch_size, seed, rank, hflip,
-                 task_id, skip_bad):  # fmt: skip
-        self.shard_urls, self.shard_counts = list(shard_urls), list(shard_counts)
-        self.image_size, self.num_classes = image_size, num_classes
+    def __init__(self, shard_urls, shard_counts, excluded, fmt: SampleFormat, batch_size, seed, rank, hflip,
+                 task_id, skip_bad, fast_png):  # fmt: skip
+        self.shard_urls, self.shard_counts, self.excluded = list(shard_urls), list(shard_counts), list(excluded)
+        self.fmt, self.fast_png = fmt, fast_png and fmt.image_keys[0] == "png"
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.hflip, self.task_id, self.skip_bad = hflip, task_id, skip_bad
 
     def _segment_items(self, segment: Segment) -> list[Any]:
+        """The segment's samples (raw member bytes, not decoded); _Bad for each one that cannot be read."""
         url = self.shard_urls[segment.shard]
+        excluded = self.excluded[segment.shard]
         want = segment.hi - segment.lo
-        try:
-            data = storage.read_bytes(url)
-        except FileNotFoundError:
-            return [_Bad(url, "", "shard file missing (listed in index.json)")] * want
-        except OSError as err:
-            return [_Bad(url, "", f"cannot read shard: {err}")] * want
         items: list[Any] = []
         position = 0
         last_key = ""
         try:
-            for sample in iter_raw_samples(data, url):
+            for sample in iter_samples(url, check_end=False):
                 if position >= segment.hi:
                     break
+                last_key = sample["__key__"]
+                if last_key in excluded:
+                    continue  # left out by `shards index --skip-bad`: not counted in index.json
                 if position >= segment.lo:
-                    items.append((url, sample))
-                last_key = sample.key
+                    items.append(sample)
                 position += 1
         except ShardError as err:
-            reason = f"{err.reason} (sample lost: shard unreadable after key {last_key!r})"
+            if not err.key and not last_key:
+                reason = f"{err.reason} (listed in index.json)"
+            else:
+                reason = f"{err.reason} (sample lost: shard unreadable after key {last_key!r})"
             items.extend([_Bad(url, err.key or last_key, reason)] * (want - len(items)))
             return items
         if len(items) < want:
@@ -216,77 +218,67 @@ class _ChunkDecoder:
             batch["step"] = step_offset + index
             yield batch
 
-    def _check_item(self, item: Any) -> tuple[Any, int] | _Bad:
-        """(item, label) for a sample with all members and a valid label, else _Bad."""
+    def _decode_one(self, item: Any) -> tuple[np.ndarray, int] | _Bad:
         if isinstance(item, _Bad):
             return item
-        url, sample = item
-        missing = missing_members(sample)
-        if missing:
-            return _Bad(url, sample.key, f"missing member(s) {', '.join('.' + m for m in missing)}")
         try:
-            label = parse_label(sample, url)
-        except ShardError as err:
-            return _Bad(url, sample.key, err.reason)
-        if not 0 <= label < self.num_classes:
-            return _Bad(url, sample.key, f"label {label} outside [0, {self.num_classes})")
-        return item, label
+            return self.fmt.decode(item)
+        except SampleError as err:
+            return _Bad(item["__url__"], item["__key__"], str(err))
 
-    def _decode_one(self, item: Any) -> tuple[np.ndarray, int] | _Bad:
-        checked = self._check_item(item)
-        if isinstance(checked, _Bad):
-            return checked
-        (url, sample), label = checked
+    def _fast_png(self, items: list[Any]) -> list[tuple[np.ndarray, int]] | None:
+        """The measured exception (bench/RESULTS.md): a batch whose images are all `png` decodes in one
+        vectorised call of pngcodec instead of Pillow per image. None when it does not apply or any
+        sample fails; the caller then decodes each sample through the library and names the culprit."""
+        size, fmt = self.fmt.image_size, self.fmt
         try:
-            image = decode_png(sample.members["png"])
-        except PngError as err:
-            return _Bad(url, sample.key, f"unreadable image: {err}")
-        size = self.image_size
-        if image.shape != (size, size, 3):
-            return _Bad(url, sample.key, f"image is {image.shape}, index says ({size}, {size}, 3)")
-        return image, label
+            blobs = [item["png"] for item in items]  # KeyError: a _Bad, or a sample without png
+            labels = [fmt.label(item) for item in items]
+            decoded = decode_png_batch(blobs)
+        except (KeyError, TypeError, SampleError, PngError):
+            return None
+        if not isinstance(decoded, np.ndarray) or decoded.shape[1:] != (size, size, 3):
+            return None
+        return list(zip(decoded, labels))
 
     def _decode(self, items: list[Any], spares: Iterator[Any], epoch: int, index: int) -> dict[str, Any]:
-        size = self.image_size
-        checked = [self._check_item(item) for item in items]
-        images: np.ndarray | None = None
-        if not any(isinstance(c, _Bad) for c in checked):
-            try:  # the fast path: every sample well-formed, one vectorised decode
-                decoded = decode_png_batch([c[0][1].members["png"] for c in checked])
-                if isinstance(decoded, np.ndarray) and decoded.shape[1:] == (size, size, 3):
-                    images, labels = decoded, [c[1] for c in checked]
-            except PngError:
-                pass
-        bad: list[_Bad] = []
-        if images is None:  # find the culprits one by one
-            results = [self._decode_one(item) for item in items]
-            bad = [r for r in results if isinstance(r, _Bad)]
-            if bad and not self.skip_bad:
-                return {"error": bad[0]}
-            good = [r for r in results if not isinstance(r, _Bad)]
-            # Keep the batch full (every rank, every step, same shapes): fill with the chunk's next good
-            # samples. The dropped ones are counted and reported, never silently lost.
-            for spare in spares:
-                if len(good) == len(items):
-                    break
-                result = self._decode_one(spare)
-                if not isinstance(result, _Bad):
-                    good.append(result)
-            if len(good) < len(items):
-                return {"error": _Bad(bad[0].url, bad[0].key, f"{bad[0].reason}; and too few good samples "
-                                      f"left in this chunk of epoch {epoch} to fill batch {index}")}  # fmt: skip
-            images, labels = np.stack([g[0] for g in good]), [g[1] for g in good]
+        fast = self.fast_png and self._fast_png(items)
+        if fast:
+            return self._batch(fast, [], epoch, index)
+        results = [self._decode_one(item) for item in items]
+        bad = [r for r in results if isinstance(r, _Bad)]
+        if bad and not self.skip_bad:
+            return {"error": bad[0]}
+        good = [r for r in results if not isinstance(r, _Bad)]
+        # Keep the batch full (every rank, every step, same shapes): fill with the chunk's next good
+        # samples. The dropped ones are counted and reported, never silently lost.
+        for spare in spares if bad else ():
+            if len(good) == len(items):
+                break
+            result = self._decode_one(spare)
+            if not isinstance(result, _Bad):
+                good.append(result)
+        if len(good) < len(items):
+            return {"error": _Bad(bad[0].url, bad[0].key, f"{bad[0].reason}; and too few good samples "
+                                  f"left in this chunk of epoch {epoch} to fill batch {index}")}  # fmt: skip
+        return self._batch(good, bad, epoch, index)
+
+    def _batch(self, good: list[tuple[np.ndarray, int]], bad: list[_Bad], epoch: int, index: int) -> dict[str, Any]:
+        arrays, labels = np.stack([g[0] for g in good]), [g[1] for g in good]
         if self.hflip:
-            flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(images))
-            images = images.copy()
-            images[flip < 0.5] = images[flip < 0.5, :, ::-1]
-        # Scale in numpy: torch's element-wise ops spin up intra-op threads, which on a busy 2-core
-        # machine cost 15x more than this (measured: ~98 vs ~6 us per 32x32 image).
-        chw = images.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, H, W), contiguous
-        chw /= 127.5  # exact at 0 and 255, so the range is exactly [-1, 1]
-        chw -= 1.0
+            flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(arrays))
+            arrays = arrays.copy()
+            arrays[flip < 0.5] = arrays[flip < 0.5, ..., ::-1] if self.fmt.latent else arrays[flip < 0.5, :, ::-1]
+        if self.fmt.latent:
+            chw = arrays  # (B, C, H, W) float32 as stored
+        else:
+            # Scale in numpy: torch's element-wise ops spin up intra-op threads, which on a busy 2-core
+            # machine cost 15x more than this (measured: ~98 vs ~6 us per 32x32 image).
+            chw = arrays.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, H, W), contiguous
+            chw /= 127.5  # exact at 0 and 255, so the range is exactly [-1, 1]
+            chw -= 1.0
         return {
-            "image": torch.from_numpy(chw),  # (B, 3, H, W) float32 in [-1, 1]
+            "image": torch.from_numpy(chw),  # (B, C, H, W) float32: images in [-1, 1], latents as stored
             "label": torch.tensor(labels, dtype=torch.int64),  # (B,)
             "task_id": torch.full((len(labels),), self.task_id, dtype=torch.int64),  # (B,)
             "skipped": [b.message() for b in bad],
@@ -370,6 +362,7 @@ class ShardReader:
         loader_workers: int = 0,
         shuffle_buffer: int = 1000,
         shuffle: bool = True,
+        fast_png: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -416,8 +409,8 @@ class ShardReader:
             self.batches_per_epoch,
         )
         self._decoder = _ChunkDecoder(
-            [s.url for s in shards], self.shard_counts, self.index.image_size, self.index.num_classes,
-            batch_size, seed, rank, hflip, task_id, skip_bad,
+            [s.url for s in shards], self.shard_counts, [s.excluded_keys for s in shards], self.index.sample_format,
+            batch_size, seed, rank, hflip, task_id, skip_bad, fast_png,
         )  # fmt: skip
         self.skipped = 0  # bad samples dropped so far (skip_bad=True)
         self.skipped_files: dict[str, int] = {}  # {shard url: bad samples dropped from it}
@@ -518,39 +511,34 @@ class MixedTaskReader:
 
 def read_split(dataset_dir: str, split: str = "eval", limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A whole split in shard order: uint8 images (N, H, W, 3) and int64 labels (N,); limit 0 = all.
+    For latent shards the first array is float32 (N, C, H, W).
 
     For reference statistics (FID); any bad sample raises ShardError naming the file and key.
     """
     index = load_index(dataset_dir)
+    fmt = index.sample_format
     shards = index.shards(split)
     total = sum(s.num_samples for s in shards)
     want = total if limit <= 0 else min(limit, total)
     if want == 0:
         raise DatasetError(f"{index.url}: split {split!r} is empty")
     size = index.image_size
-    images = np.empty((want, size, size, 3), np.uint8)
+    shape = (fmt.channels, size, size) if fmt.latent else (size, size, 3)
+    images = np.empty((want, *shape), np.float32 if fmt.latent else np.uint8)
     labels = np.empty((want,), np.int64)
     n = 0
     for shard in shards:
         if n >= want:
             break
-        try:
-            data = storage.read_bytes(shard.url)
-        except FileNotFoundError:
-            raise ShardError(shard.url, "", "shard file missing (listed in index.json)") from None
         found = 0
-        for sample in iter_raw_samples(data, shard.url):
+        for sample in iter_samples(shard.url, check_end=False):
+            if sample["__key__"] in shard.excluded_keys:
+                continue
             found += 1
-            missing = missing_members(sample)
-            if missing:
-                raise ShardError(shard.url, sample.key, f"missing member(s) {', '.join('.' + m for m in missing)}")
             try:
-                image = decode_png(sample.members["png"])
-            except PngError as err:
-                raise ShardError(shard.url, sample.key, f"unreadable image: {err}") from None
-            if image.shape != (size, size, 3):
-                raise ShardError(shard.url, sample.key, f"image is {image.shape}, index says ({size}, {size}, 3)")
-            images[n], labels[n] = image, parse_label(sample, shard.url)
+                images[n], labels[n] = fmt.decode(sample)
+            except SampleError as err:
+                raise ShardError(shard.url, sample["__key__"], str(err)) from None
             n += 1
             if n >= want:
                 break

@@ -1,0 +1,245 @@
+"""Samples of any WebDataset shard, read through the webdataset library.
+
+    for sample in iter_samples("s3://bucket/ds/train-000003.tar"):   # {"__key__", "__url__", "jpg": b"..."}
+        image, label = fmt.decode(sample)                            # fmt: SampleFormat, from index.json
+
+- `open_shard(url)`: `wds.gopen` for local paths, `file://`, `pipe:` and http(s); fsspec for every
+  other URL scheme (`s3://`, `gs://`, `memory://`, ...), which webdataset 1.0.2's gopen does not cover.
+- `iter_samples(url)`: webdataset's own tar iteration (`tar_file_iterator`) and grouping
+  (`group_by_keys`): a sample's key is everything before the first dot of a member's base name, so
+  folders may hold dots (`a.b/c/000001.jpg` -> key `a.b/c/000001`); members of one sample come in any
+  order but are adjacent, as WebDataset requires. A truncated or corrupt tar raises ShardError naming
+  the file and the last key read.
+- `SampleFormat`: which members hold the image (`png`, `jpg`/`jpeg`, `webp`, or an `npy` latent) and
+  the label (`cls`, a field of `json`, or none), and how they decode: images through webdataset's
+  `imagehandler("rgb8")` (Pillow), labels and latents through its basic handlers. An index.json
+  records the format, so a reader never guesses.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+import webdataset as wds
+from webdataset import autodecode, tariterators
+
+from diffscaler.data import storage
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # decoded to RGB by webdataset's image handler
+LATENT_EXTENSION = "npy"  # a float (C, H, W) or (H, W, C) array, e.g. VAE latents
+NO_LABEL = ""  # label_key of an unconditional dataset: every sample is class 0
+_GOPEN_SCHEMES = ("", "file", "pipe", "http", "https")  # opened by wds.gopen; any other scheme by fsspec
+_RGB8 = autodecode.imagehandler("rgb8")
+
+
+class ShardError(ValueError):
+    """A fault in a shard; `url` and `key` say where ("" when no sample key is known)."""
+
+    def __init__(self, url: str, key: str, reason: str):
+        self.url, self.key, self.reason = url, key, reason
+        where = f"{url}: sample {key!r}" if key else url
+        super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # survives pickling, so Ray shows the real error from a worker
+        return (ShardError, (self.url, self.key, self.reason))
+
+
+class SampleError(ValueError):
+    """One sample that cannot be used (missing member, undecodable image, bad label); the reason."""
+
+
+def url_scheme(url: str) -> str:
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", url)
+    return match.group(1).lower() if match and len(match.group(1)) > 1 else ""  # "C:" is a drive
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A binary stream of the shard; FileNotFoundError when a local or fsspec file is missing."""
+    if url_scheme(url) in _GOPEN_SCHEMES:
+        return wds.gopen(url, "rb")
+    fs, path = storage.filesystem(url)
+    return fs.open(path, "rb")
+
+
+class _CountingReader(io.RawIOBase):
+    """Counts the bytes tarfile pulls, so a tar that ends off a 512-byte block is called truncated."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.count = stream, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.stream.read(len(buffer))
+        buffer[: len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+    def drain(self) -> bytes:
+        rest = self.stream.read()
+        self.count += len(rest)
+        return rest
+
+
+def iter_samples(url: str, *, check_end: bool = True) -> Iterator[dict[str, Any]]:
+    """Samples of one shard in tar order: {"__key__", "__url__", extension: bytes, ...}.
+
+    ShardError names the file and the last key on a tar that cannot be read to its end. With
+    `check_end`, once tarfile stops, the rest of the file must be end-of-archive zeros and the
+    length whole 512-byte blocks (tarfile itself treats a truncated or corrupt header as the end).
+    """
+    try:
+        raw = open_shard(url)
+    except FileNotFoundError:
+        raise ShardError(url, "", "shard file missing") from None
+    except OSError as err:
+        raise ShardError(url, "", f"cannot open shard: {err}") from None
+    stream = _CountingReader(raw)
+    last = ""
+    try:
+        members = tariterators.tar_file_iterator(stream)
+        for sample in tariterators.group_by_keys({**m, "__url__": url} for m in members):
+            last = sample["__key__"]
+            yield sample
+        if not check_end:
+            return
+        rest = stream.drain()
+        if rest.strip(b"\0"):
+            raise ShardError(url, last, f"corrupt or truncated tar: {len(rest)} bytes after this sample unread")
+        if stream.count % 512:
+            raise ShardError(url, last, f"truncated tar: {stream.count} bytes is not a whole number of 512-byte blocks")
+    except ShardError:
+        raise
+    except Exception as err:  # tarfile.ReadError, EOFError, the duplicate-member ValueError, I/O errors
+        detail = str(err.args[0]).split(" @ ")[0] if err.args else ""  # webdataset appends the stream's repr
+        if "unexpected end of data" in detail or isinstance(err, EOFError):
+            reason = "truncated tar: the file ends inside the member after this sample"
+        else:
+            reason = f"unreadable tar after this sample: {type(err).__name__}: {detail}"
+        raise ShardError(url, last, reason) from None
+    finally:
+        raw.close()
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How one dataset's samples become (image, label); recorded in index.json."""
+
+    image_keys: tuple[str, ...] = ("png",)  # members tried in order; the first present is the image
+    label_key: str = "cls"  # "cls" | "json:<field>" (dotted path) | "" (none: every label is 0)
+    class_names: tuple[str, ...] = ()
+    label_values: str = "index"  # "index": the label is the class number | "name": an entry of class_names
+    image_size: int = 32  # square side (latents: cells)
+    channels: int = 3  # 3 for RGB images, C for npy latents
+    resize: bool = False  # fit images of other sizes (short side resized, centre crop)
+
+    @property
+    def latent(self) -> bool:
+        return self.image_keys == (LATENT_EXTENSION,)
+
+    def image_member(self, sample: dict[str, Any]) -> tuple[str, bytes]:
+        for ext in self.image_keys:
+            if ext in sample:
+                return ext, sample[ext]
+        have = ", ".join("." + k for k in sorted(sample) if not k.startswith("__")) or "nothing"
+        raise SampleError(f"missing member(s) {' / '.join('.' + e for e in self.image_keys)} (has {have})")
+
+    def label(self, sample: dict[str, Any]) -> int:
+        if not self.label_key:
+            return 0
+        value = raw_label(sample, self.label_key)
+        if self.label_values == "name":
+            try:
+                return self.class_names.index(str(value))
+            except ValueError:
+                raise SampleError(f"label {value!r} is not one of the indexed classes") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SampleError(f"label {value!r} is not a class number")
+        if not 0 <= value < len(self.class_names):
+            raise SampleError(f"label {value} outside [0, {len(self.class_names)})")
+        return value
+
+    def decode_image(self, ext: str, data: bytes) -> np.ndarray:
+        """uint8 (S, S, 3) for an image, float32 (C, S, S) for a latent; SampleError if it cannot be."""
+        size = self.image_size
+        if ext == LATENT_EXTENSION:
+            array = decode_latent(data)
+            if array.shape == (size, size, self.channels) and self.channels != size:
+                array = array.transpose(2, 0, 1)
+            if array.shape != (self.channels, size, size):
+                raise SampleError(f"latent is {array.shape}, index says ({self.channels}, {size}, {size})")
+            return np.ascontiguousarray(array, dtype=np.float32)
+        image = decode_rgb8(ext, data)
+        if image.shape != (size, size, 3):
+            if not self.resize:
+                raise SampleError(f"image is {image.shape}, index says ({size}, {size}, 3)")
+            from PIL import Image
+
+            from diffscaler.data.sources import prepare_image
+
+            image = prepare_image(Image.fromarray(image), size)
+        return image
+
+    def decode(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+        label = self.label(sample)
+        return self.decode_image(*self.image_member(sample)), label
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": ";".join(self.image_keys),
+            "label": self.label_key,
+            "label_values": self.label_values,
+            "channels": self.channels,
+            "resize": self.resize,
+        }
+
+
+def decode_rgb8(ext: str, data: bytes) -> np.ndarray:
+    """uint8 (H, W, 3) through webdataset's image handler; SampleError naming Pillow's complaint."""
+    try:
+        image = _RGB8("." + ext, data)
+    except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise SampleError(f"unreadable image .{ext}: {type(err).__name__}: {err}") from None
+    if image is None:
+        raise SampleError(f".{ext} is not an image extension webdataset decodes")
+    return image
+
+
+def decode_latent(data: bytes) -> np.ndarray:
+    try:
+        array = autodecode.basichandlers(".npy", data)  # numpy.lib.format.read_array: no pickle
+    except Exception as err:
+        raise SampleError(f"unreadable .npy: {type(err).__name__}: {err}") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 3 or not np.issubdtype(array.dtype, np.number):
+        raise SampleError(f".npy holds {getattr(array, 'dtype', type(array))} {getattr(array, 'shape', '')}, "
+                          "not a 3-d numeric array")  # fmt: skip
+    return array
+
+
+def raw_label(sample: dict[str, Any], label_key: str) -> Any:
+    """The label as stored: an int for `cls`, any JSON value for `json:<field>`; SampleError if absent."""
+    if label_key == "cls" or not label_key.startswith("json:"):
+        ext = label_key or "cls"
+        if ext not in sample:
+            raise SampleError(f"missing member(s) .{ext}")
+        try:
+            return autodecode.basichandlers("." + ext, sample[ext])
+        except (ValueError, UnicodeDecodeError):
+            raise SampleError(f".{ext} member {sample[ext][:20]!r} is not an integer") from None
+    if "json" not in sample:
+        raise SampleError("missing member(s) .json")
+    try:
+        value = autodecode.basichandlers(".json", sample["json"])
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SampleError(f".json does not parse: {err}") from None
+    for part in label_key[len("json:") :].split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise SampleError(f".json has no field {label_key[len('json:') :]!r}")
+        value = value[part]
+    return value

@@ -3,6 +3,10 @@
     diffscaler shards make --source NAME|folder:PATH --out DIR [--size 32] [--samples-per-shard N]
                            [--eval-fraction F] [--limit N] [--seed S] [--workers W] [--skip-bad]
     diffscaler shards check DIR          # exit status 0 = valid, 1 = problems (each names file + key)
+    diffscaler shards index URL_OR_DIR [--out DIR] [--image-key jpg] [--label-key cls|json:FIELD|none]
+                            [--size N] [--eval-shards K] [--skip-bad] [--ray]
+                                         # WebDataset shards made by other tools -> index.json (exit 1 on
+                                         # bad samples, each named by file + key, unless --skip-bad)
 
 NAME is one of openclipart, emoji, icons, tiles, textiles, fashion-mnist. DIR may be an fsspec URL.
 """
@@ -14,7 +18,8 @@ import sys
 
 from diffscaler.config import DataConfig
 from diffscaler.data.check import check_dataset
-from diffscaler.data.index import SPLITS
+from diffscaler.data.index import SPLITS, DatasetError
+from diffscaler.data.indexer import index_shards
 from diffscaler.data.sources import BUNDLED_SOURCES
 from diffscaler.data.writer import make_shards
 
@@ -51,6 +56,24 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index(args: argparse.Namespace) -> int:
+    if args.ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+    try:
+        index = index_shards(args.source, args.out or None, image_key=args.image_key, label_key=args.label_key,
+                             size=args.size, eval_shards=args.eval_shards, skip_bad=args.skip_bad,
+                             parallel=args.ray)  # fmt: skip
+    except DatasetError as err:
+        print(f"problem: {err}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{s} {index.num_samples(s)}" for s in SPLITS)
+    print(f"{index.url}: {counts} samples, {index.num_classes} classes, {index.content_hash}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     shards = subparsers.add_parser("shards", help="build and check WebDataset shard folders")
     sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -70,3 +93,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check = sub.add_parser("check", help="validate a shard folder; non-zero exit status on any problem")
     check.add_argument("dir", help="shard folder or fsspec URL")
     check.set_defaults(func=_check)
+
+    index = sub.add_parser("index", help="index WebDataset shards made by other tools (writes index.json)")
+    index.add_argument("source", help="folder of *.tar (local or fsspec URL) or a shard pattern ({000..009}, pipe:)")
+    index.add_argument("--out", default="", help="folder for index.json (default: the shards' folder)")
+    index.add_argument("--image-key", default="", help="image member(s), e.g. jpg or jpg;png or npy (default: found)")
+    index.add_argument("--label-key", default="", help="cls | json:FIELD | none (default: cls if every sample has one)")
+    index.add_argument("--size", type=int, default=0, help="resize images to N x N (default: keep; one size needed)")
+    index.add_argument("--eval-shards", type=int, default=0, help="last K shards are the eval split (unless named)")
+    index.add_argument("--skip-bad", action="store_true", help="leave out bad samples (listed in the index)")
+    index.add_argument("--ray", action="store_true", help="scan on Ray, one task per shard")
+    index.set_defaults(func=_index)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import re
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -101,12 +102,17 @@ def iter_samples(url: str, *, check_end: bool = True) -> Iterator[dict[str, Any]
     except OSError as err:
         raise ShardError(url, "", f"cannot open shard: {err}") from None
     stream = _CountingReader(raw)
-    last = ""
+    last = ""  # the key of the last member read: the sample being read, or the last one yielded
+    members = tariterators.tar_file_iterator(stream)
+
+    def tagged() -> Iterator[dict[str, Any]]:
+        nonlocal last
+        for member in members:
+            last = tariterators.base_plus_ext(member["fname"])[0] or last
+            yield {**member, "__url__": url}
+
     try:
-        members = tariterators.tar_file_iterator(stream)
-        for sample in tariterators.group_by_keys({**m, "__url__": url} for m in members):
-            last = sample["__key__"]
-            yield sample
+        yield from tariterators.group_by_keys(tagged())
         if not check_end:
             return
         rest = stream.drain()
@@ -118,10 +124,10 @@ def iter_samples(url: str, *, check_end: bool = True) -> Iterator[dict[str, Any]
         raise
     except Exception as err:  # tarfile.ReadError, EOFError, the duplicate-member ValueError, I/O errors
         detail = str(err.args[0]).split(" @ ")[0] if err.args else ""  # webdataset appends the stream's repr
-        if "unexpected end of data" in detail or isinstance(err, EOFError):
-            reason = "truncated tar: the file ends inside the member after this sample"
+        if isinstance(err, (tarfile.ReadError, EOFError)):
+            reason = f"truncated or corrupt tar at or after this sample ({detail or type(err).__name__})"
         else:
-            reason = f"unreadable tar after this sample: {type(err).__name__}: {detail}"
+            reason = f"unreadable tar at or after this sample: {type(err).__name__}: {detail}"
         raise ShardError(url, last, reason) from None
     finally:
         raw.close()

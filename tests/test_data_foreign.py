@@ -1,0 +1,270 @@
+"""WebDataset shards made by other tools (written here by webdataset.ShardWriter itself): indexed, checked,
+read with exact per-rank counts, resumed exactly, trained on; bad input named by file and key.
+
+.venv/bin/python -m pytest tests/test_data_foreign.py -q            # the Ray test: -m ray
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from diffscaler.cli import main as cli_main
+from diffscaler.data import DatasetError, ShardError, ShardReader, check_dataset, load_index, read_split
+from diffscaler.data.indexer import index_shards
+
+SIZE = 16
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def encoded(pixels: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {"quality": 95}))
+    return buf.getvalue()
+
+
+def write_wds(folder: Path, samples: list[dict], per_shard: int, prefix: str = "part") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return folder
+
+
+def noise(rng, n: int, shape=(SIZE, SIZE, 3)) -> list[np.ndarray]:
+    # Blocky noise: survives JPEG well enough that every decoded sample is still unique.
+    return [np.kron(rng.integers(0, 256, (shape[0] // 4, shape[1] // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+            for _ in range(n)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def jpg_json(tmp_path_factory) -> Path:
+    """img2dataset-like: .jpg + .json (label field) + .txt, keys with a dot in the folder part; 53 samples
+    in shards of 10 (the last one short)."""
+    rng = np.random.default_rng(0)
+    samples = [
+        {"__key__": f"crawl.v2/part{i // 20}/{i:09d}", "jpg": encoded(im, "JPEG"),
+         "json": {"label": i % 3, "url": f"http://x/{i}.jpg"}, "txt": f"caption {i}"}
+        for i, im in enumerate(noise(rng, 53))
+    ]  # fmt: skip
+    return write_wds(tmp_path_factory.mktemp("jpg") / "pets", samples, 10)
+
+
+@pytest.fixture(scope="module")
+def webp_cls(tmp_path_factory) -> Path:
+    """hub *-wds like: .webp + .cls; every other sample is written as `.WEBP`, so its image member comes
+    before its `.cls` (sorted: 'WEBP' < 'cls' < 'webp') - members in both orders in one shard."""
+    rng = np.random.default_rng(1)
+    samples = [
+        {"__key__": f"{i:06d}", ("WEBP" if i % 2 else "webp"): encoded(im, "WEBP"), "cls": i % 4}
+        for i, im in enumerate(noise(rng, 47))
+    ]  # fmt: skip
+    return write_wds(tmp_path_factory.mktemp("webp") / "icons", samples, 8)
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(2)
+    samples = [{"__key__": f"lat{i:05d}", "npy": rng.standard_normal((4, 8, 8)).astype(np.float32), "cls": i % 2}
+               for i in range(41)]  # fmt: skip
+    return write_wds(tmp_path_factory.mktemp("npy") / "latents", samples, 9)
+
+
+def ids(batch) -> list[bytes]:
+    return [x.numpy().tobytes() for x in batch["image"]]
+
+
+def truth_jpg(folder: Path) -> dict[bytes, int]:
+    """The expected (image, label) of every train sample, decoded here with Pillow and json directly."""
+    out = {}
+    index = load_index(str(folder))
+    for shard in index.shards("train"):
+        with tarfile.open(shard.url) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                label = json.loads(members[name[: -len("jpg")] + "json"])["label"]
+                chw = (pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0).tobytes()
+                out[chw] = label
+    return out
+
+
+def test_jpg_json_shards_index_check_and_read_exactly(jpg_json, capsys):
+    rc = cli_main(["shards", "index", str(jpg_json), "--label-key", "json:label", "--eval-shards", "1"])
+    assert rc == 0, capsys.readouterr().err
+    index = load_index(str(jpg_json))
+    assert index.version == 2 and index.image_size == SIZE and index.class_names == ["0", "1", "2"]
+    assert index.data["members"]["image"] == "jpg" and index.data["members"]["label"] == "json:label"
+    assert [s.num_samples for s in index.shards("train")] == [10] * 5 and index.num_samples("eval") == 3
+    report = check_dataset(str(jpg_json))
+    assert report.ok, report.problems
+    truth = truth_jpg(jpg_json)
+    assert len(truth) == 50
+    per_rank = []
+    for rank in range(3):  # 50 samples, 3 ranks, batch 4: 16 each, 4 batches, every rank
+        reader = ShardReader(str(jpg_json), batch_size=4, rank=rank, world_size=3, hflip=False, shuffle_buffer=8)
+        batches = list(reader.epoch(1))
+        assert len(batches) == reader.batches_per_epoch == 4
+        for b in batches:
+            assert b["image"].shape == (4, 3, SIZE, SIZE) and [truth[i] for i in ids(b)] == b["label"].tolist()
+        per_rank.append({i for b in batches for i in ids(b)})
+    assert all(len(r) == 16 for r in per_rank) and not (per_rank[0] & per_rank[1] or per_rank[1] & per_rank[2])
+    images, labels = read_split(str(jpg_json), "eval")
+    assert images.shape == (3, SIZE, SIZE, 3) and labels.tolist() == [50 % 3, 51 % 3, 52 % 3]
+
+
+def test_webp_cls_members_in_either_order_resume_exactly(webp_cls):
+    index = index_shards(str(webp_cls), eval_shards=1, log=quiet)  # label: cls, found in every sample
+    assert index.data["members"]["label"] == "cls" and index.data["members"]["image"] == "webp"
+    assert index.num_samples("train") == 40 and index.class_names == ["0", "1", "2", "3"]
+    assert check_dataset(str(webp_cls)).ok
+    kwargs = dict(batch_size=3, rank=1, world_size=2, shuffle_buffer=6, seed=4, hflip=True)
+    reader = ShardReader(str(webp_cls), **kwargs)
+    n = reader.batches_per_epoch
+    assert n == 6
+    stream = reader.stream(0)
+    straight = [next(stream) for _ in range(2 * n + 2)]
+    assert all(0 <= v < 4 for b in straight for v in b["label"].tolist())
+    for start in (2, n, n + 3):
+        resumed = ShardReader(str(webp_cls), loader_workers=2, **kwargs).stream(start)
+        got = [next(resumed) for _ in range(2 * n + 2 - start)]
+        assert all(torch.equal(a[k], b[k]) for a, b in zip(got, straight[start:]) for k in ("image", "label"))
+    # Lossless webp: the pixels read are the pixels written, in either member order.
+    images, labels = read_split(str(webp_cls), "train")
+    rng = np.random.default_rng(1)
+    written = noise(rng, 47)
+    assert all(np.array_equal(images[i], written[i]) for i in range(40))
+    assert labels.tolist() == [i % 4 for i in range(40)]
+
+
+def test_npy_latents_read_as_stored_with_exact_rank_counts(latents):
+    index = index_shards(str(latents), log=quiet)
+    assert index.latent and index.channels == 4 and index.image_size == 8 and index.num_samples("train") == 41
+    assert check_dataset(str(latents)).ok
+    counts = []
+    for rank in range(2):
+        reader = ShardReader(str(latents), batch_size=5, rank=rank, world_size=2, hflip=False, shuffle_buffer=10)
+        batches = list(reader.epoch(0))
+        assert all(b["image"].shape == (5, 4, 8, 8) and b["image"].dtype == torch.float32 for b in batches)
+        counts.append(len(batches))
+    assert counts == [4, 4]
+    stored, labels = read_split(str(latents), "train")
+    rng = np.random.default_rng(2)
+    expect = np.stack([rng.standard_normal((4, 8, 8)).astype(np.float32) for _ in range(41)])
+    assert np.array_equal(stored, expect) and labels.tolist() == [i % 2 for i in range(41)]
+
+
+def test_no_label_is_unconditional_and_mixed_sizes_need_size(tmp_path):
+    rng = np.random.default_rng(3)
+    big = [np.asarray(Image.fromarray(im).resize((24, 20))) for im in noise(rng, 12)]
+    folder = write_wds(tmp_path / "raw", [{"__key__": f"{i:04d}", "png": encoded(im, "PNG")}
+                                          for i, im in enumerate(big[:6] + noise(rng, 6))], 4)  # fmt: skip
+    with pytest.raises(DatasetError, match=r"sizes .*24x20.*pass --size N"):
+        index_shards(str(folder), log=quiet)
+    index = index_shards(str(folder), size=SIZE, log=quiet)
+    assert index.class_names == ["unconditional"] and index.data["members"]["resize"] is True
+    batch = next(iter(ShardReader(str(folder), batch_size=4, hflip=False).epoch(0)))
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["label"].tolist() == [0] * 4
+
+
+def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_path):
+    pattern = str(jpg_json / "part-{000000..000004}.tar")
+    with pytest.raises(DatasetError, match="needs --out"):
+        index_shards(pattern, log=quiet)
+    out = tmp_path / "idx"
+    index_shards(pattern, str(out), label_key="json:label", log=quiet)
+    assert [s.url for s in load_index(str(out)).shards("train")][0] == str(jpg_json / "part-000000.tar")
+    local = list(ShardReader(str(out), batch_size=5, hflip=False).epoch(0))
+    index_shards(f"pipe:cat {jpg_json}/part-{{000000..000004}}.tar", str(tmp_path / "pipe"),
+                 label_key="json:label", log=quiet)  # fmt: skip
+    piped = list(ShardReader(str(tmp_path / "pipe"), batch_size=5, hflip=False).epoch(0))
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, piped)) and len(local) == 10
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    try:
+        for p in sorted(jpg_json.glob("part-00000[0-4].tar")):
+            fs.pipe_file(f"/foreign/{p.name}", p.read_bytes())
+        index_shards("memory://foreign", label_key="json:label", log=quiet)
+        remote = list(ShardReader("memory://foreign", batch_size=5, hflip=False).epoch(0))
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote))
+        assert check_dataset("memory://foreign").ok
+    finally:
+        fs.rm("/foreign", recursive=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: named by file and key
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def faulty(tmp_path) -> Path:
+    """Three shards of 6: one truncated, one with an undecodable jpg, one with a sample lacking its image."""
+    rng = np.random.default_rng(5)
+    images = noise(rng, 18)
+    samples = []
+    for i, im in enumerate(images):
+        sample = {"__key__": f"s{i:03d}", "jpg": encoded(im, "JPEG"), "cls": i % 2}
+        if i == 8:
+            sample["jpg"] = b"\xff\xd8 not a jpeg"
+        if i == 15:
+            del sample["jpg"]
+            sample["txt"] = "no image"
+        samples.append(sample)
+    folder = write_wds(tmp_path / "faulty", samples, 6)
+    first = folder / "part-000000.tar"
+    first.write_bytes(first.read_bytes()[:3000])  # cut inside a member of an early sample
+    return folder
+
+
+def test_bad_samples_are_named_by_file_and_key_or_left_out(faulty, capsys):
+    rc = cli_main(["shards", "index", str(faulty), "--label-key", "cls"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not (faulty / "index.json").exists()
+    assert "part-000000.tar: sample 's00" in err and "truncated" in err
+    assert "part-000001.tar: sample 's008': unreadable image .jpg" in err
+    assert "part-000002.tar: sample 's015': missing member(s)" in err
+    index = index_shards(str(faulty), skip_bad=True, log=quiet)
+    assert [s.name for s in index.shards("train")] == ["part-000001.tar", "part-000002.tar"]
+    assert [s.num_samples for s in index.shards("train")] == [5, 5] and len(index.data["skipped_inputs"]) == 3
+    assert check_dataset(str(faulty)).ok
+    seen = [i for b in ShardReader(str(faulty), batch_size=5, hflip=False).epoch(0) for i in ids(b)]
+    assert len(set(seen)) == 10
+
+
+def test_reader_names_a_sample_that_went_bad_after_indexing(webp_cls, tmp_path):
+    folder = tmp_path / "icons"
+    shutil.copytree(webp_cls, folder)
+    index_shards(str(folder), log=quiet)
+    shard = folder / "part-000002.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name.startswith("000019."):
+                data = b"RIFF broken" if "webp" in m.name.lower() else data
+                if m.name.endswith(".cls"):
+                    continue  # 000019 keeps only a broken image
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ShardError, match=r"part-000002.tar: sample '000019': (missing member|unreadable image)"):
+        list(ShardReader(str(folder), batch_size=4, shuffle=False).epoch(0))
+    reader = ShardReader(str(folder), batch_size=4, shuffle=False, skip_bad=True)
+    assert len(list(reader.epoch(0))) == 11 and reader.skipped == 1
+    assert "part-000002.tar: sample '000019'" in reader.skipped_messages[0]
+    report = check_dataset(str(folder))
+    assert any("part-000002.tar: sample '000019'" in p for p in report.problems)

@@ -268,3 +268,57 @@ def test_reader_names_a_sample_that_went_bad_after_indexing(webp_cls, tmp_path):
     assert "part-000002.tar: sample '000019'" in reader.skipped_messages[0]
     report = check_dataset(str(folder))
     assert any("part-000002.tar: sample '000019'" in p for p in report.problems)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trained on through the real stages
+# ------------------------------------------------------------------------------------------------
+
+
+def test_finetune_stage_trains_on_foreign_webp_shards(webp_cls, tmp_path):
+    from diffscaler.train.finetune import plan_finetunes
+    from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
+    from tests.test_finetune import make_backbone, tiny_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(webp_cls, shards / "icons")
+    index_shards(str(shards / "icons"), eval_shards=1, log=quiet)
+    backbone = tmp_path / "backbone.safetensors"
+    make_backbone(backbone)
+    cfg = tiny_config(shards, "[{name: icons, conditional: true}]", "finetune.steps=3")
+    (task,) = plan_finetunes(cfg, backbone, tmp_path / "out", force=True).jobs[0].spec.tasks
+    assert task.num_classes == 4
+    spec = AdapterRunSpec((task,), "affiner", 4, 0.01, 3, str(backbone), cfg.to_dict(), str(tmp_path / "a.jsonl"))
+    before = [p.detach().clone() for p in AdapterRun(spec).params]
+    run = AdapterRun(spec)
+    try:
+        run.train_until(3)
+        assert run.step == 3 and any(not torch.equal(a, b) for a, b in zip(before, run.params, strict=True))
+        assert 0 < run.validation_loss()["icons"] < 10
+    finally:
+        run.close()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_index_on_ray_then_pretrain_on_jpg_and_latent_shards(ray_local, jpg_json, latents, tmp_path):
+    from diffscaler.artifacts import load_backbone
+    from diffscaler.train.pretrain import run_pretrain
+    from tests.test_pretrain import tiny_cfg
+
+    pets = tmp_path / "pets"
+    shutil.copytree(jpg_json, pets)
+    index = index_shards(str(pets), label_key="json:label", parallel=True, log=quiet)  # one Ray task per shard
+    assert index.num_samples("train") == 53 and check_dataset(str(pets)).ok
+    common = ["pretrain.steps=2", "pretrain.checkpoint_every=2", "pretrain.sample_every=0", "model.num_classes=3"]
+    cfg = tiny_cfg(tmp_path, "jpg", *common, f"model.input_size={SIZE}")
+    result = run_pretrain(cfg, tmp_path / "out-jpg", str(pets))
+    assert result.step == 2 and load_backbone(result.backbone)[1]["provenance"]["skipped_samples"] == 0
+
+    lat = tmp_path / "latents"
+    shutil.copytree(latents, lat)
+    index_shards(str(lat), parallel=True, log=quiet)
+    cfg = tiny_cfg(tmp_path, "npy", *common, "model.input_size=8", "model.in_channels=4", "model.name=DiT-T/2")
+    result = run_pretrain(cfg, tmp_path / "out-npy", str(lat))
+    model, meta = load_backbone(result.backbone)
+    assert result.step == 2 and model.config.in_channels == 4

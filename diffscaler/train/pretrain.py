@@ -198,8 +198,12 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
             f"model.input_size: {m.input_size}, but the shards in {shards} hold "
             f"{index.image_size}x{index.image_size} images"
         )
-    if m.in_channels != 3:
-        raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds RGB images (3 channels)")
+    if m.in_channels != index.channels:
+        kind = "npy latents" if index.latent else "RGB images"
+        raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds {kind} ({index.channels} channels)")
+    if index.latent and p.sample_every > 0:
+        raise ConfigError(f"pretrain.sample_every: {p.sample_every}, but {shards} holds latents and sample grids "
+                          "need a VAE decoder; set pretrain.sample_every=0")  # fmt: skip
     if index.num_classes > m.num_classes:
         raise ConfigError(
             f"model.num_classes: {m.num_classes}, but the shards in {shards} have {index.num_classes} classes"

@@ -1,7 +1,14 @@
-"""Read-speed benchmark: decoded 32x32 images per second per CPU core from WebDataset shards.
+"""Read-speed benchmark: decoded images per second per CPU core from WebDataset shards.
 
     python -m bench.shard_read                         # builds Fashion-MNIST 32x32 shards in a temp dir
     python -m bench.shard_read --dataset shards/fashion-mnist --ray-data
+    python -m bench.shard_read --foreign --images 4000 --no-webdataset   # + 256x256 JPEG, 32x32x4 npy rows
+
+--foreign adds shards written by webdataset.ShardWriter and indexed by `diffscaler shards index`:
+256x256 JPEG (.jpg + .cls) and 32x32x4 float32 latents (.npy + .cls), read by ShardReader through the
+webdataset library, next to what one GPU consumes (bench/RESULTS.md run 1, H100: DiT-S/2 pixel
+training 5,963 images/s, DiT-XL/2 latent training 539 images/s). The PNG rows time the library path
+(Pillow through webdataset's image handler) and the pngcodec batch fast path (ShardReader's default).
 
 Rows: this project's ShardReader (local path, `memory://` and `file://` through fsspec, and with
 DataLoader workers), and for comparison `webdataset.WebDataset` with its own PNG decoding and,
@@ -41,9 +48,9 @@ def _measure(run: Callable[[], int]) -> tuple[int, float, float]:
     return images, time.perf_counter() - wall, _cpu_seconds() - cpu
 
 
-def _shard_reader(url: str, batch_size: int, workers: int, epochs: int) -> Callable[[], int]:
+def _shard_reader(url: str, batch_size: int, workers: int, epochs: int, fast_png: bool = True) -> Callable[[], int]:
     def run() -> int:
-        reader = ShardReader(url, "train", batch_size, loader_workers=workers, hflip=True)
+        reader = ShardReader(url, "train", batch_size, loader_workers=workers, hflip=True, fast_png=fast_png)
         return sum(b["image"].shape[0] for epoch in range(epochs) for b in reader.epoch(epoch))
 
     return run
@@ -76,6 +83,39 @@ def _ray_data(urls: list[str], batch_size: int) -> tuple[int, float, float]:
             ray.shutdown()
 
 
+GPU_PIXEL_IMAGES_S = 5963  # DiT-S/2, 32x32 pixels, H100 bf16 (RESULTS.md run 1)
+GPU_LATENT_IMAGES_S = 539  # DiT-XL/2, 32x32x4 latents, H100 bf16 (RESULTS.md run 1)
+
+
+def _foreign(root: str, kind: str, images: int, per_shard: int) -> str:
+    """webdataset.ShardWriter shards of `kind` (jpg256 | npy32) in root/kind, indexed; returns the folder."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from diffscaler.data.indexer import index_shards
+
+    folder = os.path.join(root, kind)
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.linear_gradient("L").resize((256, 256)))[..., None].repeat(3, axis=2)  # smooth, like photos
+    with wds.ShardWriter(os.path.join(folder, "part-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(images):
+            if kind == "jpg256":
+                pixels = np.clip(base.astype(np.int16) + rng.integers(-20, 20, (1, 1, 3)), 0, 255).astype(np.uint8)
+                pixels = np.roll(pixels, i, axis=1)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+                sink.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "cls": i % 10})
+            else:
+                sink.write({"__key__": f"{i:09d}", "npy": rng.standard_normal((4, 32, 32)).astype(np.float32),
+                            "cls": i % 10})  # fmt: skip
+    index_shards(folder, log=lambda m: None)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="", help="existing shard folder (default: build Fashion-MNIST)")
@@ -85,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the worker row")
     parser.add_argument("--ray-data", action="store_true", help="also time Ray Data read_webdataset")
     parser.add_argument("--no-webdataset", action="store_true", help="skip the webdataset reference row")
+    parser.add_argument("--foreign", action="store_true", help="also 256x256 JPEG and 32x32x4 npy shards")
+    parser.add_argument("--foreign-images", type=int, default=2000, help="images per foreign dataset")
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="shard-read-bench-")
@@ -103,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         b, e = args.batch_size, args.epochs
 
         rows = []  # (what, processes, images, wall s, CPU s)
-        rows.append(("ShardReader, local path", 1, *_measure(_shard_reader(dataset, b, 0, e))))
+        rows.append(("ShardReader, local path (pngcodec fast path)", 1, *_measure(_shard_reader(dataset, b, 0, e))))
+        rows.append(
+            ("ShardReader, local path, library only (Pillow)", 1, *_measure(_shard_reader(dataset, b, 0, e, False)))
+        )
         rows.append(
             ("ShardReader, fsspec memory://", 1, *_measure(_shard_reader("memory://shard-read-bench", b, 0, e)))
         )
@@ -118,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
             images, seconds, cpus = _ray_data([s.url for s in shards], b)
             rows.append((f"Ray Data read_webdataset, local ({cpus:g} CPUs)", int(cpus), images, seconds, float("nan")))
 
+        foreign_rows = []
+        if args.foreign:
+            for kind, what, gpu in (("jpg256", "256x256 JPEG", GPU_LATENT_IMAGES_S),
+                                    ("npy32", "32x32x4 npy latents", GPU_LATENT_IMAGES_S)):  # fmt: skip
+                folder = _foreign(tmp, kind, args.foreign_images, 500)
+                fb = 32 if kind == "jpg256" else b
+                foreign_rows.append((f"ShardReader, {what}, batch {fb}", 1, *_measure(_shard_reader(folder, fb, 0, 1)),
+                                     gpu))  # fmt: skip
+
         print(
             f"\nshard read speed: {index.image_size}x{index.image_size} PNG, batch {b}, {index.num_samples('train')} "
             f"train images, {os.cpu_count()}-core CPU machine, load average {os.getloadavg()[0]:.1f} at the end"
@@ -127,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
             per_cpu = f"{images / cpu:>8.0f}" if cpu == cpu else f"{'-':>8}"
             rate = images / wall
             print(f"{what:<50} {procs:>5} {images:>7} {wall:>7.2f} {rate:>9.0f} {rate / procs:>8.0f} {per_cpu}")
+        print(
+            f"GPU bar: {GPU_PIXEL_IMAGES_S} images/s (DiT-S/2 pixels) = {GPU_PIXEL_IMAGES_S / 2:.0f} /CPU-s on 2 cores"
+        )
+        for what, procs, images, wall, cpu, gpu in foreign_rows:
+            per_cpu = images / cpu
+            print(f"{what:<50} {procs:>5} {images:>7} {wall:>7.2f} {images / wall:>9.0f} {images / wall:>8.0f} "
+                  f"{per_cpu:>8.0f}   GPU bar {gpu} images/s = {gpu / 2:.0f} /CPU-s on 2 cores")  # fmt: skip
         return 0
     finally:
         if memory.exists("/shard-read-bench"):

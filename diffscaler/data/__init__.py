@@ -2,11 +2,13 @@
 
     diffscaler shards make --source emoji --out shards/emoji --limit 500
     diffscaler shards check shards/emoji
+    diffscaler shards index /data/pets-wds --label-key json:label   # WebDataset shards made by other tools
     python -m ray_jobs.shards --config ray_jobs/configs/tiny.yaml      # every dataset, as Ray tasks
 
 Modules: sources (bundled sets + folders), writer (make_shards, ShardWriter), index (index.json),
 check (check_dataset), reader (ShardReader, MixedTaskReader, read_split), build (build_all),
-pngcodec / tarformat (the bytes on disk), storage (local paths and fsspec URLs, atomic writes).
+samples (reading any WebDataset through the webdataset library), indexer (`shards index`: foreign shards
+-> index.json), pngcodec / tarformat (our own bytes on disk), storage (local paths and fsspec URLs).
 """
 
 from diffscaler.data.build import build_all, dataset_dir, dataset_jobs, pretrain_dataset_dir

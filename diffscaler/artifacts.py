@@ -366,3 +366,53 @@ def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | 
     for i, (f, state) in enumerate(zip(files, states, strict=True)):
         bank.load_task_state(i, state, f)
     return bank
+
+
+# ------------------------------------------------------------------------------------------------
+# Task models: a whole DiT trained for one task (the comparison's `scratch` row)
+# ------------------------------------------------------------------------------------------------
+
+TASK_MODEL_KEY = "task_model"  # backbone.json provenance key that marks a file as one task's own model
+
+
+def save_task_model(model: DiT, info: TaskInfo, out_dir: str | Path, backbone_hash: str, backbone_params: int,
+                    extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write `<task>.safetensors` + `.json` in the backbone format, with the adapter-like description of
+    the task (method, classes, the backbone it is compared against) under provenance[TASK_MODEL_KEY]."""
+    described = {
+        "task": info.name, "method": "scratch", "rank": 0, "targets": [], "conditional": info.conditional,
+        "num_classes": info.num_classes, "class_names": list(info.class_names), "backbone_hash": backbone_hash,
+        "model": asdict(model.config), "trainable_params": model.num_parameters(trainable_only=True),
+        "backbone_params": backbone_params, **(extra or {}),
+    }  # fmt: skip
+    path = Path(out_dir) / f"{info.name}.safetensors"
+    save_backbone(model, path, provenance={TASK_MODEL_KEY: described})
+    return path
+
+
+def read_trained_meta(file: str | Path) -> dict[str, Any]:
+    """The adapter JSON of `file`, or for a task model (scratch) its description with `task_model: True`.
+    AdapterLoadError when the file is neither."""
+    path = Path(file)
+    meta_path = path.with_suffix(".json")
+    try:
+        fmt = json.loads(meta_path.read_text()).get("format")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        fmt = None
+    if fmt == BACKBONE_FORMAT and path.is_file():
+        try:
+            meta = read_backbone_meta(path)
+        except BackboneLoadError as err:
+            raise AdapterLoadError(str(err)) from None
+        described = meta.get("provenance", {}).get(TASK_MODEL_KEY)
+        if not isinstance(described, dict):
+            raise AdapterLoadError(f"{path}: a backbone, not an adapter or a task's own model")
+        return {**described, TASK_MODEL_KEY: True, "content_hash": meta["content_hash"]}
+    return read_adapter_meta(path)
+
+
+def is_task_model(file: str | Path) -> bool:
+    try:
+        return bool(read_trained_meta(file).get(TASK_MODEL_KEY))
+    except (AdapterLoadError, OSError):
+        return False

@@ -26,6 +26,8 @@ class ConfigError(ValueError):
 
 MODEL_NAME_PATTERN = re.compile(r"^DiT-(T|S|B|L|XL)/(2|4|8)$")
 ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full")
+# What a fine-tune row can be: an adapter method, or the same DiT trained from random init on the task alone.
+FINETUNE_METHODS = (*ADAPTER_METHODS, "scratch")
 ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
 SAMPLERS = ("ddim", "ddpm")
 PIPELINE_STAGES = ("shards", "pretrain", "finetune", "sweep", "evaluate", "report")
@@ -128,7 +130,10 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    methods: tuple[str, ...] = ("affiner",)  # methods run per task (comparison-table rows)
+    methods: tuple[str, ...] = ("affiner",)  # methods run per task (comparison-table rows); + scratch
+    method_lrs: dict[str, float] = field(default_factory=dict)  # per-method lr, e.g. {full: 1.0e-4} (else lr)
+    extra_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # more seeds, e.g. {affiner: [1]}
+    lr_from_sweep: bool = False  # the pipeline takes each method's lr from the sweep's best.json (sweep first)
     steps: int = 200  # optimizer steps per task
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate for adapter parameters
@@ -146,6 +151,8 @@ class FinetuneConfig:
 @dataclass(frozen=True)
 class SweepConfig:
     ranks: tuple[int, ...] = (2, 4, 8, 16, 32)  # adapter ranks searched
+    methods: tuple[str, ...] = ()  # methods swept, each on its own (empty = adapter.method)
+    lrs: tuple[float, ...] = ()  # a grid of learning rates (empty = log-uniform in [lr_min, lr_max])
     lr_min: float = 1e-4  # log-uniform learning-rate range, low end
     lr_max: float = 1e-2  # log-uniform learning-rate range, high end
     num_samples: int = 4  # trials per dataset
@@ -157,7 +164,7 @@ class SweepConfig:
     max_concurrent_trials: int = 0  # 0 = from the cluster's resources
     datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets)
     fid_samples: int = 64  # generated images for the final FID of the best trials
-    fid_candidates: int = 2  # best trials per dataset (by validation loss) scored by FID
+    fid_candidates: int = 2  # best trials per dataset (by validation loss) scored by FID (0 = no FID)
     storage_path: str = ""  # Tune storage (local dir, NFS or s3://); empty = <out>/tune
 
 
@@ -166,7 +173,9 @@ class EvalConfig:
     feature_network: str = "efficientnet-lite0"  # efficientnet-lite0 | inception-v3-compat
     feature_weights_path: str = ""  # weights file (required for inception-v3-compat)
     num_samples: int = 256  # generated images per task
-    num_reference: int = 0  # reference images from the eval split (0 = all)
+    num_reference: int = 0  # reference images from the reference split (0 = all)
+    reference_split: str = "eval"  # real images scored against: eval | train (the floor row uses the other)
+    reference_rows: bool = True  # add the floor (real vs real) and no-adapter rows and the task accuracy
     num_actors: int = 2  # actors in the evaluation pool
     cpus_per_actor: float = 0.5  # CPU request per actor
     gpus_per_actor: float = 0.0  # GPU request per actor
@@ -234,6 +243,11 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (item_type, *_rest) = get_args(annotation)
         return tuple(_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = get_args(annotation)
+        return {_coerce(k, key_type, f"{path}") : _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -428,7 +442,12 @@ def validate(cfg: ExperimentConfig) -> None:
     f = cfg.finetune
     _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
     for m in f.methods:
-        _one_of(m, ADAPTER_METHODS, "finetune.methods")
+        _one_of(m, FINETUNE_METHODS, "finetune.methods")
+    for m in f.extra_seeds:
+        _require(m in f.methods, "finetune.extra_seeds", f"{m!r} is not one of finetune.methods {list(f.methods)}")
+    for m, lr in f.method_lrs.items():
+        _one_of(m, FINETUNE_METHODS, "finetune.method_lrs")
+        _require(lr > 0 and math.isfinite(lr), f"finetune.method_lrs.{m}", "must be a positive number")
     _require(f.steps >= 1, "finetune.steps", "must be at least 1")
     _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
     _require(f.lr > 0 and math.isfinite(f.lr), "finetune.lr", "must be positive and finite")
@@ -450,7 +469,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(s.max_steps >= s.rung_steps, "sweep.max_steps", "must be >= sweep.rung_steps")
     _require(s.reduction_factor >= 2, "sweep.reduction_factor", "must be at least 2")
     _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be positive")
-    _require(s.fid_candidates >= 1, "sweep.fid_candidates", "must be at least 1")
+    _require(s.fid_candidates >= 0, "sweep.fid_candidates", "must be >= 0 (0 = choose by validation loss)")
+    for m in s.methods:
+        _one_of(m, FINETUNE_METHODS, "sweep.methods")
+    for lr in s.lrs:
+        _require(lr > 0 and math.isfinite(lr), "sweep.lrs", f"{lr!r} is not a positive number")
     for ds in s.datasets:
         _require(ds in names, "sweep.datasets", f"{ds!r} is not a task in data.targets {names}")
 
@@ -463,6 +486,7 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _require(e.num_samples >= 2, "eval.num_samples", "must be at least 2")
     _require(e.num_reference >= 0, "eval.num_reference", "must be >= 0 (0 = all)")
+    _one_of(e.reference_split, ("eval", "train"), "eval.reference_split")
     _require(e.num_actors >= 1, "eval.num_actors", "must be at least 1")
     _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
     _require(e.sampling_steps >= 1, "eval.sampling_steps", "must be at least 1")

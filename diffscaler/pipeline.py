@@ -68,6 +68,16 @@ MANIFEST_FORMAT = "diffscaler-pipeline"
 MANIFEST_FORMAT_VERSION = 1
 STAGES_NEEDING_RAY = ("shards", "pretrain", "finetune", "sweep", "evaluate")
 BACKBONE_USERS = ("finetune", "sweep", "evaluate", "report")  # stages that read the backbone file
+REAL_LABEL = "floor (real)"  # the reference rows of fid.json: real held-out images, and the bare backbone
+NO_ADAPTER_LABEL = "no adapter"
+
+
+def stage_order(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The order stages run in: the sweep first when the fine-tunes take their learning rates from it."""
+    if not cfg.finetune.lr_from_sweep:
+        return PIPELINE_STAGES
+    rest = [s for s in PIPELINE_STAGES if s != "sweep"]
+    return (*rest[: rest.index("finetune")], "sweep", *rest[rest.index("finetune") :])
 
 
 class PipelineInputError(ValueError):
@@ -246,7 +256,7 @@ class Pipeline:
             raise PipelineInputError(f"force: unknown stage(s) {unknown}; stages are {list(PIPELINE_STAGES)}")
         self.force = tuple(force)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.selected = tuple(s for s in PIPELINE_STAGES if s in self.cfg.pipeline.stages)
+        self.selected = tuple(s for s in stage_order(self.cfg) if s in self.cfg.pipeline.stages)
         self.manifest = Manifest(str(self.layout.root))
         self.previous: Manifest | None = None  # the manifest of the run before, as found on disk
         self._started_ray = False
@@ -282,7 +292,7 @@ class Pipeline:
             raise PipelineInputError(f"pipeline.stages repeats a stage: {stages}")
         if stages != list(self.selected):
             raise PipelineInputError(
-                f"pipeline.stages {stages} is out of order; stages run as {list(PIPELINE_STAGES)}, "
+                f"pipeline.stages {stages} is out of order; stages run as {list(stage_order(self.cfg))}, "
                 f"write them in that order: {list(self.selected)}"
             )
         self._check_datasets()
@@ -661,7 +671,7 @@ class Pipeline:
         if not self.backbone_path.is_file():
             return StageCheck(False, "no backbone yet")
         try:
-            plan = plan_finetunes(self.cfg, self.backbone_path, self.layout.adapters_dir)
+            plan = plan_finetunes(self.finetune_cfg(), self.backbone_path, self.layout.adapters_dir)
         except FinetuneInputError as err:
             return StageCheck(False, str(err))
         if plan.jobs:
@@ -671,7 +681,8 @@ class Pipeline:
     def run_finetune(self) -> dict[str, Any]:
         from diffscaler.train.finetune import run_finetunes
 
-        summary = run_finetunes(self.cfg, self.backbone_path, self.layout.adapters_dir, force="finetune" in self.force,
+        summary = run_finetunes(self.finetune_cfg(), self.backbone_path, self.layout.adapters_dir,
+                                force="finetune" in self.force,
                                 log=self.log)  # fmt: skip
         failed = [r for r in summary.rows if r.status == "failed"]
         if failed:
@@ -686,20 +697,48 @@ class Pipeline:
 
     def adapter_files(self) -> dict[str, dict[str, str]]:
         """{method: {task: adapter file}} for every configured method and task (files may not exist yet)."""
-        from diffscaler.train.finetune import method_dir
+        from diffscaler.train.finetune import finetune_variants
 
         methods = self.cfg.finetune.methods
-        return {m: {t.name: str(method_dir(self.layout.adapters_dir, m, methods) / f"{t.name}.safetensors")
-                    for t in self.cfg.data.targets} for m in methods}  # fmt: skip
+        return {v.label: {t.name: str(v.out_dir(self.layout.adapters_dir, methods) / f"{t.name}.safetensors")
+                          for t in self.cfg.data.targets} for v in finetune_variants(self.cfg)}  # fmt: skip
 
     # -- sweep ---------------------------------------------------------------------------------
 
     def _sweep_fingerprints(self) -> dict[str, str]:
         """{dataset: fingerprint of its Tune experiment} (the sweep library's own naming of a search)."""
-        from diffscaler.train.sweep import plan_sweep, sweep_fingerprint
+        from diffscaler.train.sweep import sweep_fingerprints
 
-        plan = plan_sweep(self.cfg, self.backbone_path)
-        return {t.name: sweep_fingerprint(self.cfg, plan, t) for t in plan.tasks}
+        return sweep_fingerprints(self.cfg, self.backbone_path)
+
+    def swept_entries(self) -> dict[str, dict[str, Any]]:
+        """best.json rows keyed as the fingerprints are: dataset (first method), method/dataset (the others)."""
+        try:
+            best = json.loads((self.layout.sweep_dir / "best.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        out = dict(best.get("datasets", {}))
+        methods = best.get("methods", {})
+        for m, rows in list(methods.items())[1:]:
+            out |= {f"{m}/{name}": row for name, row in rows.items()}
+        return out
+
+    def swept_lrs(self) -> dict[str, float]:
+        """{method: lr} the sweep chose (best.json, on its first dataset), for finetune.lr_from_sweep."""
+        try:
+            best = json.loads((self.layout.sweep_dir / "best.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        methods = best.get("methods") or {self.cfg.adapter.method: best.get("datasets", {})}
+        return {m: float(next(iter(rows.values()))["lr"]) for m, rows in methods.items() if rows}
+
+    def finetune_cfg(self) -> ExperimentConfig:
+        """The config the fine-tunes run with: with finetune.lr_from_sweep, each swept method's lr is the
+        sweep's choice (finetune.method_lrs of the config win where both name a method)."""
+        if not self.cfg.finetune.lr_from_sweep:
+            return self.cfg
+        lrs = {**self.swept_lrs(), **self.cfg.finetune.method_lrs}
+        return dataclasses.replace(self.cfg, finetune=dataclasses.replace(self.cfg.finetune, method_lrs=lrs))
 
     def swept_adapters(self) -> dict[str, str]:
         """{dataset: winning adapter file} from DIR/sweep/best.json ({} before the sweep)."""
@@ -710,7 +749,7 @@ class Pipeline:
         return {name: row["adapter"] for name, row in best.items() if row.get("adapter")}
 
     def check_sweep(self) -> StageCheck:
-        from diffscaler.artifacts import AdapterLoadError, read_adapter_file
+        from diffscaler.artifacts import AdapterLoadError, read_trained_meta
         from diffscaler.train.finetune import FinetuneInputError
 
         if not self.backbone_path.is_file():
@@ -723,11 +762,11 @@ class Pipeline:
         record = self.previous.stages.get("sweep") if self.previous is not None else None
         if record is None or record.status not in ("done", "skipped") or record.outputs.get("fingerprints") != wanted:
             return StageCheck(False, "no finished sweep with this search space and backbone")
-        winners = self.swept_adapters()
+        winners = self.swept_entries()
         backbone_hash = self.backbone_hash()
         for name in wanted:
             try:
-                meta, _ = read_adapter_file(winners.get(name, ""))
+                meta = read_trained_meta(winners.get(name, {}).get("adapter", ""))
             except (AdapterLoadError, OSError) as err:
                 return StageCheck(False, f"the best adapter of {name!r} is missing ({err})")
             if meta.get("backbone_hash") != backbone_hash:
@@ -739,7 +778,9 @@ class Pipeline:
 
         fingerprints = self._sweep_fingerprints()
         result = run_sweep(self.cfg, self.backbone_path, self.layout.sweep_dir, log=self.log)
-        missing = [name for name in fingerprints if name not in result.best]
+        first = next(iter(result.by_method), "")
+        found = {name if m == first else f"{m}/{name}" for m, rows in result.by_method.items() for name in rows}
+        missing = [name for name in fingerprints if name not in found]
         if missing:
             trials = self.layout.sweep_dir / "trials.csv"
             raise PipelineStageError("sweep", f"no trial finished a rung for {missing}; see {trials}")
@@ -753,6 +794,8 @@ class Pipeline:
         from diffscaler.artifacts import AdapterLoadError, read_adapter_file
 
         out = self.adapter_files()
+        if self.cfg.finetune.lr_from_sweep:  # the fine-tunes already use the swept lr: its winners add nothing
+            return out
         winners = {}
         for task, path in self.swept_adapters().items():
             try:  # only winners for this backbone: a sweep of an earlier backbone is history, not a result
@@ -792,6 +835,10 @@ class Pipeline:
 
         requests = [request_for_task(self.cfg, task, path, label=label)
                     for label, tasks in self.evaluated_adapters().items() for task, path in tasks.items()]  # fmt: skip
+        if self.cfg.eval.reference_rows:  # the rows that make the others readable: the floor and no adapter
+            for t in self.cfg.data.targets:
+                requests += [request_for_task(self.cfg, t.name, None, label=REAL_LABEL, source="real"),
+                             request_for_task(self.cfg, t.name, None, label=NO_ADAPTER_LABEL)]  # fmt: skip
         inputs = self._eval_inputs()
         with FidEvaluator(str(self.backbone_path), self.cfg) as evaluator:
             results = evaluator.evaluate(requests)

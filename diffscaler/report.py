@@ -142,36 +142,112 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
 
 def _fid_section(inputs: ReportInputs) -> list[str]:
     doc = _read_json(inputs.fid_json)
-    lines = ["## FID / KID per task and method", ""]
+    lines = ["## FID / KID / task accuracy per task and method", ""]
     if doc is None:
         return [*lines, "_Not evaluated yet (the evaluate stage has not run)._", ""]
     rows = doc.get("results", [])
     if not rows:
         return [*lines, f"_{inputs.fid_json} holds no scores._", ""]
     nets = sorted({r["feature_network"] for r in rows})
-    gens = sorted({r["num_generated"] for r in rows})
+    gens = sorted({r["num_generated"] for r in rows if r.get("source", "generated") == "generated"})
     refs = sorted({r["num_reference"] for r in rows})
+    split = sorted({r.get("reference_split", "eval") for r in rows})
     lines.append(
         f"Feature network: **{', '.join(nets)}**; {', '.join(map(str, gens))} generated images per task and method, "
-        f"against {refs[0]}{'-' + str(refs[-1]) if len(refs) > 1 else ''} reference images (the task's eval "
-        "split). Lower is better. "
+        f"against {refs[0]}{'-' + str(refs[-1]) if len(refs) > 1 else ''} real images of the task's "
+        f"{'/'.join(split)} split. Lower FID/KID is better. "
         + ("Scores on EfficientNet-Lite0 features rank runs against each other; they are not comparable with "
-           "published (Inception) FID." if "efficientnet-lite0" in nets else "")
+           "published (Inception) FID. " if "efficientnet-lite0" in nets else "")
+        + "How to read them: **floor (real)** scores the task's real images of the other split against the same "
+          "reference - as good as a generator can get at these counts; **no adapter** scores the pretrained "
+          "backbone's own samples - what the fine-tune starts from. **Task accuracy** is the share of the images "
+          "that a nearest-centroid classifier on the same features, fitted on every target's reference images, "
+          "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
     )  # fmt: skip
-    lines += ["", "| task | method | rank | FID | KID (mean ± std) | generated | reference | sampler | status |",
-              "|---|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
-    for r in sorted(rows, key=lambda r: (str(r["task"]), r["label"])):
-        fid = f"{r['fid']:.2f}" if r.get("fid") is not None else "-"
-        kid = f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f}" if r.get("kid_mean") is not None else "-"
+    metas = _method_metas(inputs)
+    lines += ["", "| task | method | lr | FID | KID (mean ± std) | task acc. | trainable params | % of backbone | "
+              "file (KiB) | train img/s | train wall (s) | status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
+    for r in sorted(rows, key=lambda r: (str(r["task"]), order.get(r["label"], len(order)), r["label"])):
+        m = metas.get((r["label"], r["task"]), {})
+        ft = m.get("finetune", {})
         status = r["status"] if r["status"] == "ok" else f"failed: {_cell(r.get('error', ''), 80)}"
-        lines.append(f"| {r['task'] or '(backbone)'} | {r['label'] or r['method'] or '-'} | {r['rank'] or '-'} | "
-                     f"{fid} | {kid} | {r['num_generated']} | {r['num_reference']} | "
-                     f"{r['sampler']} {r['steps']} steps | {status} |")  # fmt: skip
+        name = r["label"] or r["method"] or "-"
+        lines.append(f"| {r['task'] or '(backbone)'} | {name} | {_fmt_opt(ft.get('lr'), '.2g')} | "
+                     f"{_fmt_opt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt_opt(r.get('task_accuracy'), '.2f')} | "
+                     f"{_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
+                     f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
+                     f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |")  # fmt: skip
+    lines += ["", *_averages(rows, metas, inputs)]
     return [*lines, ""]
 
 
+REFERENCE_LABELS = ("floor (real)", "no adapter")
+
+
+def _fmt_opt(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def _kid(r: dict[str, Any]) -> str:
+    return f"{r['kid_mean']:.4f} ± {r['kid_std']:.4f}" if r.get("kid_mean") is not None else "-"
+
+
+def _pct(meta: dict[str, Any]) -> str:
+    if not meta.get("backbone_params"):
+        return "-"
+    return f"{100.0 * meta['trainable_params'] / meta['backbone_params']:.2f} %"
+
+
+def _method_metas(inputs: ReportInputs) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(label, task): adapter (or task-model) description + file_kib} for every evaluated file."""
+    from diffscaler.artifacts import read_trained_meta
+
+    out = {}
+    for label, tasks in inputs.adapters.items():
+        for task, path in tasks.items():
+            try:
+                meta = read_trained_meta(path)
+            except (ValueError, OSError):
+                continue
+            out[(label, task)] = {**meta, "file_kib": Path(path).stat().st_size / 1024}
+    return out
+
+
+def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str, Any]],
+              inputs: ReportInputs) -> list[str]:  # fmt: skip
+    """Per method, the mean over the tasks it was scored on (as the DiffFit and DiffScaler papers report)."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["status"] == "ok" and r["task"]:
+            by_label.setdefault(r["label"], []).append(r)
+    if not by_label:
+        return []
+    order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
+    out = ["**Averages over the tasks** (mean of the per-task scores; KID ± is the mean of the per-task stds):", "",
+           "| method | tasks | mean FID | mean KID | mean task acc. | mean % of backbone |",
+           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for label in sorted(by_label, key=lambda k: (order.get(k, len(order)), k)):
+        rs = by_label[label]
+        accs = [r["task_accuracy"] for r in rs if r.get("task_accuracy") is not None]
+        pcts = [100.0 * m["trainable_params"] / m["backbone_params"] for r in rs
+                if (m := metas.get((label, r["task"]), {})).get("backbone_params")]  # fmt: skip
+        acc = f"{np.mean(accs):.2f}" if accs else "-"
+        pct = f"{np.mean(pcts):.2f} %" if pcts else "-"
+        out.append(f"| {label} | {len(rs)} | {np.mean([r['fid'] for r in rs]):.2f} | "
+                   f"{np.mean([r['kid_mean'] for r in rs]):.4f} ± {np.mean([r['kid_std'] for r in rs]):.4f} | "
+                   f"{acc} | {pct} |")  # fmt: skip
+    return [*out, ""]
+
+
 def _adapter_meta(path: str) -> dict[str, Any] | None:
-    return _read_json(Path(path).with_suffix(".json"))
+    from diffscaler.artifacts import read_trained_meta
+
+    try:
+        return read_trained_meta(path)
+    except (ValueError, OSError):
+        return None
 
 
 def _params_section(inputs: ReportInputs) -> list[str]:
@@ -325,6 +401,55 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     files.append(_save_grid(imgs[order], GRID_PER_TASK, out / "samples_mixed.png"))
     lines += [f"**The whole mixed batch**, one row per task ({', '.join(names)}):", "",
               "![mixed batch](samples_mixed.png)", ""]  # fmt: skip
+    if len(inputs.adapters) > 1:
+        method_files, method_lines = _method_grids(inputs, diffusion, settings, device)
+        files += method_files
+        lines += method_lines
+    return files, lines
+
+
+def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any],
+                  device: Any) -> tuple[list[Path], list[str]]:  # fmt: skip
+    """Per task, one row per method (real images, the bare backbone, then every method), same seeds."""
+    import torch
+
+    from diffscaler.artifacts import is_task_model, load_adapters, load_backbone
+    from diffscaler.diffusion.sampling import sample_images
+
+    cfg, out = inputs.cfg, Path(inputs.out_dir)
+    backbone, meta = load_backbone(inputs.backbone)
+    n_cls = backbone.config.num_classes
+    rows: dict[str, dict[str, np.ndarray]] = {}  # task -> row label -> images
+    for t in cfg.data.targets:
+        real = _real_images(cfg, t.name, GRID_COLUMNS)
+        if real is not None and len(real) == GRID_COLUMNS:
+            rows.setdefault(t.name, {})["real"] = real
+        with torch.no_grad():
+            rows.setdefault(t.name, {})["no adapter"] = sample_images(
+                backbone.to(device).eval(), diffusion, num=GRID_COLUMNS, seed=SAMPLE_SEED,
+                labels=[k % n_cls for k in range(GRID_COLUMNS)], batch_size=GRID_COLUMNS, **settings)  # fmt: skip
+    for label, tasks in inputs.adapters.items():
+        present = {t: p for t, p in tasks.items() if Path(p).is_file()}
+        for task, path in present.items():
+            if is_task_model(path):
+                model, _ = load_backbone(path)
+                ids = None
+            else:
+                model, _ = load_backbone(inputs.backbone)
+                load_adapters(model, [path], backbone_hash=meta["content_hash"])
+                ids = [0] * GRID_COLUMNS
+            with torch.no_grad():
+                rows.setdefault(task, {})[label] = sample_images(
+                    model.to(device).eval(), diffusion, num=GRID_COLUMNS, seed=SAMPLE_SEED, labels=[0] * GRID_COLUMNS,
+                    task_ids=ids, batch_size=GRID_COLUMNS, **settings)  # fmt: skip
+    files, lines = [], ["### Every method side by side", "",
+                        "Per task, one row each, top to bottom: " + ", ".join(["real images", "no adapter",
+                        *inputs.adapters]) + f" (same seeds in every row, {settings['sampler']} "
+                        f"{settings['steps']} steps).", ""]  # fmt: skip
+    for task, by_row in rows.items():
+        grid = np.concatenate(list(by_row.values()))
+        files.append(_save_grid(grid, GRID_COLUMNS, out / f"methods_{task}.png"))
+        lines += [f"**{task}**: " + ", ".join(by_row), "", f"![{task} by method](methods_{task}.png)", ""]
     return files, lines
 
 

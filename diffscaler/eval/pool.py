@@ -54,6 +54,7 @@ from diffscaler.eval.stats import (
     kid_from_features,
     load_cached,
     load_reference_images,
+    nearest_centroid_accuracy,
     plan_reference,
     save_cached,
 )
@@ -78,6 +79,10 @@ class EvalRequest:
     cfg_scale: float | None = None  # guidance scale (None = cfg.diffusion.cfg_scale)
     num_reference: int | None = None  # reference images (None = cfg.eval.num_reference; 0 = all)
     label: str = ""  # free text echoed in the result (trial id, method)
+    # generated: sample the model (no adapter_path with a task: the bare backbone's samples over its classes,
+    # scored against the task: the comparison's "no adapter" row); real: the floor - the task's real images
+    # of the other split, as many as num_samples allows, scored against the reference split
+    source: str = "generated"
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,11 @@ class EvalResult:
     method: str  # adapter method ("" for the bare backbone)
     rank: int  # adapter rank (0 for the bare backbone)
     features: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N, D) if asked
+    # share of the images a nearest-centroid classifier (feature network, fitted on every target's reference
+    # images) assigns to this task's dataset; None when not computed
+    task_accuracy: float | None = None
+    source: str = "generated"  # generated | real (the floor row)
+    reference_split: str = "eval"  # the split the images were scored against
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(replace(self, features=None))
@@ -143,17 +153,20 @@ class FidWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _model_for(self, adapter_path: str | None):
+    def _model_for(self, adapter_path: str | None, task_model: bool = False):
         if not adapter_path:
             return self.backbone
-        from diffscaler.artifacts import load_adapters
+        from diffscaler.artifacts import load_adapters, load_backbone
 
         st = os.stat(adapter_path)
         key = f"{os.path.abspath(adapter_path)}|{st.st_size}|{st.st_mtime_ns}"
         if self._adapted is None or self._adapted[0] != key:
             self._adapted = None  # free the previous copy first
-            model = copy.deepcopy(self.backbone)
-            load_adapters(model, [adapter_path], self.backbone_hash)
+            if task_model:  # a whole model of its own (scratch): no backbone underneath
+                model, _meta = load_backbone(adapter_path)
+            else:
+                model = copy.deepcopy(self.backbone)
+                load_adapters(model, [adapter_path], self.backbone_hash)
             self._adapted = (key, model.to(self.device).eval())
         return self._adapted[1]
 
@@ -165,10 +178,11 @@ class FidWorker:
         from diffscaler.eval.features import extract_features
 
         t0 = time.perf_counter()
-        model = self._model_for(job["adapter_path"])
+        task_model = bool(job.get("task_model"))
+        model = self._model_for(job["adapter_path"], task_model)
         start, count, num_classes = job["start"], job["count"], job["num_classes"]
         labels = [(start + k) % num_classes for k in range(count)]  # by global index: split-independent
-        task_ids = [0] * count if job["adapter_path"] else None  # the adapter is task 0 of its bank
+        task_ids = [0] * count if job["adapter_path"] and not task_model else None  # task 0 of its bank
         autocast = torch.bfloat16 if self.device.type == "cuda" else None
         images = sample_images(
             model,
@@ -257,11 +271,13 @@ class _Resolved:
     method: str
     rank: int
     plan: ReferencePlan
+    task_model: bool = False  # adapter_path is a whole model of its own (scratch)
+    real_plan: ReferencePlan | None = None  # source "real": the other split's images stand in for samples
 
 
 def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str) -> _Resolved:
     from diffscaler.adapters.bank import AdapterLoadError
-    from diffscaler.artifacts import read_adapter_file
+    from diffscaler.artifacts import TASK_MODEL_KEY, read_trained_meta
     from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
 
     model = backbone_meta["model"]
@@ -271,11 +287,17 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
             "RGB pixel-space models (3 channels) only"
         )
     method, rank, num_classes = "", 0, int(model["num_classes"])
+    task_model = False
+    if req.source not in ("generated", "real"):
+        raise EvalInputError(f"{where}: source {req.source!r} is not generated or real")
+    if req.source == "real" and req.adapter_path:
+        raise EvalInputError(f"{where}: a real-images (floor) request takes no adapter")
     if req.adapter_path:
         try:
-            meta, _ = read_adapter_file(req.adapter_path)
+            meta = read_trained_meta(req.adapter_path)
         except AdapterLoadError as err:
             raise EvalInputError(f"{where}: {err}") from None
+        task_model = bool(meta.get(TASK_MODEL_KEY))
         if meta["task"] not in task_names(cfg):
             raise EvalInputError(
                 f"{where}: adapter {req.adapter_path} is for task {meta['task']!r}, which is not in "
@@ -294,10 +316,11 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
         task = meta["task"]
         method, rank = meta["method"], int(meta["rank"])
         num_classes = int(meta["num_classes"]) if meta.get("conditional") else 1
-    else:
-        if req.task is not None:
-            raise EvalInputError(f"{where}: task {req.task!r} needs its adapter_path (None scores the bare backbone)")
-        task = None
+    else:  # the bare backbone (class-conditional over its own classes), or a task's real images
+        if req.task is not None and req.task not in task_names(cfg):
+            raise EvalInputError(f"{where}: task {req.task!r} is not in data.targets {task_names(cfg)}")
+        task = req.task
+        method = "real" if req.source == "real" else ""
     shards = req.shards_dir or (pretrain_dataset_dir(cfg.data) if task is None else dataset_dir(cfg.data, task))
     num_samples = cfg.eval.num_samples if req.num_samples is None else req.num_samples
     if num_samples < 2:
@@ -308,15 +331,21 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
     sampler = req.sampler or cfg.diffusion.sampler
     if sampler not in ("ddim", "ddpm"):
         raise EvalInputError(f"{where}: sampler {sampler!r} is not ddim or ddpm")
+    real_plan = None
     try:
         plan = plan_reference(shards, cfg, req.num_reference, image_size=int(model["input_size"]))
+        if req.source == "real":
+            other = "train" if plan.split == "eval" else "eval"
+            available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
+            real_plan = plan_reference(shards, cfg, min(num_samples, available), image_size=plan.image_size,
+                                       split=other)  # fmt: skip
     except EvalInputError as err:
         raise EvalInputError(f"{where}: {err}") from None
     return _Resolved(
         request=replace(req, task=task, shards_dir=shards), num_samples=num_samples,
         seed=cfg.eval.seed if req.seed is None else req.seed, steps=steps, sampler=sampler,
         cfg_scale=cfg.diffusion.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
-        num_classes=num_classes, method=method, rank=rank, plan=plan,
+        num_classes=num_classes, method=method, rank=rank, plan=plan, task_model=task_model, real_plan=real_plan,
     )  # fmt: skip
 
 
@@ -584,25 +613,53 @@ class FidEvaluator:
                 out[p] = _stats_from_features(plan, feats, save_cached(plan, feats))
         return out
 
+    def _centroid_plans(self, resolved: list[_Resolved]) -> list[ReferencePlan]:
+        """One reference plan per target (the classifier's classes) when every request's task is a target."""
+        from diffscaler.data.build import dataset_dir
+
+        tasks = {res.request.task for res in resolved}
+        if not resolved or None in tasks or not self.cfg.eval.reference_rows:
+            return []
+        size = int(self.backbone_meta["model"]["input_size"])
+        try:
+            return [plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size)
+                    for t in task_names(self.cfg)]  # fmt: skip
+        except EvalInputError:
+            return []  # a target without shards: no classifier, the scores still come
+
     def evaluate(
-        self, requests: Sequence[EvalRequest], *, return_features: bool = False, progress: ProgressFn | None = None
+        self, requests: Sequence[EvalRequest], *, return_features: bool = False, progress: ProgressFn | None = None,
+        task_accuracy: bool | None = None,
     ) -> list[EvalResult]:
         """Score every request; results in request order. Bad input raises EvalInputError up front;
-        work that fails twice gives a result with status "failed" and the reason."""
+        work that fails twice gives a result with status "failed" and the reason. `task_accuracy` (default:
+        eval.reference_rows, and every request on a target) fits a nearest-centroid classifier on the targets'
+        reference features and reports the share of each request's images assigned to its own task."""
         resolved = self.resolve(requests)
         t_start = time.perf_counter()
         # Reference plans, deduplicated (several requests often share a dataset).
         plans: list[ReferencePlan] = []
         plan_of: list[int] = []
-        for res in resolved:
-            if res.plan not in plans:
-                plans.append(res.plan)
+        real_of: dict[int, int] = {}  # request -> plan of the real images that stand in for its samples
+        for i, res in enumerate(resolved):
+            for plan in (res.plan, res.real_plan):
+                if plan is not None and plan not in plans:
+                    plans.append(plan)
             plan_of.append(plans.index(res.plan))
+            if res.real_plan is not None:
+                real_of[i] = plans.index(res.real_plan)
+        centroid_plans = self._centroid_plans(resolved) if task_accuracy is None or task_accuracy else []
+        for plan in centroid_plans:
+            if plan not in plans:
+                plans.append(plan)
 
         # One queue: missing reference features first, then every request's sample chunks.
         refs, jobs = self._reference_jobs(plans)
         for i, res in enumerate(resolved):
+            if res.real_plan is not None:
+                continue  # its "samples" are the real images of real_plan, featurized as a reference
             payload = {
+                "task_model": res.task_model,
                 "adapter_path": res.request.adapter_path,
                 "seed": res.seed,
                 "steps": res.steps,
@@ -630,6 +687,8 @@ class FidEvaluator:
             error = ""
             if p not in refs:
                 error = f"reference features of {res.plan.dataset} failed: {ref_errors.get(p, 'unknown')}"
+            elif i in real_of and real_of[i] not in refs:
+                error = f"features of the real images failed: {ref_errors.get(real_of[i], 'unknown')}"
             elif i in req_errors:
                 error = req_errors[i]
             mine = sorted((j.start, jid) for jid, j in enumerate(jobs) if j.kind == "sample" and j.owner == i)
@@ -641,6 +700,7 @@ class FidEvaluator:
                 feature_seconds=round(sum(d["feature_seconds"] for d in done), 3), seed=res.seed, steps=res.steps,
                 sampler=res.sampler, cfg_scale=res.cfg_scale, dataset=res.plan.dataset,
                 dataset_hash=res.plan.dataset_hash, image_size=res.plan.image_size, method=res.method, rank=res.rank,
+                source=res.request.source, reference_split=res.plan.split,
             )  # fmt: skip
             if error:
                 out.append(
@@ -656,14 +716,21 @@ class FidEvaluator:
                     )
                 )
                 continue
-            feats = np.concatenate([d["features"] for d in done])  # (num_samples, D), in sample order
+            if i in real_of:
+                feats = refs[real_of[i]].features  # (N, D): the real images of the other split
+            else:
+                feats = np.concatenate([d["features"] for d in done])  # (num_samples, D), in sample order
             ref = refs[p]
+            accuracy = None
+            if centroid_plans and all(plans.index(c) in refs for c in centroid_plans):
+                centroids = np.stack([refs[plans.index(c)].features.mean(0) for c in centroid_plans])  # (K, D)
+                accuracy = nearest_centroid_accuracy(feats, centroids, task_names(self.cfg).index(res.request.task))
             fid = frechet_distance(feature_statistics(feats), {"mu": ref.mu, "sigma": ref.sigma})
             kid_mean, kid_std = kid_from_features(feats, ref.features, self.cfg.eval.kid_subset_size)
             out.append(EvalResult(
                 status="ok", error="", fid=fid, kid_mean=kid_mean, kid_std=kid_std, num_generated=len(feats),
                 seconds=round(time.perf_counter() - first_submit.get(i, t_start), 3),
-                features=feats if return_features else None, **base,
+                features=feats if return_features else None, task_accuracy=accuracy, **base,
             ))  # fmt: skip
         return out
 

@@ -139,9 +139,11 @@ class ReferencePlan:
     feature_layer: str
     weights_hash: str
     cache_dir: str
+    split: str = "eval"  # which split's images: eval (held out) or train
 
     def key(self) -> dict[str, object]:
         return {
+            **({"split": self.split} if self.split != "eval" else {}),  # eval: the key of earlier caches
             "format": STATS_FORMAT,
             "format_version": STATS_FORMAT_VERSION,
             "dataset_hash": self.dataset_hash,
@@ -163,25 +165,28 @@ class ReferencePlan:
 
 
 def plan_reference(
-    shards_dir: str, cfg: ExperimentConfig, num_reference: int | None = None, image_size: int | None = None
+    shards_dir: str, cfg: ExperimentConfig, num_reference: int | None = None, image_size: int | None = None,
+    split: str | None = None,
 ) -> ReferencePlan:
-    """Check the dataset and the requested count; EvalInputError names the folder and the numbers."""
+    """Check the dataset and the requested count; EvalInputError names the folder and the numbers.
+    `split` defaults to eval.reference_split."""
     from diffscaler.data.index import DatasetError, load_index
     from diffscaler.eval.features import FEATURE_LAYER, resolve_weights_path, weights_file_hash
 
     try:
         index = load_index(shards_dir)
-        available = index.num_samples("eval")
+        split = split or cfg.eval.reference_split
+        available = index.num_samples(split)
     except DatasetError as err:
         raise EvalInputError(f"reference dataset: {err}") from None
     want = cfg.eval.num_reference if num_reference is None else num_reference
     if want < 0:
-        raise EvalInputError(f"num_reference must be >= 0 (0 = the whole eval split), got {want}")
+        raise EvalInputError(f"num_reference must be >= 0 (0 = the whole split), got {want}")
     if available < 2:
-        raise EvalInputError(f"{shards_dir}: eval split has {available} image(s); FID needs at least 2 references")
+        raise EvalInputError(f"{shards_dir}: {split} split has {available} image(s); FID needs at least 2 references")
     if want > available:
         raise EvalInputError(
-            f"{shards_dir}: eval split has {available} images, fewer than the {want} reference images requested "
+            f"{shards_dir}: {split} split has {available} images, fewer than the {want} reference images requested "
             f"(eval.num_reference={want}; use 0 for all, or rebuild the shards with a larger data.eval_fraction)"
         )
     network = cfg.eval.feature_network
@@ -197,14 +202,15 @@ def plan_reference(
         feature_layer=FEATURE_LAYER[network],
         weights_hash=weights_file_hash(weights),
         cache_dir=cfg.eval.cache_dir,
+        split=split,
     )
 
 
 def load_reference_images(plan: ReferencePlan) -> np.ndarray:
-    """The first `num_reference` eval images, uint8 (N, S, S, 3) at the plan's image size."""
+    """The first `num_reference` images of the plan's split, uint8 (N, S, S, 3) at the plan's image size."""
     from diffscaler.data.reader import read_split
 
-    images, _labels = read_split(plan.dataset, "eval", limit=plan.num_reference)
+    images, _labels = read_split(plan.dataset, plan.split, limit=plan.num_reference)
     return resize_images(images, plan.image_size)
 
 
@@ -302,3 +308,9 @@ def describe(ref: ReferenceStats) -> str:
         f"{Path(ref.dataset).name}: {ref.num_reference} reference images at {ref.image_size}px, "
         f"{ref.feature_network} features ({ref.feature_layer}-d)"
     )
+
+
+def nearest_centroid_accuracy(features: np.ndarray, centroids: np.ndarray, own: int) -> float:
+    """Share of `features` (N, D) whose nearest centroid (K, D), by Euclidean distance, is row `own`."""
+    d2 = (features**2).sum(1, keepdims=True) - 2.0 * features @ centroids.T + (centroids**2).sum(1)  # (N, K)
+    return float(np.mean(np.argmin(d2, axis=1) == own))

@@ -38,14 +38,22 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import ray
+from safetensors.torch import load_file
 
 from diffscaler.adapters import METHOD_PARTS
-from diffscaler.artifacts import AdapterLoadError, BackboneLoadError, read_adapter_file, read_backbone_meta
+from diffscaler.artifacts import (
+    AdapterLoadError,
+    BackboneLoadError,
+    is_task_model,
+    read_adapter_file,
+    read_backbone_meta,
+    read_trained_meta,
+)
 from diffscaler.cluster import connect_ray, node_shapes
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
@@ -89,7 +97,12 @@ def backbone_model_config(backbone: str | Path) -> tuple[ModelConfig, str]:
 
 
 def uses_rank(method: str) -> bool:
-    return "down" in METHOD_PARTS[method]
+    return "down" in METHOD_PARTS.get(method, ())  # scratch (a whole model) has no rank
+
+
+def method_lr(cfg: ExperimentConfig, method: str) -> float:
+    """The learning rate a method fine-tunes with: finetune.method_lrs[method], else finetune.lr."""
+    return cfg.finetune.method_lrs.get(method, cfg.finetune.lr)
 
 
 def check_rank(model: ModelConfig, rank: int, method: str, where: str) -> None:
@@ -162,6 +175,32 @@ def method_dir(out_dir: str | Path, method: str, methods: Sequence[str]) -> Path
     return Path(out_dir) if method == methods[0] else Path(out_dir) / method
 
 
+@dataclass(frozen=True)
+class FinetuneVariant:
+    """One row group of the table: a method at the fine-tune seed, or again at one of its extra seeds."""
+
+    label: str  # the method, or "<method> seed N"
+    method: str
+    seed: int
+    subdir: str  # "" = method_dir; else DIR/<method>-seed<N>
+
+    def out_dir(self, out: str | Path, methods: Sequence[str]) -> Path:
+        return Path(out) / self.subdir if self.subdir else method_dir(out, self.method, methods)
+
+    def config(self, cfg: ExperimentConfig) -> ExperimentConfig:
+        return cfg if self.seed == cfg.finetune.seed else replace(cfg, finetune=replace(cfg.finetune, seed=self.seed))
+
+
+def finetune_variants(cfg: ExperimentConfig) -> list[FinetuneVariant]:
+    """Every configured method at finetune.seed, then the extra seeds of finetune.extra_seeds."""
+    ft = cfg.finetune
+    out = [FinetuneVariant(m, m, ft.seed, "") for m in ft.methods]
+    for m in ft.methods:
+        out += [FinetuneVariant(f"{m} seed {s}", m, s, f"{m}-seed{s}") for s in ft.extra_seeds.get(m, ())
+                if s != ft.seed]  # fmt: skip
+    return out
+
+
 def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[TaskData], backbone_hash: str,
                 lr: float | None = None, steps: int | None = None) -> str:  # fmt: skip
     """Everything that changes what a fine-tune produces; equal fingerprints = the same adapter."""
@@ -188,7 +227,11 @@ def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[T
 def reusable_adapter(path: Path, backbone_hash: str, fp: str) -> dict[str, Any] | None:
     """The adapter JSON if `path` is a complete, loadable adapter made with this fingerprint, else None."""
     try:
-        meta, _tensors = read_adapter_file(path)  # also proves the safetensors file loads
+        if is_task_model(path):
+            meta = read_trained_meta(path)
+            load_file(str(path))  # proves the safetensors file loads
+        else:
+            meta, _tensors = read_adapter_file(path)  # also proves the safetensors file loads
     except (AdapterLoadError, OSError, ValueError):
         return None
     ok = meta.get("backbone_hash") == backbone_hash and meta.get("finetune", {}).get("fingerprint") == fp
@@ -204,10 +247,11 @@ class FinetuneJob:
     spec: AdapterRunSpec
     out_dir: str  # adapter files go here
     fingerprint: str
+    variant: str = ""  # the table row group (FinetuneVariant.label)
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "method": self.method, "spec": self.spec.to_dict(), "out_dir": self.out_dir,
-                "fingerprint": self.fingerprint}  # fmt: skip
+                "fingerprint": self.fingerprint, "variant": self.variant}  # fmt: skip
 
 
 @dataclass
@@ -229,6 +273,7 @@ class FinetuneRow:
     mixed: bool = False  # trained together with the other tasks of its method
     started_at: float = 0.0  # unix time the Ray task began (concurrent runs overlap)
     finished_at: float = 0.0  # unix time it returned
+    variant: str = ""  # the table row group: the method, or "<method> seed N"
 
     @property
     def trainable_pct(self) -> float:
@@ -280,6 +325,9 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     if model_cfg.in_channels != 3:
         raise FinetuneInputError(f"{backbone}: a {model_cfg.in_channels}-channel (latent) backbone needs latent "
                                  "shards; the shards here are RGB images")  # fmt: skip
+    if ft.mixed and "scratch" in ft.methods:
+        raise FinetuneInputError("finetune.methods: 'scratch' trains one model per task; it has no mixed form "
+                                 "(finetune.mixed=true)")  # fmt: skip
     if ft.mixed and ft.batch_size < len(tasks):
         raise FinetuneInputError(f"finetune.batch_size {ft.batch_size} is smaller than the {len(tasks)} tasks "
                                  "a mixed batch must hold")  # fmt: skip
@@ -293,33 +341,35 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     logs = out / "logs"
     jobs: list[FinetuneJob] = []
     reused: list[FinetuneRow] = []
-    cfg_dict = cfg.to_dict()
-    for method in ft.methods:
-        mdir = method_dir(out, method, ft.methods)
+    for variant in finetune_variants(cfg):
+        method, vcfg = variant.method, variant.config(cfg)
+        mdir = variant.out_dir(out, ft.methods)
         groups = [tasks] if ft.mixed else [[t] for t in tasks]
         for group in groups:
-            fp = fingerprint(cfg, method, cfg.adapter.rank, group, backbone_hash)
+            lr = method_lr(cfg, method)
+            fp = fingerprint(vcfg, method, cfg.adapter.rank, group, backbone_hash, lr=lr)
             metas = [None if force else reusable_adapter(mdir / f"{t.name}.safetensors", backbone_hash, fp)
                      for t in group]  # fmt: skip
             if all(m is not None for m in metas):
-                reused.extend(_row_from_meta(m, mdir, ft.mixed) for m in metas)  # type: ignore[arg-type]
+                reused.extend(_row_from_meta(m, mdir, ft.mixed, variant.label)
+                              for m in metas)  # type: ignore[arg-type]  # fmt: skip
                 continue
             name = "mixed" if ft.mixed else group[0].name
-            log_path = str(logs / method / f"{name}.jsonl")
-            spec = AdapterRunSpec(tuple(group), method, cfg.adapter.rank, ft.lr, ft.steps,
-                                  str(Path(backbone).resolve()), cfg_dict, log_path)  # fmt: skip
-            jobs.append(FinetuneJob(f"{method}/{name}", method, spec, str(mdir), fp))
+            log_path = str(logs / (variant.subdir or method) / f"{name}.jsonl")
+            spec = AdapterRunSpec(tuple(group), method, cfg.adapter.rank, lr, ft.steps,
+                                  str(Path(backbone).resolve()), vcfg.to_dict(), log_path)  # fmt: skip
+            jobs.append(FinetuneJob(f"{variant.label}/{name}", method, spec, str(mdir), fp, variant.label))
     return FinetunePlan(jobs, reused, backbone_hash, tasks)
 
 
-def _row_from_meta(meta: dict[str, Any], mdir: Path, mixed: bool) -> FinetuneRow:
+def _row_from_meta(meta: dict[str, Any], mdir: Path, mixed: bool, variant: str) -> FinetuneRow:
     res = meta.get("finetune", {})
     return FinetuneRow(
         task=meta["task"], method=meta["method"], rank=meta["rank"] if uses_rank(meta["method"]) else 0,
         status="reused", trainable_params=meta["trainable_params"], backbone_params=meta["backbone_params"],
         steps=res.get("steps", 0), final_loss=_num(res.get("final_loss")), val_loss=_num(res.get("val_loss")),
         wall_s=res.get("wall_s", 0.0), images_per_s=res.get("images_per_s", 0.0),
-        adapter=str(mdir / f"{meta['task']}.safetensors"), log=res.get("log", ""), mixed=mixed,
+        adapter=str(mdir / f"{meta['task']}.safetensors"), log=res.get("log", ""), mixed=mixed, variant=variant,
     )  # fmt: skip
 
 
@@ -363,7 +413,7 @@ def run_finetune_job(job: dict[str, Any]) -> list[dict[str, Any]]:
                     rank=spec.rank if uses_rank(spec.method) else 0,
                     status="ok",
                     trainable_params=run.trainable_parameters(t.name),
-                    backbone_params=run.bank.backbone_parameters(),
+                    backbone_params=run.bank.backbone_parameters() if run.bank else run.backbone_params,
                     steps=run.step,
                     final_loss=run.last_window_loss,
                     val_loss=val.get(t.name, math.nan),
@@ -374,6 +424,7 @@ def run_finetune_job(job: dict[str, Any]) -> list[dict[str, Any]]:
                     mixed=mixed,
                     started_at=started_at,
                     finished_at=time.time(),
+                    variant=job.get("variant", spec.method),
                 )
             )  # fmt: skip
             for t in spec.tasks
@@ -441,17 +492,18 @@ def run_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Pa
                 reason = failure_reason(err)
                 rank = job.spec.rank if uses_rank(job.method) else 0
                 rows = [FinetuneRow(task=t.name, method=job.method, rank=rank, status="failed", reason=reason,
-                                    log=job.spec.log_path, mixed=len(job.spec.tasks) > 1)
+                                    log=job.spec.log_path, mixed=len(job.spec.tasks) > 1, variant=job.variant)
                         for t in job.spec.tasks]  # fmt: skip
                 log(f"finetune {job.key}: FAILED: {reason}")
             summary.rows.extend(rows)
-    order = {(m, t.name): i for i, (m, t) in enumerate((m, t) for m in cfg.finetune.methods for t in plan.tasks)}
-    summary.rows.sort(key=lambda r: order.get((r.method, r.task), len(order)))
-    for method in cfg.finetune.methods:
-        files = [r.adapter for r in summary.rows if r.method == method and r.status != "failed"]
-        if files:
-            _, bank_json = save_bank(files, method_dir(out, method, cfg.finetune.methods))
-            summary.banks[method] = str(bank_json)
+    variants = finetune_variants(cfg)
+    order = {(v.label, t.name): i for i, (v, t) in enumerate((v, t) for v in variants for t in plan.tasks)}
+    summary.rows.sort(key=lambda r: order.get((r.variant, r.task), len(order)))
+    for v in variants:
+        files = [r.adapter for r in summary.rows if r.variant == v.label and r.status != "failed"]
+        if files and v.method != "scratch":  # a bank holds adapters; scratch rows are whole models
+            _, bank_json = save_bank(files, v.out_dir(out, cfg.finetune.methods))
+            summary.banks[v.label] = str(bank_json)
     summary.wall_s = time.perf_counter() - t0
     write_summary(summary, out / "summary.json")
     return summary

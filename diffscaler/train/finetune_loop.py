@@ -19,6 +19,7 @@ and the reader's step k batch is a pure function of (data seed, k), so a run res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,11 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffscaler.adapters import AdapterBank, TaskInfo
-from diffscaler.artifacts import load_backbone, save_adapter
+from diffscaler.artifacts import load_backbone, save_adapter, save_task_model
 from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.data import MixedTaskReader, ShardReader, load_index, read_split
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.gaussian import ModelFn
+from diffscaler.models import build_model
 from diffscaler.models.compile import compile_blocks, resolve_compile
 
 LOSS_UNIT = "MSE of the predicted noise, per element"
@@ -117,15 +119,26 @@ class AdapterRun:
                 )
         a = self.cfg.adapter
         infos = [t.task_info(spec.rank) for t in spec.tasks]
-        self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
-                                       branch_scale_init=a.branch_scale_init, seed=ft.seed)  # fmt: skip
+        self.bank: AdapterBank | None = None
+        self.backbone_params = self.model.num_parameters()
+        if spec.method == "scratch":
+            # The comparison's lower bar: the same DiT from random init, every parameter trained, on the task
+            # alone; its classes are the task's own (one row for an unconditional task).
+            if len(spec.tasks) != 1:
+                raise ValueError("method 'scratch' trains one task per model; it has no mixed-task form")
+            config = dataclasses.replace(self.model.config, num_classes=infos[0].num_classes)
+            self.model = build_model(config, seed=ft.seed)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        else:
+            self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
+                                           branch_scale_init=a.branch_scale_init, seed=ft.seed)  # fmt: skip
+            self.params = self.bank.parameters()
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.
         self.model.check_inputs = self.device.type == "cpu"
         self.compile_backend = resolve_compile(ft.compile, self.device)
         if self.compile_backend:  # each block compiled in place; parameters and state-dict keys unchanged
             compile_blocks(self.model, self.compile_backend)
-        self.params = self.bank.parameters()
         # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=fused)
@@ -168,6 +181,8 @@ class AdapterRun:
 
     # -- training ---------------------------------------------------------------------------------
     def _model_fn(self, y: torch.Tensor, task_ids: torch.Tensor | int) -> ModelFn:
+        if self.bank is None:  # scratch: a plain DiT whose classes are the task's
+            return lambda x_t, t: self.model(x_t, t, y)  # (N, C_out, H, W)
         return lambda x_t, t: self.model(x_t, t, y, task_ids)  # (N, C_out, H, W)
 
     def train_until(self, until_step: int, on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -280,6 +295,8 @@ class AdapterRun:
 
     # -- outputs ----------------------------------------------------------------------------------
     def trainable_parameters(self, task: str) -> int:
+        if self.bank is None:
+            return sum(p.numel() for p in self.params)
         return self.bank.trainable_parameters_per_task(task)
 
     def save_adapters(self, out_dir: str | Path, extra: dict[str, Any] | None = None,
@@ -288,7 +305,11 @@ class AdapterRun:
         files = {}
         for task in self.spec.tasks:
             more = {**(extra or {}), **((per_task_extra or {}).get(task.name, {}))}
-            st_path, _ = save_adapter(self.bank, task.name, out_dir, self.backbone_hash, extra=more)
+            if self.bank is None:
+                st_path = save_task_model(self.model, task.task_info(0), out_dir, self.backbone_hash,
+                                          self.backbone_params, extra=more)  # fmt: skip
+            else:
+                st_path, _ = save_adapter(self.bank, task.name, out_dir, self.backbone_hash, extra=more)
             files[task.name] = str(st_path)
         return files
 

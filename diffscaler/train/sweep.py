@@ -134,14 +134,21 @@ class SweepPlan:
 def search_space(cfg: ExperimentConfig, ranks: tuple[int, ...]) -> dict[str, Any]:
     s = cfg.sweep
     lr = tune.loguniform(s.lr_min, s.lr_max) if s.lr_max > s.lr_min else s.lr_min
+    if s.lrs:  # a grid: every lr once per sweep.num_samples (the comparison's per-method lr choice)
+        lr = tune.grid_search(sorted(set(s.lrs)))
     return {"rank": tune.choice(list(ranks)) if len(ranks) > 1 else ranks[0], "lr": lr}
 
 
-def plan_sweep(cfg: ExperimentConfig, backbone: str | Path) -> SweepPlan:
+def sweep_methods(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The methods swept, each its own search: sweep.methods, or adapter.method."""
+    return cfg.sweep.methods or (cfg.adapter.method,)
+
+
+def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None = None) -> SweepPlan:
     """Validate the search space, the datasets and the backbone; raises FinetuneInputError."""
     s = cfg.sweep
     model_cfg, backbone_hash = backbone_model_config(backbone)
-    method = cfg.adapter.method
+    method = method or cfg.adapter.method
     if uses_rank(method):
         if not s.ranks:
             raise FinetuneInputError("sweep.ranks is empty: the search space needs at least one rank")
@@ -188,7 +195,7 @@ def concurrent_trials(cfg: ExperimentConfig) -> int:
     n = math.floor(total.get("CPU", 0.0) / res["cpu"] + 1e-9)
     if res["gpu"]:
         n = min(n, math.floor(total.get("GPU", 0.0) / res["gpu"] + 1e-9))
-    return max(1, min(n, cfg.sweep.num_samples))
+    return max(1, min(n, cfg.sweep.num_samples * max(1, len(set(cfg.sweep.lrs)))))
 
 
 def fid_actors(cfg: ExperimentConfig) -> int:
@@ -206,10 +213,22 @@ def sweep_fingerprint(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData) ->
     content = {
         "base": fingerprint(cfg, plan.method, 0, (task,), plan.backbone_hash, lr=0.0, steps=s.max_steps),
         "ranks": list(plan.ranks), "lr": [s.lr_min, s.lr_max], "num_samples": s.num_samples,
+        **({"lrs": sorted(set(s.lrs))} if s.lrs else {}),
         "rung_steps": s.rung_steps, "grace_period": s.grace_period, "reduction_factor": s.reduction_factor,
         "batch_size": ft.batch_size, "val_samples": ft.val_samples,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def sweep_fingerprints(cfg: ExperimentConfig, backbone: str | Path) -> dict[str, str]:
+    """{dataset (first method) or method/dataset: fingerprint of its Tune experiment}: what a sweep searched."""
+    methods = sweep_methods(cfg)
+    out = {}
+    for method in methods:
+        plan = plan_sweep(cfg, backbone, method)
+        for t in plan.tasks:
+            out[t.name if method == methods[0] else f"{method}/{t.name}"] = sweep_fingerprint(cfg, plan, t)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -234,13 +253,15 @@ class TrialRow:
     fid_samples: int | None = None
     error: str = ""
     checkpoint: str = ""  # the trial's last checkpoint (Tune storage)
+    method: str = ""  # the method this trial fine-tuned
 
 
 @dataclass
 class SweepResult:
     out_dir: str
     trials: list[TrialRow] = field(default_factory=list)
-    best: dict[str, dict[str, Any]] = field(default_factory=dict)
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)  # the first method's, by dataset
+    by_method: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # method -> dataset -> best
     wall_s: float = 0.0
 
 
@@ -271,7 +292,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
-    columns = ["dataset", "trial_id", "rank", "lr", "val_loss", "best_val_loss", "steps", "rungs", "status",
+    columns = ["dataset", "method", "trial_id", "rank", "lr", "val_loss", "best_val_loss", "steps", "rungs", "status",
                "trainable_params", "fid", "fid_feature_network", "fid_samples", "error"]  # fmt: skip
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
@@ -307,12 +328,14 @@ def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, 
     """Plan and check, then per dataset: Tune (resume if possible), FID on the best trials, outputs."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
-    plan = plan_sweep(cfg, backbone)
+    methods = sweep_methods(cfg)
+    plans = {m: plan_sweep(cfg, backbone, m) for m in methods}
     out = Path(out_dir).resolve()
-    adapters = Path(adapter_dir).resolve() if adapter_dir else out / "adapters"
+    adapters_root = Path(adapter_dir).resolve() if adapter_dir else out / "adapters"
     storage = storage_path or cfg.sweep.storage_path or str(out / "tune")
     if "://" not in storage:
         storage = str(Path(storage).resolve())
+    run_fid = run_fid and cfg.sweep.fid_candidates > 0
     connect_ray(cfg)
     res = trial_resources(cfg)
     check_fits(res["cpu"], res["gpu"], "sweep.cpus_per_trial / finetune.use_gpu (one trial)", cfg.sweep.num_samples)
@@ -321,9 +344,29 @@ def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, 
     concurrent = concurrent_trials(cfg)
     out.mkdir(parents=True, exist_ok=True)
     result = SweepResult(str(out))
+    for method, plan in plans.items():
+        # the first method's winners go into ADAPTERS itself, every other method's into ADAPTERS/<method>/
+        adapters = adapters_root if method == methods[0] else adapters_root / method
+        best_of = _sweep_method(cfg, plan, out, adapters, storage, concurrent, res, run_fid, result, log)
+        result.by_method[method] = best_of
+        if method == methods[0]:
+            result.best = best_of
+        write_trials_csv(result.trials, out / "trials.csv")  # after each search: partial results survive
+        _write_json({"loss_unit": LOSS_UNIT, "datasets": result.best, "methods": result.by_method}, out / "best.json")
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _sweep_method(cfg: ExperimentConfig, plan: SweepPlan, out: Path, adapters: Path, storage: str, concurrent: int,
+                  res: dict[str, float], run_fid: bool, result: SweepResult,
+                  log: Callable[[str], None]) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Every dataset's search for one method; returns {dataset: best.json entry}."""
+    best_of: dict[str, dict[str, Any]] = {}
+    s = cfg.sweep
+    lrs = f"lr grid {sorted(set(s.lrs))}" if s.lrs else f"lr [{s.lr_min:g}, {s.lr_max:g}]"
     log(
         f"sweep: {len(plan.tasks)} dataset(s) x {cfg.sweep.num_samples} trial(s), method {plan.method}, ranks "
-        f"{list(plan.ranks)}, lr [{cfg.sweep.lr_min:g}, {cfg.sweep.lr_max:g}], {plan.num_rungs} rung(s) of "
+        f"{list(plan.ranks)}, {lrs}, {plan.num_rungs} rung(s) of "
         f"{cfg.sweep.rung_steps} steps, {concurrent} concurrent trial(s) at {res['cpu']:g} CPU / {res['gpu']:g} GPU"
     )
     for task in plan.tasks:
@@ -334,7 +377,7 @@ def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, 
         result.trials.extend(rows)
         best = _choose_best(rows, run_fid)
         if best is not None:
-            result.best[task.name] = _install_winner(best, task, adapters, out, cfg) | {
+            best_of[task.name] = _install_winner(best, task, adapters, out, plan.method) | {
                 "backbone_hash": plan.backbone_hash,
                 "sweep_fingerprint": sweep_fingerprint(cfg, plan, task),
                 "experiment": experiment,
@@ -350,10 +393,7 @@ def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, 
             )
         else:
             log(f"sweep {task.name}: no trial finished a rung; no best configuration")
-        write_trials_csv(result.trials, out / "trials.csv")  # after each dataset: partial results survive
-        _write_json({"loss_unit": LOSS_UNIT, "datasets": result.best}, out / "best.json")
-    result.wall_s = time.perf_counter() - t0
-    return result
+    return best_of
 
 
 def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experiment: str, concurrent: int,
@@ -392,6 +432,8 @@ def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experi
         )  # fmt: skip
     results = tuner.fit()
     rows = _trial_rows(task.name, results, s.max_steps)
+    for r in rows:
+        r.method = plan.method
     failed = [r for r in rows if r.status == "error"]
     log(
         f"sweep {task.name}: {len(rows)} trial(s): {sum(r.status == 'completed' for r in rows)} completed, "
@@ -470,7 +512,7 @@ def _choose_best(rows: list[TrialRow], by_fid: bool) -> TrialRow | None:
     return ranked[0] if ranked else None
 
 
-def _install_winner(best: TrialRow, task: TaskData, adapters: Path, out: Path, cfg: ExperimentConfig) -> dict:
+def _install_winner(best: TrialRow, task: TaskData, adapters: Path, out: Path, method: str) -> dict:
     """Copy the winning adapter pair into the adapter folder (temp names, JSON last); best.json entry."""
     local = out / "candidates" / task.name / best.trial_id
     if not (local / f"{task.name}.safetensors").is_file():
@@ -482,7 +524,7 @@ def _install_winner(best: TrialRow, task: TaskData, adapters: Path, out: Path, c
         shutil.copyfile(src, tmp)
         tmp.replace(dst)
     return {
-        "trial_id": best.trial_id, "method": cfg.adapter.method, "rank": best.rank, "lr": best.lr,
+        "trial_id": best.trial_id, "method": method, "rank": best.rank, "lr": best.lr,
         "steps": best.steps, "val_loss": best.val_loss if math.isfinite(best.val_loss) else None,
         "fid": best.fid, "fid_feature_network": best.fid_feature_network or None,
         "fid_samples": best.fid_samples, "selected_by": "fid" if best.fid is not None else "val_loss",

@@ -13,7 +13,7 @@ PIP_CAP := $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constra
 UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) $(PIP_CAP)
 PYTEST_ARGS ?=
 
-.PHONY: setup datasets demo test lint bench clean-venv
+.PHONY: setup datasets demo compare test lint bench clean-venv
 setup: $(STAMP) datasets
 
 $(STAMP): pyproject.toml
@@ -35,6 +35,10 @@ datasets:
 
 demo: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo
+
+# The comparison table (bench/QUALITY.md): every method on the four targets, ~60-90 min on 2 CPU cores.
+compare: setup
+	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare.yaml --out runs/compare
 
 test: setup
 	$(BIN)/ruff check .

@@ -31,7 +31,8 @@ def check_full_run(out: Path) -> None:
     fid = json.loads((out / "fid.json").read_text())
     labels = {(r["task"], r["label"]) for r in fid["results"]}
     assert labels == {("red", "affiner"), ("blue", "affiner"), ("red", "lora"), ("blue", "lora"),
-                      ("red", "affiner (swept)")}  # fmt: skip
+                      ("red", "affiner (swept)"), ("red", "floor (real)"), ("blue", "floor (real)"),
+                      ("red", "no adapter"), ("blue", "no adapter")}  # fmt: skip
     assert all(r["status"] == "ok" and r["fid"] is not None for r in fid["results"])
     report = (out / "report.md").read_text()
     parts = (

@@ -99,6 +99,10 @@ class DataConfig:
     loader_workers: int = 0  # DataLoader worker processes per rank
     skip_bad_samples: bool = False  # skip and count undecodable samples instead of stopping
     seed: int = 0  # shuffle and split seed
+    vae: str = ""  # local diffusers AutoencoderKL (folder, or weights file + vae_config): latent shards ("" = pixels)
+    vae_config: str = ""  # config.json of a single-file vae
+    encode_actors: int = 1  # Ray Data actors encoding images through the vae
+    encode_gpus_per_actor: float = 0.0  # GPUs per encoding actor (0 = CPU)
 
 
 @dataclass(frozen=True)
@@ -410,6 +414,9 @@ def validate(cfg: ExperimentConfig) -> None:
             f"{t.name!r} must be letters, digits, '_', '.', '-' (it names files)",
         )
     _require(data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
+    _require(not data.vae_config or bool(data.vae), "data.vae_config", "needs data.vae (the weights file it describes)")
+    _require(data.encode_actors >= 1, "data.encode_actors", "must be at least 1")
+    _require(data.encode_gpus_per_actor >= 0, "data.encode_gpus_per_actor", "must be >= 0")
 
     p = cfg.pretrain
     _require(p.num_workers >= 1, "pretrain.num_workers", "must be at least 1")

@@ -44,6 +44,17 @@ def pretrain_dataset_dir(data: DataConfig) -> str:
     return dataset_dir(data, dataset_name(data.pretrain_source))
 
 
+def _parameters(data: DataConfig, source: str) -> dict:
+    """The index fields a current build of `source` records (latent builds: with data.vae's hash)."""
+    if data.vae:
+        from diffscaler.data.encode import latent_parameters
+        from diffscaler.vae import cached_vae_identity
+
+        return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
+                                 data.seed, cached_vae_identity(data.vae, data.vae_config or None)["hash"])  # fmt: skip
+    return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed)
+
+
 def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force: bool = False) -> None:
     """Every source that a build of `names` (default: all) would read exists and holds images, else
     DatasetError naming the dataset and source - the checks of `shards make`, on the driver before
@@ -54,8 +65,7 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
         raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
     for name in names or jobs:
         source = jobs[name]
-        params = build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
-                                  data.seed)  # fmt: skip
+        params = _parameters(data, source)
         if not force and is_up_to_date(dataset_dir(data, name), params):
             continue  # built as configured: its source is not read again
         try:
@@ -67,12 +77,17 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
 
 def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
     out = dataset_dir(data, name)
-    params = build_parameters(
-        source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed
-    )
+    params = _parameters(data, source)
     if not force and is_up_to_date(out, params):
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
+    if data.vae:
+        from diffscaler.data.encode import encode_shards
+
+        return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
+                             samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
+                             limit=data.limit, seed=data.seed, actors=data.encode_actors,
+                             gpus_per_actor=data.encode_gpus_per_actor, skip_bad=data.skip_bad_samples)  # fmt: skip
     return make_shards(
         source,
         out,
@@ -95,7 +110,9 @@ def build_all(
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
     check_sources(data, chosen, force=force)
-    if not parallel or len(chosen) == 1:
+    # With a VAE each dataset is already a Ray Data job over an actor pool: run them one after another on
+    # the driver (a Ray task per dataset would hold the CPUs its own encoding actors wait for).
+    if not parallel or len(chosen) == 1 or data.vae:
         return {n: _build_one(data, n, jobs[n], force) for n in chosen}
     import ray
 

@@ -2,6 +2,8 @@
 
     diffscaler shards make --source NAME|folder:PATH --out DIR [--size 32] [--samples-per-shard N]
                            [--eval-fraction F] [--limit N] [--seed S] [--workers W] [--skip-bad]
+                           [--vae PATH [--vae-config JSON] [--actors N] [--gpus-per-actor G]]
+                                         # --vae: latent shards (npy fp16, both flips) encoded on Ray
     diffscaler shards check DIR          # exit status 0 = valid, 1 = problems (each names file + key)
     diffscaler shards index URL_OR_DIR [--out DIR] [--image-key jpg] [--label-key cls|json:FIELD|none]
                             [--size N] [--eval-shards K] [--skip-bad] [--ray]
@@ -27,6 +29,23 @@ _DEFAULTS = DataConfig()
 
 
 def _make(args: argparse.Namespace) -> int:
+    if args.vae:
+        from diffscaler.data.encode import encode_shards
+        from diffscaler.vae import VaeError
+
+        try:
+            index = encode_shards(args.source, args.out, args.vae, vae_config=args.vae_config or None,
+                                  size=args.size, samples_per_shard=args.samples_per_shard,
+                                  eval_fraction=args.eval_fraction, limit=args.limit, seed=args.seed,
+                                  batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                  skip_bad=args.skip_bad)  # fmt: skip
+        except (VaeError, DatasetError) as err:
+            print(f"problem: {err}", file=sys.stderr)
+            return 1
+        shape = "x".join(map(str, index.data["latent"]["shape"]))
+        counts = ", ".join(f"{s} {index.num_samples(s)}" for s in SPLITS)
+        print(f"{index.url}: {counts} latents {shape}, {index.num_classes} classes, {index.content_hash}")
+        return 0
     index = make_shards(
         args.source,
         args.out,
@@ -88,6 +107,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="subset, split and order seed")
     make.add_argument("--workers", type=int, default=1, help="decode processes (output is identical)")
     make.add_argument("--skip-bad", action="store_true", help="skip undecodable inputs (listed in the index)")
+    make.add_argument("--vae", default="", help="encode to latents with this local AutoencoderKL (folder or file)")
+    make.add_argument("--vae-config", default="", help="config.json of a single-file --vae")
+    make.add_argument("--actors", type=int, default=1, help="--vae: encoding actors (Ray Data actor pool)")
+    make.add_argument("--gpus-per-actor", type=float, default=0.0, help="--vae: GPUs per encoding actor")
+    make.add_argument("--batch-size", type=int, default=16, help="--vae: images per encode call")
     make.set_defaults(func=_make)
 
     check = sub.add_parser("check", help="validate a shard folder; non-zero exit status on any problem")

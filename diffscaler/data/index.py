@@ -27,6 +27,9 @@ Version 2 is what `diffscaler shards index` writes for WebDataset shards made by
     (samples found undecodable when indexing, left out: num_samples counts the others),
 
 and a version-1 index reads as members {"image": "png", "label": "cls"}. Readers take version 1 and 2.
+Latent shards made through a VAE (`shards make --vae`, diffscaler.data.encode) are version 2 with
+members "flip" (the flipped image's latent) and "pixels" (the encoded image), and a "latent" block:
+shape, image_size (pixels), dtype and the VAE's identity ("vae": hash, config/weights hashes, scaling).
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class DatasetIndex:
             image_size=self.image_size,
             channels=int(members.get("channels", 3)),
             resize=bool(members.get("resize", False)),
+            flip_key=members.get("flip", ""),
+            pixels_key=members.get("pixels", ""),
         )
 
     @property
@@ -123,12 +128,44 @@ class DatasetIndex:
         return self.sample_format.latent
 
     @property
+    def vae_hash(self) -> str:
+        """The VAE identity hash latent shards were encoded with ("" for pixels or foreign latents)."""
+        return str(self.data.get("latent", {}).get("vae", {}).get("hash", ""))
+
+    @property
+    def pixel_size(self) -> int:
+        """Side of the images: image_size for pixel shards, the encoded images' side for VAE latents."""
+        return int(self.data.get("latent", {}).get("image_size", self.image_size))
+
+    @property
     def source(self) -> str:
         return str(self.data["source"])
 
     @property
     def content_hash(self) -> str:
         return str(self.data["content_hash"])
+
+    def backbone_mismatch(self, in_channels: int, input_size: int, vae_hash: str = "") -> str:
+        """Why a backbone taking in_channels x input_size x input_size inputs cannot train on (or be scored
+        against) these shards, or "" when it can; `vae_hash` (a configured VAE's) must equal the shards' VAE."""
+        have = (f"{self.channels}x{self.image_size}x{self.image_size} latents" if self.latent
+                else f"{self.image_size}x{self.image_size} RGB images")  # fmt: skip
+        wants_latents = in_channels != 3
+        takes = (f"{in_channels}x{input_size}x{input_size} latents" if wants_latents
+                 else f"{input_size}x{input_size} RGB images")  # fmt: skip
+        if wants_latents and not self.latent:
+            return (f"shards at {self.url} hold {have}, the backbone takes {takes}: encode the images through its "
+                    "VAE (`diffscaler shards make --vae PATH --size N`, or data.vae=PATH in a pipeline)")
+        if self.latent and not wants_latents:
+            return (f"shards at {self.url} hold {have}, the backbone takes {takes} (a pixel-space backbone): "
+                    "build pixel shards (no --vae / data.vae) or use a latent backbone")
+        if (self.channels if self.latent else 3, self.image_size) != (in_channels, input_size):
+            hint = f" (images of {self.pixel_size}x{self.pixel_size} px)" if self.latent else ""
+            return f"shards at {self.url} hold {have}{hint}, the backbone takes {takes}"
+        if vae_hash and self.latent and self.vae_hash != vae_hash:
+            theirs = self.vae_hash or "(unknown: not made by shards make --vae)"
+            return f"shards at {self.url} were encoded with VAE {theirs}, data.vae is {vae_hash}; re-encode them"
+        return ""
 
     def num_samples(self, split: str) -> int:
         return int(self._split(split)["num_samples"])

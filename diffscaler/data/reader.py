@@ -163,6 +163,7 @@ class _ChunkDecoder:
         self.fmt, self.fast_png = fmt, fast_png and fmt.image_keys[0] == "png"
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.hflip, self.task_id, self.skip_bad = hflip, task_id, skip_bad
+        self.flip_pairs = hflip and fmt.latent and bool(fmt.flip_key)  # latents of both flips are stored
 
     def _segment_items(self, segment: Segment) -> list[Any]:
         """The segment's samples (raw member bytes, not decoded); _Bad for each one that cannot be read."""
@@ -222,7 +223,7 @@ class _ChunkDecoder:
         if isinstance(item, _Bad):
             return item
         try:
-            return self.fmt.decode(item)
+            return self.fmt.decode_flip_pair(item) if self.flip_pairs else self.fmt.decode(item)
         except SampleError as err:
             return _Bad(item["__url__"], item["__key__"], str(err))
 
@@ -265,7 +266,10 @@ class _ChunkDecoder:
 
     def _batch(self, good: list[tuple[np.ndarray, int]], bad: list[_Bad], epoch: int, index: int) -> dict[str, Any]:
         arrays, labels = np.stack([g[0] for g in good]), [g[1] for g in good]
-        if self.hflip:
+        if self.flip_pairs:  # (B, 2, C, H, W): the stored latent of the flipped image where a flip is drawn
+            flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(arrays))
+            arrays = np.ascontiguousarray(arrays[np.arange(len(arrays)), (flip < 0.5).astype(np.int64)])
+        elif self.hflip:
             flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(arrays))
             arrays = arrays.copy()
             arrays[flip < 0.5] = arrays[flip < 0.5, ..., ::-1] if self.fmt.latent else arrays[flip < 0.5, :, ::-1]
@@ -509,9 +513,11 @@ class MixedTaskReader:
             yield {k: torch.cat([p[k] for p in parts]) for k in ("image", "label", "task_id")}
 
 
-def read_split(dataset_dir: str, split: str = "eval", limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A whole split in shard order: uint8 images (N, H, W, 3) and int64 labels (N,); limit 0 = all.
-    For latent shards the first array is float32 (N, C, H, W).
+    For latent shards the first array is float32 (N, C, H, W); with `pixels`, VAE latent shards give
+    the images that were encoded instead (uint8 (N, S, S, 3)).
 
     For reference statistics (FID); any bad sample raises ShardError naming the file and key.
     """
@@ -523,8 +529,12 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0) -> tuple[n
     if want == 0:
         raise DatasetError(f"{index.url}: split {split!r} is empty")
     size = index.image_size
-    shape = (fmt.channels, size, size) if fmt.latent else (size, size, 3)
-    images = np.empty((want, *shape), np.float32 if fmt.latent else np.uint8)
+    latent = fmt.latent and not pixels
+    if pixels and fmt.latent and not fmt.pixels_key:
+        raise DatasetError(f"{index.url}: latent shards without the encoded images (members.pixels)")
+    shape = (fmt.channels, size, size) if latent else (index.pixel_size, index.pixel_size, 3)
+    images = np.empty((want, *shape), np.float32 if latent else np.uint8)
+    decode = fmt.decode_pixels if fmt.latent and pixels else fmt.decode
     labels = np.empty((want,), np.int64)
     n = 0
     for shard in shards:
@@ -536,7 +546,7 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0) -> tuple[n
                 continue
             found += 1
             try:
-                images[n], labels[n] = fmt.decode(sample)
+                images[n], labels[n] = decode(sample)
             except SampleError as err:
                 raise ShardError(shard.url, sample["__key__"], str(err)) from None
             n += 1

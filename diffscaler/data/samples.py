@@ -144,6 +144,8 @@ class SampleFormat:
     image_size: int = 32  # square side (latents: cells)
     channels: int = 3  # 3 for RGB images, C for npy latents
     resize: bool = False  # fit images of other sizes (short side resized, centre crop)
+    flip_key: str = ""  # latents: the member holding the flipped image's latent ("" = mirror the latent)
+    pixels_key: str = ""  # latents: the member holding the image that was encoded ("" = none)
 
     @property
     def latent(self) -> bool:
@@ -196,6 +198,19 @@ class SampleFormat:
         label = self.label(sample)
         return self.decode_image(*self.image_member(sample)), label
 
+    def decode_flip_pair(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+        """Latents with a flip member: float32 (2, C, S, S) = (latent, latent of the flipped image)."""
+        latent, label = self.decode(sample)
+        if self.flip_key not in sample:
+            raise SampleError(f"missing member .{self.flip_key} (the flipped image's latent)")
+        return np.stack([latent, self.decode_image(LATENT_EXTENSION, sample[self.flip_key])]), label
+
+    def decode_pixels(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
+        """Latent shards: the encoded image uint8 (H, W, 3) from the pixels member, and the label."""
+        if not self.pixels_key or self.pixels_key not in sample:
+            raise SampleError(f"missing member .{self.pixels_key or 'png'} (the image that was encoded)")
+        return decode_rgb8(self.pixels_key, sample[self.pixels_key]), self.label(sample)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "image": ";".join(self.image_keys),
@@ -203,6 +218,8 @@ class SampleFormat:
             "label_values": self.label_values,
             "channels": self.channels,
             "resize": self.resize,
+            **({"flip": self.flip_key} if self.flip_key else {}),
+            **({"pixels": self.pixels_key} if self.pixels_key else {}),
         }
 
 

@@ -295,6 +295,7 @@ class Pipeline:
                 f"pipeline.stages {stages} is out of order; stages run as {list(stage_order(self.cfg))}, "
                 f"write them in that order: {list(self.selected)}"
             )
+        self._check_latent_space()
         self._check_datasets()
         self._check_backbone()
         if "evaluate" in self.selected and "finetune" not in self.selected:
@@ -319,10 +320,32 @@ class Pipeline:
         return {n: jobs[n] for n in dict.fromkeys(names)}
 
     def _build_parameters(self, source: str) -> dict[str, Any]:
-        from diffscaler.data.writer import build_parameters
+        from diffscaler.data.build import _parameters
 
-        d = self.cfg.data
-        return build_parameters(source, d.image_size, d.samples_per_shard, d.eval_fraction, d.limit, d.seed)
+        return _parameters(self.cfg.data, source)  # with data.vae: latent shards of that VAE
+
+    def _check_latent_space(self) -> None:
+        """model (and so the backbone), data.vae and data.image_size agree: latents of that VAE at that size."""
+        d, m = self.cfg.data, self.cfg.model
+        if not d.vae:
+            if m.in_channels != 3 and "shards" in self.selected:
+                raise PipelineInputError(f"model.in_channels {m.in_channels}: a latent backbone's shards are encoded "
+                                         "through its VAE; set data.vae=PATH (a local diffusers AutoencoderKL)")
+            return
+        from diffscaler.vae import VaeError, cached_vae_identity
+
+        try:
+            ident = cached_vae_identity(d.vae, d.vae_config or None)
+        except VaeError as err:
+            raise PipelineInputError(f"data.vae: {err}") from None
+        side = m.input_size * ident["downsample"]
+        if (m.in_channels, side) != (ident["latent_channels"], d.image_size):
+            raise PipelineInputError(
+                f"model {m.name} takes {m.in_channels}x{m.input_size}x{m.input_size} inputs, data.vae {d.vae} makes "
+                f"{ident['latent_channels']}x{d.image_size // ident['downsample']}x"
+                f"{d.image_size // ident['downsample']} latents of data.image_size={d.image_size} images "
+                f"(downsampling {ident['downsample']}): set data.image_size={side} or model.input_size / "
+                "model.in_channels to the backbone's")
 
     def _check_datasets(self) -> None:
         """Without the shards stage, every dataset a stage reads must already be built as configured."""

@@ -118,8 +118,9 @@ def check_rank(model: ModelConfig, rank: int, method: str, where: str) -> None:
 
 
 def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
-                  image_size: int | None = None) -> list[TaskData]:  # fmt: skip
-    """TaskData of the named targets (all of cfg.data.targets by default), from each shard index."""
+                  image_size: int | None = None, in_channels: int | None = None) -> list[TaskData]:  # fmt: skip
+    """TaskData of the named targets (all of cfg.data.targets by default), from each shard index; with
+    `in_channels`, shards that do not fit the backbone (pixels vs latents, size, data.vae) are refused."""
     specs = {t.name: t for t in cfg.data.targets}
     if not specs:
         raise FinetuneInputError("data.targets is empty: name at least one target dataset")
@@ -139,7 +140,11 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
                 f"task {name!r}: no shards at {folder} ({err}); build them with "
                 f"`diffscaler shards make --source {spec.source_name} --out {folder}` or `python -m ray_jobs.shards`"
             ) from None
-        if image_size is not None and index.image_size != image_size:
+        if image_size is not None and in_channels is not None:
+            problem = index.backbone_mismatch(in_channels, image_size, configured_vae_hash(cfg))
+            if problem:
+                raise FinetuneInputError(f"task {name!r}: {problem}")
+        elif image_size is not None and index.image_size != image_size:
             raise FinetuneInputError(
                 f"task {name!r}: shards at {folder} are {index.image_size}x{index.image_size} px, the backbone "
                 f"takes {image_size}x{image_size}; rebuild them with data.image_size={image_size}"
@@ -149,6 +154,18 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
                             index.content_hash))  # fmt: skip
     return out
+
+
+def configured_vae_hash(cfg: ExperimentConfig) -> str:
+    """The identity hash of data.vae ("" when none); FinetuneInputError naming the path when it is bad."""
+    if not cfg.data.vae:
+        return ""
+    from diffscaler.vae import VaeError, cached_vae_identity
+
+    try:
+        return str(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["hash"])
+    except VaeError as err:
+        raise FinetuneInputError(f"data.vae: {err}") from None
 
 
 def check_fits(cpus: float, gpus: float, what: str, count: int = 1) -> None:
@@ -321,10 +338,7 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
         check_rank(model_cfg, cfg.adapter.rank, method, "adapter.rank")
     if len(set(ft.methods)) != len(ft.methods):
         raise FinetuneInputError(f"finetune.methods repeats a method: {list(ft.methods)}")
-    tasks = resolve_tasks(cfg, image_size=model_cfg.input_size)
-    if model_cfg.in_channels != 3:
-        raise FinetuneInputError(f"{backbone}: a {model_cfg.in_channels}-channel (latent) backbone needs latent "
-                                 "shards; the shards here are RGB images")  # fmt: skip
+    tasks = resolve_tasks(cfg, image_size=model_cfg.input_size, in_channels=model_cfg.in_channels)
     if ft.mixed and "scratch" in ft.methods:
         raise FinetuneInputError("finetune.methods: 'scratch' trains one model per task; it has no mixed form "
                                  "(finetune.mixed=true)")  # fmt: skip

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -111,12 +112,9 @@ class AdapterRun:
         size = self.model.config.input_size
         for task in spec.tasks:
             # A cheap, early, named error instead of a shape error deep in the first forward.
-            image_size = load_index(task.dataset_dir).image_size
-            if image_size != size or self.model.config.in_channels != 3:
-                raise ValueError(
-                    f"task {task.name!r}: shards at {task.dataset_dir} hold {image_size}x{image_size} RGB images, "
-                    f"the backbone {spec.backbone_path} takes {self.model.config.in_channels}x{size}x{size}"
-                )
+            problem = load_index(task.dataset_dir).backbone_mismatch(self.model.config.in_channels, size)
+            if problem:
+                raise ValueError(f"task {task.name!r}: {problem} ({spec.backbone_path})")
         a = self.cfg.adapter
         infos = [t.task_info(spec.rank) for t in spec.tasks]
         self.bank: AdapterBank | None = None
@@ -262,7 +260,10 @@ class AdapterRun:
     def _validation_batch(self, task: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
         if task.name not in self._val_cache:
             images, labels = read_split(task.dataset_dir, "eval", limit=self.cfg.finetune.val_samples)
-            x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
+            if images.dtype == np.float32:  # latent shards: (N, C, h, w) as stored
+                x0 = torch.from_numpy(images)
+            else:
+                x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
             y = torch.from_numpy(labels) if task.conditional else torch.zeros(len(labels), dtype=torch.long)
             self._val_cache[task.name] = (x0, y)
         return self._val_cache[task.name]

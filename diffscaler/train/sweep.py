@@ -170,7 +170,8 @@ def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None =
         )
     if s.fid_samples < 2:
         raise FinetuneInputError(f"sweep.fid_samples {s.fid_samples}: FID needs at least 2 generated images")
-    tasks = resolve_tasks(cfg, s.datasets or None, image_size=model_cfg.input_size)
+    tasks = resolve_tasks(cfg, s.datasets or None, image_size=model_cfg.input_size,
+                          in_channels=model_cfg.in_channels)
     for t in tasks:
         index = load_index(t.dataset_dir)
         if index.num_samples("eval") < 1:

@@ -6,7 +6,7 @@ Image i depends only on (seed, i, task, class): noise comes from per-sample gene
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,8 +19,9 @@ from diffscaler.models.dit import DiT
 def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, indices: Sequence[int],
              seed: int, task_ids: torch.Tensor | int | None = None, steps: int = 50, sampler: str = "ddim",
              cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-             autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One batch: float images (N, C, H, W) in [-1, 1] for sample `indices` with `labels`."""
+             autocast_dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:
+    """One batch: float images (N, C, H, W) in [-1, 1] for sample `indices` with `labels` (latents,
+    unclamped, with `clamp=False`)."""
     device = next(model.parameters()).device
     labels = labels.to(device)
     if isinstance(task_ids, torch.Tensor):
@@ -38,7 +39,7 @@ def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, 
         x = diffusion.sample(model_fn, noise, steps=steps, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
     finally:
         model.train(was_training)
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clamp else x
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -51,10 +52,13 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
                   labels: Sequence[int] | None = None, task_ids: Sequence[int] | None = None,
                   start_index: int = 0, batch_size: int = 64, steps: int = 50, sampler: str = "ddim",
                   cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-                  autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                  autocast_dtype: torch.dtype | None = None,
+                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> np.ndarray:
     """`num` images as uint8 (num, H, W, C); sample k has index `start_index + k`.
 
     `labels[k]` / `task_ids[k]` give each sample's class and task (tasks may mix within a batch).
+    `decode` (a latent-space model: e.g. `Vae.decode`) maps the sampled latents, unclipped, to images in
+    [-1, 1]; latents are not clipped to [-1, 1] while sampling (DiT samples latents with clip_denoised off).
     """
     if num < 0 or batch_size < 1:
         raise ValueError(f"num must be >= 0 and batch_size >= 1, got {num} and {batch_size}")
@@ -71,9 +75,9 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
                else torch.tensor(batch_tasks, dtype=torch.long))
         x = generate(model, diffusion, labels=torch.tensor(labels[lo:hi], dtype=torch.long),
                      indices=range(start_index + lo, start_index + hi), seed=seed, task_ids=ids, steps=steps,
-                     sampler=sampler, cfg_scale=cfg_scale, eta=eta, clip_denoised=clip_denoised,
-                     autocast_dtype=autocast_dtype)
-        out.append(to_uint8(x))
+                     sampler=sampler, cfg_scale=cfg_scale, eta=eta, clip_denoised=clip_denoised and decode is None,
+                     autocast_dtype=autocast_dtype, clamp=decode is None)
+        out.append(to_uint8(x if decode is None else decode(x)))
     if not out:
         c, s = model.config.in_channels, model.config.input_size
         return np.zeros((0, s, s, c), dtype=np.uint8)

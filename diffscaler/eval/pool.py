@@ -148,6 +148,11 @@ class FidWorker:
         self.backbone_hash = meta["content_hash"]
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=self.backbone.config.learn_sigma)
         self.extractor = build_feature_extractor(cfg.eval.feature_network, cfg.eval.feature_weights_path, self.device)
+        self.vae = None  # a latent backbone's samples are decoded here, next to the feature network
+        if self.backbone.config.in_channels != 3:
+            from diffscaler.vae import load_vae
+
+            self.vae = load_vae(cfg.data.vae, cfg.data.vae_config or None, device=str(self.device))
         self._adapted: tuple[str, Any] | None = None  # (adapter key, model) of the last adapter used
 
     def pid(self) -> int:
@@ -198,7 +203,8 @@ class FidWorker:
             cfg_scale=job["cfg_scale"],
             eta=self.cfg.diffusion.ddim_eta,
             autocast_dtype=autocast,
-        )  # (count, H, W, C) uint8
+            decode=self.vae.decode if self.vae is not None else None,
+        )  # (count, H, W, C) uint8 (decoded through data.vae for a latent backbone)
         t1 = time.perf_counter()
         feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)  # (count, D)
         t2 = time.perf_counter()
@@ -275,17 +281,50 @@ class _Resolved:
     real_plan: ReferencePlan | None = None  # source "real": the other split's images stand in for samples
 
 
+def pixel_side(model: dict[str, Any], cfg: ExperimentConfig) -> int:
+    """Side of the images a backbone's samples become: its input for pixels, times data.vae's downsampling."""
+    if model["in_channels"] == 3:
+        return int(model["input_size"])
+    from diffscaler.vae import cached_vae_identity
+
+    return int(model["input_size"]) * int(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["downsample"])
+
+
+def _check_vae(model: dict[str, Any], cfg: ExperimentConfig, where: str) -> str:
+    """data.vae's hash for a latent backbone ("" for pixels); EvalInputError when it cannot decode its samples."""
+    if model["in_channels"] == 3:
+        return ""
+    if not cfg.data.vae:
+        raise EvalInputError(f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
+                             "images: set data.vae=PATH (the VAE its shards were encoded with)")  # fmt: skip
+    from diffscaler.vae import VaeError, cached_vae_identity
+
+    try:
+        ident = cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)
+    except VaeError as err:
+        raise EvalInputError(f"{where}: data.vae: {err}") from None
+    if ident["latent_channels"] != model["in_channels"]:
+        raise EvalInputError(f"{where}: data.vae {cfg.data.vae} makes {ident['latent_channels']}-channel latents, the "
+                             f"backbone takes {model['in_channels']}")  # fmt: skip
+    return str(ident["hash"])
+
+
+def _check_shards_vae(shards: str, vae_hash: str, where: str) -> None:
+    from diffscaler.data.index import load_index
+
+    index = load_index(shards)
+    if vae_hash and index.latent and index.vae_hash and index.vae_hash != vae_hash:
+        raise EvalInputError(f"{where}: shards at {shards} were encoded with VAE {index.vae_hash}, data.vae is "
+                             f"{vae_hash}")  # fmt: skip
+
+
 def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str) -> _Resolved:
     from diffscaler.adapters.bank import AdapterLoadError
     from diffscaler.artifacts import TASK_MODEL_KEY, read_trained_meta
     from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
 
     model = backbone_meta["model"]
-    if model["in_channels"] != 3:
-        raise EvalInputError(
-            f"{where}: the backbone has {model['in_channels']} input channels; FID scores "
-            "RGB pixel-space models (3 channels) only"
-        )
+    vae_hash = _check_vae(model, cfg, where)
     method, rank, num_classes = "", 0, int(model["num_classes"])
     task_model = False
     if req.source not in ("generated", "real"):
@@ -333,7 +372,8 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
         raise EvalInputError(f"{where}: sampler {sampler!r} is not ddim or ddpm")
     real_plan = None
     try:
-        plan = plan_reference(shards, cfg, req.num_reference, image_size=int(model["input_size"]))
+        plan = plan_reference(shards, cfg, req.num_reference, image_size=pixel_side(model, cfg))
+        _check_shards_vae(shards, vae_hash, where)
         if req.source == "real":
             other = "train" if plan.split == "eval" else "eval"
             available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
@@ -578,7 +618,7 @@ class FidEvaluator:
 
     def reference(self, shards_dir: str, num_reference: int | None = None) -> ReferenceStats:
         """Reference statistics of `shards_dir` (cache, or computed on the pool and cached)."""
-        size = int(self.backbone_meta["model"]["input_size"])
+        size = pixel_side(self.backbone_meta["model"], self.cfg)
         plans = [plan_reference(shards_dir, self.cfg, num_reference, image_size=size)]
         refs, jobs = self._reference_jobs(plans)
         results, failed = self._run(jobs, None) if jobs else ({}, {})
@@ -620,7 +660,7 @@ class FidEvaluator:
         tasks = {res.request.task for res in resolved}
         if not resolved or None in tasks or not self.cfg.eval.reference_rows:
             return []
-        size = int(self.backbone_meta["model"]["input_size"])
+        size = pixel_side(self.backbone_meta["model"], self.cfg)
         try:
             return [plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size)
                     for t in task_names(self.cfg)]  # fmt: skip

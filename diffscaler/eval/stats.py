@@ -210,7 +210,8 @@ def load_reference_images(plan: ReferencePlan) -> np.ndarray:
     """The first `num_reference` images of the plan's split, uint8 (N, S, S, 3) at the plan's image size."""
     from diffscaler.data.reader import read_split
 
-    images, _labels = read_split(plan.dataset, plan.split, limit=plan.num_reference)
+    # pixels: latent shards made through a VAE give the original images, never decoded reconstructions
+    images, _labels = read_split(plan.dataset, plan.split, limit=plan.num_reference, pixels=True)
     return resize_images(images, plan.image_size)
 
 

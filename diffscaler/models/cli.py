@@ -45,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--merge", action="store_true", help="fold the single task's adapter into the weights")
+    p.add_argument("--vae", default="", help="latent backbone: decode through this local AutoencoderKL (folder/file)")
+    p.add_argument("--vae-config", default="", help="config.json of a single-file --vae")
     p.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
     p.set_defaults(func=cmd_sample)
 
@@ -127,6 +129,7 @@ def plan_samples(task_names: list[str], num_per_task: int, class_counts: list[in
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    """A latent backbone's samples are decoded through --vae (its shards' VAE): samples.npz holds images."""
 
     from diffscaler.artifacts import adapter_files, load_adapters, load_backbone
     from diffscaler.config import DiffusionConfig
@@ -138,6 +141,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--num must be at least 1, got {args.num}")
     out = check_out_dir(args.out)  # before sampling: a bad --out found afterwards would lose the images
     model, meta = load_backbone(args.backbone)
+    vae = None
+    if model.config.in_channels != 3 or args.vae:
+        from diffscaler.vae import load_vae
+
+        if not args.vae:
+            raise ValueError(f"--vae: {args.backbone} is a latent backbone ({model.config.in_channels} channels); "
+                             "its samples become images only through the VAE its shards were encoded with")
+        vae = load_vae(args.vae, args.vae_config or None)
+        if vae.latent_channels != model.config.in_channels:
+            raise ValueError(f"--vae {args.vae}: makes {vae.latent_channels}-channel latents, the backbone "
+                             f"{args.backbone} takes {model.config.in_channels}")  # fmt: skip
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma)
     if args.steps < 1 or args.steps > diffusion.num_timesteps:
         raise ValueError(f"--steps must be in [1, {diffusion.num_timesteps}], got {args.steps}")
@@ -173,7 +187,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     images = sample_images(model, diffusion, num=len(labels), seed=args.seed, labels=labels, task_ids=task_ids,
                            batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
-                           cfg_scale=args.cfg_scale)
+                           cfg_scale=args.cfg_scale, decode=vae.decode if vae is not None else None)
     seconds = time.perf_counter() - t0
     task_of = np.array([names[t] for t in per_sample_task])
     np.savez(out / "samples.npz", images=images, task=task_of, label=np.array(labels, dtype=np.int64),

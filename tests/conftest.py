@@ -28,3 +28,27 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+class JoinedRay(BaseException):
+    """Raised by `refuse_ray`: a BaseException, so no program's `except Exception` can swallow it."""
+
+
+@pytest.fixture
+def refuse_ray(monkeypatch):
+    """Joining or starting Ray fails the test: for input that must be refused before any Ray resource.
+
+    (`ray.is_initialized()` cannot tell: the session's `ray_local` cluster may already be up.)"""
+    import importlib
+
+    import ray
+
+    def refuse(*_args, **_kwargs):
+        raise JoinedRay("this input should have been refused before joining Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    for name in ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep",
+                 "diffscaler.train.finetune"):  # fmt: skip
+        module = importlib.import_module(name)
+        if hasattr(module, "connect_ray"):
+            monkeypatch.setattr(module, "connect_ray", refuse)

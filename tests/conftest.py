@@ -46,9 +46,9 @@ def refuse_ray(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise JoinedRay("this input should have been refused before joining Ray")
 
+    # Import every module first: one imported after the patch would bind `refuse` as its own connect_ray.
+    names = ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep", "diffscaler.train.finetune")
+    modules = [importlib.import_module(name) for name in names]
     monkeypatch.setattr(ray, "init", refuse)
-    for name in ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep",
-                 "diffscaler.train.finetune"):  # fmt: skip
-        module = importlib.import_module(name)
-        if hasattr(module, "connect_ray"):
-            monkeypatch.setattr(module, "connect_ray", refuse)
+    for module in modules:
+        monkeypatch.setattr(module, "connect_ray", refuse)

@@ -193,12 +193,11 @@ def _torch_load_plain(path: Path) -> Any:
     torch's own text is not passed on, as it advises weights_only=False (arbitrary code execution).
     """
     import argparse
-    import pickle
 
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except torch.serialization.pickle.UnpicklingError as err:  # what weights_only raises; nothing is unpickled
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         why = f"it holds a pickled {found.group(1)} object" if found else "it is not a readable torch file"
         raise BackboneLoadError(f"{path}: not a plain state dict ({why}); DiffScaler loads tensors only, "

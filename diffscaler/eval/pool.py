@@ -721,6 +721,9 @@ class FidEvaluator:
         ref_errors = _owner_errors(jobs, failed, "reference")
         req_errors = _owner_errors(jobs, failed, "sample")
 
+        centroids = None  # (K, D): one per target, from its reference features
+        if centroid_plans and all(plans.index(c) in refs for c in centroid_plans):
+            centroids = np.stack([refs[plans.index(c)].features.mean(0) for c in centroid_plans])
         out = []
         for i, res in enumerate(resolved):
             p = plan_of[i]
@@ -762,8 +765,7 @@ class FidEvaluator:
                 feats = np.concatenate([d["features"] for d in done])  # (num_samples, D), in sample order
             ref = refs[p]
             accuracy = None
-            if centroid_plans and all(plans.index(c) in refs for c in centroid_plans):
-                centroids = np.stack([refs[plans.index(c)].features.mean(0) for c in centroid_plans])  # (K, D)
+            if centroids is not None:
                 accuracy = nearest_centroid_accuracy(feats, centroids, task_names(self.cfg).index(res.request.task))
             fid = frechet_distance(feature_statistics(feats), {"mu": ref.mu, "sigma": ref.sigma})
             kid_mean, kid_std = kid_from_features(feats, ref.features, self.cfg.eval.kid_subset_size)

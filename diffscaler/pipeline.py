@@ -888,11 +888,24 @@ class Pipeline:
 
         stages = tuple(StageRow(r.name, r.status, r.wall_s, r.reason) for r in self.manifest.stages.values()
                        if r.name != "report")  # its own time is not known while it runs  # fmt: skip
-        files = write_report(ReportInputs(
+        inputs = ReportInputs(
             cfg=self.cfg, out_dir=self.layout.root, backbone=self.backbone_path, adapters=self.evaluated_adapters(),
             fid_json=self.layout.fid_json, pretrain_metrics=self.layout.backbone_dir / "metrics.jsonl",
             finetune_logs=self.layout.adapters_dir / "logs", sweep_dir=self.layout.sweep_dir, stages=stages,
-        ))  # fmt: skip
+        )  # fmt: skip
+        if self.cfg.eval.gpus_per_actor > 0:
+            # The grids sample the backbone (a DiT-XL/2 takes minutes per grid on a CPU driver): one Ray task on
+            # a GPU node, shaped like an FID actor, writes the report into --out (a shared file system).
+            import ray
+
+            from diffscaler.train.finetune import check_fits
+
+            self._connect()
+            gpus, cpus = min(1.0, self.cfg.eval.gpus_per_actor), self.cfg.eval.cpus_per_actor
+            check_fits(cpus, gpus, "report (eval.gpus_per_actor, eval.cpus_per_actor)")
+            files = ray.get(ray.remote(num_gpus=gpus, num_cpus=cpus)(write_report).remote(inputs))
+        else:
+            files = write_report(inputs)
         return {"report": str(files[0]), "images": [str(p) for p in files[1:]]}
 
 

@@ -357,6 +357,9 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
 
     model, meta = load_backbone(backbone)
     model.to(device).eval()
+    decode = _grid_decoder(cfg, model, device)
+    if decode is not None:  # a latent backbone: every grid below is decoded through data.vae
+        settings["decode"] = decode
     diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=model.config.learn_sigma)
     n_cls = model.config.num_classes
     rows = min(BACKBONE_GRID_CLASSES, n_cls)
@@ -369,6 +372,9 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     lines += [f"Backbone alone, class-conditional: one row per class ({', '.join(map(str, classes))}), "
               f"{settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.", "",
               "![backbone samples](samples_backbone.png)", ""]  # fmt: skip
+    if decode is not None:
+        lines += [f"Latent backbone: every grid is sampled in latent space and decoded through `{cfg.data.vae}`; "
+                  "the real images are the ones that were encoded.", ""]  # fmt: skip
 
     method, task_files = next(iter(inputs.adapters.items()), (None, {}))
     present = {t: p for t, p in task_files.items() if Path(p).is_file()}
@@ -453,12 +459,31 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
     return files, lines
 
 
+def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
+    """`Vae.decode` for a latent backbone (data.vae, checked against its channels), None in pixel space."""
+    if model.config.in_channels == 3:
+        return None
+    from diffscaler.vae import VaeError, load_vae
+
+    if not cfg.data.vae:
+        raise VaeError(f"the backbone is a latent one ({model.config.in_channels} channels): set data.vae to "
+                       "the VAE its shards were encoded with, so the report can decode its grids")
+    vae = load_vae(cfg.data.vae, cfg.data.vae_config or None, device=str(device))
+    if vae.latent_channels != model.config.in_channels:
+        raise VaeError(f"data.vae {cfg.data.vae} has {vae.latent_channels} latent channels, the backbone "
+                       f"{model.config.in_channels}")
+    return vae.decode
+
+
 def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | None:
-    """The first `count` images of a task's eval split, or None when its shards cannot be read."""
-    from diffscaler.data import DatasetError, ShardError, dataset_dir, read_split
+    """The first `count` images of a task's eval split (the encoded images for latent shards), or None
+    when its shards cannot be read."""
+    from diffscaler.data import DatasetError, ShardError, dataset_dir, load_index, read_split
 
     try:
-        images, _labels = read_split(dataset_dir(cfg.data, task), "eval", limit=count)
+        directory = dataset_dir(cfg.data, task)
+        latent = load_index(directory).sample_format.latent
+        images, _labels = read_split(directory, "eval", limit=count, pixels=latent)
     except (DatasetError, ShardError, OSError):
         return None
     return images

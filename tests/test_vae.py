@@ -236,7 +236,7 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     from diffscaler.train.finetune import FinetuneInputError, plan_finetunes
 
     backbone = _latent_backbone(tmp_path, capsys)
-    cfg = _latent_config(tmp_path, tiny_vae, backbone, ["shards", "finetune", "evaluate"])
+    cfg = _latent_config(tmp_path, tiny_vae, backbone, ["shards", "finetune", "evaluate", "report"])
     out = tmp_path / "run"
     run_pipeline(cfg, out)
     manifest = json.loads((out / "pipeline.json").read_text())
@@ -248,6 +248,12 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     fid = json.loads((out / "fid.json").read_text())
     assert fid["results"] and all(r["status"] == "ok" and r["fid"] is not None for r in fid["results"])
     adapters = manifest["stages"]["finetune"]["outputs"]["adapters"]["affiner"]
+    # the report's grids are decoded images, as wide as the grid of the real (encoded) images beside them
+    from PIL import Image
+
+    assert "decoded through" in (out / "report.md").read_text()
+    with Image.open(out / "samples_red.png") as generated, Image.open(out / "real_red.png") as real:
+        assert generated.mode == real.mode == "RGB" and generated.width == real.width
 
     code = cli_main(["sample", "--backbone", str(backbone), "--adapters", adapters["red"], "--vae", str(tiny_vae),
                      "--num", "3", "--steps", "2", "--out", str(tmp_path / "samples")])  # fmt: skip

@@ -313,7 +313,7 @@ def _enlarge(grid: np.ndarray) -> np.ndarray:
 
 
 def _save_grid(images: np.ndarray, ncols: int, path: Path) -> Path:
-    from diffscaler.diffusion.sampling import image_grid, save_png
+    from diffscaler.images import image_grid, save_png
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
     save_png(_enlarge(image_grid(images, ncols=ncols)), tmp)
@@ -344,8 +344,7 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
 
     from diffscaler.artifacts import load_adapters, load_backbone
     from diffscaler.diffusion import GaussianDiffusion
-    from diffscaler.diffusion.sampling import sample_images
-    from diffscaler.models.cli import plan_samples
+    from diffscaler.diffusion.sampling import plan_samples, sample_images
 
     cfg = inputs.cfg
     out = Path(inputs.out_dir)

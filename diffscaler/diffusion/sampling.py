@@ -84,20 +84,26 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
     return np.concatenate(out)
 
 
-def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) grid on white."""
-    n, h, w, c = images.shape
-    ncols = ncols or max(1, int(np.ceil(np.sqrt(n))))
-    nrows = max(1, int(np.ceil(n / ncols)))
-    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
-    return grid
+def plan_samples(task_names: Sequence[str], num_per_task: int, class_counts: Sequence[int],
+                 class_label: int | None) -> tuple[list[int], list[int]]:
+    """Interleave tasks sample by sample (a, b, a, b, ...) so every batch mixes them.
+
+    Returns (task index per sample, label per sample). Sample order fixes the per-sample seed index.
+    """
+    tasks, labels = [], []
+    for k in range(num_per_task):
+        for t in range(len(task_names)):
+            tasks.append(t)
+            n_cls = class_counts[t]
+            labels.append(class_label if class_label is not None else k % n_cls)
+    return tasks, labels
 
 
-def save_png(array: np.ndarray, path) -> None:
-    from PIL import Image
+def __getattr__(name: str):
+    # Shim for importers not yet moved (diffscaler.train.pretrain): PNG grids live in diffscaler.images,
+    # outside the core; imported only on access, so importing this module never pulls in PIL.
+    if name in ("image_grid", "save_png"):
+        import importlib
 
-    arr = array[..., 0] if array.shape[-1] == 1 else array[..., :3]
-    Image.fromarray(arr).save(path)
+        return getattr(importlib.import_module("diffscaler.images"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

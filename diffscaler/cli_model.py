@@ -1,4 +1,8 @@
-"""Model subcommands of the `diffscaler` CLI: model-info, init-backbone, sample."""
+"""Model subcommands of the `diffscaler` CLI: model-info, init-backbone, sample.
+
+An entrypoint beside `diffscaler.cli`: the pure-torch core (models, diffusion, adapters) knows no
+argparse, files or images.
+"""
 
 from __future__ import annotations
 
@@ -113,28 +117,14 @@ def cmd_init_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_samples(task_names: list[str], num_per_task: int, class_counts: list[int],
-                 class_label: int | None) -> tuple[list[int], list[int]]:
-    """Interleave tasks sample by sample (a, b, a, b, ...) so every batch mixes them.
-
-    Returns (task index per sample, label per sample). Sample order fixes the per-sample seed index.
-    """
-    tasks, labels = [], []
-    for k in range(num_per_task):
-        for t in range(len(task_names)):
-            tasks.append(t)
-            n_cls = class_counts[t]
-            labels.append(class_label if class_label is not None else k % n_cls)
-    return tasks, labels
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
     """A latent backbone's samples are decoded through --vae (its shards' VAE): samples.npz holds images."""
 
     from diffscaler.artifacts import adapter_files, load_adapters, load_backbone
     from diffscaler.config import DiffusionConfig
     from diffscaler.diffusion.gaussian import GaussianDiffusion
-    from diffscaler.diffusion.sampling import image_grid, sample_images, save_png
+    from diffscaler.diffusion.sampling import plan_samples, sample_images
+    from diffscaler.images import image_grid, save_png
     from diffscaler.runlock import check_out_dir
 
     if args.num < 1:

@@ -1,0 +1,59 @@
+"""The import graph's layering: the pure-torch core (models, diffusion, adapters) imports nothing above it.
+
+Checked twice: statically, every import statement in the core's files (function-level ones included),
+and at run time, what importing the core pulls into a fresh interpreter.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import diffscaler
+
+CORE = ("models", "diffusion", "adapters")
+# diffscaler modules the core may import: itself and the leaf config dataclasses
+ALLOWED_INTERNAL = tuple(f"diffscaler.{p}" for p in CORE) + ("diffscaler.config",)
+FORBIDDEN_THIRD_PARTY = ("argparse", "PIL", "ray", "deepspeed", "webdataset", "torch_fidelity", "safetensors")
+ROOT = Path(diffscaler.__file__).parent
+
+
+def core_files() -> list[Path]:
+    return sorted(f for p in CORE for f in (ROOT / p).rglob("*.py"))
+
+
+def imported_names(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_core_files_import_nothing_above_the_core():
+    bad = []
+    for path in core_files():
+        for name in imported_names(path):
+            top = name.split(".")[0]
+            upward = top == "diffscaler" and not (name + ".").startswith(tuple(m + "." for m in ALLOWED_INTERNAL))
+            if upward or top in FORBIDDEN_THIRD_PARTY:
+                bad.append(f"{path.relative_to(ROOT.parent)}: {name}")
+    assert not bad, "upward imports in the core:\n" + "\n".join(bad)
+
+
+def test_importing_the_core_loads_no_entrypoint_io_or_cluster_module():
+    modules = [f"diffscaler.{p}" for p in CORE] + [
+        f"diffscaler.{f.parent.name}.{f.stem}" for f in core_files() if f.stem != "__init__"
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    forbidden = ("PIL", "ray", "deepspeed", "webdataset", "torch_fidelity", "safetensors")
+    bad = [m for m in loaded if m.split(".")[0] in forbidden
+           or (m.startswith("diffscaler.") and not (m + ".").startswith(tuple(a + "." for a in ALLOWED_INTERNAL)))]
+    assert not bad, f"importing the core loaded {bad}"

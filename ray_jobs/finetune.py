@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from diffscaler.runlock import RunFolderError, run_lock
-    from diffscaler.train.finetune import FinetuneInputError, format_table, run_finetunes
+    from diffscaler.stages import Run
+    from diffscaler.stages.finetune import FinetuneStage
+    from diffscaler.train.finetune import FinetuneInputError, format_table
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.finetune: config error: {err}", file=sys.stderr)
         return 2
     try:  # Ray is started (or joined) only once the input checks pass and something is left to train
+        run = Run.for_program(cfg, "finetune", args.out, backbone=args.backbone, force=args.force,
+                              adapters_dir=args.out)  # fmt: skip
         with run_lock(args.out, "ray_jobs.finetune"):  # one run per --out: a second would mix up the files
-            summary = run_finetunes(cfg, args.backbone, args.out, force=args.force)
+            summary = FinetuneStage().train(run)  # the pipeline's finetune stage, without its failure rule
     except (ConfigError, FinetuneInputError, RunFolderError) as err:
         print(f"ray_jobs.finetune: error: {err}", file=sys.stderr)
         return 2

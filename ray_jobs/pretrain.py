@@ -28,10 +28,10 @@ from diffscaler.config import ConfigError, ExperimentConfig, load_config
 def in_out_folder(cfg: ExperimentConfig, out: str) -> ExperimentConfig:
     """A relative pretrain.storage_path goes inside --out, as in the pipeline's run folder: against the
     working directory, a new --out would resume whatever an earlier run left under the same run name."""
-    from diffscaler.pipeline import _inside
+    from diffscaler.stages.base import inside
 
     root = Path(out).expanduser().resolve()
-    storage_path = _inside(root, cfg.pretrain.storage_path)
+    storage_path = inside(root, cfg.pretrain.storage_path)
     return dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, storage_path=storage_path))
 
 
@@ -48,14 +48,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffscaler.data.index import DatasetError
     from diffscaler.runlock import RunFolderError, run_lock
-    from diffscaler.train.pretrain import PretrainError, run_pretrain
+    from diffscaler.stages import Run
+    from diffscaler.stages.pretrain import PretrainStage
+    from diffscaler.train.pretrain import PretrainError
 
     connected_before = ray.is_initialized()
     try:
         cfg = in_out_folder(load_config(args.config, args.overrides), args.out)
-        # run_pretrain checks the config, shards and storage first, then connects to (or starts) Ray.
+        run = Run.for_program(cfg, "pretrain", args.out, backbone_dir=args.out)
+        # the stage's training checks the config, shards and storage first, then connects to (or starts) Ray.
         with run_lock(args.out, "ray_jobs.pretrain"):  # one run per --out: a second would mix up the files
-            result = run_pretrain(cfg, args.out, args.shards, weights=args.weights)
+            result = PretrainStage().train(run, args.shards, weights=args.weights)
     except (ConfigError, DatasetError, RunFolderError) as err:
         print(f"ray_jobs.pretrain: error: {err}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
         data.shards_root=s3://bucket/shards
 
 Datasets: cfg.data.pretrain_source and every cfg.data.targets[i] (by its source), written to
-cfg.data.shards_root/<name>. Up-to-date datasets are kept unless --force.
+cfg.data.shards_root/<name>, by the pipeline's shards stage: datasets built as configured that pass
+`shards check` are kept unless --force.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import sys
 
 from diffscaler.config import ConfigError, load_config
-from diffscaler.data import build_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,32 +31,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.shards: config error: {err}", file=sys.stderr)
         return 2
 
-    import ray
+    from diffscaler.stages import Run
+    from diffscaler.stages.shards import ShardsStage
 
-    from diffscaler.cluster import connect_ray
-    from diffscaler.data.build import check_sources
-
-    names = [n for n in args.only.split(",") if n] or None
+    stage = ShardsStage(only=[n for n in args.only.split(",") if n])  # the pipeline's shards stage, on --only
+    run = Run.for_program(cfg, "shards", force=args.force)
     try:  # unknown, missing or empty sources are reported before Ray starts
-        check_sources(cfg.data, names, force=args.force)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"ray_jobs.shards: error: {err}", file=sys.stderr)
-        return 2
-    started = connect_ray(cfg)
-    try:
-        indexes = build_all(cfg.data, names, parallel=True, force=args.force)
+        stage.preflight(run)
+        run.connect()
+        built = stage.run(run)  # rebuilds what is stale or fails `shards check`, every one with --force
     except (ValueError, FileNotFoundError) as err:  # missing package, empty source, bad input
         print(f"ray_jobs.shards: error: {err}", file=sys.stderr)
         return 2
     finally:
-        if started:
-            ray.shutdown()
+        run.disconnect()
     print(f"{'dataset':<16} {'train':>8} {'eval':>8} {'classes':>8}  content hash")
-    for name, index in indexes.items():
-        print(
-            f"{name:<16} {index.num_samples('train'):>8} {index.num_samples('eval'):>8} "
-            f"{index.num_classes:>8}  {index.content_hash}"
-        )
+    for name, row in built.items():
+        print(f"{name:<16} {row['train']:>8} {row['eval']:>8} {row['classes']:>8}  {row['content_hash']}")
     return 0
 
 

@@ -34,14 +34,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from diffscaler.eval import EvalInputError
     from diffscaler.runlock import RunFolderError, run_lock
+    from diffscaler.stages import Run
+    from diffscaler.stages.sweep import SweepStage
     from diffscaler.train.finetune import FinetuneInputError
-    from diffscaler.train.sweep import run_sweep
 
     try:
         cfg = load_config(args.config, args.overrides)
+        run = Run.for_program(cfg, "sweep", args.out, backbone=args.backbone, sweep_dir=args.out)
         with run_lock(args.out, "tune.sweep"):  # one sweep per --out: a second would mix up the files
-            result = run_sweep(cfg, args.backbone, args.out, adapter_dir=args.adapters, storage_path=args.storage,
-                               run_fid=not args.no_fid)  # fmt: skip
+            result = SweepStage().search(run, adapter_dir=args.adapters, storage_path=args.storage,
+                                         run_fid=not args.no_fid)  # fmt: skip
     except (ConfigError, FinetuneInputError, EvalInputError, RunFolderError) as err:
         print(f"tune.sweep: error: {err}", file=sys.stderr)
         return 2

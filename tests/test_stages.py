@@ -1,0 +1,82 @@
+"""The stage contract: the registry's order, each stage's check on an empty run folder, and a new stage
+added by one module's worth of code that the pipeline runs, records and skips on the rerun. No Ray."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+import diffscaler.config
+from diffscaler.config import PIPELINE_STAGES, load_config
+from diffscaler.pipeline import Pipeline, run_pipeline
+from diffscaler.stages import STAGES, Run, Stage, StageCheck, stage_order
+from tests.test_pipeline import micro_config, statuses
+
+
+def test_registry_holds_every_configurable_stage_in_order():
+    assert tuple(s.name for s in STAGES) == PIPELINE_STAGES
+    assert stage_order(load_config(None)) == PIPELINE_STAGES
+    swept_first = stage_order(load_config(None, ["finetune.lr_from_sweep=true"]))
+    assert swept_first == ("shards", "pretrain", "sweep", "finetune", "evaluate", "report")
+
+
+def test_every_stage_finds_an_empty_run_folder_invalid_and_says_why(tmp_path):
+    run = Run.in_folder(load_config(micro_config(tmp_path, list(PIPELINE_STAGES))), tmp_path / "out")
+    for stage in STAGES:
+        check = stage.check(run)
+        assert not check.valid and check.reason, stage.name
+
+
+class ToyStage(Stage):
+    """A stage written for this test: counts its runs in DIR/toy.json, valid while the config's seed matches."""
+
+    name = "toy"
+
+    def needs_ray(self, run: Run) -> bool:
+        return False
+
+    def path(self, run: Run):
+        return run.layout.root / "toy.json"
+
+    def check(self, run: Run) -> StageCheck:
+        try:
+            doc = json.loads(self.path(run).read_text())
+        except FileNotFoundError:
+            return StageCheck(False, "no toy.json yet")
+        if doc["seed"] != run.cfg.pretrain.seed:
+            return StageCheck(False, "toy.json of another seed")
+        return StageCheck(True, f"toy.json current ({doc['runs']} run(s))")
+
+    def run(self, run: Run) -> dict[str, Any]:
+        runs = json.loads(self.path(run).read_text())["runs"] + 1 if self.path(run).is_file() else 1
+        self.path(run).write_text(json.dumps({"seed": run.cfg.pretrain.seed, "runs": runs}))
+        return self.outputs(run)
+
+    def outputs(self, run: Run) -> dict[str, Any]:
+        return {"toy_json": str(self.path(run))}
+
+
+def test_a_stage_added_to_the_registry_runs_is_recorded_and_is_skipped_on_the_rerun(tmp_path, monkeypatch, refuse_ray):
+    monkeypatch.setattr(diffscaler.config, "PIPELINE_STAGES", (*PIPELINE_STAGES, "toy"))  # config's list of names
+    stages = (*STAGES, ToyStage())
+    out = tmp_path / "out"
+    cfg = load_config(micro_config(tmp_path, ["toy"]))
+    lines: list[str] = []
+    Pipeline(cfg, out, stages=stages, log=lines.append).run()
+    assert statuses(out) == {**dict.fromkeys(PIPELINE_STAGES, "not selected"), "toy": "done"}
+    assert json.loads((out / "toy.json").read_text())["runs"] == 1
+    assert any("[pipeline] (1/1) toy: done in" in line for line in lines)
+
+    Pipeline(cfg, out, stages=stages).run()
+    assert statuses(out)["toy"] == "skipped"
+    assert json.loads((out / "toy.json").read_text())["runs"] == 1
+
+    Pipeline(load_config(micro_config(tmp_path, ["toy"]), ["pretrain.seed=7"]), out, stages=stages).run()
+    assert statuses(out)["toy"] == "done" and json.loads((out / "toy.json").read_text())["runs"] == 2
+    Pipeline(cfg, out, stages=stages, force=["toy"]).run()
+    assert json.loads((out / "toy.json").read_text())["runs"] == 3
+    # the stock pipeline does not know the toy stage: the stages it does know still resume from the manifest
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_pipeline(cfg, out, force=["toy"])

@@ -111,6 +111,7 @@ class Pipeline:
         self.cfg, self.layout, self.log = self.ctx.cfg, self.ctx.layout, self.ctx.log
         self.order = stage_order(self.cfg, stages)
         self.selected = self.ctx.selected = tuple(s for s in self.order if s in self.cfg.pipeline.stages)
+        self.manifest = Manifest(str(self.layout.root))  # replaced by run()
         self._sigterm_before: Any = None  # SIGTERM handler to restore after the run
 
     def preflight(self) -> None:
@@ -118,6 +119,8 @@ class Pipeline:
         stages = list(self.cfg.pipeline.stages)
         if not stages:
             raise PipelineInputError(f"pipeline.stages is empty; choose from {list(self.stages)}")
+        if unknown := [s for s in stages if s not in self.stages]:
+            raise PipelineInputError(f"pipeline.stages: unknown stage(s) {unknown}; stages are {list(self.stages)}")
         if len(set(stages)) != len(stages):
             raise PipelineInputError(f"pipeline.stages repeats a stage: {stages}")
         if stages != list(self.selected):

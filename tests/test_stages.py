@@ -10,7 +10,7 @@ import pytest
 
 import diffscaler.config
 from diffscaler.config import PIPELINE_STAGES, load_config
-from diffscaler.pipeline import Pipeline, run_pipeline
+from diffscaler.pipeline import Pipeline, PipelineInputError, run_pipeline
 from diffscaler.stages import STAGES, Run, Stage, StageCheck, stage_order
 from tests.test_pipeline import micro_config, statuses
 
@@ -77,6 +77,8 @@ def test_a_stage_added_to_the_registry_runs_is_recorded_and_is_skipped_on_the_re
     assert statuses(out)["toy"] == "done" and json.loads((out / "toy.json").read_text())["runs"] == 2
     Pipeline(cfg, out, stages=stages, force=["toy"]).run()
     assert json.loads((out / "toy.json").read_text())["runs"] == 3
-    # the stock pipeline does not know the toy stage: the stages it does know still resume from the manifest
-    with pytest.raises(ValueError, match="unknown stage"):
+    # the stock registry does not know the toy stage, and says so before any stage runs
+    with pytest.raises(PipelineInputError, match=r"unknown stage\(s\) \['toy'\]"):
         run_pipeline(cfg, out, force=["toy"])
+    with pytest.raises(PipelineInputError, match=r"pipeline.stages: unknown stage\(s\) \['toy'\]"):
+        run_pipeline(cfg, out)

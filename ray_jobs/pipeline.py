@@ -31,13 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=400")
     args = parser.parse_args(argv)
 
-    from diffscaler.pipeline import PipelineInputError, PipelineStageError, run_pipeline
-
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"ray_jobs.pipeline: config error: {err}", file=sys.stderr)
         return 2
+    # after the config is known good: the stages import torch, Ray and the libraries (seconds), a config
+    # error is reported without them
+    from diffscaler.pipeline import PipelineInputError, PipelineStageError, run_pipeline
+
     try:
         run_pipeline(cfg, args.out, force=[s for s in args.force.split(",") if s])
     except (ConfigError, PipelineInputError) as err:

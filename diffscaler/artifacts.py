@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo
+from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, attached_bank
 from diffscaler.config import ModelConfig, from_dict
 from diffscaler.models.dit import DIT_SIZES, DiT
 
@@ -49,7 +49,7 @@ def content_hash(state: dict[str, torch.Tensor]) -> str:
 
 def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
     """The backbone's own tensors in DiT key layout (adapters, if attached, are not part of it)."""
-    if model.adapter_bank is not None:
+    if attached_bank(model) is not None:
         raise ValueError("export the backbone before attaching adapters (its weights are wrapped)")
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 

@@ -155,3 +155,26 @@ def test_merged_model_refuses_other_tasks_instead_of_silently_using_the_merged_o
     with pytest.raises(RuntimeError, match="unmerge"):
         model(x, t, y)  # the backbone alone is not available while a task is folded in
     assert model(x, t, y, torch.zeros(6, dtype=torch.long)).shape == x.shape
+
+
+FAMILIES = {"affiner": "ScaleShiftLinear", "difffit": "ScaleShiftLinear", "bitfit": "ScaleShiftLinear",
+            "lora": "LowRankLinear", "full": "DeltaLinear"}
+
+
+@pytest.mark.parametrize("method", ADAPTER_METHODS)
+def test_the_backbone_knows_nothing_of_its_adapters(method):
+    from diffscaler.adapters import attached_bank
+
+    model = backbone()
+    keys = set(model.state_dict())
+    assert attached_bank(model) is None and not hasattr(model, "task_embedder")
+    bank = AdapterBank.attach(model, TASKS, method=method, rank=4)
+    assert attached_bank(model) is bank  # the bank's forward is the model's forward now
+    # each wrapper keeps its base layer; its class is its method's family; keys stay DiT's plus the parts
+    assert {type(layer).__name__ for layer in bank.layers.values()} == {FAMILIES[method]}
+    wrapped = {f"{path}.{w}" for path in bank.layers for w in ("weight", "bias")}
+    base_keys = {k.replace(".base.", ".") for k in model.state_dict() if ".base." in k}
+    assert base_keys == wrapped and wrapped <= keys
+    assert "task_embedder.rows" in model.state_dict()
+    with pytest.raises(ValueError, match="already has adapters"):
+        AdapterBank.attach(model, TASKS, method=method, rank=4)

@@ -11,7 +11,7 @@ from torch import nn
 
 from bench import adapter_cost, gpu_speed
 from bench.workloads import PHASES
-from diffscaler.adapters import AdaptedLinear, AdapterBank, TaskInfo
+from diffscaler.adapters import AdapterBank, ScaleShiftLinear, TaskInfo
 from diffscaler.config import ModelConfig
 from diffscaler.models import DiT
 from tests.test_model import perturb
@@ -81,17 +81,17 @@ def test_adapter_cost_prints_the_ratios(capsys, one_thread):
 # ------------------------------------------------------------------------------------------------
 
 
-def affiner_layer(in_f=12, out_f=10, tasks=3, rank=4) -> AdaptedLinear:
+def affiner_layer(in_f=12, out_f=10, tasks=3, rank=4) -> ScaleShiftLinear:
     torch.manual_seed(0)
     base = nn.Linear(in_f, out_f).requires_grad_(False)
-    layer = AdaptedLinear(base, "affiner", tasks, rank, 1.0, torch.Generator().manual_seed(1))
+    layer = ScaleShiftLinear(base, "affiner", tasks, rank, 1.0, torch.Generator().manual_seed(1))
     with torch.no_grad():
         for name in ("scale", "shift", "up", "branch_scale"):
             getattr(layer, name).normal_(0, 0.3)
     return layer
 
 
-def reference(layer: AdaptedLinear, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def reference(layer: ScaleShiftLinear, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The equation, sample by sample, in float64."""
     w, b = layer.base.weight.double(), layer.base.bias.double()
     rows = []
@@ -104,7 +104,7 @@ def reference(layer: AdaptedLinear, x: torch.Tensor, ids: torch.Tensor) -> torch
     return torch.stack(rows)
 
 
-def grads(layer: AdaptedLinear, out: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
+def grads(layer: ScaleShiftLinear, out: torch.Tensor, probe: torch.Tensor) -> dict[str, torch.Tensor]:
     names = ("scale", "shift", "down", "up", "branch_scale")
     got = torch.autograd.grad((out.double() * probe).sum(), [getattr(layer, n) for n in names])
     return dict(zip(names, got, strict=True))

@@ -19,42 +19,34 @@ rank-r product accumulated into the output by the matmul). Training a_t over the
 Each task also owns conditioning rows (one per class, or one for an unconditional task),
 initialised from the backbone's null-class embedding.
 
+The backbone knows nothing of this (peft-style): `attach` swaps the target linears for wrappers that
+keep the base layer inside (`diffscaler.adapters.layers`, one class per method family), adds the
+conditioning rows as the model's `task_embedder`, and installs `AdapterBank.forward` as the model's
+forward: it routes task ids (checks, sorts a mixed batch by task, embeds labels per task) and calls
+the backbone's `DiT.denoise`. State-dict keys and adapter files are what they were.
+
     bank = AdapterBank.attach(model, [TaskInfo("emoji"), TaskInfo("icons")], method="affiner", rank=8)
-    out = model(x, t, y, task_ids=torch.tensor([0, 1, 1, 0]))
+    out = model(x, t, y, task_ids=torch.tensor([0, 1, 1, 0]))   # the bank's forward, installed on the model
     diffscaler.artifacts.save_adapter(bank, "emoji", "adapters/", backbone_hash=...)
     bank = diffscaler.artifacts.load_adapters(fresh_model, ["adapters/emoji.safetensors"], backbone_hash=...)
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from diffscaler.adapters.lean_grad import (
-    add_shift_and_branch_,
-    compute_dtype,
-    folded_weight,
-    grouped_scaled_linear,
-    grouping_supported,
-    lean_affine_linear,
-)
+from diffscaler.adapters.layers import METHOD_PARTS, AdaptedLinear, ScaleShiftLinear, adapted_linear
+from diffscaler.adapters.lean_grad import compute_dtype, grouping_supported
+from diffscaler.adapters.routing import TaskEmbedder, TaskGroups, TaskIds
 from diffscaler.config import ADAPTER_METHODS, ADAPTER_TARGETS
-from diffscaler.models.dit import DiT, LabelEmbedder, TaskGroups, TaskIds, TaskLinear
+from diffscaler.models.dit import DiT, TaskLinear
 
-# Which per-task tensors each method owns (its "structure"; trainable params are chosen by it).
-METHOD_PARTS = {
-    "affiner": ("scale", "shift", "down", "up", "branch_scale"),
-    "difffit": ("scale", "shift"),
-    "lora": ("down", "up"),
-    "bitfit": ("shift",),
-    "full": ("weight_delta", "bias_delta"),
-}
+__all__ = ["METHOD_PARTS", "AdapterBank", "AdapterLoadError", "TaskInfo", "attached_bank"]
 
 
 class AdapterLoadError(ValueError):
@@ -74,272 +66,6 @@ class TaskInfo:
             raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
         if not self.conditional and self.num_classes != 1:
             raise ValueError(f"task {self.name!r}: an unconditional task has exactly one row")
-
-
-# ------------------------------------------------------------------------------------------------
-# Layers
-# ------------------------------------------------------------------------------------------------
-
-
-def _scale_shift(
-    y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor, shift: torch.Tensor | None
-) -> torch.Tensor:
-    """(1 + a) ⊙ y + b̂ + b, in y's dtype; a, b: (out,) or per sample (N, 1.., out).
-
-    Written y + y·a rather than y·(1 + a): in bf16, 1 + a keeps 8 bits, so a = 0.05 would act as
-    0.047; a alone keeps its relative precision. Casting the per-channel terms to y's dtype keeps a
-    bf16 activation bf16 (fp32 parameters would otherwise promote it) and lets autograd save y in bf16.
-    """
-    out = y if scale is None else y + y * scale.to(y.dtype)
-    bias = bias if shift is None else bias + shift.to(bias.dtype)
-    return out + bias.to(y.dtype)
-
-
-class AdaptedLinear(nn.Module):
-    """A frozen base linear plus stacked per-task parameters; forward(x, task_ids) like TaskLinear."""
-
-    # Training a scale (affiner, difffit) over a frozen base: take a's gradient from the output instead of
-    # saving W x (see diffscaler.adapters.lean_grad). False: plain autograd, for A/B benchmarks and checks.
-    lean_backward: bool = True
-
-    def __init__(self, base: nn.Linear, method: str, num_tasks: int, rank: int, branch_scale_init: float,
-                 generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        self.method = method
-        out_f, in_f = base.weight.shape
-        parts = METHOD_PARTS[method]
-        dev, dt = base.weight.device, torch.float32  # adapter weights stay fp32 over a bf16 base
-        self.scale = nn.Parameter(torch.zeros(num_tasks, out_f, device=dev, dtype=dt)) if "scale" in parts else None
-        self.shift = nn.Parameter(torch.zeros(num_tasks, out_f, device=dev, dtype=dt)) if "shift" in parts else None
-        self.down = self.up = self.branch_scale = None
-        if "down" in parts:
-            down = torch.empty(num_tasks, rank, in_f, dtype=dt)
-            bound = 1.0 / math.sqrt(in_f)  # LoRA's A init (kaiming-uniform, a=sqrt(5))
-            down.uniform_(-bound, bound, generator=generator)
-            self.down = nn.Parameter(down.to(dev))  # D_t, random
-            self.up = nn.Parameter(torch.zeros(num_tasks, out_f, rank, device=dev, dtype=dt))  # U_t, zero
-        if "branch_scale" in parts:
-            self.branch_scale = nn.Parameter(torch.full((num_tasks,), float(branch_scale_init), device=dev, dtype=dt))
-        self.weight_delta = self.bias_delta = None
-        if "weight_delta" in parts:
-            self.weight_delta = nn.Parameter(torch.zeros(num_tasks, out_f, in_f, device=dev, dtype=dt))
-            self.bias_delta = nn.Parameter(torch.zeros(num_tasks, out_f, device=dev, dtype=dt))
-        self.relu_branch = method == "affiner"
-        self.merged_task: int | None = None
-        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:  # the frozen base weight, for code that reads dtype/device
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.base.bias
-
-    def task_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name in METHOD_PARTS[self.method]:
-            yield name, getattr(self, name)
-
-    def _up_scaled(self, t: int | torch.Tensor) -> torch.Tensor:
-        """s_t · U_t, (out, r) or per sample (N, out, r): the branch scale folded into U (fp32)."""
-        if self.branch_scale is None:
-            return self.up[t]
-        s = self.branch_scale[t]
-        return self.up[t] * (s if s.dim() == 0 else s.view(-1, 1, 1))
-
-    def _add_branch_single(self, y: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
-        """y + s_t · U_t · act(D_t x), the rank-r product accumulated into y by the matmul itself: no
-        (..., out) temporary written and read back (addmm's C operand)."""
-        h = F.linear(x, self.down[t].to(x.dtype))  # (..., r)
-        if self.relu_branch:
-            h = F.relu(h)
-        y2 = y.reshape(-1, y.shape[-1])  # (rows, out)
-        out = torch.addmm(y2, h.reshape(-1, h.shape[-1]).to(y.dtype), self._up_scaled(t).to(y.dtype).t())
-        return out.reshape(y.shape)
-
-    def _add_branch_mixed(self, y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The same per sample: batched matmuls over the gathered D, U of each sample's task."""
-        n, in_f = x.shape[0], x.shape[-1]
-        x3 = x.reshape(n, -1, in_f)  # (N, L, in)
-        h = torch.bmm(x3, self.down[ids].to(x.dtype).transpose(1, 2))  # (N, L, r)
-        if self.relu_branch:
-            h = F.relu(h)
-        y3 = y.reshape(n, -1, y.shape[-1])  # (N, L, out)
-        out = torch.baddbmm(y3, h.to(y.dtype), self._up_scaled(ids).to(y.dtype).transpose(1, 2))
-        return out.reshape(y.shape)
-
-    def _lean(self) -> bool:
-        """Train the scale with lean_affine_linear (frozen base, scale trained, grad mode on)."""
-        base = self.base
-        branch_ok = self.down is None or (self.relu_branch and self.branch_scale is not None)
-        return (self.lean_backward and self.scale is not None and self.shift is not None and branch_ok
-                and self.scale.requires_grad and torch.is_grad_enabled() and base.bias is not None
-                and not base.weight.requires_grad and not base.bias.requires_grad)
-
-    def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
-        w, b = self.base.weight, self.base.bias
-        if task_ids is None:
-            if self.merged_task is not None:
-                raise RuntimeError("a task is merged into this layer's weights; unmerge() to run the backbone")
-            return F.linear(x, w, b)
-        if self.merged_task is not None:
-            # a_t, b_t (or ΔW_t) live in W, b̂ now; only the rank-r side path remains. Any other task in
-            # the batch would silently get the merged one's weights: refuse it.
-            if isinstance(task_ids, int):
-                if task_ids != self.merged_task:
-                    raise RuntimeError(f"task {self.merged_task} is merged; task {task_ids} needs unmerge() first")
-            elif bool(((task_ids.ids if isinstance(task_ids, TaskGroups) else task_ids) != self.merged_task).any()):
-                raise RuntimeError(f"task {self.merged_task} is merged; a batch with other tasks needs unmerge()")
-            y = F.linear(x, w, b)
-            return self._add_branch_single(y, x, self.merged_task) if self.down is not None else y
-        if isinstance(task_ids, int):
-            return self._forward_single(x, task_ids)
-        return self._forward_mixed(x, task_ids)
-
-    def _forward_single(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        w, b = self.base.weight, self.base.bias
-        if self.weight_delta is not None:
-            return F.linear(x, w + self.weight_delta[t].to(w.dtype), b + self.bias_delta[t].to(b.dtype))
-        if self._lean():
-            branch = (self.down[t], self.up[t], self.branch_scale[t]) if self.down is not None else ()
-            return lean_affine_linear(x, w, b, self.scale[t], self.shift[t], *branch)
-        if self.scale is not None and self.scale.requires_grad and torch.is_grad_enabled():
-            # Training: (1 + a_t) as an epilogue on W x. Folded into W, autograd would compute the full
-            # weight gradient (a matmul as large as the forward) only to reduce it to a_t's gradient.
-            shift = self.shift[t] if self.shift is not None else None
-            y = _scale_shift(F.linear(x, w), self.scale[t], b, shift)
-            return self._add_branch_single(y, x, t) if self.down is not None else y
-        if self.scale is not None:  # (1 + a_t) ⊙ (W x) == ((1 + a_t) ⊙_rows W) x: one matmul
-            w = folded_weight(w, self.scale[t], w.dtype)
-        if self.shift is not None:
-            b = b + self.shift[t].to(b.dtype)
-        y = F.linear(x, w, b)
-        return self._add_branch_single(y, x, t) if self.down is not None else y
-
-    def _group_offsets(self, x: torch.Tensor, groups: TaskGroups | None) -> torch.Tensor | None:
-        """Row offsets for one grouped matmul over the tasks' folded weights, or None where the
-        per-sample path is cheaper or unsupported: T folded weight copies must cost less than the two
-        passes over the (N, L, out) output they save (T * in <= N * L), so the adaLN layers (one row
-        per sample) stay per sample."""
-        if groups is None or self.scale is None or self.shift is None or x.dim() != 3:
-            return None
-        num_tasks, (n, length, in_f) = self.scale.shape[0], x.shape
-        if num_tasks * in_f > n * length or not grouping_supported(x.device, compute_dtype(x)):
-            return None
-        return groups.offsets(length)
-
-    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Sampling a batch sorted by task: (1 + a_t) folded into each task's weight copy, one grouped
-        matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output."""
-        w, b = self.base.weight, self.base.bias
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x3 = x.to(dtype)  # (N, L, in)
-            y = grouped_scaled_linear(x3, w, self.scale, offsets, dtype)  # (N, L, out)
-            c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
-            relu_h = up_scaled = None
-            if self.down is not None:
-                relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
-                up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
-            return add_shift_and_branch_(y, c, relu_h, up_scaled)
-
-    def _forward_mixed(self, x: torch.Tensor, task_ids: torch.Tensor | TaskGroups) -> torch.Tensor:
-        groups = task_ids if isinstance(task_ids, TaskGroups) else None
-        ids = groups.ids if groups is not None else task_ids
-        n = x.shape[0]
-        per_sample = (n,) + (1,) * (x.dim() - 2) + (-1,)  # broadcast (N, out) over tokens
-        w, b = self.base.weight, self.base.bias
-        if self.weight_delta is not None:
-            x3 = x.reshape(n, -1, x.shape[-1])
-            w_t = w.unsqueeze(0) + self.weight_delta[ids].to(w.dtype)  # (N, out, in)
-            y = torch.bmm(x3, w_t.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-            return y + (b + self.bias_delta[ids].to(b.dtype)).view(per_sample)
-        offsets = self._group_offsets(x, groups)
-        if self._lean():
-            branch = (self.down[ids], self.up[ids], self.branch_scale[ids]) if self.down is not None else ()
-            return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *branch,
-                                      task_scale=self.scale if offsets is not None else None, offsets=offsets)
-        if offsets is not None and not torch.is_grad_enabled():
-            return self._forward_grouped(x, ids, offsets)
-        y = F.linear(x, w)  # (N, *, out): one shared matmul for every task in the batch
-        scale = self.scale[ids].view(per_sample) if self.scale is not None else None
-        shift = self.shift[ids].view(per_sample) if self.shift is not None else None
-        y = _scale_shift(y, scale, b, shift)
-        return self._add_branch_mixed(y, x, ids) if self.down is not None else y
-
-    @torch.no_grad()
-    def merge(self, t: int) -> None:
-        if self.merged_task is not None:
-            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge() first")
-        w, b = self.base.weight, self.base.bias
-        self._unmerged = (w.detach().clone(), b.detach().clone())  # exact restore, no division
-        if self.weight_delta is not None:
-            w.add_(self.weight_delta[t].to(w.dtype))
-            b.add_(self.bias_delta[t].to(b.dtype))
-        if self.scale is not None:
-            w.mul_((1 + self.scale[t]).to(w.dtype).unsqueeze(1))
-        if self.shift is not None:
-            b.add_(self.shift[t].to(b.dtype))
-        self.merged_task = t
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._unmerged is not None:
-            self.base.weight.copy_(self._unmerged[0])
-            self.base.bias.copy_(self._unmerged[1])
-        self._unmerged, self.merged_task = None, None
-
-
-class TaskEmbedder(nn.Module):
-    """Per-task conditioning rows [T, K_max, D], initialised from the backbone's null row."""
-
-    def __init__(self, tasks: Sequence[TaskInfo], null_row: torch.Tensor):
-        super().__init__()
-        k_max = max(t.num_classes for t in tasks)
-        rows = null_row.detach().float().reshape(1, 1, -1).repeat(len(tasks), k_max, 1)
-        self.rows = nn.Parameter(rows)  # (T, K_max, D)
-        # On the backbone's device: a host-to-device copy per forward would sync every training step.
-        dev = null_row.device
-        num_classes = torch.tensor([t.num_classes for t in tasks], device=dev)
-        self.register_buffer("num_classes", num_classes, persistent=False)
-        self.register_buffer("conditional", torch.tensor([t.conditional for t in tasks], device=dev), persistent=False)
-        self.dropout_prob = 0.0  # set from the backbone's label dropout by AdapterBank.attach
-
-    def check(self, y: torch.Tensor, task_ids: TaskIds, n: int) -> None:
-        num_tasks = self.rows.shape[0]
-        ids = torch.full((n,), task_ids, dtype=torch.long, device=y.device) if isinstance(task_ids, int) else task_ids
-        if ids.shape != (n,):
-            raise ValueError(f"task_ids must be an int or have shape ({n},), got {tuple(ids.shape)}")
-        if ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"task_ids must be integers, got {ids.dtype}")
-        if n == 0:
-            return
-        if int(ids.min()) < 0 or int(ids.max()) >= num_tasks:
-            raise ValueError(f"task ids must be in [0, {num_tasks}); got [{int(ids.min())}, {int(ids.max())}]")
-        limit = self.num_classes.to(ids.device)[ids]
-        bad = (y < -1) | (y >= limit)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"label {int(y[i])} of sample {i} is out of range for task {int(ids[i])} "
-                f"(valid: 0..{int(limit[i]) - 1}, or -1 for the null row)"
-            )
-
-    def forward(self, y: torch.Tensor, task_ids: TaskIds, y_embedder: LabelEmbedder) -> torch.Tensor:
-        if isinstance(task_ids, TaskGroups):
-            task_ids = task_ids.ids
-        n = y.shape[0]
-        ids = torch.full((n,), task_ids, dtype=torch.long, device=y.device) if isinstance(task_ids, int) else task_ids
-        if self.training and self.dropout_prob > 0:
-            # Label dropout only for conditional tasks (unconditional tasks have no null to learn).
-            drop = (torch.rand(n, device=y.device) < self.dropout_prob) & self.conditional.to(y.device)[ids]
-            y = torch.where(drop, torch.full_like(y, -1), y)
-        rows = self.rows[ids, y.clamp(min=0)]  # (N, D)
-        null = y_embedder.embedding_table.weight[y_embedder.null_label].to(rows.dtype)  # frozen
-        return torch.where((y < 0).unsqueeze(1), null.expand_as(rows), rows).to(
-            y_embedder.embedding_table.weight.dtype
-        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,18 +109,19 @@ class AdapterBank:
     targets: tuple[str, ...]
     tasks: list[TaskInfo]
     layers: dict[str, AdaptedLinear] = field(default_factory=dict)
-    # Mixed batches are sorted by task inside DiT.forward so each task's (1 + a_t) folds into its own
+    # Mixed batches are sorted by task in `forward` so each task's (1 + a_t) folds into its own
     # weight copy (one grouped matmul); False keeps the per-sample epilogue (A/B benchmarks, checks).
     group_mixed_batches: bool = True
 
     def set_lean_backward(self, enabled: bool) -> None:
         """Train the scale with the lean backward (True, the default) or plain autograd (A/B, checks)."""
         for layer in self.layers.values():
-            layer.lean_backward = enabled
+            if isinstance(layer, ScaleShiftLinear):
+                layer.lean_backward = enabled
 
     def groups_batch(self, x: torch.Tensor, tokens: int) -> bool:
-        """Whether DiT.forward sorts the mixed batch `x` (N, C, H, W) by task: a method with a scale, and
-        at least the token-width layers would run grouped (see AdaptedLinear._group_offsets). Otherwise
+        """Whether `forward` sorts the mixed batch `x` (N, C, H, W) by task: a method with a scale, and
+        at least the token-width layers would run grouped (see ScaleShiftLinear._group_offsets). Otherwise
         the batch keeps its order (and each sample's bits do not depend on the other tasks' ids)."""
         if not self.group_mixed_batches or self.method not in ("affiner", "difffit"):
             return False
@@ -407,7 +134,7 @@ class AdapterBank:
                targets: Sequence[str] = ADAPTER_TARGETS, branch_scale_init: float = 1.0,
                seed: int = 0) -> AdapterBank:
         """Wrap `model`'s target layers in place, freeze the backbone, return the bank."""
-        if getattr(model, "adapter_bank", None) is not None:
+        if attached_bank(model) is not None:
             raise ValueError("this model already has adapters attached")
         if method not in ADAPTER_METHODS:
             raise ValueError(f"adapter method {method!r} is not one of {list(ADAPTER_METHODS)}")
@@ -435,15 +162,16 @@ class AdapterBank:
         bank = cls(model, method, rank, tuple(targets), list(tasks))
         for parent, attr, path in _target_slots(model, method, targets):
             base = parent.get_submodule(attr)
-            wrapped = AdaptedLinear(base, method, len(tasks), rank, branch_scale_init, generator)
+            wrapped = adapted_linear(base, method, len(tasks), rank, branch_scale_init, generator)
             setattr(parent, attr, wrapped)
             bank.layers[path] = wrapped
         null_row = model.y_embedder.embedding_table.weight[model.y_embedder.null_label]
+        # a submodule of the model (state-dict key `task_embedder.rows`; moved, trained, synced with it)
         model.task_embedder = TaskEmbedder(tasks, null_row)
         model.task_embedder.dropout_prob = model.y_embedder.dropout_prob
         model.train(model.training)  # new modules adopt the model's mode (label dropout is train-only)
         bank._zero_rank_padding()
-        model.adapter_bank = bank
+        model.forward = bank.forward  # the model's forward now routes task ids (see `forward`)
         for p in bank.parameters():
             p.requires_grad_(True)
         return bank
@@ -453,11 +181,42 @@ class AdapterBank:
         # Rows of D_t and columns of U_t beyond a task's own rank are zero: exactly no contribution,
         # and zero gradients keep them zero in training.
         for layer in self.layers.values():
-            if layer.down is None:
+            if "down" not in layer.parts:
                 continue
             for i, task in enumerate(self.tasks):
                 layer.down[i, task.rank:] = 0
                 layer.up[i, :, task.rank:] = 0
+
+    # -- the task-routing forward ------------------------------------------------------------------
+    @property
+    def task_embedder(self) -> TaskEmbedder:
+        return self.model.task_embedder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
+        """The adapted model's forward: x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W).
+
+        Without `task_ids` the backbone runs (labels index its classes). With them, each sample uses its
+        task's conditioning rows and adapters; its label indexes that task's classes (-1 = the
+        backbone's null row, for guidance).
+        """
+        model = self.model
+        if task_ids is None:
+            return DiT.forward(model, x, t, y)
+        if model.check_inputs:
+            model.check_batch(x, t, y)
+            self.task_embedder.check(y, task_ids, x.shape[0])
+        order = None
+        if isinstance(task_ids, torch.Tensor) and self.groups_batch(x, model.grid_size**2):
+            # Sort the batch by task once here (every op in the model is per sample), so the adapters
+            # see each task's samples as one run of rows; the output is put back in the caller's order.
+            order = torch.argsort(task_ids, stable=True)
+            x, t, y, ids = x[order], t[order], y[order], task_ids[order]
+            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(self.tasks)))
+        label_emb = self.task_embedder(y, task_ids, model.y_embedder)  # (N, D)
+        out = model.denoise(x, t, label_emb, task_ids)  # (N, C_out, H, W)
+        if order is None:
+            return out
+        return torch.empty_like(out).index_copy_(0, order, out)  # row order[i] of the batch = sorted row i
 
     # -- queries ----------------------------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -546,3 +305,9 @@ class AdapterBank:
             raise AdapterLoadError(f"{file}: task_embedder.rows has shape {tuple(rows.shape)}, "
                                    f"the model needs {tuple(dst.shape)}")
         dst.copy_(rows)
+
+
+def attached_bank(model: nn.Module) -> AdapterBank | None:
+    """The bank attached to `model` (its forward is the bank's), or None for a bare backbone."""
+    owner = getattr(model.__dict__.get("forward"), "__self__", None)
+    return owner if isinstance(owner, AdapterBank) else None

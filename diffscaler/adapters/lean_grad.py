@@ -21,7 +21,7 @@ One Function serves three forms of the forward, all with the backward above:
 - one task (a single-task batch, parameters with a leading 1): (1 + a) folded into the bf16 weight
   copy each step makes anyway, b̂ + b as the matmul's bias: one addmm, then the rank-r branch added
   by the matmul that computes it (its C operand); the backward's input gradient is one matmul too;
-- a batch sorted by task (`DiT.forward` sorts mixed batches; T folded weight copies): one grouped
+- a batch sorted by task (`AdapterBank.forward` sorts mixed batches; T folded weight copies): one grouped
   matmul, b̂ + b_t and the branch added together by one rank-(r + 1) batched matmul;
 - per sample (parameters gathered by task id, (N, ...)): the plain epilogue p + p·a + c.
 The parameters' gradients flow back through the gather (or the unsqueeze) by ordinary autograd.
@@ -59,7 +59,7 @@ def grouping_supported(device: torch.device, dtype: torch.dtype) -> bool:
         return dtype == torch.bfloat16 or (dtype == torch.float32 and not torch.compiler.is_compiling())
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _HOPPER_OR_NEWER:  # filled on the first, uncompiled call (DiT.forward's)
+        if index not in _HOPPER_OR_NEWER:  # filled on the first, uncompiled call (AdapterBank.forward's)
             _HOPPER_OR_NEWER[index] = torch.cuda.get_device_capability(index) >= (9, 0)
         return dtype == torch.bfloat16 and _HOPPER_OR_NEWER[index]
     return False

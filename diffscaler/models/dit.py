@@ -1,13 +1,15 @@
-"""DiT (Peebles & Xie, 2023) with task routing for per-task adapters.
+"""DiT (Peebles & Xie, 2023), pure torch; it knows nothing of adapters.
 
 State-dict keys follow facebookresearch/DiT (`x_embedder.proj`, `t_embedder.mlp.0/2`,
 `y_embedder.embedding_table`, `blocks.N.attn.qkv`, `blocks.N.attn.proj`, `blocks.N.mlp.fc1/fc2`,
 `blocks.N.adaLN_modulation.1`, `final_layer.adaLN_modulation.1`, `final_layer.linear`, `pos_embed`),
 so public checkpoints load as they are (see `diffscaler.models.dit_checkpoint`).
 
-Every linear layer is a `TaskLinear`: a plain `nn.Linear` whose forward also takes `task_ids`,
-ignored by the backbone. Adapters (`diffscaler.adapters`) swap target layers for wrappers with the
-same call signature, so task ids reach them explicitly, without hidden state.
+Every linear layer is a `TaskLinear`: a plain `nn.Linear` whose forward also takes `route`, one
+opaque per-sample argument that `DiT.denoise` threads to every linear and the backbone ignores.
+Adapters (`diffscaler.adapters`) swap target layers for wrappers with the same call signature and
+install their own forward, which gives `route` its meaning (task ids) and calls `denoise`: the ids
+reach the wrappers explicitly, without hidden state.
 
 Everything that adds into the residual stream starts at zero (adaLN-Zero gates, final layer), so a
 fresh model outputs exactly zero and every block is the identity.
@@ -16,8 +18,8 @@ fresh model outputs exactly zero and every block is the identity.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,24 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from diffscaler.config import ModelConfig, validate_model
+from diffscaler.config import MODEL_NAME_PATTERN, ModelConfig, validate_model
 
-
-@dataclass(frozen=True)
-class TaskGroups:
-    """A mixed batch sorted by task, so each task's samples are one run of rows: adapters can run one
-    grouped matmul over per-task weights instead of per-sample work. Built by `DiT.forward`."""
-
-    ids: torch.Tensor  # (N,) task id per sample, ascending
-    counts: torch.Tensor  # (T,) samples of each task (T = tasks in the bank, empty ones included)
-
-    def offsets(self, rows_per_sample: int) -> torch.Tensor:
-        """(T,) int32 end row of each task's run in an (N * rows_per_sample, D) view."""
-        return (torch.cumsum(self.counts, 0) * rows_per_sample).to(torch.int32)
-
-
-# (N,) long per sample; one int for a single-task batch; TaskGroups (a sorted mixed batch); or None
-TaskIds = torch.Tensor | int | TaskGroups | None
+# Per-sample routing that `denoise` passes, untouched, to every linear layer (the backbone's layers
+# ignore it; adapter wrappers read task ids from it). None for the backbone alone.
+Route = Any
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +57,7 @@ DIT_SIZES = {
 
 def parse_preset(name: str) -> tuple[DiTSize, int]:
     """`"DiT-XL/2"` -> (DiTSize(28, 1152, 16), patch 2)."""
-    match = re.fullmatch(r"DiT-(T|S|B|L|XL)/(2|4|8)", name)
+    match = MODEL_NAME_PATTERN.fullmatch(name)  # the one preset pattern (config validates with it too)
     if match is None:
         raise ValueError(f"unknown model preset {name!r}; allowed: DiT-{{T,S,B,L,XL}}/{{2,4,8}}")
     return DIT_SIZES[match.group(1)], int(match.group(2))
@@ -80,9 +69,9 @@ def parse_preset(name: str) -> tuple[DiTSize, int]:
 
 
 class TaskLinear(nn.Linear):
-    """nn.Linear that accepts (and ignores) task ids, so adapters can replace it in place."""
+    """nn.Linear that accepts (and ignores) a route, so adapters can replace it in place."""
 
-    def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
@@ -101,8 +90,8 @@ class AdaLNModulation(nn.Sequential):
     def linear(self) -> nn.Module:
         return self[1]
 
-    def forward(self, c: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:  # type: ignore[override]
-        return self[1](self[0](c), task_ids)  # (N, chunks*D)
+    def forward(self, c: torch.Tensor, route: Route = None) -> torch.Tensor:  # type: ignore[override]
+        return self[1](self[0](c), route)  # (N, chunks*D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -124,11 +113,11 @@ class TimestepEmbedder(nn.Module):
         args = t[:, None].float() * freqs[None]  # (N, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
-    def forward(self, t: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, route: Route = None) -> torch.Tensor:
         h = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256)
         h = h.to(self.mlp[0].weight.dtype)
-        h = self.mlp[0](h, task_ids)  # (N, D)
-        return self.mlp[2](self.mlp[1](h), task_ids)  # (N, D)
+        h = self.mlp[0](h, route)  # (N, D)
+        return self.mlp[2](self.mlp[1](h), route)  # (N, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -159,13 +148,13 @@ class Attention(nn.Module):
         self.qkv = TaskLinear(dim, 3 * dim)  # fused Q, K, V
         self.proj = TaskLinear(dim, dim)
 
-    def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:
         n, length, dim = x.shape
-        qkv = self.qkv(x, task_ids).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
+        qkv = self.qkv(x, route).reshape(n, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, L, D/H)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, L, D/H)
         out = out.transpose(1, 2).reshape(n, length, dim)  # (N, L, D)
-        return self.proj(out, task_ids)
+        return self.proj(out, route)
 
 
 class Mlp(nn.Module):
@@ -175,8 +164,8 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = TaskLinear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x, task_ids)), task_ids)  # (N, L, D)
+    def forward(self, x: torch.Tensor, route: Route = None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x, route)), route)  # (N, L, D)
 
 
 class DiTBlock(nn.Module):
@@ -190,13 +179,13 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = AdaLNModulation(hidden_size, 6)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, route: Route = None) -> torch.Tensor:
         # x (N, L, D); c (N, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c, task_ids
+            c, route
         ).chunk(6, dim=1)  # each (N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), task_ids)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), task_ids)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), route)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), route)
         return x  # (N, L, D)
 
 
@@ -207,9 +196,9 @@ class FinalLayer(nn.Module):
         self.linear = TaskLinear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = AdaLNModulation(hidden_size, 2)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c, task_ids).chunk(2, dim=1)  # each (N, D)
-        return self.linear(modulate(self.norm_final(x), shift, scale), task_ids)  # (N, L, p*p*C_out)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, route: Route = None) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c, route).chunk(2, dim=1)  # each (N, D)
+        return self.linear(modulate(self.norm_final(x), shift, scale), route)  # (N, L, p*p*C_out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +228,8 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 class DiT(nn.Module):
-    """Diffusion transformer. `forward(x, t, y, task_ids=None)`; `task_ids` needs attached adapters."""
+    """Diffusion transformer. `forward(x, t, y)`: the backbone; an attached adapter bank replaces the
+    forward with one that takes `task_ids` and calls `denoise` (see `diffscaler.adapters`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -264,9 +254,6 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=True)  # (1, L, D), fixed
         self.blocks = nn.ModuleList([DiTBlock(size.hidden_size, size.num_heads) for _ in range(size.depth)])
         self.final_layer = FinalLayer(size.hidden_size, patch, self.out_channels)
-        # Set by diffscaler.adapters.attach(): per-task conditioning rows and adapted linears.
-        self.task_embedder: nn.Module | None = None
-        self.adapter_bank = None  # the AdapterBank handle, when attached
         self.initialize_weights()
 
     # -- init -------------------------------------------------------------------------------------
@@ -305,7 +292,8 @@ class DiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids: TaskIds) -> None:
+    def check_batch(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """Shapes and finite values of one batch (labels are checked by whoever embeds them)."""
         n = x.shape[0]
         expected = (self.in_channels, self.config.input_size, self.config.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
@@ -314,75 +302,55 @@ class DiT(nn.Module):
             raise ValueError(f"t and y must have shape ({n},); got {tuple(t.shape)} and {tuple(y.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
-        if task_ids is None:
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) > self.y_embedder.num_classes):
-                raise ValueError(
-                    f"class labels must be in [0, {self.y_embedder.num_classes}] "
-                    f"({self.y_embedder.num_classes} = null); got [{int(y.min())}, {int(y.max())}]"
-                )
-        elif self.task_embedder is None:
+
+    def embed_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """Backbone class labels (N,) -> (N, D); -1 or `num_classes` is the null class (guidance)."""
+        if self.check_inputs and y.numel() and (int(y.min()) < -1 or int(y.max()) > self.y_embedder.num_classes):
+            raise ValueError(
+                f"class labels must be in [0, {self.y_embedder.num_classes}] "
+                f"({self.y_embedder.num_classes} or -1 = null); got [{int(y.min())}, {int(y.max())}]"
+            )
+        y = torch.where(y < 0, self.y_embedder.null_label, y)
+        if self.training and self.y_embedder.dropout_prob > 0:
+            y = self.y_embedder.drop_labels(y)
+        return self.y_embedder(y)  # (N, D)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids: None = None) -> torch.Tensor:
+        """x (N, C, H, W), t (N,) timesteps, y (N,) labels of the backbone's classes -> (N, C_out, H, W)."""
+        if task_ids is not None:
             raise ValueError("task_ids were given but this model has no adapters attached")
-        else:
-            self.task_embedder.check(y, task_ids, n)
-
-    def embed_condition(self, t: torch.Tensor, y: torch.Tensor, task_ids: TaskIds) -> torch.Tensor:
-        t_emb = self.t_embedder(t, task_ids)  # (N, D)
-        if task_ids is None:
-            if self.training and self.y_embedder.dropout_prob > 0:
-                y = self.y_embedder.drop_labels(y)
-            return t_emb + self.y_embedder(y)  # (N, D)
-        assert self.task_embedder is not None
-        return t_emb + self.task_embedder(y, task_ids, self.y_embedder)  # (N, D)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids: TaskIds = None) -> torch.Tensor:
-        """x (N, C, H, W), t (N,) timesteps, y (N,) labels -> (N, C_out, H, W).
-
-        Without `task_ids` labels index the backbone's classes (`num_classes` = null). With them, each
-        sample uses its task's conditioning rows and adapters; its label indexes that task's classes
-        (-1 = the backbone's null row, for guidance).
-        """
         if self.check_inputs:
-            self._check(x, t, y, task_ids)
-        order = None
-        bank = self.adapter_bank
-        if isinstance(task_ids, torch.Tensor) and bank is not None and bank.groups_batch(x, self.grid_size**2):
-            # Sort the batch by task once here (every op in the model is per sample), so the adapters
-            # see each task's samples as one run of rows; the output is put back in the caller's order.
-            order = torch.argsort(task_ids, stable=True)
-            x, t, y, ids = x[order], t[order], y[order], task_ids[order]
-            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(bank.tasks)))
+            self.check_batch(x, t, y)
+        return self.denoise(x, t, self.embed_labels(y))
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, label_emb: torch.Tensor, route: Route = None) -> torch.Tensor:
+        """x (N, C, H, W), t (N,), label embeddings (N, D) -> (N, C_out, H, W); `route` goes to every linear."""
         h = self.x_embedder(x) + self.pos_embed  # (N, L, D)
-        c = self.embed_condition(t, y, task_ids)  # (N, D)
+        c = self.t_embedder(t, route) + label_emb  # (N, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, task_ids, use_reentrant=False)
+                h = checkpoint(block, h, c, route, use_reentrant=False)
             else:
-                h = block(h, c, task_ids)  # (N, L, D)
-        h = self.final_layer(h, c, task_ids)  # (N, L, p*p*C_out)
-        out = self.unpatchify(h)  # (N, C_out, H, W)
-        if order is None:
-            return out
-        return torch.empty_like(out).index_copy_(0, order, out)  # row order[i] of the batch = sorted row i
-
-    def null_labels(self, y: torch.Tensor, task_ids: TaskIds) -> torch.Tensor:
-        return torch.full_like(y, -1 if task_ids is not None else self.y_embedder.null_label)
+                h = block(h, c, route)  # (N, L, D)
+        h = self.final_layer(h, c, route)  # (N, L, p*p*C_out)
+        return self.unpatchify(h)  # (N, C_out, H, W)
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, task_ids: TaskIds = None
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, *route: Any
     ) -> torch.Tensor:
-        """Classifier-free guidance on ALL output channels of the noise prediction.
+        """Classifier-free guidance on ALL output channels of the noise prediction; label -1 is the null
+        class (the backbone's and every task's). `route`: passed on to `forward` (an adapter bank's takes
+        task ids: an int, or (N,) ids, doubled with the batch).
 
         (The reference applies it to 3 of 4 latent channels; here every predicted-noise channel is
         guided and, with learned sigma, the variance channels come from the conditional half.)
         """
         if cfg_scale == 1.0:
-            return self.forward(x, t, y, task_ids)
+            return self.forward(x, t, y, *route)
         n = x.shape[0]
-        ids2 = task_ids if not isinstance(task_ids, torch.Tensor) else torch.cat([task_ids, task_ids])
-        out = self.forward(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, self.null_labels(y, task_ids)]), ids2
-        )  # (2N, C_out, H, W)
-        cond, uncond = out[:n], out[n:]
+        route2 = [torch.cat([r, r]) if isinstance(r, torch.Tensor) else r for r in route]
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]), *route2)
+        cond, uncond = out[:n], out[n:]  # each (N, C_out, H, W)
         eps_c, rest = cond[:, : self.in_channels], cond[:, self.in_channels :]
         eps_u = uncond[:, : self.in_channels]
         eps = eps_u + cfg_scale * (eps_c - eps_u)

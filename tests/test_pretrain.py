@@ -44,6 +44,9 @@ def tiny_cfg(tmp: Path, run_name: str, *extra: str):
             f"pretrain.storage_path={tmp / 'ray'}",
             f"pretrain.run_name={run_name}",
             "diffusion.sampling_steps=4",
+            "model.name=DiT-T/4",  # the test shards are 32x32 (the demo's tiny.yaml is 16x16)
+            "model.input_size=32",
+            "data.image_size=32",
             *extra,
         ],
     )
@@ -263,7 +266,7 @@ def test_cli_reports_config_errors_without_starting_ray(tmp_path):
 def test_tiny_config_is_the_cpu_default():
     cfg = load_config(TINY)
     p = cfg.pretrain
-    assert (cfg.model.name, cfg.model.input_size, cfg.data.pretrain_source) == ("DiT-T/4", 32, "openclipart")
+    assert (cfg.model.name, cfg.model.input_size, cfg.data.pretrain_source) == ("DiT-T/2", 16, "openclipart")
     assert (p.num_workers, p.use_gpu, p.zero_stage, p.cpus_per_worker) == (2, False, 2, 1.0)
     assert p.steps % p.checkpoint_every == 0 and p.sample_every >= 0 and p.precision == "auto"
 

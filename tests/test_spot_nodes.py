@@ -53,18 +53,50 @@ pytestmark = pytest.mark.ray
 # ------------------------------------------------------------------------------------------------
 
 
+STARTUP_TRIES = 3  # a node's raylet must register within Ray's fixed 30 s; on a loaded 2-core machine it may not
+
+
+def startup_timeout(err: BaseException) -> bool:
+    return "timed out during startup" in str(err)
+
+
 @contextlib.contextmanager
-def spot_cluster(head_cpus: float, autoscaling: dict | None = None) -> Iterator:
-    """A Cluster whose head has `head_cpus` CPUs (and the autoscaler when `autoscaling` is a config whose
-    provider is fake_multinode); this process is connected to it. On exit: disconnect, shut down every node,
-    SIGKILL whatever still names the temp folder, and reconnect the session's `ray_local` cluster if this
-    test found one (it cannot be kept: a driver joins one cluster at a time)."""
+def spot_cluster(head_cpus: float, spot_nodes: int = 0, autoscaling: dict | None = None) -> Iterator:
+    """(cluster, [spot nodes]): a Cluster whose head has `head_cpus` CPUs, plus `spot_nodes` 1-CPU spot nodes
+    (and the autoscaler when `autoscaling` is a config whose provider is fake_multinode); this process is
+    connected to it. A node that times out starting makes the whole cluster start again, up to STARTUP_TRIES
+    times. Connects back to the session's `ray_local` cluster on exit if this test found one (a driver joins
+    one cluster at a time)."""
     import ray
-    from ray.cluster_utils import Cluster
 
     had_session_cluster = ray.is_initialized()
     if had_session_cluster:
         ray.shutdown()
+    started = False  # once the test runs, its errors are its own: never start over then
+    try:
+        for attempt in range(1, STARTUP_TRIES + 1):
+            try:
+                with _one_cluster(head_cpus, autoscaling) as cluster:
+                    nodes = [add_spot_node(cluster) for _ in range(spot_nodes)]
+                    started = True
+                    yield cluster, nodes
+                    return
+            except Exception as err:
+                if started or not startup_timeout(err) or attempt == STARTUP_TRIES:
+                    raise
+                print(f"spot_cluster: a node timed out starting (try {attempt}); starting over")
+    finally:
+        if had_session_cluster:  # as conftest's ray_local starts it
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def _one_cluster(head_cpus: float, autoscaling: dict | None) -> Iterator:
+    """One try: the head, connected. On exit: disconnect, shut down every node, SIGKILL whatever still names
+    the temp folder (the autoscaler's nodes, a node that timed out starting), remove the folder."""
+    import ray
+    from ray.cluster_utils import Cluster
+
     temp = tempfile.mkdtemp(prefix="ds-spot-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
     gcs, dash = free_ports(2)
     head_args = {"num_cpus": head_cpus, "temp_dir": temp, "include_dashboard": False, "dashboard_port": dash,
@@ -78,7 +110,9 @@ def spot_cluster(head_cpus: float, autoscaling: dict | None = None) -> Iterator:
         head_args["autoscaling_config"] = str(path)
     cluster = None
     try:
-        cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        # shutdown_at_exit=False: with it, every Node installs signal handlers, which only the main thread may
+        # do, so a replacement node could not be added from NodeReclaimer's thread (cleanup is ours, below)
+        cluster = Cluster(initialize_head=True, head_node_args=head_args, shutdown_at_exit=False)
         ray.init(address=cluster.address, log_to_driver=True)
         yield cluster
     finally:
@@ -89,13 +123,22 @@ def spot_cluster(head_cpus: float, autoscaling: dict | None = None) -> Iterator:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
-        if had_session_cluster:  # as conftest's ray_local starts it
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
 
 
 def add_spot_node(cluster):
     """A 1-CPU worker node carrying the custom resource `spot`."""
     return cluster.add_node(num_cpus=1, resources={"spot": 1})
+
+
+def add_replacement_node(cluster) -> None:
+    """A new spot node mid-stage. One that times out starting is left to finish joining (its raylet runs on;
+    the stage waits for it): only the stage's outcome is tested."""
+    try:
+        add_spot_node(cluster)
+    except Exception as err:
+        if not startup_timeout(err):
+            raise
+        print(f"the replacement node is slow to start: {err}")
 
 
 def alive_spot_nodes() -> list[dict]:
@@ -174,9 +217,7 @@ def test_a_finetune_lost_with_its_node_is_retried_and_gives_the_same_adapter(wor
 
     cfg = tiny_config(work.shards, TWO_TASKS, "finetune.steps=150", "finetune.log_every=1",
                       "finetune.cpus_per_task=1")  # fmt: skip
-    with spot_cluster(head_cpus=0) as cluster:
-        doomed = add_spot_node(cluster)
-        add_spot_node(cluster)
+    with spot_cluster(head_cpus=0, spot_nodes=2) as (cluster, (doomed, _)):
         calm = run_finetunes(cfg, work.backbone, tmp_path / "calm", log=print)
         assert [r.status for r in calm.rows] == ["ok", "ok"]
 
@@ -229,9 +270,7 @@ def test_a_trial_lost_with_its_node_resumes_from_its_rung_checkpoint(work, tmp_p
     from diffscaler.train.sweep import run_sweep
 
     cfg = sweep_cfg(work)
-    with spot_cluster(head_cpus=0) as cluster:
-        doomed = add_spot_node(cluster)
-        add_spot_node(cluster)
+    with spot_cluster(head_cpus=0, spot_nodes=2) as (cluster, (doomed, _)):
         calm = run_sweep(cfg, work.backbone, tmp_path / "calm", run_fid=False, log=print)
         assert [r.status for r in calm.trials] == ["completed", "completed"]
 
@@ -296,9 +335,7 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
     base = project["cfg"]
     cfg = replace(base, eval=replace(base.eval, num_samples=48, batch_size=4, cpus_per_actor=1.0, num_actors=2))
     requests = [request_for_task(cfg, "dots", project["adapter"], label="affiner"), request_for_task(cfg, None)]
-    with spot_cluster(head_cpus=0) as cluster:
-        doomed = add_spot_node(cluster)
-        add_spot_node(cluster)
+    with spot_cluster(head_cpus=0, spot_nodes=2) as (cluster, (doomed, _)):
         with FidEvaluator(project["backbone"], cfg, num_actors=2) as ev:
             calm = ev.evaluate(requests)
         assert [r.status for r in calm] == ["ok", "ok"]
@@ -314,7 +351,7 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
                         and parent_pid(ev.actor_pid(event["slot"])) == doomed_raylet):  # fmt: skip
                     on_doomed.set()  # (an actor's worker process is a child of its node's raylet)
 
-            reclaimer = NodeReclaimer(cluster, doomed, on_doomed.is_set, after=lambda: add_spot_node(cluster))
+            reclaimer = NodeReclaimer(cluster, doomed, on_doomed.is_set, after=lambda: add_replacement_node(cluster))
             reclaimer.start()
             try:
                 spot = ev.evaluate(requests, progress=progress)
@@ -350,10 +387,9 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
     shards = make_pretrain_shards(tmp_path / "data", COLORS)
     cfg = tiny_cfg(tmp_path, "spot", "pretrain.steps=12", "pretrain.max_failures=2", "pretrain.sample_every=0")
     run_dir = tmp_path / "ray" / "spot"
-    with spot_cluster(head_cpus=1) as cluster:
-        doomed = add_spot_node(cluster)
+    with spot_cluster(head_cpus=1, spot_nodes=1) as (cluster, (doomed,)):
         reclaimer = NodeReclaimer(cluster, doomed, lambda: (run_dir / "checkpoint_step00000004").is_dir(),
-                                  after=lambda: add_spot_node(cluster))  # fmt: skip
+                                  after=lambda: add_replacement_node(cluster))  # fmt: skip
         reclaimer.start()
         try:
             result = run_pretrain(cfg, tmp_path / "out", shards)

@@ -129,8 +129,10 @@ def test_torchvision_shim_makes_torch_fidelity_importable():
         assert stub is not None and not hasattr(stub, "register_meta")
         with pytest.raises((AttributeError, RuntimeError)):
             torch.ops.torchvision.nms  # noqa: B018
-    else:
+    else:  # the compiled ops loaded: no empty stub, and the ops are real (fails if the check lied)
         assert stub is None or hasattr(stub, "register_meta")
+        assert callable(torch.ops.torchvision.nms)
+    assert status["checked"] and status["reason"]  # the decision was made, and says why
 
 
 def test_every_torch_fidelity_import_goes_through_the_shim():

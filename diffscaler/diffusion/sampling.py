@@ -98,12 +98,3 @@ def plan_samples(task_names: Sequence[str], num_per_task: int, class_counts: Seq
             labels.append(class_label if class_label is not None else k % n_cls)
     return tasks, labels
 
-
-def __getattr__(name: str):
-    # Shim for importers not yet moved (diffscaler.train.pretrain): PNG grids live in diffscaler.images,
-    # outside the core; imported only on access, so importing this module never pulls in PIL.
-    if name in ("image_grid", "save_png"):
-        import importlib
-
-        return getattr(importlib.import_module("diffscaler.images"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

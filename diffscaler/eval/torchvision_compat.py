@@ -53,6 +53,7 @@ def ensure_torchvision_importable() -> bool:
         return bool(_state["stubbed"])
     _state["checked"] = True
     if "torchvision" in sys.modules:  # already imported successfully by someone else: leave it alone
+        _state["reason"] = "torchvision was already imported"
         return False
     ok, reason = _compiled_library_loads()
     _state["reason"] = reason

@@ -432,7 +432,8 @@ class GridSampler:
         self.autocast = torch.bfloat16 if bf16 else None
 
     def grid(self, ema_state: dict[str, torch.Tensor]):
-        from diffscaler.diffusion.sampling import image_grid, sample_images
+        from diffscaler.diffusion.sampling import sample_images
+        from diffscaler.images import image_grid
 
         self.model.load_state_dict(ema_state, strict=False)  # parameters; buffers are the model's own
         labels = [c for c in self.classes for _ in range(SAMPLE_GRID_PER_CLASS)]
@@ -690,7 +691,7 @@ class RankTrainer:
         ema_state = ema.full_state() if (ema.partitioned or self.rank == 0) else {}  # collective under ZeRO-3
         grid = self.sampler.grid(ema_state) if (self.sampler is not None and is_sample) else None
         if grid is not None:
-            from diffscaler.diffusion.sampling import save_png
+            from diffscaler.images import save_png
 
             path = Path(self.plan.out_dir) / "samples" / f"step{self.step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -733,7 +734,7 @@ class RankTrainer:
                 save_file({**ema_state, **self.buffers}, str(Path(tmp, EMA_FILE)))
                 shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
                 if grid is not None:
-                    from diffscaler.diffusion.sampling import save_png
+                    from diffscaler.images import save_png
 
                     save_png(grid, Path(tmp, SAMPLES_FILE))
                 Path(tmp, STATE_FILE).write_text(state.to_json())  # last: marks the folder complete

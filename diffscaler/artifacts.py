@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, attached_bank
+from diffscaler.atomic import atomic_path
 from diffscaler.config import ModelConfig, from_dict
 from diffscaler.models.dit import DIT_SIZES, DiT
 
@@ -56,14 +57,11 @@ def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
 
 def write_file_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
                     st_meta: dict[str, str]) -> None:
-    """Write `X.safetensors` + `X.json` atomically: temp names, then renames, the JSON last."""
-    st_path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `X.safetensors` + `X.json` atomically: both written under temp names, then renamed, the JSON last."""
     js_path = st_path.with_suffix(".json")
-    tmp_st, tmp_js = st_path.with_name(st_path.name + ".tmp"), js_path.with_name(js_path.name + ".tmp")
-    save_file(tensors, str(tmp_st), metadata=st_meta)
-    tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    tmp_st.replace(st_path)
-    tmp_js.replace(js_path)
+    with atomic_path(js_path) as tmp_js, atomic_path(st_path) as tmp_st:  # exits inner first: tensors, then JSON
+        save_file(tensors, str(tmp_st), metadata=st_meta)
+        tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def read_format_json(path: Path, fmt: str, version: int, what: str, error: type[ValueError]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig
 from diffscaler.runlock import RunFolderError, RunLock
 from diffscaler.stages import STAGES, Run, RunLayout, Stage, StageCheck, StageFailed, resolve_run_config, stage_order
@@ -71,10 +72,7 @@ class Manifest:
     def save(self, path: Path) -> None:
         d = dataclasses.asdict(self) | {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
                                         "units": {"wall_s": "seconds (wall clock)"}}  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:
@@ -152,9 +150,7 @@ class Pipeline:
             status = "interrupted" if old and old.status == "running" else old.status if old else "not selected"
             status = "pending" if name in self.selected else status
             self.manifest.stages[name] = dataclasses.replace(old or StageRecord(name), status=status)
-        tmp = self.layout.config_json.with_name(".config.json.tmp")
-        tmp.write_text(self.cfg.to_json() + "\n")
-        tmp.replace(self.layout.config_json)
+        write_text_atomic(self.layout.config_json, self.cfg.to_json() + "\n")
         self.manifest.save(self.layout.manifest)
         self._trap_sigterm()
         try:

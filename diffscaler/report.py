@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from diffscaler.adapters import METHOD_PARTS
+from diffscaler.atomic import atomic_path, write_text_atomic
 from diffscaler.config import ExperimentConfig
 
 GRID_PER_TASK = 8  # images per task, all tasks in one batch (the mixed-task path costs ~2.5x on CPU)
@@ -88,9 +89,7 @@ def write_report(inputs: ReportInputs) -> list[Path]:
            f"{cfg.model.input_size}x{cfg.model.input_size} px, tasks: "
            + ", ".join(f"`{t.name}`" for t in cfg.data.targets) + ".", ""]  # fmt: skip
     report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(md).rstrip() + "\n")
-    tmp.replace(report)
+    write_text_atomic(report, "\n".join(md).rstrip() + "\n")
     return [report, *images]
 
 
@@ -315,9 +314,8 @@ def _enlarge(grid: np.ndarray) -> np.ndarray:
 def _save_grid(images: np.ndarray, ncols: int, path: Path) -> Path:
     from diffscaler.images import image_grid, save_png
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_png(_enlarge(image_grid(images, ncols=ncols)), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_png(_enlarge(image_grid(images, ncols=ncols)), tmp)
     return path
 
 
@@ -542,8 +540,7 @@ def _loss_curves(inputs: ReportInputs) -> Path | None:
         ax.legend(fontsize=7, ncol=2 if len(series) > 6 else 1)
     fig.tight_layout()
     path = Path(inputs.out_dir) / "loss_curves.png"
-    tmp = path.with_name(".loss_curves.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -146,9 +146,9 @@ def test_zero3_worker_killed_restarts_exactly_from_last_checkpoint(zero2_run, sh
     from diffscaler.train.pretrain import run_pretrain
     from diffscaler.train.pretrain_checkpoint import export_backbone, load_ema_state
 
-    cfg = tiny_cfg(tmp_path, "z3", "pretrain.zero_stage=3", "pretrain.fail_at_step=7")
+    cfg = tiny_cfg(tmp_path, "z3", "pretrain.zero_stage=3")
     out = tmp_path / "out"
-    result = run_pretrain(cfg, out, shards)
+    result = run_pretrain(cfg, out, shards, fail_at_step=7)
     assert result.step == 8
     assert (tmp_path / "ray" / "z3" / "injected_failure_step00000007.json").is_file()
     resume = events(out, "resume")

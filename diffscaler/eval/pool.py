@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.eval.stats import (
     EvalInputError,
@@ -850,6 +851,4 @@ def write_fid_json(results: Sequence[EvalResult], path: str | os.PathLike, extra
         "results": rows,
         "by_task": dict(zip(keys, rows)),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

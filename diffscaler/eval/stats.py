@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffscaler.atomic import atomic_path
 from diffscaler.config import ExperimentConfig
 from diffscaler.eval.torchvision_compat import import_torch_fidelity
 
@@ -256,16 +256,9 @@ def save_cached(plan: ReferencePlan, features: np.ndarray) -> str:
     path = plan.cache_path
     if not path:
         return ""
-    os.makedirs(plan.cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=plan.cache_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        meta = {"key": json.dumps(plan.key(), sort_keys=True), "dataset": plan.dataset}
-        save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    meta = {"key": json.dumps(plan.key(), sort_keys=True), "dataset": plan.dataset}
+    with atomic_path(path) as tmp:
+        save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, str(tmp), metadata=meta)
     return path
 
 

@@ -54,6 +54,7 @@ from diffscaler.artifacts import (
     read_backbone_meta,
     read_trained_meta,
 )
+from diffscaler.atomic import write_text_atomic
 from diffscaler.cluster import connect_ray, node_shapes
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
@@ -524,10 +525,7 @@ def run_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Pa
 
 
 def write_summary(summary: FinetuneSummary, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def format_table(summary: FinetuneSummary) -> str:

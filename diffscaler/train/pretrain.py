@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from diffscaler.atomic import copy_file_atomic
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
@@ -273,7 +274,8 @@ class PretrainResult:
 
 
 def run_pretrain(
-    cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None, *, weights: str = "ema"
+    cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None, *, weights: str = "ema",
+    fail_at_step: int = -1,
 ) -> PretrainResult:
     """Pretrain (or resume) the backbone; writes OUT/backbone.safetensors, backbone.json, metrics.jsonl.
 
@@ -294,7 +296,8 @@ def run_pretrain(
     resources = {"CPU": p.cpus_per_worker, **({"GPU": 1} if p.use_gpu else {})}
     trainer = TorchTrainer(
         pretrain_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "plan": asdict(plan)},
+        # fail_at_step: a test hook (rank 1 exits hard once at that step), not part of the user's config
+        train_loop_config={"experiment": cfg.to_dict(), "plan": asdict(plan), "fail_at_step": fail_at_step},
         scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=p.run_name,
@@ -327,9 +330,7 @@ def run_pretrain(
         digest = export_backbone(ckpt_dir, out / "backbone.safetensors", weights=weights)
         skipped, skipped_files = read_skipped(ckpt_dir)
         metrics = Path(ckpt_dir) / METRICS_FILE
-        tmp = out / (METRICS_FILE + ".tmp")
-        shutil.copyfile(metrics, tmp)
-        tmp.replace(out / METRICS_FILE)
+        copy_file_atomic(metrics, out / METRICS_FILE)
     return PretrainResult(
         backbone=out / "backbone.safetensors",
         content_hash=digest,
@@ -501,7 +502,8 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     if marker is not None:  # ... or that hit a bad shard: the same sample fails the same way every time
         raise PretrainDataError(marker["message"])
     ctx = ray.train.get_context()
-    trainer = RankTrainer(cfg, plan, ctx.get_world_rank(), ctx.get_world_size())
+    trainer = RankTrainer(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(),
+                          fail_at_step=loop_config.get("fail_at_step", -1))  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -512,8 +514,10 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
 class RankTrainer:
     """One rank of the run: DeepSpeed engine, EMA, data stream, and (rank 0) the logs and samples."""
 
-    def __init__(self, cfg: ExperimentConfig, plan: PretrainPlan, rank: int, world: int):
+    def __init__(self, cfg: ExperimentConfig, plan: PretrainPlan, rank: int, world: int, fail_at_step: int = -1):
         import ray.train.torch
+
+        self.fail_at_step = fail_at_step
 
         p = cfg.pretrain
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if p.use_gpu else "cpu")
@@ -783,12 +787,12 @@ class RankTrainer:
         raise PretrainDataError(message) from err
 
     def _inject_failure_once(self) -> None:
-        """Testing hook `pretrain.fail_at_step`: rank 1 dies hard, once per run folder."""
-        if self.step != self.p.fail_at_step or self.rank != min(1, self.world - 1):
+        """Testing hook `run_pretrain(fail_at_step=)`: rank 1 dies hard, once per run folder."""
+        if self.step != self.fail_at_step or self.rank != min(1, self.world - 1):
             return
         marker = storage.join(self.plan.run_dir, f"injected_failure_step{self.step:08d}.json")
         if storage.exists(marker):
             return
         storage.write_bytes_atomic(marker, json.dumps({"step": self.step, "rank": self.rank}).encode())
-        say(f"pretrain: rank {self.rank} exits hard at step {self.step} (pretrain.fail_at_step)")
+        say(f"pretrain: rank {self.rank} exits hard at step {self.step} (fail_at_step test hook)")
         os._exit(1)

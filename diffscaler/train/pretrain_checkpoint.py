@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from diffscaler.artifacts import save_backbone
+from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ModelConfig, from_dict
 from diffscaler.data import storage
 
@@ -186,10 +187,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------

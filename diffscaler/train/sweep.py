@@ -57,6 +57,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from diffscaler.atomic import atomic_path, copy_file_atomic, write_text_atomic
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ExperimentConfig
 from diffscaler.data import load_index
@@ -296,14 +297,12 @@ def _one_line(err: BaseException) -> str:
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
     columns = ["dataset", "method", "trial_id", "rank", "lr", "val_loss", "best_val_loss", "steps", "rungs", "status",
                "trainable_params", "fid", "fid_feature_network", "fid_samples", "error"]  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
             w.writerow(["" if (v := getattr(r, c)) is None or (isinstance(v, float) and math.isnan(v)) else v
                         for c in columns])  # fmt: skip
-    tmp.replace(path)
 
 
 def _write_json(data: Any, path: Path) -> None:
@@ -314,9 +313,7 @@ def _write_json(data: Any, path: Path) -> None:
             return {k: finite(x) for k, x in v.items()}
         return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(finite(data), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,10 +522,7 @@ def _install_winner(best: TrialRow, task: TaskData, adapters: Path, out: Path, m
         _fetch_checkpoint(best.checkpoint, local)
     adapters.mkdir(parents=True, exist_ok=True)
     for ext in (".safetensors", ".json"):
-        src, dst = local / f"{task.name}{ext}", adapters / f"{task.name}{ext}"
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        copy_file_atomic(local / f"{task.name}{ext}", adapters / f"{task.name}{ext}")
     return {
         "trial_id": best.trial_id, "method": method, "rank": best.rank, "lr": best.lr,
         "steps": best.steps, "val_loss": best.val_loss if math.isfinite(best.val_loss) else None,

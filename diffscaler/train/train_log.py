@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from diffscaler.atomic import write_text_atomic
+
 # Dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 GPU_DEFAULT_PEAK_FLOPS = 989e12  # an unknown GPU is measured against an H100
@@ -61,9 +63,7 @@ def say(message: str) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

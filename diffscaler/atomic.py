@@ -1,0 +1,42 @@
+"""Atomic local file writes: a temporary name beside the target, then one rename, so a reader (or a rerun
+after a crash) finds the old file or the new one, never half of one. Remote URLs (s3://, gs://) go
+through `diffscaler.data.storage.write_bytes_atomic`.
+
+    with atomic_path("runs/x/grid.png") as tmp:   # tmp keeps the suffix: writers that pick the format by it
+        save_png(grid, tmp)
+    write_text_atomic("runs/x/fid.json", text)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path to write; renamed onto `path` when the block ends, removed if it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pid and thread: two writers of the same file (a shared cache) never share a temporary name
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashion-mnist")
+from diffscaler.config import BUNDLED_SOURCES  # defined once, where config validation reads it
+
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 

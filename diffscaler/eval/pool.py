@@ -45,6 +45,7 @@ import numpy as np
 
 from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig, config_from_json
+from diffscaler.errors import last_error_line
 from diffscaler.eval.stats import (
     EvalInputError,
     ReferencePlan,
@@ -789,10 +790,7 @@ def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[i
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    # Ray's messages start with a generic line; the last line usually holds the actual cause.
-    return (lines[-1] if len(lines) > 1 else text)[:400]
+    return last_error_line(err, 400)
 
 
 # ------------------------------------------------------------------------------------------------

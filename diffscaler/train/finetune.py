@@ -58,6 +58,7 @@ from diffscaler.atomic import write_text_atomic
 from diffscaler.cluster import connect_ray, node_shapes
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
+from diffscaler.errors import last_error_line
 from diffscaler.models.dit import parse_preset
 from diffscaler.train.finetune_bank import save_bank
 from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData
@@ -468,8 +469,7 @@ def failure_reason(err: BaseException) -> str:
     cause = getattr(err, "cause", None)
     if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
         err = cause
-    text = str(err).strip().splitlines()
-    last = text[-1] if text else ""
+    last = last_error_line(err, 500)
     return (last if isinstance(err, FinetuneJobError) else f"{type(err).__name__}: {last}")[:500]
 
 

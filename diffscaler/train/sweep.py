@@ -61,6 +61,7 @@ from diffscaler.atomic import atomic_path, copy_file_atomic, write_text_atomic
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ExperimentConfig
 from diffscaler.data import load_index
+from diffscaler.errors import last_error_line
 from diffscaler.train.finetune import (
     FinetuneInputError,
     backbone_model_config,
@@ -290,8 +291,7 @@ def _trial_rows(task: str, results: tune.ResultGrid, max_steps: int) -> list[Tri
 
 def _one_line(err: BaseException) -> str:
     cause = getattr(err, "cause", None) or err
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:300]
+    return f"{type(cause).__name__}: {last_error_line(cause)}"[:300]
 
 
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:

@@ -33,21 +33,50 @@ def connect_ray(cfg: ExperimentConfig) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+AUTOSCALER_CONFIG_ENV = "DIFFSCALER_AUTOSCALER_CONFIG"  # a cluster.yaml-style file: its available_node_types
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the cluster config on the head node
+
+
 def _autoscaler_node_types() -> list[dict[str, float]]:
     """Resources of each node type the autoscaler may still start (none without an autoscaler).
 
-    Ray 2.60 has no public API for this; the autoscaler publishes its config to the GCS, read here
-    through `ray._private.state` (the same call Ray Train uses for its own scaling checks).
+    First from the GCS (`ray._private.state`, the call Ray Train uses for its own scaling checks). Ray
+    2.60's autoscaler does not publish its config there (it stays None, so a 0-CPU head that scales from
+    zero would look like a cluster no request fits): then from the autoscaler's config file,
+    $DIFFSCALER_AUTOSCALER_CONFIG, else the ~/ray_bootstrap_config.yaml `ray up` writes on the head.
     """
     try:
         from ray._private.state import state
 
         config = state.get_cluster_config()
-    except Exception:  # an older/newer Ray without it: fall back to the nodes that are up
+    except Exception:  # an older/newer Ray without it: the config file, else the nodes that are up
+        config = None
+    if config is not None:
+        return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
+    return [resources for resources, _max in _config_file_node_types()]
+
+
+def _config_file_node_types() -> list[tuple[dict[str, float], int]]:
+    """(resources, max_workers) of every worker type in the autoscaler's config file (none without one)."""
+    import os
+
+    import yaml
+
+    path = os.environ.get(AUTOSCALER_CONFIG_ENV) or os.path.expanduser(BOOTSTRAP_CONFIG)
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
         return []
-    if config is None:
-        return []
-    return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
+    types = config.get("available_node_types") or {}
+    head = config.get("head_node_type")
+    limit = int(config.get("max_workers", 0) or 0)
+    out = []
+    for name, spec in types.items():
+        most = int(spec.get("max_workers", limit) or 0)
+        if name != head and most > 0:  # the head is up already: it is one of the alive nodes
+            out.append(({k: float(v) for k, v in (spec.get("resources") or {}).items()}, most))
+    return out
 
 
 def node_shapes() -> list[dict[str, float]]:
@@ -69,4 +98,10 @@ def max_cluster_resources() -> dict[str, float]:
         grow = state.get_max_resources_from_cluster_config() or {}
     except Exception:
         grow = {}
+    if not grow:  # the GCS has no autoscaler config (Ray 2.60): its file, as in _autoscaler_node_types
+        for resources, most in _config_file_node_types():
+            for k, v in resources.items():
+                grow[k] = grow.get(k, 0.0) + v * most
+        if grow:
+            grow = {k: v + alive.get(k, 0.0) for k, v in grow.items()}  # the nodes up now, plus all it may add
     return {k: max(alive.get(k, 0.0), float(grow.get(k, 0))) for k in set(alive) | set(grow)}

@@ -109,6 +109,9 @@ def _one_cluster(head_cpus: float, autoscaling: dict | None) -> Iterator:
         path.write_text(json.dumps(autoscaling))
         head_args["autoscaling_config"] = str(path)
     cluster = None
+    config_env = os.environ.get("DIFFSCALER_AUTOSCALER_CONFIG")
+    if autoscaling is not None:  # where diffscaler.cluster reads the node types
+        os.environ["DIFFSCALER_AUTOSCALER_CONFIG"] = str(path)
     try:
         # shutdown_at_exit=False: with it, every Node installs signal handlers, which only the main thread may
         # do, so a replacement node could not be added from NodeReclaimer's thread (cleanup is ours, below)
@@ -116,6 +119,10 @@ def _one_cluster(head_cpus: float, autoscaling: dict | None) -> Iterator:
         ray.init(address=cluster.address, log_to_driver=True)
         yield cluster
     finally:
+        if config_env is None:
+            os.environ.pop("DIFFSCALER_AUTOSCALER_CONFIG", None)
+        else:
+            os.environ["DIFFSCALER_AUTOSCALER_CONFIG"] = config_env
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
@@ -489,13 +496,6 @@ def test_autoscaler_starts_spot_nodes_from_zero_for_the_finetunes_and_refuses_wh
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=True,
-    raises=FinetuneInputError,
-    reason="Ray 2.60's autoscaler does not publish its node types to the GCS (ray._private.state.state."
-    "get_cluster_config() stays None), so diffscaler.cluster.node_shapes sees only the 0-CPU head and check_fits "
-    "refuses every request on a cluster.yaml-shaped cluster that scales from zero",
-)
 def test_autoscaler_from_a_zero_cpu_head_starts_a_spot_node_for_a_finetune(work, tmp_path, fake_autoscaler):
     """cluster.yaml's shape: the head takes no work (CPU 0), every worker type scales from zero."""
     from diffscaler.train.finetune import run_finetunes

@@ -244,6 +244,22 @@ def test_backbone_that_does_not_match_the_model_config(tmp_path):
                               match="not found")  # fmt: skip
 
 
+def test_a_given_backbone_needs_no_pretraining_set(tmp_path):
+    """With pipeline.backbone (the public DiT-XL/2 flow) the pretraining source is never read or encoded: a
+    source that does not exist there is no error; without a given backbone it is refused before any stage."""
+    from diffscaler.pipeline import Pipeline
+    from diffscaler.stages import ShardsStage
+
+    missing = ["data.pretrain_source=folder:/nonexistent/pre"]
+    run_expecting_input_error(micro_config(tmp_path, ["shards", "pretrain"]), tmp_path / "out", missing,
+                              match="/nonexistent/pre")  # fmt: skip
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    cfg = load_config(micro_config(tmp_path, ["shards", "finetune"]), [*missing, f"pipeline.backbone={backbone}"])
+    pipeline = Pipeline(cfg, tmp_path / "out2")
+    pipeline.preflight()  # no error: only the targets are built
+    assert ShardsStage().names(pipeline.ctx) == ["red", "blue"]
+
+
 def test_evaluate_needs_adapters_when_finetune_is_off(tmp_path):
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
     msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "evaluate"]), tmp_path / "out",

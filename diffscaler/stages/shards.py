@@ -11,6 +11,7 @@ from typing import Any
 
 from diffscaler.data import build_all, check_dataset, dataset_dir, dataset_jobs, load_index
 from diffscaler.data.build import check_sources
+from diffscaler.data.sources import dataset_name
 from diffscaler.data.writer import is_up_to_date
 from diffscaler.stages.base import InputError, Run, Stage, StageCheck
 from diffscaler.stages.inputs import build_parameters
@@ -23,11 +24,18 @@ class ShardsStage(Stage):
         self.only = list(only) if only else None  # dataset names (default: every dataset of the config)
 
     def names(self, run: Run) -> list[str]:
-        return self.only or list(dataset_jobs(run.cfg.data))
+        if self.only:
+            return self.only
+        names = list(dataset_jobs(run.cfg.data))
+        if run.given_backbone:  # imported, never pretrained here: its pretraining set is neither read nor encoded
+            pretrain = dataset_name(run.cfg.data.pretrain_source)
+            if pretrain not in {t.name for t in run.cfg.data.targets}:
+                names.remove(pretrain)
+        return names
 
     def preflight(self, run: Run) -> None:
         try:  # clashing names, unknown, missing or empty sources: input errors, not a Ray task's failure
-            check_sources(run.cfg.data, self.only, force=self.name in run.force)
+            check_sources(run.cfg.data, self.names(run), force=self.name in run.force)
         except (ValueError, FileNotFoundError) as err:
             raise InputError(str(err)) from None
 

@@ -114,6 +114,16 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     vae = load_vae(tiny_vae)
     assert index.vae_hash == vae.hash and index.data["latent"]["vae"]["scaling_factor"] == 0.5
     assert check_dataset(out).problems == []
+    # pretraining on these latents with another VAE configured is refused before Ray, naming both
+    from diffscaler.config import ConfigError, load_config
+    from diffscaler.train.pretrain import plan_run
+
+    other = save_tiny_vae(tmp_path / "other-vae", seed=1)
+    pre = load_config(None, ["model.in_channels=4", f"model.input_size={SIZE // 2}", f"data.vae={other}",
+                             "pretrain.sample_every=0", "pretrain.global_batch_size=2", "pretrain.num_workers=1",
+                             f"pretrain.storage_path={tmp_path / 'ray'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"encoded with VAE {index.vae_hash}, data.vae is sha256:"):
+        plan_run(pre, tmp_path / "pre", out)
 
     latents, labels = read_split(out, "train")  # (N, 4, 8, 8) float32 from fp16
     pixels, labels2 = read_split(out, "train", pixels=True)  # the images that were encoded

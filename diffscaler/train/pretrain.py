@@ -202,6 +202,17 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     if m.in_channels != index.channels:
         kind = "npy latents" if index.latent else "RGB images"
         raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds {kind} ({index.channels} channels)")
+    if index.latent and cfg.data.vae:  # as the fine-tunes refuse them: latents of another VAE than data.vae
+        from diffscaler.vae import VaeError, cached_vae_identity
+
+        try:
+            want = str(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["hash"])
+        except VaeError as err:
+            raise ConfigError(f"data.vae: {err}") from None
+        if index.vae_hash != want:
+            raise ConfigError(f"data.vae: the shards in {shards} were encoded with VAE "
+                              f"{index.vae_hash or '(unknown)'}, data.vae is {want}; re-encode them or set data.vae "
+                              "to the VAE they were made with")  # fmt: skip
     if index.latent and p.sample_every > 0:
         raise ConfigError(f"pretrain.sample_every: {p.sample_every}, but {shards} holds latents and sample grids "
                           "need a VAE decoder; set pretrain.sample_every=0")  # fmt: skip

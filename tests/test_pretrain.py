@@ -54,9 +54,13 @@ def tiny_cfg(tmp: Path, run_name: str, *extra: str):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("pretrain-data")
+    return make_pretrain_shards(tmp_path_factory.mktemp("pretrain-data"))
+
+
+def make_pretrain_shards(root: Path, colors=COLORS) -> str:
+    """96 32x32 images, a coloured square per class, as shards under `root`."""
     rng = np.random.default_rng(0)
-    for c, color in enumerate(COLORS):
+    for c, color in enumerate(colors):
         folder = root / "src" / f"class{c}"
         folder.mkdir(parents=True)
         for i in range(24):

@@ -387,7 +387,7 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
     run ends at step 12; the steps trained again reproduce the lost ones' losses bit for bit (the kill-worker
     test's criterion)."""
     from diffscaler.train.pretrain import run_pretrain
-    from tests.test_pretrain import COLORS, events, read_jsonl, tiny_cfg
+    from tests.test_pretrain import COLORS, events, make_pretrain_shards, read_jsonl, tiny_cfg
 
     # waiting for the gang's placement group while the new node starts is not a failure
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
@@ -412,27 +412,6 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
     repeated = [d for r in resume for d in r["discarded"]]
     for before in repeated:
         assert metrics[before["step"]]["loss"] == before["loss"], before  # bit-exact resume
-
-
-def make_pretrain_shards(root: Path, colors) -> str:
-    """test_pretrain's data: 96 32x32 images, a coloured square per class."""
-    import numpy as np
-    from PIL import Image
-
-    from diffscaler.data import make_shards
-
-    rng = np.random.default_rng(0)
-    for c, color in enumerate(colors):
-        folder = root / "src" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(24):
-            image = np.full((32, 32, 3), 255, np.uint8)
-            x, y = rng.integers(2, 14, 2)
-            image[y : y + 16, x : x + 16] = color
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-    out = str(root / "shards")
-    make_shards(f"folder:{root / 'src'}", out, size=32, samples_per_shard=12, eval_fraction=0.0, log=lambda m: None)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

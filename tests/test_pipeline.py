@@ -314,7 +314,9 @@ def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
         assert m["stages"][name]["wall_s"] > 0
         assert any(line.startswith("[pipeline]") and name in line and "started" in line for line in lines)
         assert any(name in line and "done in" in line for line in lines)
-    assert set(m["stages"]["shards"]["outputs"]) == {"pre", "red", "blue"}
+    # with pipeline.backbone given, the pretraining set is neither checked nor built
+    assert set(m["stages"]["shards"]["outputs"]) == {"red", "blue"}
+    assert not (out / "shards" / "pre").exists()
     adapters = {t: out / "adapters" / f"{t}.safetensors" for t in ("red", "blue")}
     assert all(p.is_file() for p in adapters.values())
     report = (out / "report.md").read_text()
@@ -323,7 +325,7 @@ def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
     assert "| affiner | 2 |" in report  # trainable parameters per method, with the rank
 
     # 2. the same command again: nothing is redone
-    indexes = {n: out / "shards" / n / "index.json" for n in ("pre", "red", "blue")}
+    indexes = {n: out / "shards" / n / "index.json" for n in ("red", "blue")}
     before = mtimes(*adapters.values(), *indexes.values())
     run_pipeline(full, out)
     assert statuses(out)["shards"] == "skipped" and statuses(out)["finetune"] == "skipped"
@@ -334,7 +336,7 @@ def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
         adapters["red"].with_suffix(ext).unlink()
     for tar in (out / "shards" / "red").glob("train-*.tar"):
         tar.write_bytes(b"\0" * 100)
-    blue_before = mtimes(adapters["blue"], indexes["blue"], indexes["pre"])
+    blue_before = mtimes(adapters["blue"], indexes["blue"])
     partial = load_config(micro_config(tmp_path, ["finetune", "report"]), [f"pipeline.backbone={backbone}"])
     with pytest.raises(PipelineStageError, match="red") as err:
         run_pipeline(partial, out)
@@ -351,7 +353,7 @@ def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
     m = manifest(out)
     assert m["status"] == "done" and statuses(out)["shards"] == "done" and statuses(out)["finetune"] == "done"
     assert "red: shards check failed" in m["stages"]["shards"]["reason"]
-    assert mtimes(adapters["blue"], indexes["blue"], indexes["pre"]) == blue_before
+    assert mtimes(adapters["blue"], indexes["blue"]) == blue_before
     assert adapters["red"].is_file()
 
 

@@ -2,33 +2,8 @@ import pytest
 import torch
 
 from diffscaler.adapters import AdapterBank, TaskInfo
-from diffscaler.config import ADAPTER_METHODS, ModelConfig
-from diffscaler.models import DiT
-from tests.test_model import perturb
-
-TASKS = [TaskInfo("a"), TaskInfo("b", num_classes=3, conditional=True), TaskInfo("c")]
-
-
-def backbone() -> DiT:
-    torch.manual_seed(0)
-    return perturb(DiT(ModelConfig(name="DiT-T/8", input_size=16, num_classes=5)), 0.05)
-
-
-def inputs(n=6):
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(n, 3, 16, 16, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    ids = torch.tensor([0, 1, 2, 1, 0, 2][:n])
-    y = torch.tensor([0, 2, 0, 1, 0, 0][:n])
-    return x, t, y, ids
-
-
-def randomize(bank: AdapterBank, scale=0.1):
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in bank.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    bank._zero_rank_padding()
+from diffscaler.config import ADAPTER_METHODS
+from tests.support.models import TASKS, backbone, inputs, randomize
 
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)

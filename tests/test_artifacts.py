@@ -13,7 +13,7 @@ from diffscaler.artifacts import (
 )
 from diffscaler.config import ModelConfig
 from diffscaler.models import DiT
-from tests.test_adapters import TASKS, backbone, inputs, randomize
+from tests.support.models import TASKS, backbone, inputs, randomize
 
 
 def test_backbone_round_trip_is_bit_exact(tmp_path):

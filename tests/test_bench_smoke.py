@@ -14,7 +14,7 @@ from bench.workloads import PHASES
 from diffscaler.adapters import AdapterBank, ScaleShiftLinear, TaskInfo
 from diffscaler.config import ModelConfig
 from diffscaler.models import DiT
-from tests.test_model import perturb
+from tests.support.models import perturb
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import torch
 from diffscaler.adapters import AdapterBank, TaskInfo
 from diffscaler.artifacts import load_backbone, save_adapter, save_backbone
 from diffscaler.cli import main
-from tests.test_adapters import randomize
-from tests.test_model import perturb
+from tests.support.models import perturb, randomize
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -102,22 +101,6 @@ def test_sample_errors(tmp_path, capsys):
     assert code == 2 and "needs --adapters" in err
     code, _, err = run(capsys, "sample", "--backbone", str(tmp_path / "none.safetensors"), "--out", str(tmp_path))
     assert code == 2 and "not found" in err
-
-
-@pytest.fixture
-def backbone_and_adapters(tmp_path):
-    """A DiT-T/8 backbone, adapters a and b in a fine-tune-style folder (with the bank beside them)."""
-    from diffscaler.models import build_model
-    from diffscaler.train.finetune_bank import save_bank
-
-    path = tmp_path / "b.safetensors"
-    model = build_model(__import__("diffscaler.config", fromlist=["ModelConfig"]).ModelConfig(
-        name="DiT-T/8", input_size=16, num_classes=10), seed=0)  # fmt: skip
-    digest = save_backbone(model, path)
-    bank = AdapterBank.attach(model, [TaskInfo("a"), TaskInfo("b")], rank=2)
-    files = [save_adapter(bank, t, tmp_path / "ad", backbone_hash=digest)[0] for t in ("a", "b")]
-    save_bank(files, tmp_path / "ad")
-    return path, tmp_path / "ad"
 
 
 def test_sample_refuses_unknown_tasks_and_an_out_that_is_a_file_before_sampling(backbone_and_adapters, tmp_path,

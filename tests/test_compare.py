@@ -18,7 +18,7 @@ from diffscaler.config import ConfigError, load_config
 from diffscaler.eval.stats import nearest_centroid_accuracy
 from diffscaler.train.finetune import finetune_variants, method_lr, plan_finetunes
 from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
-from tests.test_finetune import make_work, tiny_config
+from tests.support.finetune import make_work, tiny_config
 
 # ------------------------------------------------------------------------------------------------
 # Config
@@ -154,7 +154,7 @@ def test_report_table_has_reference_rows_task_accuracy_and_averages(work, tmp_pa
 @pytest.mark.ray
 def test_comparison_flow_on_the_micro_pipeline(ray_local, tmp_path):
     from diffscaler.pipeline import run_pipeline
-    from tests.test_pipeline import micro_config
+    from tests.support.pipeline import micro_config
 
     stages = ["shards", "pretrain", "sweep", "finetune", "evaluate", "report"]
     cfg = load_config(micro_config(

@@ -278,7 +278,7 @@ def test_reader_names_a_sample_that_went_bad_after_indexing(webp_cls, tmp_path):
 def test_finetune_stage_trains_on_foreign_webp_shards(webp_cls, tmp_path):
     from diffscaler.train.finetune import plan_finetunes
     from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
-    from tests.test_finetune import make_backbone, tiny_config
+    from tests.support.finetune import make_backbone, tiny_config
 
     shards = tmp_path / "shards"
     shutil.copytree(webp_cls, shards / "icons")
@@ -304,7 +304,7 @@ def test_finetune_stage_trains_on_foreign_webp_shards(webp_cls, tmp_path):
 def test_index_on_ray_then_pretrain_on_jpg_and_latent_shards(ray_local, jpg_json, latents, tmp_path):
     from diffscaler.artifacts import load_backbone
     from diffscaler.train.pretrain import run_pretrain
-    from tests.test_pretrain import tiny_cfg
+    from tests.support.pretrain import tiny_cfg
 
     pets = tmp_path / "pets"
     shutil.copytree(jpg_json, pets)

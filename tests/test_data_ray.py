@@ -11,7 +11,7 @@ import yaml
 from diffscaler.config import load_config
 from diffscaler.data import check_dataset, dataset_dir, dataset_jobs, load_index
 from ray_jobs import shards as shards_job
-from tests.test_data_shards import make_image_folder
+from tests.support.shards import make_image_folder
 
 
 @pytest.mark.ray

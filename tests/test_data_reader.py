@@ -15,7 +15,7 @@ import torch
 
 from diffscaler.data import DatasetError, MixedTaskReader, ShardError, ShardReader, make_shards, read_split
 from diffscaler.data.reader import epoch_chunks
-from tests.test_data_shards import _corrupt_png_of, _rewrite_member, make_image_folder, quiet
+from tests.support.shards import corrupt_png_of, make_image_folder, quiet, rewrite_member
 
 SIZE = 8
 
@@ -144,7 +144,7 @@ def test_resume_at_step_yields_the_same_batches(uneven, workers):
 def test_bad_sample_stops_or_is_skipped_and_counted(dataset, tmp_path):
     broken = tmp_path / "ds"
     shutil.copytree(dataset, broken)
-    _rewrite_member(broken / "train-000002.tar", _corrupt_png_of("00000035"))
+    rewrite_member(broken / "train-000002.tar", corrupt_png_of("00000035"))
     with pytest.raises(ShardError, match=r"train-000002.tar: sample '00000035': unreadable image"):
         collect(ShardReader(str(broken), batch_size=8), 0)
     with pytest.raises(ShardError, match=r"train-000002.tar: sample '00000035'"):

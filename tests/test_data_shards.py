@@ -37,23 +37,8 @@ from diffscaler.data.sources import (
     select_balanced,
     split_train_eval,
 )
-from diffscaler.data.tarformat import RawSample, iter_raw_samples, write_tar
-
-
-def quiet(_message: str) -> None:
-    pass
-
-
-def make_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:
-    """Class folders of random RGB PNGs; every image differs (noise), so samples can be told apart."""
-    rng = np.random.default_rng(seed)
-    for cls, count in per_class.items():
-        folder = root / cls if cls else root
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
-    return root
+from diffscaler.data.tarformat import RawSample, iter_raw_samples
+from tests.support.shards import corrupt_png_of, make_image_folder, quiet, rewrite_member
 
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
@@ -291,27 +276,10 @@ def test_cli_make_contract(folder_80, tmp_path, capsys):
     assert rc == 2 and "unknown source 'nope'" in text
 
 
-def _rewrite_member(shard: Path, transform) -> None:
-    """Re-pack a shard's samples through `transform(sample) -> sample or None`."""
-    samples = [transform(s) for s in iter_raw_samples(shard.read_bytes(), str(shard))]
-    shard.write_bytes(write_tar([s for s in samples if s is not None]))
-
-
 def _drop_png_of(key):
     def transform(s: RawSample):
         if s.key == key:
             del s.members["png"]
-        return s
-
-    return transform
-
-
-def _corrupt_png_of(key):
-    def transform(s: RawSample):
-        if s.key == key:
-            png = bytearray(s.members["png"])
-            png[45] ^= 0xFF  # inside IDAT: CRC and inflate fail
-            s.members["png"] = bytes(png)
         return s
 
     return transform
@@ -327,10 +295,10 @@ def test_check_reports_each_fault_with_file_and_key(fault, folder_80, tmp_path, 
         shard.write_bytes(data[: len(data) // 2 + 100])
         expect = ["train-000001.tar", "truncated"]
     elif fault == "missing_member":
-        _rewrite_member(shard, _drop_png_of("00000020"))
+        rewrite_member(shard, _drop_png_of("00000020"))
         expect = ["train-000001.tar", "'00000020'", "missing member(s) .png"]
     elif fault == "corrupt_png":
-        _rewrite_member(shard, _corrupt_png_of("00000021"))
+        rewrite_member(shard, corrupt_png_of("00000021"))
         expect = ["train-000001.tar", "'00000021'", "unreadable image"]
     elif fault == "count_mismatch":
         data = json.loads((out / "index.json").read_text())

@@ -6,7 +6,7 @@ from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.gaussian import SampleNoise, per_sample_seed
 from diffscaler.diffusion.sampling import sample_images
 from diffscaler.models import DiT
-from tests.test_model import perturb
+from tests.support.models import perturb
 
 
 def test_linear_schedule_matches_ddpm():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_eval_metrics import direct_fid, make_adapter, make_backbone, setup_project
+from tests.support.evaluation import direct_fid, make_adapter, make_backbone, setup_project
 
 pytestmark = pytest.mark.ray
 

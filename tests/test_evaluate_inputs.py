@@ -10,8 +10,7 @@ import pytest
 import diffscaler.cluster
 from diffscaler.data import make_shards
 from ray_jobs.evaluate import main
-from tests.test_cli_model import backbone_and_adapters  # noqa: F401  (fixture)
-from tests.test_data_shards import make_image_folder, quiet
+from tests.support.shards import make_image_folder, quiet
 
 
 class Joined(Exception):
@@ -19,7 +18,7 @@ class Joined(Exception):
 
 
 @pytest.fixture
-def setup(backbone_and_adapters, tmp_path, monkeypatch):  # noqa: F811
+def setup(backbone_and_adapters, tmp_path, monkeypatch):
     backbone, ad = backbone_and_adapters
     for task in ("a", "b"):
         src = make_image_folder(tmp_path / "src" / task, {"": 8}, size=(16, 16))

@@ -14,8 +14,7 @@ from diffscaler.config import ModelConfig
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.models import DiT
 from diffscaler.models.compile import compile_blocks
-from tests.test_adapters import TASKS, backbone, inputs, randomize
-from tests.test_model import perturb
+from tests.support.models import TASKS, backbone, inputs, perturb, randomize
 
 
 def reference(x, w, b, a, shift, down, up, s):

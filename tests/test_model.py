@@ -3,19 +3,12 @@ import torch
 
 from diffscaler.config import ModelConfig
 from diffscaler.models import DiT, model_macs
+from tests.support.models import perturb
 
 
 def tiny(**kw) -> DiT:
     torch.manual_seed(0)
     return DiT(ModelConfig(name=kw.pop("name", "DiT-T/8"), input_size=kw.pop("input_size", 16), **kw))
-
-
-def perturb(model: DiT, scale: float = 0.02) -> DiT:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def batch(model: DiT, n: int = 4):

@@ -7,7 +7,6 @@ and, through `ray job submit`, in test_pipeline_cluster.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,9 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 
 from diffscaler.config import ConfigError, ModelConfig, load_config
 from diffscaler.pipeline import (
@@ -27,104 +24,9 @@ from diffscaler.pipeline import (
     resolve_run_config,
     run_pipeline,
 )
+from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, statuses
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO_MODEL = ModelConfig(name="DiT-T/4", input_size=16, num_classes=3)
-
-
-# ------------------------------------------------------------------------------------------------
-# A micro experiment: three image folders and a config that runs every stage in seconds
-# ------------------------------------------------------------------------------------------------
-
-
-def make_image_folders(root: Path) -> dict[str, Path]:
-    """pre/ (3 class folders x 12 images) and two flat target folders (12 images each), 20x20 PNGs."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-
-    def image(color: tuple[int, int, int], k: int) -> Image.Image:
-        a = np.full((20, 20, 3), 255, np.uint8)
-        x, y = rng.integers(0, 10, 2)
-        a[y : y + 8 + k % 3, x : x + 8] = color
-        return Image.fromarray(a)
-
-    folders = {}
-    for cls, color in [("a", (200, 30, 30)), ("b", (30, 200, 30)), ("c", (30, 30, 200))]:
-        (root / "pre" / cls).mkdir(parents=True, exist_ok=True)
-        for k in range(12):
-            image(color, k).save(root / "pre" / cls / f"{k}.png")
-    folders["pre"] = root / "pre"
-    for task, color in [("red", (250, 0, 0)), ("blue", (0, 0, 250))]:
-        (root / task).mkdir(parents=True, exist_ok=True)
-        for k in range(12):
-            image(color, k).save(root / task / f"{k}.png")
-        folders[task] = root / task
-    return folders
-
-
-def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
-    """Write a micro experiment YAML under `tmp` (image folders made once); returns its path."""
-    src = tmp / "src"
-    if not src.exists():
-        make_image_folders(src)
-    cfg = {
-        "model": {"name": MICRO_MODEL.name, "input_size": 16, "num_classes": 3},
-        "diffusion": {"num_timesteps": 100, "sampling_steps": 2},
-        "adapter": {"rank": 2},
-        "data": {
-            "image_size": 16,
-            "samples_per_shard": 16,
-            "eval_fraction": 0.25,
-            "shuffle_buffer": 8,
-            "pretrain_source": f"folder:{src / 'pre'}",
-            "targets": [
-                {"name": "red", "source": f"folder:{src / 'red'}"},
-                {"name": "blue", "source": f"folder:{src / 'blue'}"},
-            ],
-        },  # fmt: skip
-        "pretrain": {
-            "num_workers": 1,
-            "cpus_per_worker": 0.5,
-            "global_batch_size": 8,
-            "steps": 4,
-            "warmup_steps": 0,
-            "log_every": 2,
-            "checkpoint_every": 4,
-            "sample_every": 0,
-        },  # fmt: skip
-        "finetune": {
-            "methods": ["affiner"],
-            "steps": 2,
-            "batch_size": 4,
-            "warmup_steps": 0,
-            "log_every": 1,
-            "cpus_per_task": 0.5,
-        },  # fmt: skip
-        "sweep": {
-            "ranks": [2, 4],
-            "num_samples": 2,
-            "max_steps": 4,
-            "rung_steps": 2,
-            "fid_samples": 4,
-            "cpus_per_trial": 0.5,
-            "datasets": ["red"],
-        },  # fmt: skip
-        "eval": {
-            "num_samples": 6,
-            "num_actors": 1,
-            "cpus_per_actor": 0.5,
-            "batch_size": 8,
-            "sampling_steps": 2,
-            "kid_subset_size": 3,
-        },  # fmt: skip
-        "pipeline": {"stages": stages},
-    }
-    for name, values in sections.items():
-        cfg[name] = {**cfg.get(name, {}), **values}
-    path = tmp / f"micro-{len(list(tmp.glob('micro-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def save_micro_backbone(path: Path, model_cfg: ModelConfig = MICRO_MODEL) -> Path:
@@ -133,14 +35,6 @@ def save_micro_backbone(path: Path, model_cfg: ModelConfig = MICRO_MODEL) -> Pat
 
     save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
     return path
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "pipeline.json").read_text())
-
-
-def statuses(out: Path) -> dict[str, str]:
-    return {k: v["status"] for k, v in manifest(out)["stages"].items()}
 
 
 def mtimes(*paths: Path) -> list[int]:

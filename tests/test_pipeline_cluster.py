@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,56 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline import micro_config
-from tests.test_pipeline_e2e import ALL_STAGES, check_full_run
+from tests.support.cluster import cluster_processes, free_ports
+from tests.support.pipeline import ALL_STAGES, check_full_run, micro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 EXCLUDES = [".git", ".venv", "shards", "runs"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def process_table() -> dict[int, tuple[int, str, str]]:
-    """{pid: (parent pid, state, command line)} from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        table[int(entry)] = (int(fields[1]), fields[0], cmdline)
-    return table
-
-
-def cluster_processes(root_pid: int, temp_dir: str) -> set[int]:
-    """Live processes of this cluster: the tree under `ray start`, and any process naming its temp folder."""
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in table:
-            found.add(pid)
-        todo += children.get(pid, [])
-    found |= {pid for pid, (_, _, cmd) in table.items() if temp_dir in cmd}
-    found.discard(os.getpid())
-    return {pid for pid in found if table.get(pid, (0, "Z", ""))[1] != "Z"}
 
 
 def alive(pid: int) -> bool:

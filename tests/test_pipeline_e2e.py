@@ -3,52 +3,11 @@ and a second run skips everything but the report."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from diffscaler.config import load_config
 from diffscaler.pipeline import run_pipeline
-from tests.test_pipeline import micro_config, statuses
-
-ALL_STAGES = ["shards", "pretrain", "finetune", "sweep", "evaluate", "report"]
-
-
-def check_full_run(out: Path) -> None:
-    """What a finished micro pipeline leaves in its run folder (shared with the `ray job submit` test)."""
-    m = json.loads((out / "pipeline.json").read_text())
-    assert m["status"] == "done", m["error"]
-    for name in ALL_STAGES:
-        assert m["stages"][name]["status"] in ("done", "skipped"), (name, m["stages"][name])
-        assert m["stages"][name]["wall_s"] is not None
-    assert (out / "backbone" / "backbone.safetensors").is_file() and (out / "backbone" / "metrics.jsonl").is_file()
-    for method, tasks in m["stages"]["finetune"]["outputs"]["adapters"].items():
-        assert set(tasks) == {"red", "blue"}, method
-        assert all(Path(p).is_file() for p in tasks.values())
-    best = json.loads((out / "sweep" / "best.json").read_text())["datasets"]
-    assert set(best) == {"red"}
-    fid = json.loads((out / "fid.json").read_text())
-    labels = {(r["task"], r["label"]) for r in fid["results"]}
-    assert labels == {("red", "affiner"), ("blue", "affiner"), ("red", "lora"), ("blue", "lora"),
-                      ("red", "affiner (swept)"), ("red", "floor (real)"), ("blue", "floor (real)"),
-                      ("red", "no adapter"), ("blue", "no adapter")}  # fmt: skip
-    assert all(r["status"] == "ok" and r["fid"] is not None for r in fid["results"])
-    report = (out / "report.md").read_text()
-    parts = (
-        "efficientnet-lite0",
-        "6 generated images",
-        "| lora |",
-        "## Wall time per stage",
-        "| pretrain |",
-        "## Sweep (Ray Tune)",
-        "samples_mixed.png",
-        "loss_curves.png",
-    )
-    for part in parts:
-        assert part in report, part
-    for png in ("samples_red.png", "samples_blue.png", "samples_mixed.png", "samples_backbone.png", "loss_curves.png"):
-        assert (out / png).stat().st_size > 0
+from tests.support.pipeline import ALL_STAGES, check_full_run, micro_config, statuses
 
 
 @pytest.mark.ray

@@ -7,7 +7,6 @@ module-scoped fixtures so the file stays at a few minutes.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,62 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffscaler.artifacts import load_backbone
 from diffscaler.config import ConfigError, load_config
-from diffscaler.data import make_shards
 from diffscaler.data.index import DatasetError
+from tests.support.pretrain import TINY, events, make_pretrain_shards, read_jsonl, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
-COLORS = [(220, 30, 30), (20, 150, 40), (30, 60, 220), (210, 170, 0)]
-
-
-def tiny_cfg(tmp: Path, run_name: str, *extra: str):
-    """tiny.yaml shrunk to seconds: batch 8, high lr, storage under `tmp`."""
-    return load_config(
-        TINY,
-        [
-            "pretrain.global_batch_size=8",
-            "pretrain.steps=8",
-            "pretrain.lr=0.002",
-            "pretrain.warmup_steps=0",
-            "pretrain.log_every=1",
-            "pretrain.checkpoint_every=4",
-            "pretrain.sample_every=4",
-            "pretrain.ema_decay=0.9",
-            "pretrain.max_failures=1",
-            f"pretrain.storage_path={tmp / 'ray'}",
-            f"pretrain.run_name={run_name}",
-            "diffusion.sampling_steps=4",
-            "model.name=DiT-T/4",  # the test shards are 32x32 (the demo's tiny.yaml is 16x16)
-            "model.input_size=32",
-            "data.image_size=32",
-            *extra,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     return make_pretrain_shards(tmp_path_factory.mktemp("pretrain-data"))
-
-
-def make_pretrain_shards(root: Path, colors=COLORS) -> str:
-    """96 32x32 images, a coloured square per class, as shards under `root`."""
-    rng = np.random.default_rng(0)
-    for c, color in enumerate(colors):
-        folder = root / "src" / f"class{c}"
-        folder.mkdir(parents=True)
-        for i in range(24):
-            image = np.full((32, 32, 3), 255, np.uint8)
-            x, y = rng.integers(2, 14, 2)
-            image[y : y + 16, x : x + 16] = color
-            Image.fromarray(image).save(folder / f"{i:03d}.png")
-    out = str(root / "shards")
-    make_shards(f"folder:{root / 'src'}", out, size=32, samples_per_shard=12, eval_fraction=0.0, log=lambda m: None)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +37,6 @@ def zero2_run(ray_local, shards, tmp_path_factory):
     cfg = tiny_cfg(tmp, "z2")
     result = run_pretrain(cfg, tmp / "out", shards)
     return tmp, cfg, result
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def events(out: Path, kind: str) -> list[dict]:
-    return [e for e in read_jsonl(out / "events.jsonl") if e["event"] == kind]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,13 +234,13 @@ def test_skipped_samples_are_counted_and_a_bad_shard_is_not_retried(ray_local, s
 
     from diffscaler.data.tarformat import iter_raw_samples
     from diffscaler.train.pretrain import PretrainDataError, run_pretrain
-    from tests.test_data_shards import _corrupt_png_of, _rewrite_member
+    from tests.support.shards import corrupt_png_of, rewrite_member
 
     broken = tmp_path / "shards"
     shutil.copytree(shards, broken)
     shard = broken / "train-000003.tar"
     key = next(iter(iter_raw_samples(shard.read_bytes(), str(shard)))).key
-    _rewrite_member(shard, _corrupt_png_of(key))
+    rewrite_member(shard, corrupt_png_of(key))
 
     # Skipped: one epoch (96 samples, batch 8) reads the bad sample exactly once; the count and the
     # file land in backbone.json, the metrics, the events and the result (the summary line's source).

@@ -42,10 +42,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffscaler.train.finetune import FinetuneInputError
-from tests.test_finetune import TWO_TASKS, make_work, one_torch_thread, tiny_config  # noqa: F401
-from tests.test_pipeline_cluster import cluster_processes, free_ports
+from tests.support.cluster import cluster_processes, free_ports
+from tests.support.finetune import TWO_TASKS, make_work, tiny_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
     doomed node, that node is removed and a new spot node started. The pool replaces the actor (it can only
     start on the new node), retries the chunk, and the scores equal the undisturbed evaluation's."""
     from diffscaler.eval import FidEvaluator, request_for_task
-    from tests.test_eval_metrics import setup_project
+    from tests.support.evaluation import setup_project
 
     project = setup_project(tmp_path / "project")
     base = project["cfg"]
@@ -387,7 +387,7 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
     run ends at step 12; the steps trained again reproduce the lost ones' losses bit for bit (the kill-worker
     test's criterion)."""
     from diffscaler.train.pretrain import run_pretrain
-    from tests.test_pretrain import COLORS, events, make_pretrain_shards, read_jsonl, tiny_cfg
+    from tests.support.pretrain import COLORS, events, make_pretrain_shards, read_jsonl, tiny_cfg
 
     # waiting for the gang's placement group while the new node starts is not a failure
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")

@@ -12,7 +12,7 @@ import diffscaler.config
 from diffscaler.config import PIPELINE_STAGES, load_config
 from diffscaler.pipeline import Pipeline, PipelineInputError, run_pipeline
 from diffscaler.stages import STAGES, Run, Stage, StageCheck, stage_order
-from tests.test_pipeline import micro_config, statuses
+from tests.support.pipeline import micro_config, statuses
 
 
 def test_registry_holds_every_configurable_stage_in_order():

@@ -12,8 +12,10 @@ from diffscaler.config import ConfigError
 from diffscaler.data import make_shards
 from diffscaler.train.finetune import FinetuneInputError
 from diffscaler.train.sweep import plan_sweep, run_sweep
-from tests.test_finetune import TWO_TASKS as TASKS
-from tests.test_finetune import make_work, one_torch_thread, tiny_config  # noqa: F401
+from tests.support.finetune import TWO_TASKS as TASKS
+from tests.support.finetune import make_work, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -212,7 +212,7 @@ def _latent_backbone(tmp_path, capsys, in_channels=4, input_size=SIZE // 2) -> P
 
 def _latent_config(tmp_path, tiny_vae, backbone, stages, **data):
     from diffscaler.config import load_config
-    from tests.test_pipeline import micro_config
+    from tests.support.pipeline import micro_config
 
     path = micro_config(tmp_path, stages, model={"input_size": SIZE // 2, "in_channels": 4},
                         data={"image_size": SIZE, "vae": str(tiny_vae), **data},

@@ -1,27 +1,18 @@
-"""The whole pipeline as one program: the registered stages in order, with a manifest.
+"""The whole pipeline as one program: the registered stages in order, with a manifest (DIR/pipeline.json).
 
-    python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/demo     # `make demo`
-    python -m ray_jobs.pipeline --config cfg.yaml --out runs/x 'pipeline.stages=[finetune,evaluate,report]'
-    manifest = run_pipeline(cfg, "runs/demo")         # library form; uses the connected Ray cluster or starts one
+    manifest = run_pipeline(cfg, "runs/demo")   # what `python -m ray_jobs.pipeline` runs; joins or starts Ray
 
-Each stage (`diffscaler/stages/`: shards, pretrain, finetune, sweep, evaluate, report) owns its contract:
-input checks (`preflight`), whether its outputs are still valid (`check`), making them (`run`). This
-module only locks the run folder, runs every selected stage's preflight before any of them (bad input
-never reaches Ray), skips the stages whose outputs are valid unless forced, and keeps DIR/pipeline.json
-(per stage: status, wall time in s, outputs, reason). Relative storage paths in the config go inside
-DIR (see `diffscaler.stages.base.resolve_run_config`). A rerun after a failure, Ctrl-C or SIGTERM
-continues where it stopped; a stage cut off halfway resumes through its own library.
+Each stage owns its rules (`diffscaler/stages/`); this loop only locks DIR, preflights every selected stage
+before the first runs (bad input never reaches Ray), skips stages whose outputs are valid unless forced, and
+records each in the manifest, so a rerun after a failure, Ctrl-C or SIGTERM continues where it stopped.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +22,10 @@ from diffscaler.runlock import RunFolderError, RunLock
 from diffscaler.stages import STAGES, Run, RunLayout, Stage, StageCheck, StageFailed, resolve_run_config, stage_order
 from diffscaler.stages.base import InputError as PipelineInputError
 from diffscaler.stages.inputs import check_run_inputs
+from diffscaler.stages.manifest import Manifest, now
 
-__all__ = ["Manifest", "Pipeline", "PipelineInputError", "PipelineStageError", "RunLayout", "StageCheck",
-           "StageRecord", "resolve_run_config", "run_pipeline", "stage_order"]  # fmt: skip
-MANIFEST_FORMAT = "diffscaler-pipeline"
-MANIFEST_FORMAT_VERSION = 1
+__all__ = ["Pipeline", "PipelineInputError", "PipelineStageError", "RunLayout", "StageCheck", "resolve_run_config",
+           "run_pipeline", "stage_order"]  # fmt: skip
 
 
 class PipelineStageError(RuntimeError):
@@ -44,52 +34,6 @@ class PipelineStageError(RuntimeError):
     def __init__(self, stage: str, reason: str):
         super().__init__(f"stage {stage!r} failed: {reason}")
         self.stage, self.reason = stage, reason
-
-
-@dataclass
-class StageRecord:
-    name: str
-    status: str = "pending"  # pending | running | done | skipped | failed | interrupted | not selected
-    reason: str = ""  # why skipped, or the error
-    wall_s: float | None = None  # seconds this stage ran in its latest run (None = never ran)
-    started_at: str = ""  # local time, ISO 8601
-    finished_at: str = ""
-    outputs: dict[str, Any] = field(default_factory=dict)  # files and numbers the stage produced
-
-
-@dataclass
-class Manifest:
-    """DIR/pipeline.json, rewritten atomically after every change."""
-
-    out_dir: str
-    status: str = "running"  # running | done | failed | interrupted
-    started_at: str = ""
-    finished_at: str = ""
-    wall_s: float = 0.0  # seconds of the latest run of the whole pipeline
-    error: str = ""
-    stages: dict[str, StageRecord] = field(default_factory=dict)
-
-    def save(self, path: Path) -> None:
-        d = dataclasses.asdict(self) | {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
-                                        "units": {"wall_s": "seconds (wall clock)"}}  # fmt: skip
-        write_text_atomic(path, json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> Manifest | None:
-        """The manifest at `path`, or None when there is none (a broken one is replaced)."""
-        try:
-            data = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        if data.get("format") != MANIFEST_FORMAT:
-            return None
-        stages = {k: StageRecord(**v) for k, v in data.get("stages", {}).items()}
-        keep = ("out_dir", "status", "started_at", "finished_at", "wall_s")
-        return cls(**{k: data[k] for k in keep}, error=data.get("error", ""), stages=stages)
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
@@ -144,12 +88,7 @@ class Pipeline:
         self.preflight()
         t0 = time.perf_counter()
         self.ctx.previous = previous = Manifest.load(self.layout.manifest)
-        self.ctx.manifest = self.manifest = Manifest(str(self.layout.root), started_at=_now())
-        for name in self.stages:  # keep the last known timing and outputs (an unselected stage shows what it made)
-            old = previous.stages.get(name) if previous is not None else None
-            status = "interrupted" if old and old.status == "running" else old.status if old else "not selected"
-            status = "pending" if name in self.selected else status
-            self.manifest.stages[name] = dataclasses.replace(old or StageRecord(name), status=status)
+        self.ctx.manifest = self.manifest = Manifest.start(str(self.layout.root), self.stages, self.selected, previous)
         write_text_atomic(self.layout.config_json, self.cfg.to_json() + "\n")
         self.manifest.save(self.layout.manifest)
         self._trap_sigterm()
@@ -165,7 +104,7 @@ class Pipeline:
             self.manifest.status, self.manifest.error = "failed", str(err)
             raise
         finally:
-            self.manifest.finished_at, self.manifest.wall_s = _now(), time.perf_counter() - t0
+            self.manifest.finished_at, self.manifest.wall_s = now(), time.perf_counter() - t0
             self.manifest.save(self.layout.manifest)
             self.ctx.disconnect()
             self._untrap_sigterm()
@@ -186,7 +125,7 @@ class Pipeline:
             self.log(f"{label}: skipped, {check.reason}")
             return
         self.log(f"{label}: started ({check.reason})")
-        record.status, record.reason, record.started_at, record.finished_at = "running", check.reason, _now(), ""
+        record.status, record.reason, record.started_at, record.finished_at = "running", check.reason, now(), ""
         record.wall_s = None
         self.manifest.save(self.layout.manifest)
         t0 = time.perf_counter()
@@ -208,7 +147,7 @@ class Pipeline:
         finally:
             if main_thread and sigint_handler is not None:
                 signal.signal(signal.SIGINT, sigint_handler)
-            record.wall_s, record.finished_at = time.perf_counter() - t0, _now()
+            record.wall_s, record.finished_at = time.perf_counter() - t0, now()
             self.manifest.save(self.layout.manifest)
             if record.status != "running":
                 self.log(f"{label}: {record.status.upper()} after {record.wall_s:.1f} s: {record.reason}")

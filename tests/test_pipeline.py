@@ -17,13 +17,8 @@ from pathlib import Path
 import pytest
 
 from diffscaler.config import ConfigError, ModelConfig, load_config
-from diffscaler.pipeline import (
-    Manifest,
-    PipelineInputError,
-    PipelineStageError,
-    resolve_run_config,
-    run_pipeline,
-)
+from diffscaler.pipeline import PipelineInputError, PipelineStageError, resolve_run_config, run_pipeline
+from diffscaler.stages.manifest import Manifest
 from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, statuses
 
 ROOT = Path(__file__).resolve().parents[1]

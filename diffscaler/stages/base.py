@@ -24,6 +24,7 @@ from typing import Any
 from diffscaler import cluster
 from diffscaler.artifacts import read_backbone_meta
 from diffscaler.config import ExperimentConfig
+from diffscaler.stages.manifest import Manifest
 
 
 class InputError(ValueError):
@@ -135,8 +136,8 @@ class Run:
     selected: tuple[str, ...] = ()  # the stages this run runs (a standalone program: its own)
     force: tuple[str, ...] = ()  # stages to redo although their outputs are valid
     log: Callable[[str], None] = _stderr
-    previous: Any = None  # diffscaler.pipeline.Manifest found on disk before this run, or None
-    manifest: Any = None  # this run's manifest (the report shows its stages)
+    previous: Manifest | None = None  # the manifest found on disk before this run
+    manifest: Manifest | None = None  # this run's manifest (the report shows its stages)
     on_connect: Callable[[], None] | None = None  # called after this run started Ray (the pipeline traps SIGTERM)
     started_ray: bool = field(default=False, init=False)
 

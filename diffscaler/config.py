@@ -30,7 +30,6 @@ ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full")
 FINETUNE_METHODS = (*ADAPTER_METHODS, "scratch")
 ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
 SAMPLERS = ("ddim", "ddpm")
-PIPELINE_STAGES = ("shards", "pretrain", "finetune", "sweep", "evaluate", "report")
 FEATURE_NETWORKS = ("efficientnet-lite0", "inception-v3-compat")
 BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashion-mnist")
 
@@ -191,7 +190,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    stages: tuple[str, ...] = PIPELINE_STAGES  # stages to run, in order
+    # stages to run, in run order; empty = every stage. The names are the registry's (diffscaler.stages.STAGES),
+    # checked by the pipeline: config imports no stage (they import torch and Ray, seconds)
+    stages: tuple[str, ...] = ()
     backbone: str = ""  # start from this backbone file (or a public DiT .pt) instead of pretraining
     ray_address: str = ""  # empty = local ray.init(); "auto" inside ray job submit
 
@@ -503,5 +504,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
     _require(e.sampling_steps >= 1, "eval.sampling_steps", "must be at least 1")
 
-    for st in cfg.pipeline.stages:
-        _one_of(st, PIPELINE_STAGES, "pipeline.stages")
+    stages = cfg.pipeline.stages
+    for st in stages:
+        _require(st.isidentifier(), "pipeline.stages", f"{st!r} is not a stage name (e.g. shards, finetune)")
+    _require(len(set(stages)) == len(stages), "pipeline.stages", f"repeats a stage: {list(stages)}")

@@ -45,27 +45,23 @@ class Pipeline:
 
     def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (),
                  log: Callable[[str], None] | None = None, stages: Sequence[Stage] = STAGES):  # fmt: skip
-        self.stages = {s.name: s for s in stages}
-        if unknown := [s for s in force if s not in self.stages]:
-            raise PipelineInputError(f"force: unknown stage(s) {unknown}; stages are {list(self.stages)}")
+        self.stages = {s.name: s for s in stages}  # the registry is the one list of stage names (config has none)
+        for what, names in (("force", force), ("pipeline.stages", cfg.pipeline.stages)):
+            if unknown := [s for s in names if s not in self.stages]:
+                raise PipelineInputError(f"{what}: unknown stage(s) {unknown}; stages are {list(self.stages)}")
         self.ctx = Run.in_folder(cfg, out_dir, force=tuple(force), **({"log": log} if log else {}))
         self.ctx.on_connect = self._trap_sigterm  # ray.init installs Ray's own SIGTERM handler, which aborts
         self.cfg, self.layout, self.log = self.ctx.cfg, self.ctx.layout, self.ctx.log
         self.order = stage_order(self.cfg, stages)
-        self.selected = self.ctx.selected = tuple(s for s in self.order if s in self.cfg.pipeline.stages)
+        wanted = self.cfg.pipeline.stages or self.order  # none named: every stage
+        self.selected = self.ctx.selected = tuple(s for s in self.order if s in wanted)
         self.manifest = Manifest(str(self.layout.root))  # replaced by run()
         self._sigterm_before: Any = None  # SIGTERM handler to restore after the run
 
     def preflight(self) -> None:
         """Every check that needs no stage to run; raises PipelineInputError naming the problem."""
-        stages = list(self.cfg.pipeline.stages)
-        if not stages:
-            raise PipelineInputError(f"pipeline.stages is empty; choose from {list(self.stages)}")
-        if unknown := [s for s in stages if s not in self.stages]:
-            raise PipelineInputError(f"pipeline.stages: unknown stage(s) {unknown}; stages are {list(self.stages)}")
-        if len(set(stages)) != len(stages):
-            raise PipelineInputError(f"pipeline.stages repeats a stage: {stages}")
-        if stages != list(self.selected):
+        stages = list(self.cfg.pipeline.stages)  # known and distinct (checked in __init__ and by config)
+        if stages and stages != list(self.selected):
             raise PipelineInputError(f"pipeline.stages {stages} is out of order; stages run as {list(self.order)}, "
                                      f"write them in that order: {list(self.selected)}")  # fmt: skip
         check_run_inputs(self.ctx)

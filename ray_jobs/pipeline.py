@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.pipeline: config error: {err}", file=sys.stderr)
         return 2
     # after the config is known good: the stages import torch, Ray and the libraries (seconds), a config
-    # error is reported without them
+    # error is reported without them; an unknown stage name, by the stage registry before anything is written
     from diffscaler.pipeline import PipelineInputError, PipelineStageError, run_pipeline
 
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from diffscaler.config import ConfigError, ModelConfig, load_config
+from diffscaler.config import ModelConfig, load_config
 from diffscaler.pipeline import PipelineInputError, PipelineStageError, resolve_run_config, run_pipeline
 from diffscaler.stages.manifest import Manifest
 from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, statuses
@@ -62,14 +62,16 @@ def test_stages_out_of_order(tmp_path):
     assert "['shards', 'finetune']" in msg
 
 
-def test_unknown_stage_is_a_config_error_with_exit_status_2(tmp_path, capsys):
+def test_unknown_stage_is_bad_input_with_exit_status_2_before_anything_is_written(tmp_path, capsys):
     from ray_jobs.pipeline import main
 
     cfg = micro_config(tmp_path, ["shards", "pretrian"])
-    with pytest.raises(ConfigError, match="pipeline.stages"):
-        load_config(cfg)
+    known = r"stages are \['shards', 'pretrain', 'finetune', 'sweep', 'evaluate', 'report'\]"
+    with pytest.raises(PipelineInputError, match=r"pipeline.stages: unknown stage\(s\) \['pretrian'\]; " + known):
+        run_pipeline(load_config(cfg), tmp_path / "out")  # the stage registry knows the names, not config
     assert main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
-    assert "pretrian" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pretrian" in err and "'report'" in err
     assert not (tmp_path / "out").exists()
 
 

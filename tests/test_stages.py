@@ -1,5 +1,6 @@
 """The stage contract: the registry's order, each stage's check on an empty run folder, and a new stage
-added by one module's worth of code that the pipeline runs, records and skips on the rerun. No Ray."""
+added by one module's worth of code (one object in the registry, no name anywhere else) that the pipeline
+runs, records and skips on the rerun. No Ray."""
 
 from __future__ import annotations
 
@@ -8,22 +9,23 @@ from typing import Any
 
 import pytest
 
-import diffscaler.config
-from diffscaler.config import PIPELINE_STAGES, load_config
+from diffscaler.config import load_config
 from diffscaler.pipeline import Pipeline, PipelineInputError, run_pipeline
 from diffscaler.stages import STAGES, Run, Stage, StageCheck, stage_order
-from tests.support.pipeline import micro_config, statuses
+from tests.support.pipeline import ALL_STAGES, micro_config, statuses
 
 
-def test_registry_holds_every_configurable_stage_in_order():
-    assert tuple(s.name for s in STAGES) == PIPELINE_STAGES
-    assert stage_order(load_config(None)) == PIPELINE_STAGES
+def test_registry_holds_every_stage_in_order_and_runs_them_all_when_none_is_named(tmp_path):
+    assert tuple(s.name for s in STAGES) == tuple(ALL_STAGES)
+    assert stage_order(load_config(None)) == tuple(ALL_STAGES)
+    assert load_config(None).pipeline.stages == ()  # the default: every stage, in the registry's order
+    assert Pipeline(load_config(None), tmp_path / "out").selected == tuple(ALL_STAGES)
     swept_first = stage_order(load_config(None, ["finetune.lr_from_sweep=true"]))
     assert swept_first == ("shards", "pretrain", "sweep", "finetune", "evaluate", "report")
 
 
 def test_every_stage_finds_an_empty_run_folder_invalid_and_says_why(tmp_path):
-    run = Run.in_folder(load_config(micro_config(tmp_path, list(PIPELINE_STAGES))), tmp_path / "out")
+    run = Run.in_folder(load_config(micro_config(tmp_path, list(ALL_STAGES))), tmp_path / "out")
     for stage in STAGES:
         check = stage.check(run)
         assert not check.valid and check.reason, stage.name
@@ -58,14 +60,13 @@ class ToyStage(Stage):
         return {"toy_json": str(self.path(run))}
 
 
-def test_a_stage_added_to_the_registry_runs_is_recorded_and_is_skipped_on_the_rerun(tmp_path, monkeypatch, refuse_ray):
-    monkeypatch.setattr(diffscaler.config, "PIPELINE_STAGES", (*PIPELINE_STAGES, "toy"))  # config's list of names
-    stages = (*STAGES, ToyStage())
+def test_a_stage_added_to_the_registry_runs_is_recorded_and_is_skipped_on_the_rerun(tmp_path, refuse_ray):
+    stages = (*STAGES, ToyStage())  # the one thing a new stage registers
     out = tmp_path / "out"
     cfg = load_config(micro_config(tmp_path, ["toy"]))
     lines: list[str] = []
     Pipeline(cfg, out, stages=stages, log=lines.append).run()
-    assert statuses(out) == {**dict.fromkeys(PIPELINE_STAGES, "not selected"), "toy": "done"}
+    assert statuses(out) == {**dict.fromkeys(ALL_STAGES, "not selected"), "toy": "done"}
     assert json.loads((out / "toy.json").read_text())["runs"] == 1
     assert any("[pipeline] (1/1) toy: done in" in line for line in lines)
 

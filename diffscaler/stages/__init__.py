@@ -5,8 +5,8 @@
     for stage in STAGES: print(stage.name, stage.check(run))
 
 Adding a stage: write `diffscaler/stages/<name>.py` with a `Stage` subclass (see `base.py`: preflight,
-check, run, outputs) and add one line to STAGES below (its name must also be allowed by config's
-PIPELINE_STAGES, which validates `pipeline.stages`).
+check, run, outputs) and add one line to STAGES below. STAGES is the one list of stage names: the
+pipeline checks `pipeline.stages` and `--force` against it before anything runs or is written.
 """
 
 from __future__ import annotations

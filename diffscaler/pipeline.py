@@ -9,15 +9,13 @@ records each in the manifest, so a rerun after a failure, Ctrl-C or SIGTERM cont
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig
+from diffscaler.interrupts import SigtermAsInterrupt, sigint_handler_kept
 from diffscaler.runlock import RunFolderError, RunLock
 from diffscaler.stages import STAGES, Run, RunLayout, Stage, StageCheck, StageFailed, resolve_run_config, stage_order
 from diffscaler.stages.base import InputError as PipelineInputError
@@ -36,10 +34,6 @@ class PipelineStageError(RuntimeError):
         self.stage, self.reason = stage, reason
 
 
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 class Pipeline:
     """One run folder, one resolved config, the registered stages. `preflight()` then `run()`."""
 
@@ -50,13 +44,13 @@ class Pipeline:
             if unknown := [s for s in names if s not in self.stages]:
                 raise PipelineInputError(f"{what}: unknown stage(s) {unknown}; stages are {list(self.stages)}")
         self.ctx = Run.in_folder(cfg, out_dir, force=tuple(force), **({"log": log} if log else {}))
-        self.ctx.on_connect = self._trap_sigterm  # ray.init installs Ray's own SIGTERM handler, which aborts
+        self.sigterm = SigtermAsInterrupt()  # the manifest then says "interrupted"
+        self.ctx.on_connect = self.sigterm.install  # ray.init installs Ray's own SIGTERM handler, which aborts
         self.cfg, self.layout, self.log = self.ctx.cfg, self.ctx.layout, self.ctx.log
         self.order = stage_order(self.cfg, stages)
         wanted = self.cfg.pipeline.stages or self.order  # none named: every stage
         self.selected = self.ctx.selected = tuple(s for s in self.order if s in wanted)
         self.manifest = Manifest(str(self.layout.root))  # replaced by run()
-        self._sigterm_before: Any = None  # SIGTERM handler to restore after the run
 
     def preflight(self) -> None:
         """Every check that needs no stage to run; raises PipelineInputError naming the problem."""
@@ -87,7 +81,7 @@ class Pipeline:
         self.ctx.manifest = self.manifest = Manifest.start(str(self.layout.root), self.stages, self.selected, previous)
         write_text_atomic(self.layout.config_json, self.cfg.to_json() + "\n")
         self.manifest.save(self.layout.manifest)
-        self._trap_sigterm()
+        self.sigterm.install()
         try:
             for number, name in enumerate(self.selected, 1):
                 self._run_stage(self.stages[name], f"[pipeline] ({number}/{len(self.selected)}) {name}")
@@ -103,7 +97,7 @@ class Pipeline:
             self.manifest.finished_at, self.manifest.wall_s = now(), time.perf_counter() - t0
             self.manifest.save(self.layout.manifest)
             self.ctx.disconnect()
-            self._untrap_sigterm()
+            self.sigterm.restore()
         where = self.layout.report if "report" in self.selected else self.layout.root
         self.log(f"[pipeline] done in {self.manifest.wall_s:.1f} s: {where}")
         return self.manifest
@@ -125,14 +119,11 @@ class Pipeline:
         record.wall_s = None
         self.manifest.save(self.layout.manifest)
         t0 = time.perf_counter()
-        # Ray Train and Tune install their own SIGINT handlers inside fit() and leave them behind;
-        # put ours back after the stage so Ctrl-C keeps interrupting the later stages.
-        main_thread = threading.current_thread() is threading.main_thread()
-        sigint_handler = signal.getsignal(signal.SIGINT) if main_thread else None
         try:
-            if stage.needs_ray(run):
-                run.connect()  # one connection for every stage
-            record.outputs = stage.run(run)
+            with sigint_handler_kept():  # Ctrl-C keeps interrupting the later stages
+                if stage.needs_ray(run):
+                    run.connect()  # one connection for every stage
+                record.outputs = stage.run(run)
         except KeyboardInterrupt:
             record.status, record.reason = "interrupted", "interrupted (Ctrl-C or SIGTERM)"
             raise
@@ -141,8 +132,6 @@ class Pipeline:
             record.status, record.reason = "failed", err.reason if failed else f"{type(err).__name__}: {err}"
             raise PipelineStageError(stage.name, record.reason) from err
         finally:
-            if main_thread and sigint_handler is not None:
-                signal.signal(signal.SIGINT, sigint_handler)
             record.wall_s, record.finished_at = time.perf_counter() - t0, now()
             self.manifest.save(self.layout.manifest)
             if record.status != "running":
@@ -150,17 +139,6 @@ class Pipeline:
         record.status = "done"
         self.manifest.save(self.layout.manifest)
         self.log(f"{label}: done in {record.wall_s:.1f} s")
-
-    def _trap_sigterm(self) -> None:
-        """SIGTERM (`ray job stop`, a scheduler's kill) interrupts like Ctrl-C, so the manifest says so."""
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-            self._sigterm_before = self._sigterm_before or previous
-
-    def _untrap_sigterm(self) -> None:
-        if self._sigterm_before is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._sigterm_before)
-            self._sigterm_before = None
 
 
 def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (),

@@ -113,6 +113,36 @@ def test_shards_built_with_other_parameters_when_shards_stage_is_off(tmp_path):
     assert "limit built=0 config=5" in msg
 
 
+def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path):
+    """A checkpoint left in pretrain.storage_path was trained on other shards: with the shards stage off (the
+    shards on disk are the ones pretraining reads) the pipeline refuses to resume it in preflight, naming the
+    shards hash; with the shards stage on, the same check is left to pretraining (the shards may be rebuilt)."""
+    from dataclasses import asdict
+
+    from diffscaler.data import build_all, load_index
+    from diffscaler.data.build import pretrain_dataset_dir
+    from diffscaler.pipeline import Pipeline
+    from diffscaler.train.pretrain_checkpoint import STATE_FILE, TrainerState, checkpoint_dir_name
+
+    cfg_path = micro_config(tmp_path, ["pretrain"])
+    cfg = resolve_run_config(load_config(cfg_path), tmp_path / "out")
+    build_all(cfg.data, ["pre"], parallel=False)
+    built = load_index(pretrain_dataset_dir(cfg.data)).content_hash
+    p = cfg.pretrain
+    folder = Path(p.storage_path) / p.run_name / checkpoint_dir_name(2)
+    folder.mkdir(parents=True)
+    state = TrainerState(step=2, micro_step=2, images_seen=2 * p.global_batch_size, ema_updates=2,
+                         ema_decay=p.ema_decay, world_size=p.num_workers, zero_stage=p.zero_stage, precision="fp32",
+                         global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
+                         deepspeed_tag="step00000002", run_name=p.run_name, model=asdict(cfg.model),
+                         shards={"content_hash": "sha256:other"}, config=cfg.to_dict())  # fmt: skip
+    (folder / STATE_FILE).write_text(state.to_json())
+    with pytest.raises(PipelineInputError, match="not a checkpoint of this run") as err:
+        Pipeline(load_config(cfg_path), tmp_path / "out").preflight()
+    assert f"shards (content hash): checkpoint 'sha256:other', config '{built}'" in str(err.value)
+    Pipeline(load_config(cfg_path, ["pipeline.stages=[shards,pretrain]"]), tmp_path / "out").preflight()
+
+
 def test_backbone_that_does_not_match_the_model_config(tmp_path):
     other = save_micro_backbone(tmp_path / "b8.safetensors", ModelConfig(name="DiT-T/8", input_size=16, num_classes=3))
     msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",

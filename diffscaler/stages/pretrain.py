@@ -33,12 +33,16 @@ class PretrainStage(Stage):
         except ValueError as err:
             raise InputError(str(err)) from None
         require_built(run, [next(iter(jobs))])  # the pretraining set comes first
-        # a Ray Train checkpoint left in storage must resume with this config (pretrain's own rule)
+        # a Ray Train checkpoint left in storage must resume with this config (pretrain's own rule); without
+        # the shards stage the shards on disk are the ones pretraining reads, so their hash is checked too
         p = run.cfg.pretrain
         try:
             found = latest_checkpoint(storage.join(p.storage_path, p.run_name))
             if found is not None:
-                pretrain_lib.check_resumable(found[1], run.cfg, found[0])
+                shards_hash = None
+                if "shards" not in run.selected:  # require_built above: the index is there
+                    shards_hash = load_index(pretrain_dataset_dir(run.cfg.data)).content_hash
+                pretrain_lib.check_resumable(found[1], run.cfg, found[0], shards_hash)
         except (BackboneLoadError, ConfigError) as err:
             raise InputError(str(err)) from None
 

@@ -11,6 +11,8 @@ alone decides: a holder on this host whose pid is gone is stale; one on another 
 
 Nested locks on the same folder in one process are refused too (flock locks belong to the open
 file, not the process), which is what we want: two pipelines in one process would mix up as well.
+So is a run in a folder inside a held one, or around one (up to NESTED_DEPTH levels below): a
+`ray_jobs.finetune --out X/adapters` while a pipeline runs in X would replace its adapters.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 LOCK_NAME = ".lock"
+NESTED_DEPTH = 2  # levels below a folder searched for a held lock (X/adapters, X/sweep/tune, ...)
 
 
 class RunFolderError(RuntimeError):
@@ -112,6 +115,15 @@ class RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "program": self.program,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
         self._fd = _acquire(self.path, me, self.out_dir, self.flag, self.log)
+        # after taking ours: of two runs nested in each other that start together, neither goes on
+        if held := _held_nearby(self.root):
+            other, info = held
+            self.release()
+            where = "inside" if other in self.root.parents else "around"
+            raise RunFolderError(
+                f"{self.flag} {self.out_dir} is {where} {other}, which is in use by {_holder_text(info)}: the two "
+                "runs would mix up their files; wait for it to finish or stop it, or choose another folder"
+            )
         return self.root
 
     def release(self) -> None:
@@ -130,6 +142,31 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _held_nearby(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, holder) of a lock held on a folder above `root`, or up to NESTED_DEPTH levels below it."""
+    below = [root.glob("/".join(["*"] * depth + [LOCK_NAME])) for depth in range(1, NESTED_DEPTH + 1)]
+    candidates = [parent / LOCK_NAME for parent in root.parents] + [p for found in below for p in found]
+    for path in candidates:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # none there (the common case), or unreadable: not ours to judge
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return path.parent, _read_info(fd)
+            except OSError:  # no flock on this file system: the recorded holder decides, on this host
+                info = _read_info(fd)
+                if info.get("host") == socket.gethostname() and _pid_alive(info.get("pid")):
+                    return path.parent, info
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # a stale file of a run that died
+        finally:
+            os.close(fd)
+    return None
 
 
 def run_lock(out_dir: str | Path, program: str = "", *, flag: str = "--out",

@@ -66,6 +66,30 @@ def test_second_run_refuses_naming_the_holder_and_a_killed_holder_is_taken_over(
     assert not (out / LOCK_NAME).exists()  # released: nothing left behind
 
 
+def test_a_folder_inside_or_around_a_held_one_is_refused_and_a_stale_one_is_not(held, tmp_path):
+    """`ray_jobs.finetune --out X/adapters` while a pipeline holds X would replace its adapters; so would a
+    pipeline on X while a program holds X/adapters. A lock file left by a run that died blocks neither."""
+    out, proc = held
+    for inner in (out / "adapters", out / "sweep" / "tune"):
+        with pytest.raises(RunFolderError, match="inside") as err:
+            RunLock(inner, "inner").acquire()
+        assert "holder-program" in str(err.value) and f"pid {proc.pid}" in str(err.value)
+        assert not (inner / LOCK_NAME).exists()  # refused: nothing of ours left behind
+    with pytest.raises(RunFolderError, match="around") as err:
+        RunLock(tmp_path, "outer").acquire()  # the folder that holds X
+    assert str(out) in str(err.value) and f"pid {proc.pid}" in str(err.value)
+    with RunLock(tmp_path / "elsewhere", "sibling"):  # beside it: no conflict
+        pass
+
+    proc.kill()  # its X/.lock stays behind, unlocked
+    proc.wait(timeout=30)
+    assert (out / LOCK_NAME).is_file()
+    with RunLock(out / "adapters", "inner"):
+        pass
+    with RunLock(tmp_path, "outer"):
+        pass
+
+
 def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -203,6 +203,11 @@ def cached_vae_identity(path: str | os.PathLike, config: str | os.PathLike | Non
     return dict(_identity_cached(str(path), str(config or ""), stamp))
 
 
+def configured_vae_hash(vae: str, vae_config: str = "") -> str:
+    """The identity hash of a configured VAE (data.vae, data.vae_config); "" when none. VaeError when bad."""
+    return str(cached_vae_identity(vae, vae_config or None)["hash"]) if vae else ""
+
+
 def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None, device: str = "cpu") -> Vae:
     """A local AutoencoderKL: a diffusers folder, or one weights file plus `config` (its config.json).
 

@@ -48,10 +48,10 @@ def _parameters(data: DataConfig, source: str) -> dict:
     """The index fields a current build of `source` records (latent builds: with data.vae's hash)."""
     if data.vae:
         from diffscaler.data.encode import latent_parameters
-        from diffscaler.vae import cached_vae_identity
+        from diffscaler.vae import configured_vae_hash
 
         return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
-                                 data.seed, cached_vae_identity(data.vae, data.vae_config or None)["hash"])  # fmt: skip
+                                 data.seed, configured_vae_hash(data.vae, data.vae_config))  # fmt: skip
     return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed)
 
 

@@ -595,13 +595,13 @@ class FidEvaluator:
                     out = ray.get(ref)
                 except RayActorError as err:  # died: killed, OOM, crashed, or failed to start
                     self._replace_actor(slot)
-                    fail(jid, slot, f"actor died ({type(err).__name__}: {_first_line(err)})")
+                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)})")
                 except RayTaskError as err:  # the job raised; the actor itself is fine
                     cause = err.cause or err
-                    fail(jid, slot, f"{type(cause).__name__}: {_first_line(cause)}")
+                    fail(jid, slot, f"{type(cause).__name__}: {last_error_line(cause)}")
                 except (RayError, GetTimeoutError) as err:  # worker crash, lost object: start afresh
                     self._replace_actor(slot)
-                    fail(jid, slot, f"{type(err).__name__}: {_first_line(err)}")
+                    fail(jid, slot, f"{type(err).__name__}: {last_error_line(err)}")
                 else:
                     results[jid] = out
                     emit("done", jid, slot, pid=out.get("pid"))
@@ -787,10 +787,6 @@ def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[i
         if jobs[jid].kind == kind and (owner not in errors or errors[owner].startswith("skipped")):
             errors[owner] = reason
     return errors
-
-
-def _first_line(err: BaseException) -> str:
-    return last_error_line(err, 400)
 
 
 # ------------------------------------------------------------------------------------------------

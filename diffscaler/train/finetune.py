@@ -160,12 +160,10 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
 
 def configured_vae_hash(cfg: ExperimentConfig) -> str:
     """The identity hash of data.vae ("" when none); FinetuneInputError naming the path when it is bad."""
-    if not cfg.data.vae:
-        return ""
-    from diffscaler.vae import VaeError, cached_vae_identity
+    from diffscaler.vae import VaeError, configured_vae_hash
 
     try:
-        return str(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["hash"])
+        return configured_vae_hash(cfg.data.vae, cfg.data.vae_config)
     except VaeError as err:
         raise FinetuneInputError(f"data.vae: {err}") from None
 

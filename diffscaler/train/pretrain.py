@@ -203,16 +203,14 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
         kind = "npy latents" if index.latent else "RGB images"
         raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds {kind} ({index.channels} channels)")
     if index.latent and cfg.data.vae:  # as the fine-tunes refuse them: latents of another VAE than data.vae
-        from diffscaler.vae import VaeError, cached_vae_identity
+        from diffscaler.vae import VaeError, configured_vae_hash
 
         try:
-            want = str(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["hash"])
+            want = configured_vae_hash(cfg.data.vae, cfg.data.vae_config)
         except VaeError as err:
             raise ConfigError(f"data.vae: {err}") from None
-        if index.vae_hash != want:
-            raise ConfigError(f"data.vae: the shards in {shards} were encoded with VAE "
-                              f"{index.vae_hash or '(unknown)'}, data.vae is {want}; re-encode them or set data.vae "
-                              "to the VAE they were made with")  # fmt: skip
+        if problem := index.backbone_mismatch(m.in_channels, m.input_size, want):
+            raise ConfigError(f"data.vae: {problem}")
     if index.latent and p.sample_every > 0:
         raise ConfigError(f"pretrain.sample_every: {p.sample_every}, but {shards} holds latents and sample grids "
                           "need a VAE decoder; set pretrain.sample_every=0")  # fmt: skip
@@ -529,7 +527,6 @@ class RankTrainer:
         import ray.train.torch
 
         self.fail_at_step = fail_at_step
-
         p = cfg.pretrain
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if p.use_gpu else "cpu")
         import deepspeed

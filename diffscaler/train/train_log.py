@@ -62,10 +62,6 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
@@ -129,7 +125,7 @@ class MetricsLog:
         current = read_jsonl(self.path)
         kept = history if history is not None else [r for r in current if r["step"] <= start_step]
         self.discarded = [r for r in current if r["step"] > start_step]
-        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self.file = self.path.open("a")
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 

@@ -32,24 +32,26 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) RGB -> PNG bytes, one filter type for all rows, deterministic."""
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"encode_png wants uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    h, w, _ = image.shape
-    rows = image.reshape(h, w * 3)
+    """uint8 (H, W, 3) RGB or (H, W) grey -> PNG bytes, one filter type for all rows, deterministic."""
+    grey = image.ndim == 2
+    if image.dtype != np.uint8 or not (grey or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"encode_png wants uint8 (H, W, 3) or (H, W), got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    bpp = 1 if grey else 3  # bytes per pixel
+    rows = image.reshape(h, w * bpp)
     sub = rows.copy()
-    sub[:, 3:] -= rows[:, :-3]  # uint8 arithmetic wraps mod 256, as the PNG filter does
+    sub[:, bpp:] -= rows[:, :-bpp]  # uint8 arithmetic wraps mod 256, as the PNG filter does
     up = rows.copy()
     up[1:] -= rows[:-1]
     best = b""
     for ftype, filtered in ((_FILTER_NONE, rows), (_FILTER_SUB, sub), (_FILTER_UP, up)):
-        raw = np.empty((h, w * 3 + 1), np.uint8)
+        raw = np.empty((h, w * bpp + 1), np.uint8)
         raw[:, 0] = ftype
         raw[:, 1:] = filtered
         packed = zlib.compress(raw.tobytes(), _ZLIB_LEVEL)
         if not best or len(packed) < len(best):  # ties keep the earlier type: deterministic
             best = packed
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit truecolour, no interlace
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if grey else 2, 0, 0, 0)  # 8-bit grey or truecolour, no interlace
     return PNG_SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", best) + _chunk(b"IEND", b"")
 
 

@@ -99,6 +99,19 @@ def test_condition_kinds_and_extractor_fields_are_validated():
         load_config(None, ["data.mask_alpha_threshold=0"])
 
 
+def test_grey_map_png_round_trip_fast_decoder_and_pillow():
+    from diffscaler.data.conditions import encode_map
+    from diffscaler.data.pngcodec import decode_png_batch
+
+    rng = np.random.default_rng(0)
+    maps = [rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8), np.zeros((SIZE, SIZE), np.uint8),
+            np.kron(rng.integers(0, 2, (4, 4)), np.full((4, 4), 255)).astype(np.uint8)]  # fmt: skip
+    blobs = [encode_map(m) for m in maps]  # each row filter (none / sub / up) is chosen by one of these
+    assert all(Image.open(io.BytesIO(b)).mode == "L" for b in blobs)
+    assert (decode_png_batch(blobs, grey=True) == np.stack(maps)).all()
+    assert all((np.asarray(Image.open(io.BytesIO(b))) == m).all() for b, m in zip(blobs, maps))
+
+
 def test_mask_is_the_alpha_through_the_same_crop_and_resize(rgba, tmp_path):
     index = make_shards(f"folder:{rgba}", str(tmp_path / "m16"), size=SIZE, samples_per_shard=5, condition=MASK,
                         log=quiet)  # fmt: skip

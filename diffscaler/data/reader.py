@@ -79,7 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffscaler.data.conditions import maps_to_unit
+from diffscaler.data.conditions import CONDITION_MEMBER, maps_to_unit
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.pngcodec import PngError, decode_png_batch
 from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_samples
@@ -248,7 +248,7 @@ class _ChunkDecoder:
         """The measured exception (bench/RESULTS.md): a batch whose images are all `png` decodes in one
         vectorised call of pngcodec instead of Pillow per image. None when it does not apply or any
         sample fails; the caller then decodes each sample through the library and names the culprit.
-        Condition maps are decoded per sample (Pillow) either way."""
+        Condition maps: see _fast_maps."""
         size, fmt = self.fmt.image_size, self.fmt
         try:
             blobs = [item["png"] for item in items]  # KeyError: a _Bad, or a sample without png
@@ -256,10 +256,21 @@ class _ChunkDecoder:
             decoded = decode_png_batch(blobs)
             if not isinstance(decoded, np.ndarray) or decoded.shape[1:] != (size, size, 3):
                 return None
-            conds = [fmt.decode_condition(item) for item in items] if self.conditional else [None] * len(items)
+            conds = self._fast_maps(items) if self.conditional else [None] * len(items)
         except (KeyError, TypeError, SampleError, PngError):
             return None
         return list(zip(decoded, labels, conds))
+
+    def _fast_maps(self, items: list[Any]) -> list[np.ndarray]:
+        """Condition maps of a fast batch: our own grey cond.png maps in one pngcodec call (they are the
+        image's size by construction), any other map through decode_condition (Pillow, size check, resize)."""
+        fmt = self.fmt
+        if fmt.condition_key == CONDITION_MEMBER and fmt.condition_channels == 1 and not fmt.resize:
+            maps = decode_png_batch([item[fmt.condition_key] for item in items], grey=True)
+            side = fmt.condition_size or fmt.image_size
+            if isinstance(maps, np.ndarray) and maps.shape[1:] == (side, side):
+                return list(maps[:, None])  # (C=1, S, S) each
+        return [fmt.decode_condition(item) for item in items]
 
     def _decode(self, items: list[Any], spares: Iterator[Any], epoch: int, index: int) -> dict[str, Any]:
         fast = self.fast_png and self._fast_png(items)

@@ -215,7 +215,10 @@ def _png(image: Image.Image) -> bytes:
 
 def test_key_member_maps_are_indexed_cropped_like_the_image_and_read(tmp_path):
     folder = key_shards(tmp_path / "grey")
-    index = index_shards(str(folder), size=SIZE, eval_shards=1, condition="key:depth.png", log=quiet)
+    # the README's command (its --eval-shards default leaves no eval split; these shards want one)
+    assert cli_main(["shards", "index", str(folder), "--size", "16", "--condition", "key:depth.png",
+                     "--eval-shards", "1"]) == 0  # fmt: skip
+    index = load_index(str(folder))
     assert index.data["condition"] == {"kind": "key:depth.png", "params": {}}
     assert index.data["members"]["condition"] == "depth.png" and index.condition.channels == 1
     assert check_dataset(str(folder)).problems == []

@@ -348,3 +348,25 @@ def test_latent_shards_carry_the_map_at_pixel_resolution(ray_local, rgba, tmp_pa
                     assert (np.where(cond[0] > 0, 255, 0) == want).all()
                     flips += member == "flip.npy"
     assert 0 < flips < 9
+
+
+def test_pipeline_refuses_a_mask_without_alpha_before_ray_and_names_a_changed_condition(tmp_path, refuse_ray):
+    from diffscaler.data import build_all
+    from diffscaler.pipeline import PipelineInputError, resolve_run_config, run_pipeline
+    from tests.support.pipeline import micro_config
+
+    red = f"folder:{tmp_path / 'src' / 'red'}"
+    cfg_path = micro_config(tmp_path, ["shards", "pretrain"])  # opaque RGB folders
+    refused = r"data\.targets: dataset 'red' \(condition mask\): condition mask is the alpha foreground, and source"
+    refused += rf" '{red}' has no alpha"
+    with pytest.raises(PipelineInputError, match=refused):
+        run_pipeline(load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: mask}}]"]),
+                     tmp_path / "out")  # fmt: skip
+    assert not (tmp_path / "out" / "pipeline.json").exists()
+    # built without a map, configured with canny, shards stage off: the changed condition is named
+    cfg_path = micro_config(tmp_path, ["finetune"])
+    build_all(resolve_run_config(load_config(cfg_path), tmp_path / "out").data, ["red"], parallel=False)
+    with pytest.raises(PipelineInputError, match=r"dataset 'red' .* was built with other parameters .*condition "
+                                                 r"built=None config=\{'kind': 'canny'"):  # fmt: skip
+        run_pipeline(load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: canny}}]"]),
+                     tmp_path / "out")  # fmt: skip

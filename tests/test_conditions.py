@@ -141,6 +141,10 @@ def test_canny_maps_are_stored_read_and_flipped_with_their_images(canny_shards):
     train = stored(canny_shards, "train")
     for item in train.values():
         assert (item["cond.png"] == canny_edges(item["png"], 100, 200)).all()
+    # still plain WebDataset: webdataset reads image and map as they are
+    urls = [str(p) for p in sorted(canny_shards.glob("train-*.tar"))]
+    pairs = list(wds.WebDataset(urls, shardshuffle=False).decode("l8").to_tuple("png", "cond.png"))
+    assert len(pairs) == len(train) and all(m.shape == (SIZE, SIZE) and set(np.unique(m)) <= {0, 255} for _, m in pairs)
     # the reader: each row's map is its own image's, mirrored exactly where the image is
     reader = ShardReader(str(canny_shards), "train", batch_size=9, seed=3, hflip=True, shuffle_buffer=9)
     batch = next(reader.epoch(0))

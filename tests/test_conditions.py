@@ -374,3 +374,14 @@ def test_pipeline_refuses_a_mask_without_alpha_before_ray_and_names_a_changed_co
                                                  r"built=None config=\{'kind': 'canny'"):  # fmt: skip
         run_pipeline(load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: canny}}]"]),
                      tmp_path / "out")  # fmt: skip
+
+
+def test_maps_given_for_a_task_must_fit_its_channels_and_size():
+    from diffscaler.data.conditions import ConditionError, check_map_shape
+
+    check_map_shape(np.zeros((2, 1, SIZE, SIZE), np.uint8), 1, SIZE, "--condition-maps DIR")
+    with pytest.raises(ConditionError, match=r"--condition-maps DIR: condition maps are \(2, 3, 16, 16\), the task "
+                                             r"takes \(N, 1, 16, 16\)"):  # fmt: skip
+        check_map_shape(np.zeros((2, 3, SIZE, SIZE), np.uint8), 1, SIZE, "--condition-maps DIR")
+    with pytest.raises(ConditionError, match=r"maps are \(2, 1, 8, 8\), the task takes \(N, 1, 16, 16\)"):
+        check_map_shape(np.zeros((2, 1, 8, 8), np.uint8), 1, SIZE, "maps")

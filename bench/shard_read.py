@@ -3,12 +3,17 @@
     python -m bench.shard_read                         # builds Fashion-MNIST 32x32 shards in a temp dir
     python -m bench.shard_read --dataset shards/fashion-mnist --ray-data
     python -m bench.shard_read --foreign --images 4000 --no-webdataset   # + 256x256 JPEG, 32x32x4 npy rows
+    python -m bench.shard_read --canny --images 4000 --no-webdataset     # + the same images with Canny maps
 
 --foreign adds shards written by webdataset.ShardWriter and indexed by `diffscaler shards index`:
 256x256 JPEG (.jpg + .cls) and 32x32x4 float32 latents (.npy + .cls), read by ShardReader through the
 webdataset library, next to what one GPU consumes (bench/RESULTS.md run 1, H100: DiT-S/2 pixel
 training 5,963 images/s, DiT-XL/2 latent training 539 images/s). The PNG rows time the library path
 (Pillow through webdataset's image handler) and the pngcodec batch fast path (ShardReader's default).
+
+--canny adds the same Fashion-MNIST images built with `condition: canny` (each sample also holds its
+8-bit grey map `cond.png`, read into "condition" and flipped with its image): what a conditional task
+costs the reader.
 
 Rows: this project's ShardReader (local path, `memory://` and `file://` through fsspec, and with
 DataLoader workers), and for comparison `webdataset.WebDataset` with its own PNG decoding and,
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-webdataset", action="store_true", help="skip the webdataset reference row")
     parser.add_argument("--foreign", action="store_true", help="also 256x256 JPEG and 32x32x4 npy shards")
     parser.add_argument("--foreign-images", type=int, default=2000, help="images per foreign dataset")
+    parser.add_argument("--canny", action="store_true", help="also the same images with Canny maps (built sets)")
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="shard-read-bench-")
@@ -153,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
             ("ShardReader, fsspec memory://", 1, *_measure(_shard_reader("memory://shard-read-bench", b, 0, e)))
         )
         rows.append(("ShardReader, fsspec file://", 1, *_measure(_shard_reader(file_url, b, 0, e))))
+        if args.canny:
+            from diffscaler.config import DataConfig
+            from diffscaler.data.conditions import ConditionSpec
+
+            canny = os.path.join(tmp, "fashion-mnist-canny")
+            make_shards(index.source, canny, size=index.image_size, limit=index.num_samples("train"), eval_fraction=0.0,
+                        condition=ConditionSpec.from_config("canny", DataConfig()), log=lambda m: None)  # fmt: skip
+            canny_row = _measure(_shard_reader(canny, b, 0, e))
+            rows.append(("ShardReader, local path, + canny maps (fast path)", 1, *canny_row))
         workers_row = _measure(_shard_reader(dataset, b, args.workers, e))
         rows.append((f"ShardReader, local, {args.workers} DataLoader workers", args.workers, *workers_row))
         if not args.no_webdataset:

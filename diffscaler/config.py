@@ -32,6 +32,13 @@ ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
 SAMPLERS = ("ddim", "ddpm")
 FEATURE_NETWORKS = ("efficientnet-lite0", "inception-v3-compat")
 BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashion-mnist")
+# Spatial conditions a task may take (TaskSpec.condition): computed at shard time from each image, or
+# `key:<member>`, a map the user's own WebDataset shards hold (diffscaler/data/conditions.py).
+CONDITION_KINDS = ("canny", "mask")
+CONDITION_KEY_PREFIX = "key:"
+CONDITION_MAP_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # a key: member is an image webdataset decodes
+# Bundled sources whose images have no alpha channel: `mask` (the alpha foreground) cannot be computed.
+OPAQUE_SOURCES = ("tiles", "textiles", "fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +80,7 @@ class TaskSpec:
     name: str  # task name; adapter files are <name>.safetensors
     source: str = ""  # shard-building source: a bundled name or folder:PATH (default: name)
     conditional: bool = False  # one conditioning row per class instead of a single learned row
+    condition: str = ""  # spatial condition map per image: "" (none) | canny | mask | key:<member> (e.g. key:depth.png)
 
     @property
     def source_name(self) -> str:
@@ -102,6 +110,12 @@ class DataConfig:
     vae_config: str = ""  # config.json of a single-file vae
     encode_actors: int = 1  # Ray Data actors encoding images through the vae
     encode_gpus_per_actor: float = 0.0  # GPUs per encoding actor (0 = CPU)
+    # Condition extractors (TaskSpec.condition), recorded in index.json; defaults chosen on 16-32 px emoji/icons.
+    canny_low: float = 100.0  # condition canny: OpenCV Canny hysteresis low threshold (L2 Sobel gradient magnitude)
+    canny_high: float = 200.0  # condition canny: high threshold (edges start above it, continue above canny_low)
+    canny_blur: float = 0.0  # condition canny: Gaussian sigma in pixels before Canny (0 = none)
+    mask_alpha_threshold: int = 32  # condition mask: a pixel is foreground when its resized alpha is >= this (1-255)
+    mask_white_threshold: int = 24  # mask of an RGB image (fidelity): background = within this of white (0-254)
 
 
 @dataclass(frozen=True)
@@ -383,6 +397,36 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     _require(0.0 <= m.class_dropout_prob < 1.0, f"{prefix}.class_dropout_prob", "must be in [0, 1)")
 
 
+def validate_condition(task: TaskSpec, prefix: str) -> None:
+    """A known condition kind, and `mask` only on a source whose images can have alpha (known opaque
+    bundled sets are refused here; a folder is probed when the shards are built)."""
+    c = task.condition
+    if not c:
+        return
+    if c.startswith(CONDITION_KEY_PREFIX):
+        member = c[len(CONDITION_KEY_PREFIX) :]
+        _require(
+            re.fullmatch(r"([A-Za-z0-9_-]+\.)*[A-Za-z0-9_-]+", member) is not None
+            and member.rsplit(".", 1)[-1].lower() in CONDITION_MAP_EXTENSIONS,
+            f"{prefix}.condition",
+            f"{c!r}: key:<member> names an image member of the shards' samples (what follows the key: "
+            f"depth.png, seg.webp), ending in one of {', '.join(CONDITION_MAP_EXTENSIONS)}",
+        )
+        return
+    _require(
+        c in CONDITION_KINDS,
+        f"{prefix}.condition",
+        f"{c!r} is not a condition kind; allowed: {', '.join(CONDITION_KINDS)}, {CONDITION_KEY_PREFIX}<member> "
+        "(a map in your own WebDataset shards, e.g. key:depth.png), or empty for none",
+    )
+    _require(
+        c != "mask" or task.source_name not in OPAQUE_SOURCES,
+        f"{prefix}.condition",
+        f"mask is the alpha foreground, and source {task.source_name!r} has no alpha channel (opaque images); "
+        "use canny, or a source with transparency (emoji, icons, openclipart, a folder of RGBA PNGs)",
+    )
+
+
 def validate(cfg: ExperimentConfig) -> None:
     validate_model(cfg.model)
 
@@ -419,6 +463,12 @@ def validate(cfg: ExperimentConfig) -> None:
             f"data.targets[{i}].name",
             f"{t.name!r} must be letters, digits, '_', '.', '-' (it names files)",
         )
+        validate_condition(t, f"data.targets[{i}]")
+    _require(data.canny_low >= 0, "data.canny_low", "must be >= 0")
+    _require(data.canny_high >= data.canny_low, "data.canny_high", f"must be >= data.canny_low ({data.canny_low})")
+    _require(data.canny_blur >= 0 and math.isfinite(data.canny_blur), "data.canny_blur", "must be >= 0 (0 = none)")
+    _require(1 <= data.mask_alpha_threshold <= 255, "data.mask_alpha_threshold", "must be in [1, 255]")
+    _require(0 <= data.mask_white_threshold <= 254, "data.mask_white_threshold", "must be in [0, 254]")
     _require(data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     _require(not data.vae_config or bool(data.vae), "data.vae_config", "needs data.vae (the weights file it describes)")
     _require(data.encode_actors >= 1, "data.encode_actors", "must be at least 1")

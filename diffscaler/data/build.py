@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from diffscaler.config import DataConfig
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.sources import dataset_name
 from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source
@@ -44,15 +45,22 @@ def pretrain_dataset_dir(data: DataConfig) -> str:
     return dataset_dir(data, dataset_name(data.pretrain_source))
 
 
-def _parameters(data: DataConfig, source: str) -> dict:
+def dataset_condition(data: DataConfig, name: str) -> ConditionSpec | None:
+    """The condition map a dataset's shards carry: its task's (TaskSpec.condition), none for the pretraining set."""
+    task = next((t for t in data.targets if t.name == name), None)
+    return ConditionSpec.from_config(task.condition, data) if task is not None else None
+
+
+def _parameters(data: DataConfig, source: str, condition: ConditionSpec | None = None) -> dict:
     """The index fields a current build of `source` records (latent builds: with data.vae's hash)."""
     if data.vae:
         from diffscaler.data.encode import latent_parameters
         from diffscaler.vae import configured_vae_hash
 
         return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
-                                 data.seed, configured_vae_hash(data.vae, data.vae_config))  # fmt: skip
-    return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed)
+                                 data.seed, configured_vae_hash(data.vae, data.vae_config), condition)  # fmt: skip
+    return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed,
+                            condition)  # fmt: skip
 
 
 def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force: bool = False) -> None:
@@ -65,19 +73,23 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
         raise ValueError(f"unknown dataset(s) {unknown}; the config names {list(jobs)}")
     for name in names or jobs:
         source = jobs[name]
-        params = _parameters(data, source)
+        condition = dataset_condition(data, name)
+        params = _parameters(data, source, condition)
         if not force and is_up_to_date(dataset_dir(data, name), params):
             continue  # built as configured: its source is not read again
         try:
-            open_source(source)
-        except (ValueError, FileNotFoundError) as err:  # DatasetError and SourceMissingError included
+            src, catalog = open_source(source)
+            check_condition_source(condition, source, src, catalog)  # a mask needs alpha: refused before any build
+        except (ValueError, FileNotFoundError) as err:  # DatasetError, SourceMissingError, ConditionError included
             where = "data.pretrain_source" if name == next(iter(jobs)) else "data.targets"
-            raise DatasetError(f"{where}: dataset {name!r}: {err}") from None
+            what = f" (condition {condition.kind})" if isinstance(err, ConditionError) and condition else ""
+            raise DatasetError(f"{where}: dataset {name!r}{what}: {err}") from None
 
 
 def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
     out = dataset_dir(data, name)
-    params = _parameters(data, source)
+    condition = dataset_condition(data, name)
+    params = _parameters(data, source, condition)
     if not force and is_up_to_date(out, params):
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
@@ -87,7 +99,8 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
         return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
                              samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
                              limit=data.limit, seed=data.seed, actors=data.encode_actors,
-                             gpus_per_actor=data.encode_gpus_per_actor, skip_bad=data.skip_bad_samples)  # fmt: skip
+                             gpus_per_actor=data.encode_gpus_per_actor, skip_bad=data.skip_bad_samples,
+                             condition=condition)  # fmt: skip
     return make_shards(
         source,
         out,
@@ -97,6 +110,7 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
         limit=data.limit,
         seed=data.seed,
         skip_bad=data.skip_bad_samples,
+        condition=condition,
     )
 
 

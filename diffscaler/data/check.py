@@ -3,10 +3,11 @@
 Checks: index.json parses and has a supported format; every listed shard exists and reads to its end
 through the webdataset library (truncation and header corruption are caught); every sample has its
 image and label members (index.json's `members`: `png` + `cls` for our own shards); every image
-decodes to image_size x image_size RGB (latents: to channels x size x size); every label is a class of
-the index; `json` members parse; sample counts and class counts match the index; each shard's content
-hash and the dataset's content hash match. Our own shards (format_version 1) must also hold their
-samples in ascending key order. Every problem names the file and, where one is known, the sample key.
+decodes to image_size x image_size RGB (latents: to channels x size x size); a conditional dataset's
+condition map decodes, at its image's size; every label is a class of the index; `json` members parse;
+sample counts and class counts match the index; each shard's content hash and the dataset's content
+hash match. Our own shards (format_version 1) must also hold their samples in ascending key order.
+Every problem names the file and, where one is known, the sample key.
 Leftover temp files and unlisted shard files are reported as notes.
 """
 
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 
 from diffscaler.data import storage
 from diffscaler.data.index import SPLITS, DatasetError, ShardInfo, combine_hashes, load_index, sample_digest
-from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_samples
+from diffscaler.data.samples import (
+    LATENT_EXTENSION,
+    SampleError,
+    SampleFormat,
+    ShardError,
+    decode_rgb8,
+    iter_samples,
+)
 
 
 @dataclass
@@ -104,7 +112,10 @@ def _check_shard(
             except SampleError as err:
                 report.problems.append(f"{where}: {err}")
             try:
-                fmt.decode_image(*fmt.image_member(sample))
+                ext, data = fmt.image_member(sample)
+                fmt.decode_image(ext, data)
+                if fmt.condition_key:  # the map decodes, at its image's size
+                    fmt.decode_condition(sample, None if ext == LATENT_EXTENSION else decode_rgb8(ext, data).shape[:2])
             except SampleError as err:
                 report.problems.append(f"{where}: {err}")
             if "json" in sample:

@@ -3,10 +3,13 @@
     diffscaler shards make --source NAME|folder:PATH --out DIR [--size 32] [--samples-per-shard N]
                            [--eval-fraction F] [--limit N] [--seed S] [--workers W] [--skip-bad]
                            [--vae PATH [--vae-config JSON] [--actors N] [--gpus-per-actor G]]
+                           [--condition canny|mask [--canny-low L --canny-high H --canny-blur S]
+                                                   [--mask-alpha-threshold A --mask-white-threshold W]]
                                          # --vae: latent shards (npy fp16, both flips) encoded on Ray
+                                         # --condition: each sample also holds its map (cond.png)
     diffscaler shards check DIR          # exit status 0 = valid, 1 = problems (each names file + key)
     diffscaler shards index URL_OR_DIR [--out DIR] [--image-key jpg] [--label-key cls|json:FIELD|none]
-                            [--size N] [--eval-shards K] [--skip-bad] [--ray]
+                            [--size N] [--eval-shards K] [--skip-bad] [--ray] [--condition key:MEMBER]
                                          # WebDataset shards made by other tools -> index.json (exit 1 on
                                          # bad samples, each named by file + key, unless --skip-bad)
 
@@ -17,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
-from diffscaler.config import DataConfig
+from diffscaler.config import CONDITION_KINDS, ConfigError, DataConfig, ExperimentConfig, TaskSpec
 from diffscaler.data.check import check_dataset
+from diffscaler.data.conditions import ConditionSpec
 from diffscaler.data.index import SPLITS, DatasetError
 from diffscaler.data.indexer import index_shards
 from diffscaler.data.sources import BUNDLED_SOURCES
@@ -28,7 +33,31 @@ from diffscaler.data.writer import make_shards
 _DEFAULTS = DataConfig()
 
 
+def _condition(args: argparse.Namespace) -> ConditionSpec | None:
+    """--condition and the extractor flags as a ConditionSpec (validated as data.targets' conditions are)."""
+    if not args.condition:
+        return None
+    if args.condition not in CONDITION_KINDS:
+        raise ConfigError(f"--condition {args.condition!r}: shards make computes {' or '.join(CONDITION_KINDS)}; a "
+                          "key:<member> map is read from WebDataset shards (`diffscaler shards index --condition`)")
+    data = DataConfig(canny_low=args.canny_low, canny_high=args.canny_high, canny_blur=args.canny_blur,
+                      mask_alpha_threshold=args.mask_alpha_threshold,
+                      mask_white_threshold=args.mask_white_threshold)  # fmt: skip
+    source = args.source
+    cfg = ExperimentConfig(data=replace(data, targets=(TaskSpec("cli", source, condition=args.condition),)))
+    try:  # the same checks as a config's data.* (thresholds, mask on an opaque source), named as flags
+        cfg.validate()
+    except ConfigError as err:
+        flags = {"data.targets[0].condition": "--condition", "data.canny_": "--canny-", "data.mask_": "--mask-"}
+        message = str(err)
+        for field, flag in flags.items():
+            message = message.replace(field, flag)
+        raise ConfigError(message.replace("_threshold", "-threshold")) from None
+    return ConditionSpec.from_config(args.condition, data)
+
+
 def _make(args: argparse.Namespace) -> int:
+    condition = _condition(args)
     if args.vae:
         from diffscaler.data.encode import encode_shards
         from diffscaler.vae import VaeError
@@ -38,7 +67,7 @@ def _make(args: argparse.Namespace) -> int:
                                   size=args.size, samples_per_shard=args.samples_per_shard,
                                   eval_fraction=args.eval_fraction, limit=args.limit, seed=args.seed,
                                   batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                                  skip_bad=args.skip_bad)  # fmt: skip
+                                  skip_bad=args.skip_bad, condition=condition)  # fmt: skip
         except (VaeError, DatasetError) as err:
             print(f"problem: {err}", file=sys.stderr)
             return 1
@@ -56,6 +85,7 @@ def _make(args: argparse.Namespace) -> int:
         seed=args.seed,
         workers=args.workers,
         skip_bad=args.skip_bad,
+        condition=condition,
     )
     counts = ", ".join(f"{s} {index.num_samples(s)}" for s in SPLITS)
     print(f"{index.url}: {counts} samples, {index.num_classes} classes, {index.content_hash}")
@@ -84,8 +114,8 @@ def _index(args: argparse.Namespace) -> int:
     try:
         index = index_shards(args.source, args.out or None, image_key=args.image_key, label_key=args.label_key,
                              size=args.size, eval_shards=args.eval_shards, skip_bad=args.skip_bad,
-                             parallel=args.ray)  # fmt: skip
-    except DatasetError as err:
+                             parallel=args.ray, condition=args.condition)  # fmt: skip
+    except (DatasetError, ValueError) as err:
         print(f"problem: {err}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{s} {index.num_samples(s)}" for s in SPLITS)
@@ -112,6 +142,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--actors", type=int, default=1, help="--vae: encoding actors (Ray Data actor pool)")
     make.add_argument("--gpus-per-actor", type=float, default=0.0, help="--vae: GPUs per encoding actor")
     make.add_argument("--batch-size", type=int, default=16, help="--vae: images per encode call")
+    make.add_argument("--condition", default="", help="store a condition map per image: canny | mask (alpha)")
+    make.add_argument("--canny-low", type=float, default=_DEFAULTS.canny_low, help="canny: low threshold")
+    make.add_argument("--canny-high", type=float, default=_DEFAULTS.canny_high, help="canny: high threshold")
+    make.add_argument("--canny-blur", type=float, default=_DEFAULTS.canny_blur, help="canny: Gaussian sigma, px")
+    make.add_argument("--mask-alpha-threshold", type=int, default=_DEFAULTS.mask_alpha_threshold,
+                      help="mask: alpha at or above which a pixel is foreground")  # fmt: skip
+    make.add_argument("--mask-white-threshold", type=int, default=_DEFAULTS.mask_white_threshold,
+                      help="mask of RGB images (fidelity): background within this of white")  # fmt: skip
     make.set_defaults(func=_make)
 
     check = sub.add_parser("check", help="validate a shard folder; non-zero exit status on any problem")
@@ -127,4 +165,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--eval-shards", type=int, default=0, help="last K shards are the eval split (unless named)")
     index.add_argument("--skip-bad", action="store_true", help="leave out bad samples (listed in the index)")
     index.add_argument("--ray", action="store_true", help="scan on Ray, one task per shard")
+    index.add_argument("--condition", default="", help="key:MEMBER: each sample's condition map (e.g. key:depth.png)")
     index.set_defaults(func=_index)

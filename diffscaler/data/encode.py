@@ -13,6 +13,7 @@ A sample holds
     npy       fp16 (C, h, w): the VAE posterior's mean of the image, times the VAE's scaling factor
     flip.npy  fp16 (C, h, w): the same for the horizontally flipped image
     png       the size x size image that was encoded (FID reference statistics come from these)
+    cond.png  with a condition (canny, mask): its map at pixel resolution (size x size, not encoded)
     cls, json as in pixel shards
 
 Horizontal flips survive pre-encoding by encoding both flips: a flipped latent is not the latent of
@@ -43,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source, encode_map
 from diffscaler.data.index import (
     FOREIGN_FORMAT_VERSION,
     FORMAT_NAME,
@@ -58,18 +60,18 @@ from diffscaler.data.index import (
     shard_name,
 )
 from diffscaler.data.pngcodec import encode_png
-from diffscaler.data.sources import get_source, prepare_image, select_balanced, split_train_eval
+from diffscaler.data.sources import get_source, prepare_image_alpha, select_balanced, split_train_eval
 from diffscaler.data.tarformat import RawSample, write_tar
-from diffscaler.data.writer import _SHARD_FILE, build_parameters, open_source
+from diffscaler.data.writer import _SHARD_FILE, build_parameters, condition_members, open_source
 
 FLIP_MEMBER = "flip.npy"
 PIXELS_MEMBER = "png"
 
 
 def latent_parameters(source: str, size: int, samples_per_shard: int, eval_fraction: float, limit: int, seed: int,
-                      vae_hash: str) -> dict[str, Any]:  # fmt: skip
+                      vae_hash: str, condition: ConditionSpec | None = None) -> dict[str, Any]:  # fmt: skip
     """Top-level index fields that determine a latent build (`image_size` is the latent side there)."""
-    params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed)
+    params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition)
     del params["image_size"]
     return {**params, "pixel_size": size, "vae_hash": vae_hash}
 
@@ -83,24 +85,29 @@ def _npy(array: np.ndarray) -> bytes:
 class LatentEncoder:
     """A Ray Data actor: prepares one batch of source images and encodes both flips through the VAE."""
 
-    def __init__(self, source: str, vae_path: str, vae_config: str | None, size: int, threads: int = 0):
+    def __init__(self, source: str, vae_path: str, vae_config: str | None, size: int, threads: int = 0,
+                 condition: ConditionSpec | None = None):  # fmt: skip
         import torch
 
         from diffscaler.vae import load_vae
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.source, self.size = get_source(source), size
+        self.source, self.size, self.condition = get_source(source), size, condition
         self.vae = load_vae(vae_path, vae_config, device="cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["ref"])
-        images, reasons = [], [""] * n
+        images, conds, reasons = [], [], [""] * n
         for k, ref in enumerate(batch["ref"]):
             try:
-                images.append(prepare_image(self.source.load(str(ref)), self.size))
+                rgb, alpha = prepare_image_alpha(self.source.load(str(ref)), self.size)
+                # the map stays at pixel resolution: computed from the image that is encoded, never encoded itself
+                conds.append(encode_map(self.condition.compute(rgb, alpha)) if self.condition is not None else b"")
+                images.append(rgb)
             except Exception as err:  # any decoder failure is reported with the input's name
                 images.append(np.full((self.size, self.size, 3), 255, np.uint8))
+                conds.append(b"")
                 reasons[k] = f"{type(err).__name__}: {err}"
         pixels = np.stack(images)  # (n, S, S, 3) uint8
         both = self.vae.encode(np.concatenate([pixels, pixels[:, :, ::-1].copy()])).cpu().numpy()  # (2n, C, h, w)
@@ -109,6 +116,7 @@ class LatentEncoder:
             "npy": np.array([_npy(z) for z in both[:n]], dtype=object),
             "flip": np.array([_npy(z) for z in both[n:]], dtype=object),
             "png": np.array([encode_png(p) for p in pixels], dtype=object),
+            "cond": np.array(conds, dtype=object),
             "reason": np.array(reasons, dtype=object),
         }
 
@@ -129,11 +137,13 @@ def encode_shards(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float = 0.0,
     skip_bad: bool = False,
+    condition: ConditionSpec | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DatasetIndex:
     """Encode `source` through the VAE at `vae_path` into latent shards + index.json at `out` (on Ray:
-    `ray.init()` if no cluster is connected). Raises VaeError (bad VAE), DatasetError (empty source, an
-    undecodable input unless `skip_bad`), SourceMissingError."""
+    `ray.init()` if no cluster is connected); with `condition`, each sample also holds its map (cond.png,
+    at pixel resolution). Raises VaeError (bad VAE), DatasetError (empty source, a condition the source
+    cannot give, an undecodable input unless `skip_bad`), SourceMissingError."""
     from diffscaler.vae import vae_identity
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -148,9 +158,14 @@ def encode_shards(
     latent_side = size // identity["downsample"]
     shape = [identity["latent_channels"], latent_side, latent_side]
     src, catalog = open_source(source)
+    try:
+        check_condition_source(condition, source, src, catalog)  # before anything is written
+    except ConditionError as err:
+        raise DatasetError(f"source {source!r}: {err}") from None
     selected = select_balanced(catalog, limit, seed)
     train, evals = split_train_eval(selected, eval_fraction, seed)
-    params = latent_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, identity["hash"])
+    params = latent_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, identity["hash"],
+                               condition)  # fmt: skip
     log(f"shards make {source} --vae {vae_path}: {len(selected)} of {len(catalog.items)} images -> train "
         f"{len(train)}, eval {len(evals)}, {size}x{size} px -> latents {shape} fp16 -> {out}")  # fmt: skip
 
@@ -177,9 +192,10 @@ def encode_shards(
     t0, encoded = time.perf_counter(), 0
     if rows:
         for s, results in _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors,
-                                          cpus_per_actor, gpus_per_actor):  # fmt: skip
+                                          cpus_per_actor, gpus_per_actor, condition):  # fmt: skip
             split, number, items = plan[s]
-            done[s] = _write_shard(out, split, number, items, results, catalog.class_names, skip_bad, source)
+            done[s] = _write_shard(out, split, number, items, results, catalog.class_names, skip_bad, source,
+                                   condition.member if condition is not None else "")  # fmt: skip
             done[s]["plan"] = _plan_hash(params, split, number, items)
             storage.write_bytes_atomic(_sidecar(out, split, number), json.dumps(done[s], sort_keys=True).encode())
             encoded += len(items)
@@ -213,7 +229,8 @@ def encode_shards(
         "class_names": list(catalog.class_names),
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "members": {"image": "npy", "flip": FLIP_MEMBER, "pixels": PIXELS_MEMBER, "label": "cls",
-                    "label_values": "index", "channels": shape[0], "resize": False},  # fmt: skip
+                    "label_values": "index", "channels": shape[0], "resize": False,
+                    **condition_members(condition).get("members", {})},  # fmt: skip
         "latent": {"shape": shape, "image_size": size, "dtype": "float16",
                    "value": "VAE posterior mean * scaling_factor (flip.npy: of the flipped image)",
                    "vae": identity},  # fmt: skip
@@ -239,7 +256,7 @@ def _plan_hash(params: dict[str, Any], split: str, number: int, items: list[Any]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus):
+def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, condition=None):
     """(plan position, that shard's rows in order) as each shard's encoding completes (in plan order)."""
     import ray
 
@@ -249,7 +266,8 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
     ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"source": source, "vae_path": vae_path,
-                        "vae_config": vae_config, "size": size, "threads": max(1, int(cpus))},
+                        "vae_config": vae_config, "size": size, "threads": max(1, int(cpus)),
+                        "condition": condition},
                         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cpus, num_gpus=gpus)  # fmt: skip
     pending: dict[int, list[dict[str, Any]]] = {}
@@ -264,7 +282,7 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
         yield shard, sorted(pending[shard], key=lambda r: int(r["pos"]))
 
 
-def _write_shard(out, split, number, items, results, class_names, skip_bad, source) -> dict[str, Any]:
+def _write_shard(out, split, number, items, results, class_names, skip_bad, source, cond_member="") -> dict[str, Any]:
     if len(results) != len(items):
         raise RuntimeError(f"{shard_name(split, number)}: {len(results)} encoded rows for {len(items)} images")
     samples, counts, skipped = [], [0] * len(class_names), []
@@ -279,6 +297,8 @@ def _write_shard(out, split, number, items, results, class_names, skip_bad, sour
         members = {"cls": str(item.label).encode(), "json": json.dumps(meta, sort_keys=True).encode(),
                    "npy": bytes(row["npy"]), FLIP_MEMBER: bytes(row["flip"]),
                    PIXELS_MEMBER: bytes(row["png"])}  # fmt: skip
+        if cond_member:
+            members[cond_member] = bytes(row["cond"])
         samples.append(RawSample(f"{number:06d}{position:05d}", members))
         counts[item.label] += 1
         position += 1

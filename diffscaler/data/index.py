@@ -30,6 +30,15 @@ and a version-1 index reads as members {"image": "png", "label": "cls"}. Readers
 Latent shards made through a VAE (`shards make --vae`, diffscaler.data.encode) are version 2 with
 members "flip" (the flipped image's latent) and "pixels" (the encoded image), and a "latent" block:
 shape, image_size (pixels), dtype and the VAE's identity ("vae": hash, config/weights hashes, scaling).
+
+A dataset with a spatial condition (diffscaler.data.conditions) records, in either version,
+
+    "condition": {"kind": "canny", "params": {"blur": 0.0, "high": 200.0, "low": 100.0}},
+    "members": {..., "condition": "cond.png", "condition_channels": 1},
+
+(`condition` is null, or absent in indexes of earlier versions, for an unconditional dataset; a `key:`
+condition names the user's own member, e.g. {"kind": "key:depth.png", "params": {}} and members.condition
+"depth.png"). The maps are at pixel resolution: image_size, or latent.image_size for VAE latent shards.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionSpec
 from diffscaler.data.samples import IMAGE_EXTENSIONS, LATENT_EXTENSION, SampleFormat
 
 INDEX_NAME = "index.json"
@@ -117,7 +127,15 @@ class DatasetIndex:
             resize=bool(members.get("resize", False)),
             flip_key=members.get("flip", ""),
             pixels_key=members.get("pixels", ""),
+            condition_key=members.get("condition", "") if self.data.get("condition") else "",
+            condition_channels=int(members.get("condition_channels", 1)),
+            condition_size=self.pixel_size,
         )
+
+    @property
+    def condition(self) -> ConditionSpec | None:
+        """The spatial condition the samples carry (kind, extractor parameters, member, channels), or None."""
+        return ConditionSpec.from_index(self.data)
 
     @property
     def channels(self) -> int:
@@ -231,6 +249,13 @@ def _validate(data: Any, where: str) -> None:
     for ext in str(members.get("image", "png")).split(";"):
         need(ext in IMAGE_EXTENSIONS + (LATENT_EXTENSION,), f"members.image {ext!r} is not one of "
              f"{', '.join(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))}")  # fmt: skip
+    condition = data.get("condition")
+    if condition:
+        need(isinstance(condition, dict) and isinstance(condition.get("kind"), str)
+             and isinstance(condition.get("params", {}), dict), "condition must be {kind, params}")  # fmt: skip
+        need(isinstance(members.get("condition"), str) and bool(members["condition"]),
+             "a condition needs members.condition (the member holding the map)")  # fmt: skip
+        need(members.get("condition_channels", 1) in (1, 3), "members.condition_channels must be 1 or 3")
 
 
 def load_index(dataset_dir: str) -> DatasetIndex:

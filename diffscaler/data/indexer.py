@@ -17,6 +17,11 @@ Choices, each recorded in index.json:
   int is the class number, a string a class name, classes sorted), or `none` (unconditional, class 0).
 - image size: all images one square size, or `--size N` to resize them (short side, centre crop).
 - eval split: shards whose names say eval/val/valid/validation/test, else the last `--eval-shards`.
+- condition (`--condition key:<member>`, e.g. key:depth.png): a spatial condition map each sample holds
+  in that member (made by any tool). Every map is decoded: it must have its image's size (it is then
+  cropped and resized like the image); grey maps give 1 channel, colour or palette maps 3 (one colour
+  map makes the dataset's maps 3-channel). A sample without the member, or with a map that does not
+  decode or fit, is a bad sample named by shard and key (left out and counted with `--skip-bad`).
 
 Bad input - a truncated or corrupt tar, an undecodable image, a sample without its image or label -
 is a DatasetError listing each fault by file and key, and no index is written; with `--skip-bad`
@@ -36,7 +41,9 @@ from typing import Any
 
 from webdataset import shardlists
 
+from diffscaler.config import CONDITION_KEY_PREFIX, CONDITION_MAP_EXTENSIONS
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionError, map_channels, open_map
 from diffscaler.data.index import (
     FOREIGN_FORMAT_VERSION,
     FORMAT_NAME,
@@ -80,10 +87,13 @@ class ShardScan:
     sha256: str = ""  # content hash of all its samples (as `shards check` recomputes it)
     error: str = ""  # why the shard cannot be read to its end ("" = it can)
     error_key: str = ""  # the last sample read before that
+    map_channels: dict[str, int] = field(default_factory=dict)  # key -> its condition map's channels (1 or 3)
 
 
-def scan_shard(url: str, name: str, image_keys: Sequence[str], label_key: str | None) -> ShardScan:
-    """Read one shard through webdataset, decode every image; label_key None = auto (cls if present)."""
+def scan_shard(url: str, name: str, image_keys: Sequence[str], label_key: str | None,
+               condition_key: str = "") -> ShardScan:  # fmt: skip
+    """Read one shard through webdataset, decode every image (and condition map, when `condition_key`
+    names one); label_key None = auto (cls if present)."""
     scan = ShardScan(url, name)
     hasher = hashlib.sha256()
     try:
@@ -100,6 +110,8 @@ def scan_shard(url: str, name: str, image_keys: Sequence[str], label_key: str | 
                     raise SampleError(f"missing member(s) {wanted} (has {have})")
                 ext = exts[0]
                 array = decode_latent(members[ext]) if ext == LATENT_EXTENSION else decode_rgb8(ext, members[ext])
+                if condition_key:
+                    scan.map_channels[key] = _scan_map(members, condition_key, array.shape, ext)
                 scan.image_ext[key], scan.shapes[key] = ext, tuple(array.shape)
                 if "cls" not in members:
                     scan.without_cls += 1
@@ -114,6 +126,24 @@ def scan_shard(url: str, name: str, image_keys: Sequence[str], label_key: str | 
         scan.error, scan.error_key = err.reason, err.key
     scan.sha256 = hasher.hexdigest()
     return scan
+
+
+def _scan_map(members: dict[str, bytes], condition_key: str, image_shape: tuple[int, ...], image_ext: str) -> int:
+    """The condition map's channels; SampleError when it is missing, unreadable or not its image's size."""
+    if condition_key not in members:
+        raise SampleError(f"missing member .{condition_key} (the condition map key:{condition_key})")
+    if image_ext == LATENT_EXTENSION:
+        raise SampleError(f"a key: condition map beside an npy latent: index the images, not latents "
+                          f"(condition key:{condition_key})")  # fmt: skip
+    try:
+        image = open_map(condition_key.rsplit(".", 1)[-1], members[condition_key])
+    except ConditionError as err:
+        raise SampleError(f".{condition_key}: {err}") from None
+    height, width = image_shape[:2]
+    if image.size != (width, height):
+        raise SampleError(f"condition map .{condition_key} is {image.size[0]}x{image.size[1]} px, its image "
+                          f"{width}x{height}: a map must have its image's size")  # fmt: skip
+    return map_channels(image)
 
 
 def shard_urls(source: str) -> tuple[list[str], str | None]:
@@ -164,11 +194,13 @@ def index_shards(
     eval_shards: int = 0,
     skip_bad: bool = False,
     parallel: bool = False,
+    condition: str = "",
     log: Callable[[str], None] | None = None,
 ) -> DatasetIndex:
     """Scan the shards of `source`, write `<out>/index.json` (out defaults to the shards' folder).
 
     label_key: "" = auto (cls if every sample has one, else none), "cls", "json:FIELD" or "none".
+    condition: "" or key:<member>, the member holding each sample's condition map.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     urls, folder = shard_urls(source)
@@ -185,6 +217,7 @@ def index_shards(
         raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD or none")
     if size < 0 or eval_shards < 0:
         raise ValueError(f"--size and --eval-shards must be >= 0, got {size}, {eval_shards}")
+    condition_key = _condition_key(condition)
     names = [_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise DatasetError(f"{source}: shard names repeat ({[n for n, c in Counter(names).items() if c > 1][:3]})")
@@ -194,9 +227,9 @@ def index_shards(
         import ray
 
         remote = ray.remote(num_cpus=1, max_retries=0)(scan_shard)
-        scans = ray.get([remote.remote(u, n, image_keys, wanted_label) for u, n in zip(urls, names)])
+        scans = ray.get([remote.remote(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)])
     else:
-        scans = [scan_shard(u, n, image_keys, wanted_label) for u, n in zip(urls, names)]
+        scans = [scan_shard(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)]
 
     # Label: what was asked, else cls when every decodable sample has one, else unconditional.
     if wanted_label is None:
@@ -285,6 +318,9 @@ def index_shards(
         "channels": channels,
         "resize": resize,
     }
+    if condition_key:  # one colour map makes them all 3-channel (grey maps are read as RGB then)
+        good_maps = [c for s in scans if not s.error for k, c in s.map_channels.items() if k not in s.bad]
+        members.update(condition=condition_key, condition_channels=max(good_maps, default=1))
     index = {
         "format": FORMAT_NAME,
         "format_version": FOREIGN_FORMAT_VERSION,
@@ -295,6 +331,7 @@ def index_shards(
         "class_names": class_names,
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "members": members,
+        "condition": {"kind": condition, "params": {}} if condition_key else None,
         "splits": splits,
         "skipped_inputs": [
             {"ref": f"{url}: sample {key!r}" if key else url, "reason": reason} for url, key, reason in faults
@@ -307,6 +344,18 @@ def index_shards(
     log(f"shards index {source}: {counts} samples, {len(class_names)} class(es), {what}, "
         f"label {wanted_label or 'none'} -> {out}")  # fmt: skip
     return load_index(out)
+
+
+def _condition_key(condition: str) -> str:
+    """The member a `key:<member>` condition names ("" for none); ValueError for any other condition."""
+    if not condition:
+        return ""
+    member = condition[len(CONDITION_KEY_PREFIX) :] if condition.startswith(CONDITION_KEY_PREFIX) else ""
+    if not member or member.rsplit(".", 1)[-1].lower() not in CONDITION_MAP_EXTENSIONS or "/" in member:
+        raise ValueError(f"--condition {condition!r}: indexed shards carry their own maps, key:<member> with an "
+                         f"image member ({', '.join(CONDITION_MAP_EXTENSIONS)}), e.g. key:depth.png; canny and "
+                         "mask maps are computed by `diffscaler shards make --condition` from an image source")
+    return member
 
 
 def _ext_rank(ext: str) -> int:

@@ -14,7 +14,15 @@
     images, labels = read_split("shards/emoji", "eval")   # uint8 (N, H, W, 3), int64 (N,): FID refs
 
 A batch is {"image": float32 (B, 3, H, W) in [-1, 1], "label": int64 (B,), "task_id": int64 (B,)};
-for latent (npy) shards "image" is float32 (B, C, H, W) as stored.
+for latent (npy) shards "image" is float32 (B, C, H, W) as stored. A conditional dataset's batches (its
+index.json records a condition, diffscaler.data.conditions) add "condition": float32 (B, C_cond, S, S)
+in [-1, 1] (S the pixel side: for latent shards 8x the latent side; C_cond 1 or 3) and "has_condition":
+bool (B,). The map is flipped with its image: mirrored where a pixel image is mirrored, and where the
+stored latent of the mirrored image (flip.npy) is picked. A MixedTaskReader's batch has these two keys
+as soon as one of its tasks is conditional: rows of unconditional tasks get zeros and has_condition
+False, and maps of fewer channels than the widest task's are padded with zero channels.
+`read_split(..., conditions=True)` also returns the split's maps (uint8 (N, C_cond, S, S)): the maps
+evaluation samples with.
 
 How samples are assigned (a pure function of seed, epoch, rank, world_size, batch_size and
 shuffle_buffer - never of loader_workers or timing):
@@ -71,6 +79,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffscaler.data.conditions import CONDITION_MEMBER, maps_to_unit
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.pngcodec import PngError, decode_png_batch
 from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_samples
@@ -78,6 +87,7 @@ from diffscaler.data.samples import SampleError, SampleFormat, ShardError, iter_
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
+_BATCH_KEYS = ("image", "label", "task_id", "condition", "has_condition")  # what a batch holds (see above)
 _MAX_MESSAGES = 100  # skipped-sample messages kept on the reader (the count is always exact)
 
 
@@ -164,6 +174,7 @@ class _ChunkDecoder:
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.hflip, self.task_id, self.skip_bad = hflip, task_id, skip_bad
         self.flip_pairs = hflip and fmt.latent and bool(fmt.flip_key)  # latents of both flips are stored
+        self.conditional = bool(fmt.condition_key)  # samples carry a condition map
 
     def _segment_items(self, segment: Segment) -> list[Any]:
         """The segment's samples (raw member bytes, not decoded); _Bad for each one that cannot be read."""
@@ -219,28 +230,47 @@ class _ChunkDecoder:
             batch["step"] = step_offset + index
             yield batch
 
-    def _decode_one(self, item: Any) -> tuple[np.ndarray, int] | _Bad:
+    def _decode_one(self, item: Any) -> tuple[np.ndarray, int, np.ndarray | None] | _Bad:
+        """(image or latent (pair), label, condition map uint8 (C, S, S) or None), or _Bad."""
         if isinstance(item, _Bad):
             return item
         try:
-            return self.fmt.decode_flip_pair(item) if self.flip_pairs else self.fmt.decode(item)
+            if self.flip_pairs:
+                pair, label = self.fmt.decode_flip_pair(item)
+                return pair, label, self.fmt.decode_condition(item) if self.conditional else None
+            if self.conditional:
+                return self.fmt.decode_with_condition(item)
+            return (*self.fmt.decode(item), None)
         except SampleError as err:
             return _Bad(item["__url__"], item["__key__"], str(err))
 
-    def _fast_png(self, items: list[Any]) -> list[tuple[np.ndarray, int]] | None:
+    def _fast_png(self, items: list[Any]) -> list[tuple[np.ndarray, int, np.ndarray | None]] | None:
         """The measured exception (bench/RESULTS.md): a batch whose images are all `png` decodes in one
         vectorised call of pngcodec instead of Pillow per image. None when it does not apply or any
-        sample fails; the caller then decodes each sample through the library and names the culprit."""
+        sample fails; the caller then decodes each sample through the library and names the culprit.
+        Condition maps: see _fast_maps."""
         size, fmt = self.fmt.image_size, self.fmt
         try:
             blobs = [item["png"] for item in items]  # KeyError: a _Bad, or a sample without png
             labels = [fmt.label(item) for item in items]
             decoded = decode_png_batch(blobs)
+            if not isinstance(decoded, np.ndarray) or decoded.shape[1:] != (size, size, 3):
+                return None
+            conds = self._fast_maps(items) if self.conditional else [None] * len(items)
         except (KeyError, TypeError, SampleError, PngError):
             return None
-        if not isinstance(decoded, np.ndarray) or decoded.shape[1:] != (size, size, 3):
-            return None
-        return list(zip(decoded, labels))
+        return list(zip(decoded, labels, conds))
+
+    def _fast_maps(self, items: list[Any]) -> list[np.ndarray]:
+        """Condition maps of a fast batch: our own grey cond.png maps in one pngcodec call (they are the
+        image's size by construction), any other map through decode_condition (Pillow, size check, resize)."""
+        fmt = self.fmt
+        if fmt.condition_key == CONDITION_MEMBER and fmt.condition_channels == 1 and not fmt.resize:
+            maps = decode_png_batch([item[fmt.condition_key] for item in items], grey=True)
+            side = fmt.condition_size or fmt.image_size
+            if isinstance(maps, np.ndarray) and maps.shape[1:] == (side, side):
+                return list(maps[:, None])  # (C=1, S, S) each
+        return [fmt.decode_condition(item) for item in items]
 
     def _decode(self, items: list[Any], spares: Iterator[Any], epoch: int, index: int) -> dict[str, Any]:
         fast = self.fast_png and self._fast_png(items)
@@ -264,8 +294,10 @@ class _ChunkDecoder:
                                   f"left in this chunk of epoch {epoch} to fill batch {index}")}  # fmt: skip
         return self._batch(good, bad, epoch, index)
 
-    def _batch(self, good: list[tuple[np.ndarray, int]], bad: list[_Bad], epoch: int, index: int) -> dict[str, Any]:
+    def _batch(self, good: list[tuple[np.ndarray, int, np.ndarray | None]], bad: list[_Bad], epoch: int, index: int
+               ) -> dict[str, Any]:  # fmt: skip
         arrays, labels = np.stack([g[0] for g in good]), [g[1] for g in good]
+        conds = np.stack([g[2] for g in good]) if self.conditional else None  # (B, C_cond, S, S) uint8
         if self.flip_pairs:  # (B, 2, C, H, W): the stored latent of the flipped image where a flip is drawn
             flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(arrays))
             arrays = np.ascontiguousarray(arrays[np.arange(len(arrays)), (flip < 0.5).astype(np.int64)])
@@ -273,6 +305,8 @@ class _ChunkDecoder:
             flip = np.random.default_rng(_seed_int(self.seed, "flip", epoch, self.rank, index)).random(len(arrays))
             arrays = arrays.copy()
             arrays[flip < 0.5] = arrays[flip < 0.5, ..., ::-1] if self.fmt.latent else arrays[flip < 0.5, :, ::-1]
+        if conds is not None and self.hflip:  # the map follows its image: mirrored in pixel space, exactly
+            conds[flip < 0.5] = conds[flip < 0.5, ..., ::-1]
         if self.fmt.latent:
             chw = arrays  # (B, C, H, W) float32 as stored
         else:
@@ -281,13 +315,17 @@ class _ChunkDecoder:
             chw = arrays.transpose(0, 3, 1, 2).astype(np.float32, order="C")  # (B, 3, H, W), contiguous
             chw /= 127.5  # exact at 0 and 255, so the range is exactly [-1, 1]
             chw -= 1.0
-        return {
+        out = {
             "image": torch.from_numpy(chw),  # (B, C, H, W) float32: images in [-1, 1], latents as stored
             "label": torch.tensor(labels, dtype=torch.int64),  # (B,)
             "task_id": torch.full((len(labels),), self.task_id, dtype=torch.int64),  # (B,)
             "skipped": [b.message() for b in bad],
             "skipped_urls": [b.url for b in bad],
         }
+        if conds is not None:
+            out["condition"] = torch.from_numpy(maps_to_unit(conds))  # (B, C_cond, S, S) float32 in [-1, 1]
+            out["has_condition"] = torch.ones(len(labels), dtype=torch.bool)  # (B,)
+        return out
 
 
 @dataclass(frozen=True)
@@ -476,7 +514,7 @@ class ShardReader:
             if len(self.skipped_messages) < _MAX_MESSAGES:
                 self.skipped_messages.append(message)
             log.warning("skipped bad sample (%d so far): %s", self.skipped, message)
-        return {"image": raw["image"], "label": raw["label"], "task_id": raw["task_id"]}
+        return {k: raw[k] for k in _BATCH_KEYS if k in raw}
 
 
 class MixedTaskReader:
@@ -506,18 +544,44 @@ class MixedTaskReader:
     def skipped(self) -> int:
         return sum(r.skipped for r in self.readers)
 
+    @property
+    def condition_shape(self) -> tuple[int, int, int] | None:
+        """(C_cond, S, S) of the batches' "condition" (the widest task's channels), None if no task has one."""
+        specs = [(r.index.condition, r.index.pixel_size) for r in self.readers if r.index.condition is not None]
+        if not specs:
+            return None
+        sides = {side for _spec, side in specs}
+        if len(sides) > 1:
+            raise DatasetError(f"conditional tasks' maps have different sizes {sorted(sides)}: one batch needs one")
+        side = sides.pop()
+        return max(spec.channels for spec, _side in specs), side, side
+
     def stream(self, start_step: int = 0) -> Iterator[Batch]:
         streams = [r.stream(start_step) for r in self.readers]
+        shape = self.condition_shape
         while True:
             parts = [next(s) for s in streams]
-            yield {k: torch.cat([p[k] for p in parts]) for k in ("image", "label", "task_id")}
+            batch = {k: torch.cat([p[k] for p in parts]) for k in ("image", "label", "task_id")}
+            if shape is not None:
+                maps = []
+                for p in parts:  # zeros for unconditional rows; fewer channels padded with zero channels
+                    padded = torch.zeros(len(p["label"]), *shape)
+                    if "condition" in p:
+                        padded[:, : p["condition"].shape[1]] = p["condition"]
+                    maps.append(padded)
+                batch["condition"] = torch.cat(maps)  # (B, C_cond, S, S) float32
+                batch["has_condition"] = torch.cat([p.get("has_condition", torch.zeros(len(p["label"]),
+                                                    dtype=torch.bool)) for p in parts])  # (B,) fmt: skip
+            yield batch
 
 
-def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False,
+               conditions: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
     """A whole split in shard order: uint8 images (N, H, W, 3) and int64 labels (N,); limit 0 = all.
     For latent shards the first array is float32 (N, C, H, W); with `pixels`, VAE latent shards give
-    the images that were encoded instead (uint8 (N, S, S, 3)).
+    the images that were encoded instead (uint8 (N, S, S, 3)). With `conditions` a third array holds
+    the condition maps, uint8 (N, C_cond, S, S) at pixel resolution, image for image (DatasetError for
+    an unconditional dataset): the maps evaluation samples with.
 
     For reference statistics (FID); any bad sample raises ShardError naming the file and key.
     """
@@ -536,6 +600,14 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels:
     images = np.empty((want, *shape), np.float32 if latent else np.uint8)
     decode = fmt.decode_pixels if fmt.latent and pixels else fmt.decode
     labels = np.empty((want,), np.int64)
+    maps = None
+    if conditions:
+        spec = index.condition
+        if spec is None:
+            raise DatasetError(f"{index.url}: an unconditional dataset (index.json records no condition)")
+        maps = np.empty((want, spec.channels, index.pixel_size, index.pixel_size), np.uint8)
+        if not (fmt.latent and pixels):
+            decode = fmt.decode_with_condition
     n = 0
     for shard in shards:
         if n >= want:
@@ -546,7 +618,13 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels:
                 continue
             found += 1
             try:
-                images[n], labels[n] = decode(sample)
+                if maps is None:
+                    images[n], labels[n] = decode(sample)
+                elif decode is fmt.decode_pixels:
+                    images[n], labels[n] = decode(sample)
+                    maps[n] = fmt.decode_condition(sample, images[n].shape[:2])
+                else:
+                    images[n], labels[n], maps[n] = decode(sample)
             except SampleError as err:
                 raise ShardError(shard.url, sample["__key__"], str(err)) from None
             n += 1
@@ -554,4 +632,4 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels:
                 break
         if n < want and found < shard.num_samples:
             raise ShardError(shard.url, "", f"shard ends after {found} samples, index.json says {shard.num_samples}")
-    return images, labels
+    return (images, labels) if maps is None else (images, labels, maps)

@@ -13,7 +13,9 @@
 - `SampleFormat`: which members hold the image (`png`, `jpg`/`jpeg`, `webp`, or an `npy` latent) and
   the label (`cls`, a field of `json`, or none), and how they decode: images through webdataset's
   `imagehandler("rgb8")` (Pillow), labels and latents through its basic handlers. An index.json
-  records the format, so a reader never guesses.
+  records the format, so a reader never guesses. A conditional dataset's samples also hold a condition
+  map (`condition_key`: `cond.png` computed by `shards make`, or the user's own member such as
+  `depth.png`), decoded by Pillow and cropped/resized like the image (diffscaler.data.conditions).
 """
 
 from __future__ import annotations
@@ -146,6 +148,9 @@ class SampleFormat:
     resize: bool = False  # fit images of other sizes (short side resized, centre crop)
     flip_key: str = ""  # latents: the member holding the flipped image's latent ("" = mirror the latent)
     pixels_key: str = ""  # latents: the member holding the image that was encoded ("" = none)
+    condition_key: str = ""  # the member holding the spatial condition map ("" = unconditional dataset)
+    condition_channels: int = 1  # the map's channels: 1 grey, 3 RGB
+    condition_size: int = 0  # the map's side in pixels (latent shards: the encoded images'; 0 = image_size)
 
     @property
     def latent(self) -> bool:
@@ -183,7 +188,11 @@ class SampleFormat:
             if array.shape != (self.channels, size, size):
                 raise SampleError(f"latent is {array.shape}, index says ({self.channels}, {size}, {size})")
             return np.ascontiguousarray(array, dtype=np.float32)
-        image = decode_rgb8(ext, data)
+        return self._fit(decode_rgb8(ext, data))
+
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """A decoded uint8 RGB image at the index's size (resized when the index says so)."""
+        size = self.image_size
         if image.shape != (size, size, 3):
             if not self.resize:
                 raise SampleError(f"image is {image.shape}, index says ({size}, {size}, 3)")
@@ -205,6 +214,35 @@ class SampleFormat:
             raise SampleError(f"missing member .{self.flip_key} (the flipped image's latent)")
         return np.stack([latent, self.decode_image(LATENT_EXTENSION, sample[self.flip_key])]), label
 
+    def decode_condition(self, sample: dict[str, Any], source_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The condition map, uint8 (C, S, S). `source_hw`: the (height, width) of the sample's image as
+        stored (before any resize); a map of another size is a SampleError, else it is cropped and resized
+        like the image."""
+        from diffscaler.data.conditions import ConditionError, decode_map, prepare_map
+
+        key = self.condition_key
+        if key not in sample:
+            raise SampleError(f"missing member .{key} (the condition map)")
+        side = self.condition_size or self.image_size
+        try:
+            image = decode_map(key.rsplit(".", 1)[-1], sample[key], self.condition_channels)
+        except ConditionError as err:
+            raise SampleError(f".{key}: {err}") from None
+        want = (source_hw[1], source_hw[0]) if source_hw is not None else (side, side)
+        if image.size != want:
+            raise SampleError(f"condition map .{key} is {image.size[0]}x{image.size[1]} px, its image "
+                              f"{want[0]}x{want[1]}: a map must have its image's size")  # fmt: skip
+        return prepare_map(image, side, self.condition_channels)
+
+    def decode_with_condition(self, sample: dict[str, Any]) -> tuple[np.ndarray, int, np.ndarray]:
+        """(image or latent(s) as decode / decode_flip_pair give them, label, condition map uint8 (C, S, S))."""
+        label = self.label(sample)
+        ext, data = self.image_member(sample)
+        if ext == LATENT_EXTENSION:
+            return self.decode_image(ext, data), label, self.decode_condition(sample)
+        raw = decode_rgb8(ext, data)  # as stored: the map must match this size before any resize
+        return self._fit(raw), label, self.decode_condition(sample, raw.shape[:2])
+
     def decode_pixels(self, sample: dict[str, Any]) -> tuple[np.ndarray, int]:
         """Latent shards: the encoded image uint8 (H, W, 3) from the pixels member, and the label."""
         if not self.pixels_key or self.pixels_key not in sample:
@@ -220,6 +258,8 @@ class SampleFormat:
             "resize": self.resize,
             **({"flip": self.flip_key} if self.flip_key else {}),
             **({"pixels": self.pixels_key} if self.pixels_key else {}),
+            **({"condition": self.condition_key, "condition_channels": self.condition_channels}
+               if self.condition_key else {}),  # fmt: skip
         }
 
 

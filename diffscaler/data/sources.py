@@ -14,7 +14,8 @@ before any pixel is decoded. Sources are small picklable objects: decoded resour
 table, tile sheet, idx arrays) are cached per process, so a pool of decode processes works.
 
 `prepare_image(image, size)` is the one place images become shard pixels: transparency composited
-on white, grey and palette to RGB, shorter side resized to `size` (Lanczos), centre crop.
+on white, grey and palette to RGB, shorter side resized to `size` (Lanczos), centre crop;
+`prepare_image_alpha` also returns the alpha through the same box and resample (the `mask` condition).
 """
 
 from __future__ import annotations
@@ -74,18 +75,28 @@ def _to_rgba_or_rgb(image: Image.Image) -> Image.Image:
 
 def prepare_image(image: Image.Image, size: int) -> np.ndarray:
     """Any PIL image -> uint8 (size, size, 3): composited on white, short side resized, centre-cropped."""
+    return prepare_image_alpha(image, size)[0]
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
+    """The crop box of prepare_image: the centred square of the short side."""
+    side = min(width, height)
+    return ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+
+
+def prepare_image_alpha(image: Image.Image, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """prepare_image's pixels and the alpha that went through the same box and resample: uint8
+    (size, size) for an image with transparency (the `mask` condition), None for an opaque one."""
     image = _to_rgba_or_rgb(image)
-    w, h = image.size
-    side = min(w, h)
-    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # centre square
+    box = centre_square(*image.size)
     if image.mode == "RGBA":
         # Resize premultiplied so transparent pixels' hidden colour does not bleed into edges.
         small = image.convert("RGBa").resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
         arr = np.asarray(small, dtype=np.int16)  # (size, size, 4), colour premultiplied by alpha
         rgb = arr[..., :3] + (255 - arr[..., 3:4])  # over white: c*a + 255*(1-a)
-        return np.clip(rgb, 0, 255).astype(np.uint8)
+        return np.clip(rgb, 0, 255).astype(np.uint8), arr[..., 3].astype(np.uint8)
     small = image.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return np.asarray(small, dtype=np.uint8).copy()
+    return np.asarray(small, dtype=np.uint8).copy(), None
 
 
 def _hash_order(seed: int, tag: str, ref: str) -> bytes:

@@ -26,6 +26,7 @@ from typing import Any
 
 import diffscaler
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source, encode_map
 from diffscaler.data.index import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -45,7 +46,7 @@ from diffscaler.data.sources import (
     ImageSource,
     SourceItem,
     get_source,
-    prepare_image,
+    prepare_image_alpha,
     select_balanced,
     split_train_eval,
 )
@@ -89,19 +90,22 @@ class ShardWriter:
         return self.entries
 
 
-def _decode_item(job: tuple[ImageSource, str, int]) -> tuple[bytes | None, str]:
-    """(source, ref, size) -> (PNG bytes, "") or (None, reason). Runs in decode worker processes."""
-    source, ref, size = job
+def _decode_item(job: tuple[ImageSource, str, int, ConditionSpec | None]) -> tuple[bytes | None, bytes | None, str]:
+    """(source, ref, size, condition) -> (PNG bytes, condition map PNG bytes or None, "") or (None, None,
+    reason). Runs in decode worker processes."""
+    source, ref, size, condition = job
     try:
-        return encode_png(prepare_image(source.load(ref), size)), ""
+        rgb, alpha = prepare_image_alpha(source.load(ref), size)
+        cond = encode_map(condition.compute(rgb, alpha)) if condition is not None else None
+        return encode_png(rgb), cond, ""
     except Exception as err:  # any decoder failure is reported with the input's name
-        return None, f"{type(err).__name__}: {err}"
+        return None, None, f"{type(err).__name__}: {err}"
 
 
 def _decoded(
-    source: ImageSource, items: list[SourceItem], size: int, workers: int
-) -> Iterator[tuple[bytes | None, str]]:
-    jobs = ((source, item.ref, size) for item in items)
+    source: ImageSource, items: list[SourceItem], size: int, workers: int, condition: ConditionSpec | None = None
+) -> Iterator[tuple[bytes | None, bytes | None, str]]:
+    jobs = ((source, item.ref, size, condition) for item in items)
     if workers <= 1 or len(items) < 64:
         yield from map(_decode_item, jobs)
         return
@@ -123,10 +127,13 @@ def tool_version() -> str:
 
 
 def build_parameters(
-    source: str, size: int, samples_per_shard: int, eval_fraction: float, limit: int, seed: int
+    source: str, size: int, samples_per_shard: int, eval_fraction: float, limit: int, seed: int,
+    condition: ConditionSpec | None = None,
 ) -> dict[str, Any]:
-    """The inputs that determine a build; equal parameters + same tool version = same shards."""
+    """The inputs that determine a build; equal parameters + same tool version = same shards. The
+    condition is null for an unconditional build (an index of earlier versions has none: the same)."""
     return {
+        "condition": condition.record() if condition is not None else None,
         "source": source,
         "image_size": size,
         "samples_per_shard": samples_per_shard,
@@ -135,6 +142,13 @@ def build_parameters(
         "seed": seed,
         "tool": tool_version(),
     }
+
+
+def condition_members(condition: ConditionSpec | None) -> dict[str, Any]:
+    """index.json's `members` entries that say where a computed map is ({} for an unconditional build)."""
+    if condition is None:
+        return {}
+    return {"members": {"condition": condition.member, "condition_channels": condition.channels}}
 
 
 def is_up_to_date(out: str, params: dict[str, Any]) -> bool:
@@ -167,12 +181,15 @@ def make_shards(
     seed: int = 0,
     workers: int = 1,
     skip_bad: bool = False,
+    condition: ConditionSpec | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DatasetIndex:
     """Decode `source` (bundled name or folder:PATH), write shards + index.json to `out` (folder or URL).
+    With `condition` (canny or mask) each sample also gets its map as the member `cond.png`.
 
-    Raises SourceMissingError (which package to install), DatasetError (empty source, an input
-    that cannot be decoded - unless `skip_bad`, which records it in the index's skipped_inputs).
+    Raises SourceMissingError (which package to install), DatasetError (empty source, a condition the
+    source cannot give, an input that cannot be decoded - unless `skip_bad`, which records it in the
+    index's skipped_inputs).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if size < 1:
@@ -182,11 +199,16 @@ def make_shards(
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 = all), got {limit}")
     src, catalog = open_source(source)
+    try:
+        check_condition_source(condition, source, src, catalog)  # before anything is written
+    except ConditionError as err:
+        raise DatasetError(f"source {source!r}: {err}") from None
     selected = select_balanced(catalog, limit, seed)
     train, evals = split_train_eval(selected, eval_fraction, seed)
+    with_map = f", condition {condition.kind} -> {condition.member}" if condition is not None else ""
     log(
         f"shards make {source}: {len(selected)} of {len(catalog.items)} images, {len(catalog.class_names)} "
-        f"classes -> train {len(train)}, eval {len(evals)} at {size}x{size} px -> {out}"
+        f"classes -> train {len(train)}, eval {len(evals)} at {size}x{size} px{with_map} -> {out}"
     )
 
     storage.remove(index_url(out))  # from here on the folder does not look complete
@@ -196,7 +218,7 @@ def make_shards(
         writer = ShardWriter(out, split, samples_per_shard)
         class_counts = [0] * len(catalog.class_names)
         position = 0
-        for item, (png, reason) in zip(items, _decoded(src, items, size, workers)):
+        for item, (png, cond, reason) in zip(items, _decoded(src, items, size, workers, condition)):
             if png is None:
                 if not skip_bad:
                     raise DatasetError(f"source {source!r}: input {item.ref!r} cannot be decoded: {reason}")
@@ -208,6 +230,7 @@ def make_shards(
                 "cls": str(item.label).encode(),
                 "json": json.dumps(meta, sort_keys=True).encode(),
                 "png": png,
+                **({condition.member: cond} if cond is not None else {}),
             }
             writer.add(f"{position:08d}", members)
             class_counts[item.label] += 1
@@ -227,7 +250,8 @@ def make_shards(
     index = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        **build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed),
+        **build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition),
+        **condition_members(condition),
         "source_detail": src.detail,
         "class_names": list(catalog.class_names),
         "num_samples": sum(s["num_samples"] for s in splits.values()),

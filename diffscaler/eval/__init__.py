@@ -7,7 +7,8 @@
     python -m ray_jobs.evaluate --config ray_jobs/configs/tiny.yaml --backbone FILE --adapters DIR --out DIR2
 
 Modules: torchvision_compat (the only path to torch_fidelity), features (feature networks registered
-with torch-fidelity), stats (reference-statistics cache, FID/KID), pool (`FidEvaluator`).
+with torch-fidelity), stats (reference-statistics cache, FID/KID), pool (`FidEvaluator`), fidelity
+(condition fidelity of spatially conditioned tasks: edge F1, mask IoU, ceiling and mismatched rows).
 Importing this package is cheap: names load on first use (torch, Ray and torch-fidelity are heavy).
 """
 
@@ -36,6 +37,12 @@ _EXPORTS = {
     "build_feature_extractor": "features",
     "extract_features": "features",
     "import_torch_fidelity": "torchvision_compat",
+    "FidelityScore": "fidelity",
+    "condition_fidelity": "fidelity",
+    "mismatched_fidelity": "fidelity",
+    "reference_rows": "fidelity",
+    "edge_f1": "fidelity",
+    "mask_iou": "fidelity",
 }
 
 __all__ = sorted(_EXPORTS)

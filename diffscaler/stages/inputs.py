@@ -11,7 +11,7 @@ from typing import Any
 from diffscaler.artifacts import BackboneLoadError, check_model_matches, load_public_dit, read_backbone_meta
 from diffscaler.config import ConfigError, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import _parameters
+from diffscaler.data.build import _parameters, dataset_condition
 from diffscaler.stages.base import InputError, Run
 from diffscaler.vae import VaeError, cached_vae_identity
 
@@ -90,9 +90,10 @@ def require_backbone(run: Run) -> None:
         raise InputError(str(err)) from None
 
 
-def build_parameters(run: Run, source: str) -> dict[str, Any]:
-    """What a dataset's index records about its build (with data.vae: latent shards of that VAE)."""
-    return _parameters(run.cfg.data, source)
+def build_parameters(run: Run, source: str, name: str = "") -> dict[str, Any]:
+    """What a dataset's index records about its build (with data.vae: latent shards of that VAE; with the
+    condition map of the task named `name`)."""
+    return _parameters(run.cfg.data, source, dataset_condition(run.cfg.data, name))
 
 
 def require_built(run: Run, names: Iterable[str]) -> None:
@@ -110,7 +111,7 @@ def require_built(run: Run, names: Iterable[str]) -> None:
         except DatasetError as err:
             raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
                              "or point data.shards_root at built shards") from None  # fmt: skip
-        wanted = build_parameters(run, jobs[name])
+        wanted = build_parameters(run, jobs[name], name)
         diff = {k: (index.data.get(k), v) for k, v in wanted.items() if k != "tool" and index.data.get(k) != v}
         if diff:
             raise InputError(

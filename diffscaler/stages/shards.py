@@ -45,7 +45,7 @@ class ShardsStage(Stage):
         state = {}
         for name in self.names(run):
             folder = dataset_dir(run.cfg.data, name)
-            if not is_up_to_date(folder, build_parameters(run, jobs[name])):
+            if not is_up_to_date(folder, build_parameters(run, jobs[name], name)):
                 state[name] = "missing or built with other parameters"
                 continue
             report = check_dataset(folder)

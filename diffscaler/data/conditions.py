@@ -1,0 +1,261 @@
+"""Spatial condition maps: computed once at shard time (`canny`, `mask`) or read from the user's own
+WebDataset shards (`key:<member>`), stored beside the image, and re-extracted from generated images.
+
+    spec = ConditionSpec.from_config("canny", cfg.data)      # kind + extractor parameters (data.canny_*)
+    rgb, alpha = prepare_image_alpha(image, 32)              # diffscaler.data.sources: the shard's pixels
+    cond = spec.compute(rgb, alpha)                          # uint8 (32, 32) in {0, 255} -> member cond.png
+    spec.extract(generated_rgb)                              # the task's extractor on an RGB image (fidelity)
+    maps_to_unit(maps)                                       # uint8 (N, C, S, S) -> float32 in [-1, 1]
+
+Kinds (TaskSpec.condition; config validation names the allowed forms):
+- `canny`: OpenCV's Canny on the shard's RGB pixels (cv2.Canny on a 3-channel image takes, per pixel, the
+  channel with the largest gradient, so edges between colours of equal brightness count), L2 gradient
+  magnitude of the 3x3 Sobel, hysteresis thresholds `data.canny_low` / `data.canny_high` (defaults 100 / 200),
+  after an optional Gaussian blur of sigma `data.canny_blur` px (default 0: at 16-32 px a blur erases the
+  small parts a map should show). The defaults were chosen by looking at emoji and icon maps at 16 and
+  32 px: 50 / 100 marks shading as edges, 200 / 400 drops outlines. Edge pixels are 255, others 0.
+- `mask`: the foreground of the image's alpha channel, the alpha going through the same centre crop and
+  Lanczos resample as the pixels (`prepare_image_alpha`): 255 where alpha >= `data.mask_alpha_threshold`
+  (default 32: every visibly drawn pixel, as the RGB extractor below sees them). A source without alpha
+  (tiles, textiles, fashion-mnist; a folder whose images have none) is refused before any work, naming
+  the source. A generated RGB image has no alpha, so the `mask` extractor for RGB images (`extract`,
+  used for the generated images AND for the real-image ceiling, so both are scored alike) is the
+  foreground against the white background the shards composite on: a pixel is background when every
+  channel is within `data.mask_white_threshold` (default 24) of 255 and it connects to the image border
+  through such pixels (4-connectivity), so white inside an outline (an eye, a highlight) stays foreground.
+- `key:<member>`: a map the user's shards already hold (`depth.png`, `seg.png`, made by any tool),
+  decoded with Pillow like the image: grey maps (8 or 16 bit) give 1 channel, colour and palette maps 3;
+  a map must have its image's size and is then cropped and resized exactly like it (Lanczos; palette
+  maps, which are label maps, nearest-neighbour). There is no extractor for it here (fidelity: n/a).
+
+Storage: computed maps are the 8-bit grey PNG member `cond.png` (CONDITION_MEMBER) of each sample; a
+`key:` map stays in the user's member. index.json records the build parameter
+`"condition": {"kind", "params"}` (null for an unconditional dataset; a changed condition rebuilds) and
+`members.condition` / `members.condition_channels` (which member, 1 or 3 channels). For latent (VAE)
+shards the map stays at pixel resolution (8x the latent side), it is not encoded.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from diffscaler.config import CONDITION_KEY_PREFIX, CONDITION_KINDS, OPAQUE_SOURCES, DataConfig
+
+CONDITION_MEMBER = "cond.png"  # computed maps (canny, mask): 8-bit grey PNG beside the image
+_ALPHA_PROBE = 8  # images of a source probed for an alpha channel before a `mask` build
+
+
+class ConditionError(ValueError):
+    """A condition that cannot be computed or read here; the message names the source, file or map."""
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """One task's condition: its kind, the extractor's parameters, and how the map is stored."""
+
+    kind: str  # canny | mask | key:<member>
+    params: dict[str, float] = field(default_factory=dict)  # extractor parameters, as index.json records them
+    member: str = CONDITION_MEMBER  # the shard member holding the map
+    channels: int = 1  # of the stored map: 1 (grey) or 3 (RGB); a key: map's is found when indexing
+
+    @classmethod
+    def from_config(cls, kind: str, data: DataConfig) -> ConditionSpec | None:
+        """The spec of TaskSpec.condition `kind` with data.*'s extractor parameters (None for "")."""
+        if not kind:
+            return None
+        if kind == "canny":
+            return cls(kind, {"low": float(data.canny_low), "high": float(data.canny_high),
+                              "blur": float(data.canny_blur)})  # fmt: skip
+        if kind == "mask":
+            return cls(kind, {"alpha_threshold": int(data.mask_alpha_threshold),
+                              "white_threshold": int(data.mask_white_threshold)})  # fmt: skip
+        if kind.startswith(CONDITION_KEY_PREFIX) and len(kind) > len(CONDITION_KEY_PREFIX):
+            return cls(kind, {}, member=kind[len(CONDITION_KEY_PREFIX) :], channels=0)
+        raise ConditionError(f"{kind!r} is not a condition kind; allowed: {', '.join(CONDITION_KINDS)}, "
+                             f"{CONDITION_KEY_PREFIX}<member>")  # fmt: skip
+
+    @classmethod
+    def from_index(cls, data: dict[str, Any]) -> ConditionSpec | None:
+        """The spec an index.json records (None for an unconditional dataset)."""
+        record = data.get("condition")
+        if not record:
+            return None
+        members = data.get("members", {})
+        return cls(str(record["kind"]), dict(record.get("params", {})), str(members.get("condition", CONDITION_MEMBER)),
+                   int(members.get("condition_channels", 1)))  # fmt: skip
+
+    @property
+    def computed(self) -> bool:
+        """Computed from each image at shard time (canny, mask), not read from the user's shards."""
+        return self.kind in CONDITION_KINDS
+
+    @property
+    def has_extractor(self) -> bool:
+        """Whether the condition can be re-extracted from an RGB image (fidelity); not for key: maps."""
+        return self.computed
+
+    def record(self) -> dict[str, Any]:
+        """index.json's build parameter `condition` (what a changed config must rebuild for)."""
+        return {"kind": self.kind, "params": dict(sorted(self.params.items()))}
+
+    def compute(self, rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+        """The map stored at shard time from prepare_image_alpha's output: uint8 (S, S) in {0, 255}."""
+        if self.kind == "canny":
+            return canny_edges(rgb, self.params["low"], self.params["high"], self.params["blur"])
+        if self.kind == "mask":
+            if alpha is None:
+                raise ConditionError("the image has no alpha channel; condition mask is its alpha foreground")
+            return alpha_mask(alpha, int(self.params["alpha_threshold"]))
+        raise ConditionError(f"condition {self.kind} is read from the shards, not computed")
+
+    def extract(self, rgb: np.ndarray) -> np.ndarray:
+        """The task's extractor on uint8 RGB images (H, W, 3) or (N, H, W, 3): uint8 maps (.., H, W)."""
+        if rgb.ndim == 4:
+            return np.stack([self.extract(im) for im in rgb]) if len(rgb) else np.zeros(rgb.shape[:3], np.uint8)
+        if self.kind == "canny":
+            return canny_edges(rgb, self.params["low"], self.params["high"], self.params["blur"])
+        if self.kind == "mask":
+            return foreground_mask(rgb, int(self.params["white_threshold"]))
+        raise ConditionError(f"condition {self.kind} has no extractor here (a map made by another tool)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Extractors: uint8 RGB (H, W, 3) in, uint8 (H, W) in {0, 255} out
+# ------------------------------------------------------------------------------------------------
+
+
+def canny_edges(rgb: np.ndarray, low: float, high: float, blur: float = 0.0) -> np.ndarray:
+    """OpenCV Canny edges of an RGB image (L2 gradient; Gaussian blur of sigma `blur` px first if > 0)."""
+    image = np.ascontiguousarray(rgb, dtype=np.uint8)
+    if blur > 0:
+        image = cv2.GaussianBlur(image, (0, 0), blur)
+    return cv2.Canny(image, float(low), float(high), L2gradient=True)
+
+
+def alpha_mask(alpha: np.ndarray, threshold: int) -> np.ndarray:
+    """Foreground of a resized alpha channel: 255 where alpha >= threshold."""
+    return np.where(alpha >= threshold, 255, 0).astype(np.uint8)
+
+
+def foreground_mask(rgb: np.ndarray, white_threshold: int) -> np.ndarray:
+    """The mask extractor for RGB images: everything but the near-white region connected to the border."""
+    near_white = (np.asarray(rgb) >= 255 - white_threshold).all(axis=-1).astype(np.uint8)  # (H, W)
+    _count, labels = cv2.connectedComponents(near_white, connectivity=4)  # label 0 = not near-white
+    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = np.isin(labels, np.unique(edge[edge > 0]))
+    return np.where(background, 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps as stored and as the model takes them
+# ------------------------------------------------------------------------------------------------
+
+
+def encode_map(cond: np.ndarray) -> bytes:
+    """uint8 (S, S) -> the cond.png member (deterministic 8-bit grey PNG)."""
+    from diffscaler.data.pngcodec import encode_png
+
+    return encode_png(np.ascontiguousarray(cond, dtype=np.uint8))
+
+
+def maps_to_unit(maps: np.ndarray) -> np.ndarray:
+    """uint8 maps (..., C, S, S) -> float32 in [-1, 1] (0 -> -1, 255 -> 1), what the model takes."""
+    out = maps.astype(np.float32)
+    out /= 127.5  # exact at 0 and 255
+    out -= 1.0
+    return out
+
+
+def open_map(ext: str, data: bytes) -> Image.Image:
+    """A map member's bytes -> the PIL image as stored; ConditionError if Pillow cannot read it."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as err:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise ConditionError(f"unreadable map .{ext}: {type(err).__name__}: {err}") from None
+    return im
+
+
+def decode_map(ext: str, data: bytes, channels: int) -> Image.Image:
+    """A map member -> a PIL image of mode L (channels 1) or RGB/P (channels 3); ConditionError if unreadable."""
+    return to_map_mode(open_map(ext, data), channels)
+
+
+def map_channels(image: Image.Image) -> int:
+    """1 for a grey map (8/16-bit, float, grey + alpha), 3 for colour and palette maps."""
+    return 1 if image.mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else 3
+
+
+def to_map_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Mode L (1 channel; 16-bit and float maps scaled to 8 bits) or RGB / P (3 channels)."""
+    if map_channels(image) == 1:
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            arr = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+            image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+        image = image.convert("L")
+        return image if channels == 1 else image.convert("RGB")
+    if channels == 1:
+        raise ConditionError(f"a colour map (mode {image.mode}) where the index records grey (1-channel) maps")
+    return image if image.mode == "P" else image.convert("RGB")
+
+
+def prepare_map(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A map image -> uint8 (channels, size, size), cropped and resized as prepare_image does the image
+    (centre square, Lanczos; nearest for palette label maps)."""
+    from diffscaler.data.sources import centre_square
+
+    if image.size != (size, size):
+        resample = Image.Resampling.NEAREST if image.mode == "P" else Image.Resampling.LANCZOS
+        image = image.resize((size, size), resample, box=centre_square(*image.size), reducing_gap=3.0)
+    if image.mode == "P":
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.uint8)
+    return arr[None].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def check_map_shape(maps: np.ndarray, channels: int, size: int, what: str) -> None:
+    """Maps given for a task must be uint8 (N, channels, size, size): else ConditionError naming `what`."""
+    want = (channels, size, size)
+    if maps.ndim != 4 or tuple(maps.shape[1:]) != want:
+        raise ConditionError(f"{what}: condition maps are {tuple(maps.shape)}, the task takes (N, {channels}, "
+                             f"{size}, {size}) ({channels} channel(s) at the images' {size}x{size} px)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks before any work
+# ------------------------------------------------------------------------------------------------
+
+
+def check_condition_source(spec: ConditionSpec | None, source: str, src: Any, catalog: Any) -> None:
+    """A condition the shards stage can build for this image source, else ConditionError naming it:
+    `key:` maps are read from WebDataset shards, not image sources; `mask` needs images with alpha (the
+    first images of the catalog are probed; an opaque one later in the build is a bad input)."""
+    if spec is None:
+        return
+    if not spec.computed:
+        raise ConditionError(
+            f"condition {spec.kind} reads the member {spec.member!r} of WebDataset shards, and source {source!r} is "
+            f"an image source: index your shards with `diffscaler shards index DIR --condition {spec.kind}`"
+        )
+    if spec.kind != "mask":
+        return
+    if source in OPAQUE_SOURCES:
+        raise ConditionError(f"condition mask is the alpha foreground, and source {source!r} has no alpha channel")
+    probed = [item.ref for item in catalog.items[:_ALPHA_PROBE]]
+    if not any(has_alpha(src.load(ref)) for ref in probed):
+        raise ConditionError(f"condition mask is the alpha foreground, and source {source!r} has no alpha "
+                             f"channel (none of its first {len(probed)} images has one: {', '.join(probed[:3])}...)")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether prepare_image_alpha finds transparency in this image (RGBA, LA, PA, or a transparency key)."""
+    from diffscaler.data.sources import prepare_image_alpha
+
+    return prepare_image_alpha(image, 1)[1] is not None

@@ -142,3 +142,21 @@ def test_adapter_load_errors(tmp_path):
     (tmp_path / "c.json").unlink()
     with pytest.raises(AdapterLoadError, match="c.json is missing"):
         load_adapters(backbone(), [tmp_path / "c.safetensors"], backbone_hash=None)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weight_files_get_the_umask_mode_like_their_json(tmp_path, umask):
+    """safetensors creates its files 0600: on a shared file system others read the JSONs but not the weights."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_backbone(backbone(), tmp_path / "backbone.safetensors")
+        bank = AdapterBank.attach(backbone(), TASKS, method="affiner", rank=2)
+        save_adapter(bank, TASKS[0].name, tmp_path / "adapters", "sha256:x")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "backbone.safetensors", tmp_path / "backbone.json",
+             tmp_path / "adapters" / f"{TASKS[0].name}.safetensors", tmp_path / "adapters" / f"{TASKS[0].name}.json"]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from diffscaler.atomic import copy_file_atomic
+from diffscaler.atomic import copy_file_atomic, with_umask_mode
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
@@ -754,6 +754,7 @@ class RankTrainer:
             write_json(Path(tmp, skipped_file(self.rank)), self._skipped())
             if self.rank == 0:
                 save_file({**ema_state, **self.buffers}, str(Path(tmp, EMA_FILE)))
+                with_umask_mode(Path(tmp, EMA_FILE))  # safetensors writes 0600
                 shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
                 if grid is not None:
                     from diffscaler.images import save_png

@@ -165,6 +165,22 @@ def test_backbone_that_does_not_match_the_model_config(tmp_path):
                               match="not found")  # fmt: skip
 
 
+def test_a_truncated_backbone_is_bad_input_of_the_pipeline_and_of_ray_jobs_finetune(tmp_path, capsys, refuse_ray):
+    """backbone.safetensors cut short (a copy that did not finish), its JSON whole: exit status 2 and one line
+    naming the file, before Ray (it used to surface as a SafetensorError traceback inside a Ray task)."""
+    from ray_jobs.finetune import main as finetune_main
+    from ray_jobs.pipeline import main as pipeline_main
+
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    backbone.write_bytes(backbone.read_bytes()[:-1000])
+    cfg = micro_config(tmp_path, ["shards", "finetune"])
+    assert pipeline_main(["--config", str(cfg), "--out", str(tmp_path / "out"), f"pipeline.backbone={backbone}"]) == 2
+    assert finetune_main(["--config", str(cfg), "--backbone", str(backbone), "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{backbone}: not a readable safetensors file") == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "pipeline.json").exists() and not (tmp_path / "ft").exists()
+
+
 def test_a_given_backbone_needs_no_pretraining_set(tmp_path):
     """With pipeline.backbone (the public DiT-XL/2 flow) the pretraining source is never read or encoded: a
     source that does not exist there is no error; without a given backbone it is refused before any stage."""

@@ -29,6 +29,15 @@ _DEFAULTS = DataConfig()
 
 
 def _make(args: argparse.Namespace) -> int:
+    if "://" in args.out:  # a bucket has no flock
+        return _make_here(args)
+    from diffscaler.runlock import run_lock
+
+    with run_lock(args.out, "diffscaler shards make"):  # as every program: a second writer would mix up the shards
+        return _make_here(args)
+
+
+def _make_here(args: argparse.Namespace) -> int:
     if args.vae:
         from diffscaler.data.encode import encode_shards
         from diffscaler.vae import VaeError

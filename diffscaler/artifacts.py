@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, attached_bank
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ModelConfig, from_dict
+from diffscaler.errors import rust_os_error
 from diffscaler.models.dit import DIT_SIZES, DiT
 
 BACKBONE_FORMAT = "diffscaler-backbone"
@@ -58,9 +59,16 @@ def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
 def write_file_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
                     st_meta: dict[str, str]) -> None:
     """Write `X.safetensors` + `X.json` atomically: both written under temp names, then renamed, the JSON last."""
+    from safetensors import SafetensorError
+
     js_path = st_path.with_suffix(".json")
     with atomic_path(js_path) as tmp_js, atomic_path(st_path) as tmp_st:  # exits inner first: tensors, then JSON
-        save_file(tensors, str(tmp_st), metadata=st_meta)
+        try:
+            save_file(tensors, str(tmp_st), metadata=st_meta)
+        except SafetensorError as err:  # a full disk comes as text, "I/O error: ... (os error 28)"
+            if (os_error := rust_os_error(err, st_path)) is not None:
+                raise os_error from None
+            raise
         tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 

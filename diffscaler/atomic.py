@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from diffscaler.errors import naming_the_file
+
 
 def process_umask() -> int:
     """This process's umask (Linux reads it from /proc; elsewhere set and restored at once)."""
@@ -49,6 +51,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with_umask_mode(tmp)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: name the file being written (the write call's error names none)
+        if (named := naming_the_file(err, path)) is not err:
+            raise named from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffscaler.errors import naming_the_file, no_space_message
+
 LOCK_NAME = ".lock"
 NESTED_DEPTH = 2  # levels below a folder searched for a held lock (X/adapters, X/sweep/tune, ...)
 
@@ -229,9 +231,15 @@ def _acquire(path: Path, me: dict[str, Any], out_dir: str | Path, flag: str, log
                 )
         if old:
             log(f"{flag} {out_dir}: taking over the stale lock of {_holder_text(old)}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(me, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(me, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        except OSError as err:  # a full disk, typically: the folder cannot take a run's files either
+            path.unlink(missing_ok=True)  # ours (we hold its flock): leave no lock file behind
+            os.close(fd)
+            why = no_space_message(naming_the_file(err, path)) or str(err)
+            raise RunFolderError(f"{flag} {out_dir}: cannot write the lock file: {why}") from None
         return fd
     raise RunFolderError(f"{flag} {out_dir}: could not take {path} (it keeps being replaced)")

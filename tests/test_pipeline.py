@@ -7,6 +7,7 @@ and, through `ray job submit`, in test_pipeline_cluster.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -227,6 +228,67 @@ def test_public_dit_checkpoint_is_imported_once_and_reported(tmp_path):
     run_pipeline(cfg, out)
     assert statuses(out)["pretrain"] == "skipped"
     assert mtimes(out / "backbone" / "backbone.safetensors") == before
+
+
+FILL_BUT_ONE_PAGE = """
+import os, sys
+st = os.statvfs(sys.argv[1])
+with open(os.path.join(sys.argv[1], "filler"), "wb") as f:
+    f.write(bytes((st.f_bavail - 1) * st.f_frsize))
+"""
+
+
+def _user_tmpfs_works(folder: Path) -> bool:
+    """Whether this machine lets an unprivileged user mount a tmpfs in its own user + mount namespace."""
+    folder.mkdir()
+    try:
+        done = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                              capture_output=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
+    """A real full file system: a 512 KiB tmpfs mounted on the run folder in a user + mount namespace
+    (`unshare -Urm`, no privileges needed). The pretrain stage imports a 16 MB public checkpoint into it.
+    1. The backbone's write fails: one line names the file, the manifest (written after the partial file is
+       removed) says failed. It used to end in chained tracebacks, the program's own line never printed.
+    2. The disk full but for one page (the lock takes it): config.json cannot be written, nor a second copy of
+       pipeline.json; the old one is overwritten in place and says failed, not running."""
+    if not _user_tmpfs_works(tmp_path / "probe"):
+        pytest.skip("no unprivileged user + mount namespaces here (unshare -Urm): no small file system to fill")
+    import torch
+
+    from diffscaler.models import build_model
+
+    pt = tmp_path / "DiT-T-4-16.pt"
+    torch.save(build_model(MICRO_MODEL, seed=3).state_dict(), pt)
+    cfg, out, res = micro_config(tmp_path, ["pretrain"]), tmp_path / "out", tmp_path / "res"
+    out.mkdir()
+    res.mkdir()
+    run = f"{sys.executable} -m ray_jobs.pipeline --config {cfg} --out {out} pipeline.backbone={pt}"
+    script = (f"mount -t tmpfs -o size=512k tmpfs {out} && cd {ROOT} && "
+              f"{{ {run} 2>{res}/a.err; echo $? >{res}/a.rc; cp {out}/pipeline.json {res}/a.json; "
+              f"{sys.executable} -c '{FILL_BUT_ONE_PAGE}' {out}; "
+              f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; }}")  # fmt: skip
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script], check=True, timeout=300)
+
+    a_err, b_err = (res / "a.err").read_text(), (res / "b.err").read_text()
+    backbone = out / "backbone" / "backbone.safetensors"
+    assert (res / "a.rc").read_text().strip() == "1"
+    assert "Traceback" not in a_err and "Errno" not in a_err, a_err
+    assert a_err.strip().splitlines()[-2] == (f"ray_jobs.pipeline: stage 'pretrain' failed: no space left on device "
+                                              f"at {backbone}")  # fmt: skip
+    a = json.loads((res / "a.json").read_text())
+    assert a["status"] == "failed" and a["stages"]["pretrain"]["status"] == "failed"
+    assert a["stages"]["pretrain"]["reason"] == f"no space left on device at {backbone}"
+
+    assert (res / "b.rc").read_text().strip() == "1"
+    assert "Traceback" not in b_err and f"no space left on device at {out / 'config.json'}" in b_err, b_err
+    b = json.loads((res / "b.json").read_text())
+    assert b["status"] == "failed" and b["error"] == f"no space left on device at {out / 'config.json'}"
+    assert b["started_at"] != a["started_at"] or b["wall_s"] != a["wall_s"]  # this run's record, not the last one's
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
     from diffscaler.data import build_all, load_index
     from diffscaler.data.build import pretrain_dataset_dir
     from diffscaler.pipeline import Pipeline
-    from diffscaler.train.pretrain_checkpoint import STATE_FILE, TrainerState, checkpoint_dir_name
+    from diffscaler.train.pretrain_checkpoint import RAY_SNAPSHOT, STATE_FILE, TrainerState, checkpoint_dir_name
 
     cfg_path = micro_config(tmp_path, ["pretrain"])
     cfg = resolve_run_config(load_config(cfg_path), tmp_path / "out")
@@ -138,6 +138,8 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
                          deepspeed_tag="step00000002", run_name=p.run_name, model=asdict(cfg.model),
                          shards={"content_hash": "sha256:other"}, config=cfg.to_dict())  # fmt: skip
     (folder / STATE_FILE).write_text(state.to_json())
+    (folder.parent / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name":
+                                                                                       folder.name}}))  # fmt: skip
     with pytest.raises(PipelineInputError, match="not a checkpoint of this run") as err:
         Pipeline(load_config(cfg_path), tmp_path / "out").preflight()
     assert f"shards (content hash): checkpoint 'sha256:other', config '{built}'" in str(err.value)

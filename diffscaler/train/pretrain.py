@@ -72,9 +72,9 @@ from diffscaler.train.pretrain_checkpoint import (
     checkpoint_dir_name,
     deepspeed_tag,
     export_backbone,
-    latest_checkpoint,
     read_skipped,
     read_state,
+    resume_checkpoint,
     rng_file,
     skipped_file,
 )
@@ -230,7 +230,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     store = _absolute(p.storage_path)
     check_writable(store, "pretrain.storage_path")
     run_dir = storage.join(store, p.run_name)
-    found = latest_checkpoint(run_dir)
+    found = resume_checkpoint(run_dir)  # the one Ray hands the workers (its snapshot), not the highest folder
     if found is not None:
         check_resumable(found[1], cfg, found[0], index.content_hash)
     return PretrainPlan(

@@ -159,8 +159,11 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     mtime = kept.stat().st_mtime_ns
     messages: list[str] = []
     again = encode_shards(f"folder:{image_folder}", out, str(tiny_vae), size=SIZE, samples_per_shard=4,
-                          eval_fraction=0.25, batch_size=3, log=messages.append)  # fmt: skip
+                          eval_fraction=0.25, batch_size=3, log=messages.append, progress_every=2)  # fmt: skip
     assert any("resuming, 1 of" in m for m in messages)
+    # progress inside a shard, not only once it is written (a large shard said nothing for minutes)
+    first_written = next(i for i, m in enumerate(messages) if "encoded train-000000.tar" in m)
+    assert any(" encoded 2/" in m and "images/s" in m for m in messages[:first_written]), messages
     assert kept.stat().st_mtime_ns == mtime and first.exists()
     assert again.content_hash == index.content_hash
     assert not list(Path(out).glob("*.done.json"))

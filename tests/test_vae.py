@@ -295,3 +295,21 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     other = save_tiny_vae(tmp_path / "other-vae", seed=1)
     with pytest.raises(FinetuneInputError, match=r"were encoded with VAE sha256:.*, data.vae is sha256:"):
         plan_finetunes(replace(run, data=replace(run.data, vae=other)), backbone, tmp_path / "ft3")
+
+
+def test_the_readme_prepares_a_vae_with_diffusers_in_the_venv(tiny_vae, tmp_path):
+    """The README's snippet, run as written in a fresh interpreter of the venv, the Hugging Face id and the shared
+    folder replaced by a local folder and a temporary one (no internet here)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"```python\n(# \.venv/bin/python, on the machine with internet\n.*?)```", readme, re.S)
+    snippet = found.group(1)
+    assert '"stabilityai/sd-vae-ft-ema"' in snippet and '"/shared/weights/sd-vae-ft-ema"' in snippet
+    out = tmp_path / "prepared-vae"
+    code = snippet.replace('"stabilityai/sd-vae-ft-ema"', repr(str(tiny_vae))).replace(
+        '"/shared/weights/sd-vae-ft-ema"', repr(str(out)))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert load_vae(out).hash == load_vae(tiny_vae).hash

@@ -257,7 +257,8 @@ def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
     1. The backbone's write fails: one line names the file, the manifest (written after the partial file is
        removed) says failed. It used to end in chained tracebacks, the program's own line never printed.
     2. The disk full but for one page (the lock takes it): config.json cannot be written, nor a second copy of
-       pipeline.json; the old one is overwritten in place and says failed, not running."""
+       pipeline.json; the old one is overwritten in place and says failed, not running.
+    3. `diffscaler init-backbone` into the full disk: one line naming the file."""
     if not _user_tmpfs_works(tmp_path / "probe"):
         pytest.skip("no unprivileged user + mount namespaces here (unshare -Urm): no small file system to fill")
     import torch
@@ -273,7 +274,9 @@ def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
     script = (f"mount -t tmpfs -o size=512k tmpfs {out} && cd {ROOT} && "
               f"{{ {run} 2>{res}/a.err; echo $? >{res}/a.rc; cp {out}/pipeline.json {res}/a.json; "
               f"{sys.executable} -c '{FILL_BUT_ONE_PAGE}' {out}; "
-              f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; }}")  # fmt: skip
+              f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; "
+              f"{sys.executable} -m diffscaler.cli init-backbone --model DiT-T/4 --input-size 16 --in-channels 3 "
+              f"--num-classes 3 --out {out}/b.safetensors 2>{res}/c.err; echo $? >{res}/c.rc; }}")  # fmt: skip
     subprocess.run(["unshare", "-Urm", "sh", "-c", script], check=True, timeout=300)
 
     a_err, b_err = (res / "a.err").read_text(), (res / "b.err").read_text()
@@ -291,6 +294,10 @@ def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
     b = json.loads((res / "b.json").read_text())
     assert b["status"] == "failed" and b["error"] == f"no space left on device at {out / 'config.json'}"
     assert b["started_at"] != a["started_at"] or b["wall_s"] != a["wall_s"]  # this run's record, not the last one's
+    # the command line too: one line, no traceback
+    assert (res / "c.rc").read_text().strip() == "1"
+    assert (res / "c.err").read_text() == (f"diffscaler init-backbone: error: no space left on device at "
+                                           f"{out / 'b.safetensors'}\n")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,7 +146,6 @@ class Pipeline:
         self.manifest.save(self.layout.manifest)
         self.log(f"{label}: done in {record.wall_s:.1f} s")
 
-
     def _save_manifest(self, reporting: bool) -> None:
         """Write pipeline.json. While an error is being reported (`reporting`), a write that fails too (the same
         full disk) is one log line, not a second error in place of the first."""

@@ -14,8 +14,8 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full file system, or the user's quo
 
 
 def no_space_message(err: BaseException) -> str | None:
-    """"no space left on device at PATH" (or "disk quota exceeded at PATH") when `err`, its cause, its context
-    or a Ray task error's `cause` is a full-disk OSError; None otherwise."""
+    """The text "no space left on device at PATH" (or "disk quota exceeded at PATH") when `err`, its cause, its
+    context or a Ray task error's `cause` is a full-disk OSError; None otherwise."""
     stack, seen = [err], set()
     while stack:
         e = stack.pop()

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, attached_bank
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ModelConfig, from_dict
+from diffscaler.errors import rust_os_error
 from diffscaler.models.dit import DIT_SIZES, DiT
 
 BACKBONE_FORMAT = "diffscaler-backbone"
@@ -58,10 +59,40 @@ def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
 def write_file_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
                     st_meta: dict[str, str]) -> None:
     """Write `X.safetensors` + `X.json` atomically: both written under temp names, then renamed, the JSON last."""
+    from safetensors import SafetensorError
+
     js_path = st_path.with_suffix(".json")
     with atomic_path(js_path) as tmp_js, atomic_path(st_path) as tmp_st:  # exits inner first: tensors, then JSON
-        save_file(tensors, str(tmp_st), metadata=st_meta)
+        try:
+            save_file(tensors, str(tmp_st), metadata=st_meta)
+        except SafetensorError as err:  # a full disk comes as text, "I/O error: ... (os error 28)"
+            if (os_error := rust_os_error(err, st_path)) is not None:
+                raise os_error from None
+            raise
         tmp_js.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def check_safetensors(path: Path, error: type[ValueError]) -> None:
+    """The file's header parses and its tensors' byte ranges lie inside the file (no tensor is read: the
+    header and the file size, milliseconds even for a 2.7 GB DiT-XL), else `error` naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise error(f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
+                    "that did not finish; copy or write it again") from None  # fmt: skip
+
+
+def _read_tensors(path: Path, error: type[ValueError]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise error(f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
+                    "that did not finish; copy or write it again") from None  # fmt: skip
 
 
 def read_format_json(path: Path, fmt: str, version: int, what: str, error: type[ValueError]) -> dict[str, Any]:
@@ -115,7 +146,9 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
         raise BackboneLoadError(f"backbone file not found: {path}")
     if not meta_path.is_file():
         raise BackboneLoadError(f"{path}: its config {meta_path.name} is missing beside it")
-    return read_format_json(meta_path, BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, "backbone config", BackboneLoadError)
+    meta = read_format_json(meta_path, BACKBONE_FORMAT, BACKBONE_FORMAT_VERSION, "backbone config", BackboneLoadError)
+    check_safetensors(path, BackboneLoadError)  # every preflight reads the meta: a truncated file is found there
+    return meta
 
 
 def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_hash: bool = True,
@@ -131,7 +164,7 @@ def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_ha
     config = from_dict(ModelConfig, meta["model"], "backbone.model")
     if expect is not None:
         check_model_matches(config, expect, str(path))
-    state = load_file(str(path))
+    state = _read_tensors(path, BackboneLoadError)
     if verify_hash:
         digest = content_hash(state)
         if digest != meta["content_hash"]:
@@ -196,7 +229,9 @@ def _torch_load_plain(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except torch.serialization.pickle.UnpicklingError as err:  # what weights_only raises; nothing is unpickled
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch <= 2.12: "Unsupported global: GLOBAL x.y"; 2.13, for os/sys/posix/nt: "unsupported GLOBAL x.y whose
+        # module x is blocked" (a pickle that calls os.system, say)
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(err))
         why = f"it holds a pickled {found.group(1)} object" if found else "it is not a readable torch file"
         raise BackboneLoadError(f"{path}: not a plain state dict ({why}); DiffScaler loads tensors only, "
                                 "never arbitrary pickled objects") from None  # fmt: skip
@@ -265,7 +300,7 @@ def read_adapter_file(file: str | Path) -> tuple[dict[str, Any], dict[str, torch
     if not meta_path.is_file():
         raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
     meta = read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
-    return meta, load_file(str(path))
+    return meta, _read_tensors(path, AdapterLoadError)
 
 
 def read_adapter_meta(file: str | Path) -> dict[str, Any]:
@@ -276,7 +311,9 @@ def read_adapter_meta(file: str | Path) -> dict[str, Any]:
         raise AdapterLoadError(f"adapter file not found: {path}")
     if not meta_path.is_file():
         raise AdapterLoadError(f"{path}: its config {meta_path.name} is missing beside it")
-    return read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
+    meta = read_format_json(meta_path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, "adapter config", AdapterLoadError)
+    check_safetensors(path, AdapterLoadError)
+    return meta
 
 
 def _bank_tasks(path: Path) -> list[str] | None:

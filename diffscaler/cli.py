@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RunFolderError) as err:
         print(f"diffscaler {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, permissions: the file and the reason, not a traceback
+        from diffscaler.errors import no_space_message
+
+        print(f"diffscaler {args.command}: error: {no_space_message(err) or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

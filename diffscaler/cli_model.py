@@ -107,11 +107,14 @@ def cmd_init_backbone(args: argparse.Namespace) -> int:
     from diffscaler.artifacts import save_backbone
     from diffscaler.models.dit import build_model
 
-    cfg = _model_config(args, args.learn_sigma)
-    model = build_model(cfg, seed=args.seed)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: a backbone file ends in .safetensors")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file path ending in .safetensors")
+    if file := next((p for p in out.parents if p.exists() and not p.is_dir()), None):
+        raise ValueError(f"--out {out}: {file} is a file, not a folder")
+    model = build_model(_model_config(args, args.learn_sigma), seed=args.seed)
     digest = save_backbone(model, out, provenance={"init": "fresh", "seed": args.seed})
     print(json.dumps({"backbone": str(out), "content_hash": digest, "params": model.num_parameters()}))
     return 0

@@ -378,6 +378,36 @@ def _one_of(value: Any, allowed: tuple[Any, ...], field_path: str) -> None:
     _require(value in allowed, field_path, f"{value!r} is not one of {list(allowed)}")
 
 
+# Upper bounds for sizes: far above any real run, low enough that a typo fails here, not as an allocation
+# of terabytes (a 100000 px image is 30 GB) or an embedding table that never fits, minutes into a run.
+MAX_IMAGE_SIDE = 8192  # pixels (data.image_size)
+MAX_TOKENS = 65536  # patches per image: (input_size / patch)^2 (DiT-XL/2 at 512 px has 1024)
+MAX_CHANNELS = 64  # model.in_channels (RGB 3, SD VAE 4, SD3/FLUX VAE 16)
+MAX_CLASSES = 1_000_000  # model.num_classes (ImageNet-21k has 21841)
+MAX_TIMESTEPS = 100_000  # diffusion.num_timesteps
+MAX_RANK = 4096  # adapter ranks (DiT-XL's width is 1152)
+MAX_ITEMS = 10_000_000  # counts of samples or images held in memory at once (shuffle buffer, shard size, ...)
+
+
+def _finite_numbers(section: Any, prefix: str) -> None:
+    """Every float of a config section (in lists and mappings too) is finite: inf and NaN pass every
+    `x >= 0` test that NaN fails by accident, and then fail far from their field (or never)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, tuple) else None
+        for key, v in items if items is not None else [(None, value)]:
+            where = f"{prefix}.{f.name}" + ("" if key is None else f"[{key!r}]" if isinstance(key, int) else f".{key}")
+            _require(not isinstance(v, float) or math.isfinite(v), where, f"{v} is not a finite number")
+
+
+def _resource(value: float, field_path: str, *, gpu: bool = False, positive: bool = False) -> None:
+    """A Ray resource request: >= 0 (> 0 where `positive`), no finer than Ray's 0.0001 unit, whole GPUs above 1."""
+    sign = "positive" if positive else ">= 0"
+    _require(value > 0 if positive else value >= 0, field_path, f"{value:g} must be {sign}")
+    _require(value == 0 or value >= 1e-4, field_path, f"{value:g} is finer than Ray's resource unit 0.0001")
+    _require(not gpu or value <= 1 or value == int(value), field_path, f"{value:g} GPUs: more than one must be whole")
+
+
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     match = MODEL_NAME_PATTERN.match(m.name)
     _require(
@@ -392,8 +422,11 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         f"{prefix}.input_size",
         f"{m.input_size} is not divisible by the patch size {patch} of {m.name}",
     )
-    _require(m.in_channels > 0, f"{prefix}.in_channels", "must be positive")
-    _require(m.num_classes >= 1, f"{prefix}.num_classes", "must be at least 1")
+    tokens = (m.input_size // patch) ** 2
+    _require(tokens <= MAX_TOKENS, f"{prefix}.input_size", f"{m.input_size} gives {tokens} tokens with patch {patch} "
+             f"(at most {MAX_TOKENS}); input_size counts latent cells for a VAE backbone, not pixels")  # fmt: skip
+    _require(0 < m.in_channels <= MAX_CHANNELS, f"{prefix}.in_channels", f"must be in [1, {MAX_CHANNELS}]")
+    _require(1 <= m.num_classes <= MAX_CLASSES, f"{prefix}.num_classes", f"must be in [1, {MAX_CLASSES}]")
     _require(0.0 <= m.class_dropout_prob < 1.0, f"{prefix}.class_dropout_prob", "must be in [0, 1)")
 
 
@@ -428,10 +461,12 @@ def validate_condition(task: TaskSpec, prefix: str) -> None:
 
 
 def validate(cfg: ExperimentConfig) -> None:
+    for section in fields(cfg):
+        _finite_numbers(getattr(cfg, section.name), section.name)
     validate_model(cfg.model)
 
     d = cfg.diffusion
-    _require(d.num_timesteps >= 2, "diffusion.num_timesteps", "must be at least 2")
+    _require(2 <= d.num_timesteps <= MAX_TIMESTEPS, "diffusion.num_timesteps", f"must be in [2, {MAX_TIMESTEPS}]")
     _require(0 < d.beta_start < d.beta_end < 1, "diffusion.beta_start", "need 0 < beta_start < beta_end < 1")
     _one_of(d.sampler, SAMPLERS, "diffusion.sampler")
     _require(
@@ -444,15 +479,17 @@ def validate(cfg: ExperimentConfig) -> None:
 
     a = cfg.adapter
     _one_of(a.method, ADAPTER_METHODS, "adapter.method")
-    _require(a.rank >= 1, "adapter.rank", "must be at least 1")
+    _require(1 <= a.rank <= MAX_RANK, "adapter.rank", f"must be in [1, {MAX_RANK}]")
     _require(len(a.targets) > 0, "adapter.targets", f"must name at least one of {list(ADAPTER_TARGETS)}")
     for t in a.targets:
         _one_of(t, ADAPTER_TARGETS, "adapter.targets")
     _require(len(set(a.targets)) == len(a.targets), "adapter.targets", "has duplicates")
 
     data = cfg.data
-    _require(data.image_size > 0, "data.image_size", "must be positive")
-    _require(data.samples_per_shard > 0, "data.samples_per_shard", "must be positive")
+    _require(0 < data.image_size <= MAX_IMAGE_SIDE, "data.image_size", f"must be in [1, {MAX_IMAGE_SIDE}] pixels")
+    _require(0 < data.samples_per_shard <= MAX_ITEMS, "data.samples_per_shard", f"must be in [1, {MAX_ITEMS}]")
+    _require(0 <= data.shuffle_buffer <= MAX_ITEMS, "data.shuffle_buffer", f"must be in [0, {MAX_ITEMS}]")
+    _require(data.seed >= 0, "data.seed", "must be >= 0")
     _require(0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
     _require(data.limit >= 0, "data.limit", "must be >= 0 (0 = no limit)")
     names = [t.name for t in data.targets]
@@ -472,11 +509,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(data.loader_workers >= 0, "data.loader_workers", "must be >= 0")
     _require(not data.vae_config or bool(data.vae), "data.vae_config", "needs data.vae (the weights file it describes)")
     _require(data.encode_actors >= 1, "data.encode_actors", "must be at least 1")
-    _require(data.encode_gpus_per_actor >= 0, "data.encode_gpus_per_actor", "must be >= 0")
+    _resource(data.encode_gpus_per_actor, "data.encode_gpus_per_actor", gpu=True)
 
     p = cfg.pretrain
     _require(p.num_workers >= 1, "pretrain.num_workers", "must be at least 1")
-    _require(p.cpus_per_worker > 0, "pretrain.cpus_per_worker", "must be positive")
+    _resource(p.cpus_per_worker, "pretrain.cpus_per_worker", positive=True)
     _require(p.grad_accum_steps >= 1, "pretrain.grad_accum_steps", "must be at least 1")
     per_step = p.num_workers * p.grad_accum_steps
     _require(
@@ -487,7 +524,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(p.steps >= 1, "pretrain.steps", "must be at least 1")
     _require(p.lr > 0 and math.isfinite(p.lr), "pretrain.lr", "must be positive and finite")
     _require(p.warmup_steps >= 0, "pretrain.warmup_steps", "must be >= 0")
+    _require(p.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0 (a negative decay grows the weights)")
     _require(p.grad_clip >= 0, "pretrain.grad_clip", "must be >= 0")
+    _require(p.peak_tflops >= 0, "pretrain.peak_tflops", "must be >= 0 (0 = pick by device)")
+    _require(p.seed >= 0, "pretrain.seed", "must be >= 0")
     _one_of(p.zero_stage, (0, 1, 2, 3), "pretrain.zero_stage")
     _one_of(p.precision, ("auto", "bf16", "fp32"), "pretrain.precision")
     _require(0.0 <= p.ema_decay < 1.0, "pretrain.ema_decay", "must be in [0, 1)")
@@ -506,22 +546,27 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
     for m in f.methods:
         _one_of(m, FINETUNE_METHODS, "finetune.methods")
-    for m in f.extra_seeds:
+    for m, seeds in f.extra_seeds.items():
         _require(m in f.methods, "finetune.extra_seeds", f"{m!r} is not one of finetune.methods {list(f.methods)}")
+        _require(all(x >= 0 for x in seeds), f"finetune.extra_seeds.{m}", f"seeds must be >= 0, got {list(seeds)}")
     for m, lr in f.method_lrs.items():
         _one_of(m, FINETUNE_METHODS, "finetune.method_lrs")
         _require(lr > 0 and math.isfinite(lr), f"finetune.method_lrs.{m}", "must be a positive number")
     _require(f.steps >= 1, "finetune.steps", "must be at least 1")
     _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
     _require(f.lr > 0 and math.isfinite(f.lr), "finetune.lr", "must be positive and finite")
-    _require(f.cpus_per_task > 0, "finetune.cpus_per_task", "must be positive")
+    _require(f.warmup_steps >= 0, "finetune.warmup_steps", "must be >= 0")
+    _require(f.grad_clip >= 0, "finetune.grad_clip", "must be >= 0 (0 = off)")
+    _resource(f.cpus_per_task, "finetune.cpus_per_task", positive=True)
+    _require(f.log_every >= 1, "finetune.log_every", "must be at least 1")
+    _require(f.seed >= 0, "finetune.seed", "must be >= 0")
     _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
     _one_of(f.compile, ("auto", "off", "inductor", "aot_eager"), "finetune.compile")
 
     s = cfg.sweep
     _require(len(s.ranks) > 0, "sweep.ranks", "the search space is empty: give at least one rank")
     for r in s.ranks:
-        _require(isinstance(r, int) and r >= 1, "sweep.ranks", f"{r!r} is not a positive integer")
+        _require(isinstance(r, int) and 1 <= r <= MAX_RANK, "sweep.ranks", f"{r!r} is not in [1, {MAX_RANK}]")
     _require(
         0 < s.lr_min <= s.lr_max and math.isfinite(s.lr_max),
         "sweep.lr_min",
@@ -530,8 +575,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(s.num_samples >= 1, "sweep.num_samples", "must be at least 1")
     _require(s.rung_steps >= 1, "sweep.rung_steps", "must be at least 1")
     _require(s.max_steps >= s.rung_steps, "sweep.max_steps", "must be >= sweep.rung_steps")
+    _require(s.grace_period >= 1, "sweep.grace_period", "must be at least 1 (rungs)")
     _require(s.reduction_factor >= 2, "sweep.reduction_factor", "must be at least 2")
-    _require(s.cpus_per_trial > 0, "sweep.cpus_per_trial", "must be positive")
+    _resource(s.cpus_per_trial, "sweep.cpus_per_trial", positive=True)
+    _require(s.max_concurrent_trials >= 0, "sweep.max_concurrent_trials", "must be >= 0 (0 = from the cluster)")
+    _require(s.fid_samples >= 2, "sweep.fid_samples", "must be at least 2 (FID needs a covariance)")
     _require(s.fid_candidates >= 0, "sweep.fid_candidates", "must be >= 0 (0 = choose by validation loss)")
     for m in s.methods:
         _one_of(m, FINETUNE_METHODS, "sweep.methods")
@@ -551,8 +599,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(e.num_reference >= 0, "eval.num_reference", "must be >= 0 (0 = all)")
     _one_of(e.reference_split, ("eval", "train"), "eval.reference_split")
     _require(e.num_actors >= 1, "eval.num_actors", "must be at least 1")
+    _resource(e.cpus_per_actor, "eval.cpus_per_actor", positive=True)
+    _resource(e.gpus_per_actor, "eval.gpus_per_actor", gpu=True)
+    _require(e.kid_subset_size >= 2, "eval.kid_subset_size", "must be at least 2 (KID compares pairs within a subset)")
+    _require(e.seed >= 0, "eval.seed", "must be >= 0")
     _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
-    _require(e.sampling_steps >= 1, "eval.sampling_steps", "must be at least 1")
+    _require(1 <= e.sampling_steps <= d.num_timesteps, "eval.sampling_steps",
+             f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]")  # fmt: skip
 
     stages = cfg.pipeline.stages
     for st in stages:

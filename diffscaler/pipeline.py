@@ -15,6 +15,7 @@ from pathlib import Path
 
 from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig
+from diffscaler.errors import no_space_message
 from diffscaler.interrupts import SigtermAsInterrupt, sigint_handler_kept
 from diffscaler.runlock import RunFolderError, RunLock
 from diffscaler.stages import STAGES, Run, RunLayout, Stage, StageCheck, StageFailed, resolve_run_config, stage_order
@@ -51,6 +52,7 @@ class Pipeline:
         wanted = self.cfg.pipeline.stages or self.order  # none named: every stage
         self.selected = self.ctx.selected = tuple(s for s in self.order if s in wanted)
         self.manifest = Manifest(str(self.layout.root))  # replaced by run()
+        self._unsaved = False  # a manifest write failed while an error was reported (said once)
 
     def preflight(self) -> None:
         """Every check that needs no stage to run; raises PipelineInputError naming the problem."""
@@ -79,10 +81,10 @@ class Pipeline:
         t0 = time.perf_counter()
         self.ctx.previous = previous = Manifest.load(self.layout.manifest)
         self.ctx.manifest = self.manifest = Manifest.start(str(self.layout.root), self.stages, self.selected, previous)
-        write_text_atomic(self.layout.config_json, self.cfg.to_json() + "\n")
-        self.manifest.save(self.layout.manifest)
         self.sigterm.install()
         try:
+            write_text_atomic(self.layout.config_json, self.cfg.to_json() + "\n")
+            self.manifest.save(self.layout.manifest)
             for number, name in enumerate(self.selected, 1):
                 self._run_stage(self.stages[name], f"[pipeline] ({number}/{len(self.selected)}) {name}")
             self.manifest.status = "done"
@@ -91,13 +93,15 @@ class Pipeline:
             self.manifest.error = "interrupted (Ctrl-C or SIGTERM); finished stages are kept"
             raise
         except Exception as err:
-            self.manifest.status, self.manifest.error = "failed", str(err)
+            self.manifest.status, self.manifest.error = "failed", no_space_message(err) or str(err)
             raise
         finally:
             self.manifest.finished_at, self.manifest.wall_s = now(), time.perf_counter() - t0
-            self.manifest.save(self.layout.manifest)
-            self.ctx.disconnect()
-            self.sigterm.restore()
+            try:
+                self._save_manifest(reporting=self.manifest.status != "done")
+            finally:
+                self.ctx.disconnect()
+                self.sigterm.restore()
         where = self.layout.report if "report" in self.selected else self.layout.root
         self.log(f"[pipeline] done in {self.manifest.wall_s:.1f} s: {where}")
         return self.manifest
@@ -129,16 +133,30 @@ class Pipeline:
             raise
         except Exception as err:
             failed = isinstance(err, StageFailed)
-            record.status, record.reason = "failed", err.reason if failed else f"{type(err).__name__}: {err}"
+            # a full disk is named once, with its file, not as the chain of errors it set off
+            reason = no_space_message(err) or (err.reason if failed else f"{type(err).__name__}: {err}")
+            record.status, record.reason = "failed", reason
             raise PipelineStageError(stage.name, record.reason) from err
         finally:
             record.wall_s, record.finished_at = time.perf_counter() - t0, now()
-            self.manifest.save(self.layout.manifest)
+            self._save_manifest(reporting=record.status != "running")
             if record.status != "running":
                 self.log(f"{label}: {record.status.upper()} after {record.wall_s:.1f} s: {record.reason}")
         record.status = "done"
         self.manifest.save(self.layout.manifest)
         self.log(f"{label}: done in {record.wall_s:.1f} s")
+
+    def _save_manifest(self, reporting: bool) -> None:
+        """Write pipeline.json. While an error is being reported (`reporting`), a write that fails too (the same
+        full disk) is one log line, not a second error in place of the first."""
+        try:
+            self.manifest.save(self.layout.manifest)
+        except OSError as err:
+            if not reporting:
+                raise
+            if not self._unsaved:
+                self.log(f"[pipeline] cannot update {self.layout.manifest}: {no_space_message(err) or err}")
+            self._unsaved = True
 
 
 def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (),

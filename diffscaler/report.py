@@ -39,6 +39,10 @@ BACKBONE_GRID_CLASSES = 8  # rows of the backbone grid: classes spread over the 
 BACKBONE_GRID_PER_CLASS = 3  # columns of the backbone grid
 GRID_MIN_WIDTH_PX = 384  # small images are enlarged (nearest neighbour) so a grid is readable
 SAMPLE_SEED = 0  # seeds of every grid: the same images each time the report is written
+# Below this many multiply-adds per image and forward pass the grids are sampled on one CPU thread: such small
+# matmuls gain nothing from a second thread, and on a busy machine two were 3x slower. Above it (a DiT-S/4 at 32
+# px and up) torch keeps its threads: one thread cost a DiT-XL/2 run half its wall time, in this stage.
+ONE_THREAD_MAX_MACS = 1_000_000_000
 LOSS_UNIT = "MSE of the predicted noise, per element"
 
 
@@ -86,7 +90,7 @@ def write_report(inputs: ReportInputs) -> list[Path]:
     else:
         md += ["_No loss logs yet (pretrain / finetune have not run)._", ""]
     md += ["## Config", "", f"The resolved config is `{out / 'config.json'}`. Model {cfg.model.name}, "
-           f"{cfg.model.input_size}x{cfg.model.input_size} px, tasks: "
+           f"{_input_text(cfg, cfg.model.input_size)}, tasks: "
            + ", ".join(f"`{t.name}`" for t in cfg.data.targets) + ".", ""]  # fmt: skip
     report = out / "report.md"
     write_text_atomic(report, "\n".join(md).rstrip() + "\n")
@@ -107,12 +111,19 @@ def _overview(inputs: ReportInputs) -> list[str]:
 
         meta = read_backbone_meta(inputs.backbone)
         m = meta["model"]
-        lines.append(f"Backbone `{inputs.backbone}`: {m['name']}, {m['input_size']}x{m['input_size']} px, "
+        lines.append(f"Backbone `{inputs.backbone}`: {m['name']}, {_input_text(inputs.cfg, m['input_size'])}, "
                      f"{m['num_classes']} classes, {meta.get('num_parameters', 0):,} parameters, "
                      f"hash `{meta['content_hash'][:23]}...`.")  # fmt: skip
     if states:
         lines.append(f"Stages: {states}. Stage time in this run: {total:.1f} s.")
     return [*lines, ""] if lines else []
+
+
+def _input_text(cfg: ExperimentConfig, side: int) -> str:
+    """The model's input: pixels, or with data.vae latent cells (and the pixel size they encode)."""
+    if cfg.data.vae:
+        return f"{side}x{side} latent cells ({cfg.data.image_size}x{cfg.data.image_size} px images)"
+    return f"{side}x{side} px"
 
 
 def _stage_section(inputs: ReportInputs) -> list[str]:
@@ -322,15 +333,24 @@ def _save_grid(images: np.ndarray, ncols: int, path: Path) -> Path:
 def _sample_grids(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     import torch
 
-    # One intra-op thread on CPU: these small matmuls gain little from a second thread, and when the
-    # machine is busy (Ray workers, other jobs) two threads were measured 3x slower than one.
     threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and _backbone_macs(inputs) < ONE_THREAD_MAX_MACS:
         torch.set_num_threads(1)
     try:
         return _sample_grids_here(inputs)
     finally:
         torch.set_num_threads(threads)
+
+
+def _backbone_macs(inputs: ReportInputs) -> int:
+    """Multiply-adds per image of the backbone's forward pass (0 when there is no backbone yet)."""
+    if inputs.backbone is None or not Path(inputs.backbone).is_file():
+        return 0
+    from diffscaler.artifacts import read_backbone_meta
+    from diffscaler.config import ModelConfig, from_dict
+    from diffscaler.models.dit import model_macs
+
+    return model_macs(from_dict(ModelConfig, read_backbone_meta(inputs.backbone)["model"], "backbone.model"))
 
 
 def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from diffscaler.errors import naming_the_file, no_space_message
+
 LOCK_NAME = ".lock"
 NESTED_DEPTH = 2  # levels below a folder searched for a held lock (X/adapters, X/sweep/tune, ...)
 
@@ -105,16 +107,22 @@ class RunLock:
         self.root = check_out_dir(out_dir, flag)
         self.path = self.root / LOCK_NAME
         self._fd: int | None = None
+        self._created: list[Path] = []  # folders acquire() made, deepest first: removed on release if still empty
 
     def acquire(self) -> Path:
         """Create the folder and take the lock; returns the absolute folder. Raises RunFolderError."""
+        self._created = [d for d in (self.root, *self.root.parents) if not d.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RunFolderError(f"{self.flag} {self.out_dir}: cannot create the folder: {err}") from None
         me = {"host": socket.gethostname(), "pid": os.getpid(), "program": self.program,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-        self._fd = _acquire(self.path, me, self.out_dir, self.flag, self.log)
+        try:
+            self._fd = _acquire(self.path, me, self.out_dir, self.flag, self.log)
+        except RunFolderError:
+            self._remove_created()
+            raise
         # after taking ours: of two runs nested in each other that start together, neither goes on
         if held := _held_nearby(self.root):
             other, info = held
@@ -127,6 +135,8 @@ class RunLock:
         return self.root
 
     def release(self) -> None:
+        """Drop the lock; the folders acquire() created go too when nothing was written in them (a run
+        refused by a neighbour's lock or by bad input leaves no empty folders behind)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -136,6 +146,15 @@ class RunLock:
             pass
         finally:
             os.close(fd)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # deepest first; rmdir refuses a folder with anything in it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def __enter__(self) -> Path:
         return self.acquire()
@@ -212,9 +231,15 @@ def _acquire(path: Path, me: dict[str, Any], out_dir: str | Path, flag: str, log
                 )
         if old:
             log(f"{flag} {out_dir}: taking over the stale lock of {_holder_text(old)}, which is no longer running")
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, (json.dumps(me, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (json.dumps(me, sort_keys=True) + "\n").encode())
+            os.fsync(fd)
+        except OSError as err:  # a full disk, typically: the folder cannot take a run's files either
+            path.unlink(missing_ok=True)  # ours (we hold its flock): leave no lock file behind
+            os.close(fd)
+            why = no_space_message(naming_the_file(err, path)) or str(err)
+            raise RunFolderError(f"{flag} {out_dir}: cannot write the lock file: {why}") from None
         return fd
     raise RunFolderError(f"{flag} {out_dir}: could not take {path} (it keeps being replaced)")

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,24 @@ class VaeError(ValueError):
     """A VAE that cannot be used; the message names the path and what to put there."""
 
 
-def _autoencoder_class():
-    # diffusers imports torchvision, whose CUDA build does not load beside the CPU torch (see the shim).
+def import_diffusers() -> types.ModuleType:
+    """`import diffusers` in this project's venv, e.g. in a script that prepares a VAE (README).
+
+    diffusers imports torchvision, and the venv's torchvision (PyPI's 0.28.0, a CUDA build) does not import
+    beside the CPU torch ("operator torchvision::nms does not exist"); the shim in
+    diffscaler.eval.torchvision_compat, active only where that happens, makes it importable first.
+    """
     from diffscaler.eval.torchvision_compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a hub download, whatever the path says
-    from diffusers import AutoencoderKL
+    import diffusers
 
-    return AutoencoderKL
+    return diffusers
+
+
+def _autoencoder_class():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a hub download, whatever the path says
+    return import_diffusers().AutoencoderKL
 
 
 def _sha256_file(path: Path) -> str:

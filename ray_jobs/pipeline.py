@@ -11,8 +11,9 @@
 
 Rerun the same command after a failure or Ctrl-C: finished stages whose outputs are still valid are
 skipped (`OUT/pipeline.json` records each stage's status, wall time and outputs). Exit status:
-0 done; 1 a stage failed (named on stderr and in pipeline.json); 2 bad input found before any stage
-ran; 130 interrupted (Ctrl-C or SIGTERM, e.g. `ray job stop`).
+0 done; 1 a stage failed (named on stderr and in pipeline.json), or the run folder could not be
+written (a full disk: "no space left on device at PATH"); 2 bad input found before any stage ran;
+130 interrupted (Ctrl-C or SIGTERM, e.g. `ray job stop`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.pipeline: interrupted; finished stages are kept, rerun to continue ({args.out}/pipeline.json)",
               file=sys.stderr)  # fmt: skip
         return 130
+    except OSError as err:  # outside any stage: the run folder's own files (a full disk, permissions)
+        from diffscaler.errors import no_space_message
+
+        print(f"ray_jobs.pipeline: error: {no_space_message(err) or err}; see {args.out}/pipeline.json",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

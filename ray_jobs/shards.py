@@ -7,7 +7,8 @@
 
 Datasets: cfg.data.pretrain_source and every cfg.data.targets[i] (by its source), written to
 cfg.data.shards_root/<name>, by the pipeline's shards stage: datasets built as configured that pass
-`shards check` are kept unless --force.
+`shards check` are kept unless --force. Each dataset folder is locked while it is built (`<name>/.lock`):
+a folder in use by another program, or inside a pipeline's run folder in use, is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.shards: config error: {err}", file=sys.stderr)
         return 2
 
+    from contextlib import ExitStack
+
+    from diffscaler.data import dataset_dir
+    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.stages import Run
     from diffscaler.stages.shards import ShardsStage
 
@@ -38,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     run = Run.for_program(cfg, "shards", force=args.force)
     try:  # unknown, missing or empty sources are reported before Ray starts
         stage.preflight(run)
-        run.connect()
-        built = stage.run(run)  # rebuilds what is stale or fails `shards check`, every one with --force
-    except (ValueError, FileNotFoundError) as err:  # missing package, empty source, bad input
+        with ExitStack() as locks:  # each dataset folder, as every program locks its output (a bucket has no flock)
+            for folder in (dataset_dir(cfg.data, name) for name in stage.names(run)):
+                if "://" not in folder:
+                    locks.enter_context(run_lock(folder, "ray_jobs.shards", flag="shards folder"))
+            run.connect()
+            built = stage.run(run)  # rebuilds what is stale or fails `shards check`, every one with --force
+    except (ValueError, FileNotFoundError, RunFolderError) as err:  # missing package, empty source, folder in use
         print(f"ray_jobs.shards: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -142,3 +142,58 @@ def test_adapter_load_errors(tmp_path):
     (tmp_path / "c.json").unlink()
     with pytest.raises(AdapterLoadError, match="c.json is missing"):
         load_adapters(backbone(), [tmp_path / "c.safetensors"], backbone_hash=None)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weight_files_get_the_umask_mode_like_their_json(tmp_path, umask):
+    """safetensors creates its files 0600: on a shared file system others read the JSONs but not the weights."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_backbone(backbone(), tmp_path / "backbone.safetensors")
+        bank = AdapterBank.attach(backbone(), TASKS, method="affiner", rank=2)
+        save_adapter(bank, TASKS[0].name, tmp_path / "adapters", "sha256:x")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "backbone.safetensors", tmp_path / "backbone.json",
+             tmp_path / "adapters" / f"{TASKS[0].name}.safetensors", tmp_path / "adapters" / f"{TASKS[0].name}.json"]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
+
+
+def test_a_truncated_weights_file_with_its_json_intact_is_named_when_its_meta_is_read(tmp_path):
+    """A copy that did not finish: the JSON is whole, the tensors are not. Found by every preflight (they read the
+    meta), and by a loader, as a clear error instead of safetensors' own SafetensorError."""
+    from diffscaler.artifacts import read_adapter_file, read_adapter_meta, read_backbone_meta
+
+    path = tmp_path / "backbone.safetensors"
+    save_backbone(backbone(), path)
+    bank = AdapterBank.attach(backbone(), TASKS, method="affiner", rank=2)
+    adapter, _ = save_adapter(bank, TASKS[0].name, tmp_path / "adapters", "sha256:x")
+    for file in (path, adapter):
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    for call in (read_backbone_meta, load_backbone):
+        with pytest.raises(BackboneLoadError, match=rf"{path}: not a readable safetensors file .*truncated"):
+            call(path)
+    for call in (read_adapter_meta, read_adapter_file):
+        with pytest.raises(AdapterLoadError, match=rf"{adapter}: not a readable safetensors file .*truncated"):
+            call(adapter)
+
+
+def test_a_pickle_that_would_call_os_system_is_refused_naming_it(tmp_path):
+    """torch 2.13 words a blocked module's global differently ("unsupported GLOBAL posix.system whose module posix
+    is blocked"); the refusal names it either way, and nothing runs."""
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": Payload()}, path)
+    with pytest.raises(BackboneLoadError, match=r"holds a pickled (posix|nt)\.system object"):
+        load_backbone(path)
+    assert not marker.exists()

@@ -7,6 +7,7 @@ and, through `ray job submit`, in test_pipeline_cluster.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,7 +123,7 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
     from diffscaler.data import build_all, load_index
     from diffscaler.data.build import pretrain_dataset_dir
     from diffscaler.pipeline import Pipeline
-    from diffscaler.train.pretrain_checkpoint import STATE_FILE, TrainerState, checkpoint_dir_name
+    from diffscaler.train.pretrain_checkpoint import RAY_SNAPSHOT, STATE_FILE, TrainerState, checkpoint_dir_name
 
     cfg_path = micro_config(tmp_path, ["pretrain"])
     cfg = resolve_run_config(load_config(cfg_path), tmp_path / "out")
@@ -137,6 +138,8 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
                          deepspeed_tag="step00000002", run_name=p.run_name, model=asdict(cfg.model),
                          shards={"content_hash": "sha256:other"}, config=cfg.to_dict())  # fmt: skip
     (folder / STATE_FILE).write_text(state.to_json())
+    (folder.parent / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name":
+                                                                                       folder.name}}))  # fmt: skip
     with pytest.raises(PipelineInputError, match="not a checkpoint of this run") as err:
         Pipeline(load_config(cfg_path), tmp_path / "out").preflight()
     assert f"shards (content hash): checkpoint 'sha256:other', config '{built}'" in str(err.value)
@@ -163,6 +166,22 @@ def test_backbone_that_does_not_match_the_model_config(tmp_path):
     assert "add 'pretrain'" in msg
     run_expecting_input_error(micro_config(tmp_path, ["shards"]), tmp_path / "out", ["pipeline.backbone=/nope.pt"],
                               match="not found")  # fmt: skip
+
+
+def test_a_truncated_backbone_is_bad_input_of_the_pipeline_and_of_ray_jobs_finetune(tmp_path, capsys, refuse_ray):
+    """backbone.safetensors cut short (a copy that did not finish), its JSON whole: exit status 2 and one line
+    naming the file, before Ray (it used to surface as a SafetensorError traceback inside a Ray task)."""
+    from ray_jobs.finetune import main as finetune_main
+    from ray_jobs.pipeline import main as pipeline_main
+
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    backbone.write_bytes(backbone.read_bytes()[:-1000])
+    cfg = micro_config(tmp_path, ["shards", "finetune"])
+    assert pipeline_main(["--config", str(cfg), "--out", str(tmp_path / "out"), f"pipeline.backbone={backbone}"]) == 2
+    assert finetune_main(["--config", str(cfg), "--backbone", str(backbone), "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"{backbone}: not a readable safetensors file") == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "pipeline.json").exists() and not (tmp_path / "ft").exists()
 
 
 def test_a_given_backbone_needs_no_pretraining_set(tmp_path):
@@ -211,6 +230,74 @@ def test_public_dit_checkpoint_is_imported_once_and_reported(tmp_path):
     run_pipeline(cfg, out)
     assert statuses(out)["pretrain"] == "skipped"
     assert mtimes(out / "backbone" / "backbone.safetensors") == before
+
+
+FILL_BUT_ONE_PAGE = """
+import os, sys
+st = os.statvfs(sys.argv[1])
+with open(os.path.join(sys.argv[1], "filler"), "wb") as f:
+    f.write(bytes((st.f_bavail - 1) * st.f_frsize))
+"""
+
+
+def _user_tmpfs_works(folder: Path) -> bool:
+    """Whether this machine lets an unprivileged user mount a tmpfs in its own user + mount namespace."""
+    folder.mkdir()
+    try:
+        done = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                              capture_output=True, timeout=30)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
+    """A real full file system: a 512 KiB tmpfs mounted on the run folder in a user + mount namespace
+    (`unshare -Urm`, no privileges needed). The pretrain stage imports a 16 MB public checkpoint into it.
+    1. The backbone's write fails: one line names the file, the manifest (written after the partial file is
+       removed) says failed. It used to end in chained tracebacks, the program's own line never printed.
+    2. The disk full but for one page (the lock takes it): config.json cannot be written, nor a second copy of
+       pipeline.json; the old one is overwritten in place and says failed, not running.
+    3. `diffscaler init-backbone` into the full disk: one line naming the file."""
+    if not _user_tmpfs_works(tmp_path / "probe"):
+        pytest.skip("no unprivileged user + mount namespaces here (unshare -Urm): no small file system to fill")
+    import torch
+
+    from diffscaler.models import build_model
+
+    pt = tmp_path / "DiT-T-4-16.pt"
+    torch.save(build_model(MICRO_MODEL, seed=3).state_dict(), pt)
+    cfg, out, res = micro_config(tmp_path, ["pretrain"]), tmp_path / "out", tmp_path / "res"
+    out.mkdir()
+    res.mkdir()
+    run = f"{sys.executable} -m ray_jobs.pipeline --config {cfg} --out {out} pipeline.backbone={pt}"
+    script = (f"mount -t tmpfs -o size=512k tmpfs {out} && cd {ROOT} && "
+              f"{{ {run} 2>{res}/a.err; echo $? >{res}/a.rc; cp {out}/pipeline.json {res}/a.json; "
+              f"{sys.executable} -c '{FILL_BUT_ONE_PAGE}' {out}; "
+              f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; "
+              f"{sys.executable} -m diffscaler.cli init-backbone --model DiT-T/4 --input-size 16 --in-channels 3 "
+              f"--num-classes 3 --out {out}/b.safetensors 2>{res}/c.err; echo $? >{res}/c.rc; }}")  # fmt: skip
+    subprocess.run(["unshare", "-Urm", "sh", "-c", script], check=True, timeout=300)
+
+    a_err, b_err = (res / "a.err").read_text(), (res / "b.err").read_text()
+    backbone = out / "backbone" / "backbone.safetensors"
+    assert (res / "a.rc").read_text().strip() == "1"
+    assert "Traceback" not in a_err and "Errno" not in a_err, a_err
+    assert a_err.strip().splitlines()[-2] == (f"ray_jobs.pipeline: stage 'pretrain' failed: no space left on device "
+                                              f"at {backbone}")  # fmt: skip
+    a = json.loads((res / "a.json").read_text())
+    assert a["status"] == "failed" and a["stages"]["pretrain"]["status"] == "failed"
+    assert a["stages"]["pretrain"]["reason"] == f"no space left on device at {backbone}"
+
+    assert (res / "b.rc").read_text().strip() == "1"
+    assert "Traceback" not in b_err and f"no space left on device at {out / 'config.json'}" in b_err, b_err
+    b = json.loads((res / "b.json").read_text())
+    assert b["status"] == "failed" and b["error"] == f"no space left on device at {out / 'config.json'}"
+    assert b["started_at"] != a["started_at"] or b["wall_s"] != a["wall_s"]  # this run's record, not the last one's
+    # the command line too: one line, no traceback
+    assert (res / "c.rc").read_text().strip() == "1"
+    assert (res / "c.err").read_text() == (f"diffscaler init-backbone: error: no space left on device at "
+                                           f"{out / 'b.safetensors'}\n")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------

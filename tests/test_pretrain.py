@@ -155,6 +155,46 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(ray_local
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_an_infinite_gradient_norm_stops_the_run_like_a_nan_loss(ray_local, shards, tmp_path):
+    """lr 1e6: step 2's update blows the weights up (loss ~1e15), and from step 3 on the gradient norm is
+    inf; DeepSpeed skips every such update, so the loss stays huge but finite and the run used to end with
+    exit status 0 and an exported backbone of those weights."""
+    from diffscaler.train.pretrain import NonFiniteLossError, run_pretrain
+
+    cfg = tiny_cfg(tmp_path, "inf-grad", "pretrain.lr=1.0e+6", "pretrain.steps=6", "pretrain.checkpoint_every=2",
+                   "pretrain.sample_every=0")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf at step 3 .*last good checkpoint is step 2"):
+        run_pretrain(cfg, tmp_path / "out", shards)
+    assert not (tmp_path / "out" / "backbone.safetensors").exists()
+    assert len(events(tmp_path / "out", "start") + events(tmp_path / "out", "resume")) == 1  # no restart replayed it
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_the_driver_names_the_step_ray_resumes_from_not_the_highest_folder(ray_local, shards, tmp_path):
+    """`ray job stop` can land after a checkpoint folder was persisted but before Ray's controller recorded it in
+    its snapshot: the next launch resumes from the snapshot's checkpoint (step 2 here), while the highest folder
+    says 4. The driver used to announce "resuming from step 4"."""
+    from diffscaler.train.pretrain import plan_run, run_pretrain
+    from diffscaler.train.pretrain_checkpoint import RAY_SNAPSHOT, checkpoint_dir_name
+
+    def cfg(steps: int):
+        return tiny_cfg(tmp_path, "stop", f"pretrain.steps={steps}", "pretrain.checkpoint_every=2",
+                        "pretrain.sample_every=0")  # fmt: skip
+
+    out, run_dir = tmp_path / "out", tmp_path / "ray" / "stop"
+    run_pretrain(cfg(2), out, shards)
+    snapshot_at_2 = (run_dir / RAY_SNAPSHOT).read_bytes()  # Ray's own record, as it was after step 2
+    run_pretrain(cfg(4), out, shards)
+    assert (run_dir / checkpoint_dir_name(4)).is_dir()
+    (run_dir / RAY_SNAPSHOT).write_bytes(snapshot_at_2)  # the folder of step 4 persisted, its record not
+    assert plan_run(cfg(5), out, shards).resume_step == 2
+    assert run_pretrain(cfg(5), out, shards).step == 5
+    assert events(out, "resume")[-1]["step"] == 2  # where the workers did resume
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_bad_input_fails_before_any_worker_starts(ray_local, zero2_run, shards, tmp_path):
     from diffscaler.train.pretrain import check_cluster, plan_run, run_pretrain

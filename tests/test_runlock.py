@@ -172,3 +172,37 @@ def test_every_program_refuses_an_out_that_is_a_file(program, tmp_path, capsys, 
     assert importlib.import_module(program).main(PROGRAMS[program](_config(tmp_path), str(f))) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert f.read_text() == "not a folder"
+
+
+def test_the_shards_programs_lock_their_folders_and_a_refused_run_leaves_no_folders(held, tmp_path, capsys,
+                                                                                    refuse_ray):  # fmt: skip
+    """`ray_jobs.shards` and `diffscaler shards make` into a run folder in use (a pipeline's shards) are refused,
+    naming the holder, and leave nothing behind: they used to rewrite the running pipeline's shards."""
+    from diffscaler.cli import main as cli_main
+    from ray_jobs.shards import main as shards_main
+    from tests.support.pipeline import make_image_folders
+
+    out, proc = held
+    src = make_image_folders(tmp_path / "src")["red"]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  pretrain_source: folder:{src}\n  targets: []\n")
+    assert shards_main(["--config", str(cfg), f"data.shards_root={out / 'shards'}"]) == 2
+    assert cli_main(["shards", "make", "--source", f"folder:{src}", "--out", str(out / "shards" / "red")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("in use by holder-program") == 2 and f"pid {proc.pid}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # no shards/, no shards/red/
+
+
+def test_cli_outputs_under_a_file_are_clear_errors(tmp_path, capsys):
+    from diffscaler.cli import main as cli_main
+    from tests.support.pipeline import make_image_folders
+
+    src = make_image_folders(tmp_path / "src")["red"]
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli_main(["shards", "make", "--source", f"folder:{src}", "--out", str(f)]) == 2
+    assert cli_main(["init-backbone", "--model", "DiT-T/8", "--input-size", "16", "--in-channels", "3",
+                     "--num-classes", "2", "--out", str(f / "x.safetensors")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"--out {f}: is a file, not a folder" in err and f"--out {f / 'x.safetensors'}: {f} is a file" in err, err
+    assert f.read_text() == "x"

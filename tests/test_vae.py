@@ -159,8 +159,11 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     mtime = kept.stat().st_mtime_ns
     messages: list[str] = []
     again = encode_shards(f"folder:{image_folder}", out, str(tiny_vae), size=SIZE, samples_per_shard=4,
-                          eval_fraction=0.25, batch_size=3, log=messages.append)  # fmt: skip
+                          eval_fraction=0.25, batch_size=3, log=messages.append, progress_every=2)  # fmt: skip
     assert any("resuming, 1 of" in m for m in messages)
+    # progress inside a shard, not only once it is written (a large shard said nothing for minutes)
+    first_written = next(i for i, m in enumerate(messages) if "encoded train-000000.tar" in m)
+    assert any(" encoded 2/" in m and "images/s" in m for m in messages[:first_written]), messages
     assert kept.stat().st_mtime_ns == mtime and first.exists()
     assert again.content_hash == index.content_hash
     assert not list(Path(out).glob("*.done.json"))
@@ -292,3 +295,21 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     other = save_tiny_vae(tmp_path / "other-vae", seed=1)
     with pytest.raises(FinetuneInputError, match=r"were encoded with VAE sha256:.*, data.vae is sha256:"):
         plan_finetunes(replace(run, data=replace(run.data, vae=other)), backbone, tmp_path / "ft3")
+
+
+def test_the_readme_prepares_a_vae_with_diffusers_in_the_venv(tiny_vae, tmp_path):
+    """The README's snippet, run as written in a fresh interpreter of the venv, the Hugging Face id and the shared
+    folder replaced by a local folder and a temporary one (no internet here)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    found = re.search(r"```python\n(# \.venv/bin/python, on the machine with internet\n.*?)```", readme, re.S)
+    snippet = found.group(1)
+    assert '"stabilityai/sd-vae-ft-ema"' in snippet and '"/shared/weights/sd-vae-ft-ema"' in snippet
+    out = tmp_path / "prepared-vae"
+    code = snippet.replace('"stabilityai/sd-vae-ft-ema"', repr(str(tiny_vae))).replace(
+        '"/shared/weights/sd-vae-ft-ema"', repr(str(out)))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert load_vae(out).hash == load_vae(tiny_vae).hash

@@ -57,7 +57,16 @@ def _condition(args: argparse.Namespace) -> ConditionSpec | None:
 
 
 def _make(args: argparse.Namespace) -> int:
-    condition = _condition(args)
+    condition = _condition(args)  # a bad --condition is refused before the lock creates anything
+    if "://" in args.out:  # a bucket has no flock
+        return _make_here(args, condition)
+    from diffscaler.runlock import run_lock
+
+    with run_lock(args.out, "diffscaler shards make"):  # as every program: a second writer would mix up the shards
+        return _make_here(args, condition)
+
+
+def _make_here(args: argparse.Namespace, condition: ConditionSpec | None) -> int:
     if args.vae:
         from diffscaler.data.encode import encode_shards
         from diffscaler.vae import VaeError

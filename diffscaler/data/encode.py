@@ -7,7 +7,7 @@ The catalog, class-balanced subset and train/eval split are those of `make_shard
 images). Each image is prepared as for pixel shards (size x size RGB, centre crop) and encoded by a
 Ray Data `map_batches` over an actor pool (each actor holds the VAE: a GPU each where asked, CPU
 otherwise); the driver writes the tars in order. Ray Data's progress bar shows the encoding; a log
-line per written shard gives images/s.
+line every `progress_every` images (also inside a large shard) and one per written shard give images/s.
 
 A sample holds
     npy       fp16 (C, h, w): the VAE posterior's mean of the image, times the VAE's scaling factor
@@ -139,6 +139,7 @@ def encode_shards(
     skip_bad: bool = False,
     condition: ConditionSpec | None = None,
     log: Callable[[str], None] | None = None,
+    progress_every: int = 500,
 ) -> DatasetIndex:
     """Encode `source` through the VAE at `vae_path` into latent shards + index.json at `out` (on Ray:
     `ray.init()` if no cluster is connected); with `condition`, each sample also holds its map (cond.png,
@@ -147,9 +148,9 @@ def encode_shards(
     from diffscaler.vae import vae_identity
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if size < 1 or samples_per_shard < 1 or batch_size < 1 or actors < 1:
-        raise ValueError(f"--size, --samples-per-shard, batch size and actors must be >= 1, got {size}, "
-                         f"{samples_per_shard}, {batch_size}, {actors}")  # fmt: skip
+    if size < 1 or samples_per_shard < 1 or batch_size < 1 or actors < 1 or progress_every < 1:
+        raise ValueError(f"--size, --samples-per-shard, batch size, actors and progress_every must be >= 1, got "
+                         f"{size}, {samples_per_shard}, {batch_size}, {actors}, {progress_every}")  # fmt: skip
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     identity = vae_identity(vae_path, vae_config)  # VaeError before any work
@@ -190,9 +191,18 @@ def encode_shards(
     rows = [{"shard": s, "pos": k, "ref": item.ref, "label": item.label}
             for s, (_split, _n, items) in enumerate(plan) if s not in done for k, item in enumerate(items)]  # fmt: skip
     t0, encoded = time.perf_counter(), 0
+    arrived = 0  # images whose latents reached the driver: a log line every progress_every of them
+
+    def on_row() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived % progress_every == 0 and arrived < len(rows):
+            rate = arrived / max(time.perf_counter() - t0, 1e-9)
+            log(f"shards make {source}: encoded {arrived}/{len(rows)} images ({rate:.1f} images/s)")
+
     if rows:
         for s, results in _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors,
-                                          cpus_per_actor, gpus_per_actor, condition):  # fmt: skip
+                                          cpus_per_actor, gpus_per_actor, on_row, condition):  # fmt: skip
             split, number, items = plan[s]
             done[s] = _write_shard(out, split, number, items, results, catalog.class_names, skip_bad, source,
                                    condition.member if condition is not None else "")  # fmt: skip
@@ -256,8 +266,10 @@ def _plan_hash(params: dict[str, Any], split: str, number: int, items: list[Any]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, condition=None):
-    """(plan position, that shard's rows in order) as each shard's encoding completes (in plan order)."""
+def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, on_row,
+                    condition=None):  # fmt: skip
+    """(plan position, that shard's rows in order) as each shard's encoding completes (in plan order);
+    `on_row()` as each encoded image arrives."""
     import ray
 
     if not ray.is_initialized():
@@ -273,6 +285,7 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     pending: dict[int, list[dict[str, Any]]] = {}
     current = rows[0]["shard"]
     for row in ds.iter_rows():
+        on_row()
         shard = int(row["shard"])
         if shard != current and current in pending:
             yield current, sorted(pending.pop(current), key=lambda r: int(r["pos"]))

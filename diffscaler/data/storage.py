@@ -12,6 +12,8 @@ import uuid
 import fsspec
 from fsspec.core import url_to_fs
 
+from diffscaler.errors import naming_the_file
+
 TEMP_MARK = ".tmp-"  # temp files are `.<name>.tmp-<random>`; `shards check` reports leftovers
 
 
@@ -51,9 +53,11 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     try:
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if fs.exists(tmp):
             fs.rm(tmp)
+        if isinstance(err, OSError) and (named := naming_the_file(err, url)) is not err:
+            raise named from None  # a full disk, naming the file (the write call's error names none)
         raise
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from diffscaler.atomic import write_text_atomic
+from diffscaler.errors import NO_SPACE
 
 MANIFEST_FORMAT = "diffscaler-pipeline"
 MANIFEST_FORMAT_VERSION = 1
@@ -63,7 +64,18 @@ class Manifest:
     def save(self, path: Path) -> None:
         d = dataclasses.asdict(self) | {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
                                         "units": {"wall_s": "seconds (wall clock)"}}  # fmt: skip
-        write_text_atomic(path, json.dumps(d, indent=2, sort_keys=True, default=str) + "\n")
+        text = json.dumps(d, indent=2, sort_keys=True, default=str) + "\n"
+        try:
+            write_text_atomic(path, text)
+        except OSError as err:
+            if err.errno not in NO_SPACE or not path.is_file():
+                raise
+            # A full disk: the atomic write needs room for a second copy. Overwriting the old file reuses its
+            # blocks, so the record still says what happened ("failed", not "running"); a crash in the middle
+            # would leave broken JSON, which `load` treats as no manifest.
+            with open(path, "r+") as f:
+                f.truncate(0)
+                f.write(text)
 
     @classmethod
     def load(cls, path: Path) -> Manifest | None:

@@ -16,7 +16,7 @@ from diffscaler.data import dataset_jobs, load_index, storage
 from diffscaler.data.build import pretrain_dataset_dir
 from diffscaler.stages.base import InputError, Run, Stage, StageCheck
 from diffscaler.stages.inputs import require_built
-from diffscaler.train.pretrain_checkpoint import latest_checkpoint
+from diffscaler.train.pretrain_checkpoint import resume_checkpoint
 
 
 class PretrainStage(Stage):
@@ -37,7 +37,7 @@ class PretrainStage(Stage):
         # the shards stage the shards on disk are the ones pretraining reads, so their hash is checked too
         p = run.cfg.pretrain
         try:
-            found = latest_checkpoint(storage.join(p.storage_path, p.run_name))
+            found = resume_checkpoint(storage.join(p.storage_path, p.run_name))  # the one Ray resumes from
             if found is not None:
                 shards_hash = None
                 if "shards" not in run.selected:  # require_built above: the index is there

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from diffscaler.adapters import AdapterBank, TaskInfo
 from diffscaler.artifacts import load_backbone, save_adapter, save_task_model
+from diffscaler.atomic import with_umask_mode
 from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.data import MixedTaskReader, ShardReader, load_index, read_split
 from diffscaler.diffusion import GaussianDiffusion
@@ -325,6 +326,7 @@ class AdapterRun:
                 if isinstance(value, torch.Tensor):
                     tensors[f"adam.{i}.{name}"] = value.detach().cpu().reshape(value.shape).contiguous()
         save_file(tensors, str(d / "state.safetensors"))
+        with_umask_mode(d / "state.safetensors")  # safetensors writes 0600; the JSON beside it gets the umask
         meta = {"step": self.step, "last_window_loss": self.last_window_loss, "images_seen": self.images_seen,
                 "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict(),
                 "lrs": [g["lr"] for g in self.optimizer.param_groups]}  # fmt: skip

@@ -31,11 +31,12 @@ Ray Train requires. Rank 0 writes live logs (`metrics.jsonl`, TensorBoard, sampl
 when `OUT` is not on rank 0's machine or a shared folder, the final backbone and metrics still
 arrive there, since the driver takes them from the checkpoint in storage.
 
-A non-finite loss stops the run: every rank sees the same all-reduced loss and raises
-`NonFiniteLossError` with the step; no checkpoint is written after it, so the last good one stays
-the latest. A marker in the run folder makes Ray's automatic restarts of that launch fail at once
-instead of replaying the same divergence; a new launch (say with a lower `pretrain.lr`) resumes
-from the last good checkpoint.
+A non-finite loss, or a non-finite gradient norm (DeepSpeed then skips the update, so a diverged run
+would otherwise go on with a huge finite loss and frozen weights), stops the run: every rank sees the
+same all-reduced values and raises `NonFiniteLossError` with the step; no checkpoint is written after
+it, so the last good one stays the latest. A marker in the run folder makes Ray's automatic restarts
+of that launch fail at once instead of replaying the same divergence; a new launch (say with a lower
+`pretrain.lr`) resumes from the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from typing import Any
 
 import torch
 
-from diffscaler.atomic import copy_file_atomic
+from diffscaler.atomic import copy_file_atomic, with_umask_mode
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
@@ -71,9 +72,9 @@ from diffscaler.train.pretrain_checkpoint import (
     checkpoint_dir_name,
     deepspeed_tag,
     export_backbone,
-    latest_checkpoint,
     read_skipped,
     read_state,
+    resume_checkpoint,
     rng_file,
     skipped_file,
 )
@@ -91,7 +92,7 @@ class PretrainError(RuntimeError):
 
 
 class NonFiniteLossError(PretrainError):
-    """The all-reduced loss became NaN or infinite; the message names the step."""
+    """The all-reduced loss or the gradient norm became NaN or infinite; the message names the step."""
 
 
 class PretrainDataError(PretrainError):
@@ -229,7 +230,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     store = _absolute(p.storage_path)
     check_writable(store, "pretrain.storage_path")
     run_dir = storage.join(store, p.run_name)
-    found = latest_checkpoint(run_dir)
+    found = resume_checkpoint(run_dir)  # the one Ray hands the workers (its snapshot), not the highest folder
     if found is not None:
         check_resumable(found[1], cfg, found[0], index.content_hash)
     return PretrainPlan(
@@ -363,9 +364,10 @@ def _read_marker(plan: PretrainPlan, name: str) -> dict[str, Any] | None:
     return marker if marker.get("launch_id") == plan.launch_id else None
 
 
-def nonfinite_message(p, step: int, value: float, last_checkpoint: int, run_dir: str) -> str:
-    """What a non-finite loss at `step` means for the run (`p`: the pretrain config section)."""
-    head = f"pretrain: the loss is {value} at step {step} (run {p.run_name!r}); stopped without checkpointing it."
+def nonfinite_message(p, step: int, value: float, last_checkpoint: int, run_dir: str, what: str = "loss") -> str:
+    """What a non-finite `what` ("loss" or "gradient norm") at `step` means for the run (`p`: the pretrain
+    config section)."""
+    head = f"pretrain: the {what} is {value} at step {step} (run {p.run_name!r}); stopped without checkpointing it."
     fix = f"Lower pretrain.lr (now {p.lr:g}) or raise pretrain.warmup_steps and rerun"
     if last_checkpoint == 0:  # nothing to continue from: "the last good checkpoint is step 0" would say there is
         none = f"No checkpoint was written yet (pretrain.checkpoint_every={p.checkpoint_every})."
@@ -384,7 +386,7 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 
 class LossWindow:
-    """Per-step losses since the last check, all-reduced in one collective when read.
+    """Per-step losses and gradient norms since the last check, all-reduced in one collective when read.
 
     Reading them is the only host sync of the loop; it happens at log, checkpoint and sample steps,
     and a non-finite value is located at its exact step.
@@ -392,32 +394,40 @@ class LossWindow:
 
     def __init__(self) -> None:
         self.pending: list[torch.Tensor] = []  # local per-step mean losses (0-dim, on device)
+        self.norms: list[torch.Tensor] = []  # per-step global gradient norms (0-dim; the same on every rank)
         self.first_step = 0  # step of pending[0]
         self.values: list[float] = []  # reduced losses since the last logged line
         self.skipped = 0  # bad samples dropped by all ranks so far, as of the last reduce
 
-    def add(self, step: int, loss: torch.Tensor) -> None:
+    def add(self, step: int, loss: torch.Tensor, grad_norm: float | torch.Tensor | None = None) -> None:
+        """`grad_norm`: DeepSpeed's global gradient norm of the step (None where it computes none)."""
         if not self.pending:
             self.first_step = step
         self.pending.append(loss)
+        norm = 0.0 if grad_norm is None else grad_norm  # a float, or a device tensor: no host sync here
+        self.norms.append(torch.as_tensor(norm, dtype=torch.float32, device=loss.device).detach().reshape(()))
 
-    def reduce(self, skipped: int = 0) -> tuple[int, float] | None:
-        """All-reduce the pending losses and this rank's count of skipped samples (one collective);
-        returns (step, value) of the first non-finite loss, if any."""
+    def reduce(self, skipped: int = 0) -> tuple[int, float, str] | None:
+        """All-reduce the pending losses, gradient norms and this rank's count of skipped samples (one
+        collective); returns (step, value, "loss" | "gradient norm") of the first non-finite one, if any."""
         import torch.distributed as dist
 
         if not self.pending:
             return None
+        k = len(self.pending)
         count = torch.tensor([float(skipped)], device=self.pending[0].device)  # exact below 2**24
-        local = torch.cat([torch.stack(self.pending).float(), count])  # (k + 1,)
+        local = torch.cat([torch.stack(self.pending).float(), torch.stack(self.norms), count])  # (2k + 1,)
         dist.all_reduce(local)
         self.skipped = int(round(local[-1].item()))
         reduced = (local[:-1] / dist.get_world_size()).tolist()
-        self.pending = []
-        for i, value in enumerate(reduced):
-            if not math.isfinite(value):
-                return self.first_step + i, value
-        self.values.extend(reduced)
+        losses, norms = reduced[:k], reduced[k:]
+        self.pending, self.norms = [], []
+        for i, (loss, norm) in enumerate(zip(losses, norms)):
+            if not math.isfinite(loss):
+                return self.first_step + i, loss, "loss"
+            if not math.isfinite(norm):
+                return self.first_step + i, norm, "gradient norm"
+        self.values.extend(losses)
         return None
 
     def take_mean(self) -> float:
@@ -632,7 +642,7 @@ class RankTrainer:
             self.images_seen += p.global_batch_size
             self.window_images += p.global_batch_size
             self.ema.update()
-            self.window.add(self.step, loss)
+            self.window.add(self.step, loss, self.engine.get_global_grad_norm())
 
             final = self.step == p.steps
             is_log = self.step % p.log_every == 0 or final
@@ -744,6 +754,7 @@ class RankTrainer:
             write_json(Path(tmp, skipped_file(self.rank)), self._skipped())
             if self.rank == 0:
                 save_file({**ema_state, **self.buffers}, str(Path(tmp, EMA_FILE)))
+                with_umask_mode(Path(tmp, EMA_FILE))  # safetensors writes 0600
                 shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
                 if grid is not None:
                     from diffscaler.images import save_png
@@ -766,16 +777,17 @@ class RankTrainer:
 
     # -- failures ----------------------------------------------------------------------------------
 
-    def _stop_on_nonfinite(self, step: int, value: float) -> None:
+    def _stop_on_nonfinite(self, step: int, value: float, what: str) -> None:
         import torch.distributed as dist
 
         p, plan = self.p, self.plan
-        message = nonfinite_message(p, step, value, self.last_checkpoint, plan.run_dir)
+        message = nonfinite_message(p, step, value, self.last_checkpoint, plan.run_dir, what)
         if self.rank == 0:
-            marker = {"launch_id": plan.launch_id, "step": step, "value": str(value),
+            marker = {"launch_id": plan.launch_id, "step": step, "value": str(value), "what": what,
                       "last_checkpoint": self.last_checkpoint, "message": message}  # fmt: skip
             storage.write_bytes_atomic(storage.join(plan.run_dir, NAN_MARKER), json.dumps(marker).encode())
-            self.events.write("nonfinite_loss", step=step, value=str(value), last_checkpoint=self.last_checkpoint)
+            self.events.write("nonfinite_loss", step=step, value=str(value), what=what,
+                              last_checkpoint=self.last_checkpoint)  # fmt: skip
         dist.barrier()  # the marker exists before any rank fails (Ray tears the group down on the first)
         raise NonFiniteLossError(message)
 

@@ -130,6 +130,36 @@ def read_state(checkpoint_dir: str) -> TrainerState:
     return TrainerState.from_json(text, url)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def resume_checkpoint(run_dir: str) -> tuple[str, TrainerState] | None:
+    """The checkpoint Ray Train hands the workers when the run starts again, or None (a fresh start).
+
+    That is the latest one in Ray's own snapshot (`checkpoint_manager_snapshot.json` in the run folder), not the
+    highest folder on disk: a driver stopped (`ray job stop`) after a checkpoint folder was persisted but before
+    the controller recorded it leaves a newer folder that Ray does not resume from. No snapshot: Ray starts
+    from scratch whatever folders there are. A snapshot of a shape this code does not know (another Ray
+    version, which Ray itself refuses): the highest folder, as a best guess.
+    """
+    try:
+        snapshot = json.loads(storage.read_bytes(storage.join(run_dir, RAY_SNAPSHOT)))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return latest_checkpoint(run_dir)
+    if not isinstance(snapshot, dict) or "latest_checkpoint_result" not in snapshot:
+        return latest_checkpoint(run_dir)
+    latest = snapshot["latest_checkpoint_result"]
+    if latest is None:
+        return None  # the run reported no checkpoint yet
+    name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    if not isinstance(name, str) or not CHECKPOINT_DIR.match(name):
+        return latest_checkpoint(run_dir)
+    url = storage.join(run_dir, name)
+    return url, read_state(url)
+
+
 def latest_checkpoint(run_dir: str) -> tuple[str, TrainerState] | None:
     """The highest-step complete checkpoint folder of a run (local folder or URL), or None.
 

@@ -1,0 +1,60 @@
+"""The report stage's own choices: how many CPU threads sample its grids, and how it names the model's input.
+
+No Ray: `write_report` on real backbone files (random weights) and, for the latent case, a tiny random VAE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffscaler.artifacts import save_backbone
+from diffscaler.config import load_config
+from diffscaler.models import build_model
+from diffscaler.report import ReportInputs, write_report
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("model", "size", "threads"), [("DiT-T/4", 16, 1), ("DiT-S/4", 32, 2)])
+def test_grids_are_sampled_on_one_thread_only_for_a_tiny_backbone(model, size, threads, tmp_path, monkeypatch,
+                                                                  two_threads):  # fmt: skip
+    """The report used to force one thread whatever the model: half the wall time of a DiT-XL/2 run."""
+    import diffscaler.diffusion.sampling as sampling
+
+    cfg = load_config(None, [f"model.name={model}", f"model.input_size={size}", f"data.image_size={size}",
+                             "diffusion.sampling_steps=1"])  # fmt: skip
+    backbone = tmp_path / "backbone.safetensors"
+    save_backbone(build_model(cfg.model, seed=0), backbone)
+    seen: list[int] = []
+    real = sampling.sample_images
+
+    def counting_threads(*args, **kwargs):  # the real sampler, noting the threads it runs on
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_images", counting_threads)
+    write_report(ReportInputs(cfg, tmp_path, backbone=backbone))
+    assert seen == [threads] and torch.get_num_threads() == 2  # and the process's setting is back
+
+
+def test_a_latent_backbone_input_is_named_in_latent_cells(tmp_path):
+    """Latent backbones take latent cells, not pixels: '8x8 px' for a 16 px image's latents was wrong."""
+    from diffscaler.vae import save_tiny_vae
+
+    vae = save_tiny_vae(tmp_path / "vae")  # downsamples 2: 16 px images -> 4x8x8 latents
+    cfg = load_config(None, ["model.name=DiT-T/4", "model.input_size=8", "model.in_channels=4", "data.image_size=16",
+                             f"data.vae={vae}", "diffusion.sampling_steps=1"])  # fmt: skip
+    backbone = tmp_path / "backbone.safetensors"
+    save_backbone(build_model(cfg.model, seed=0), backbone)
+    write_report(ReportInputs(cfg, tmp_path, backbone=backbone))
+    report = Path(tmp_path / "report.md").read_text()
+    assert report.count("8x8 latent cells (16x16 px images)") == 2 and "8x8 px" not in report  # backbone, config

@@ -21,6 +21,7 @@ from PIL import Image
 from diffscaler.cli import main as cli_main
 from diffscaler.data import DatasetError, ShardError, ShardReader, check_dataset, load_index, read_split
 from diffscaler.data.indexer import index_shards
+from diffscaler.data.samples import iter_samples
 
 SIZE = 16
 
@@ -151,7 +152,7 @@ def test_webp_cls_members_in_either_order_resume_exactly(webp_cls):
 
 
 def test_npy_latents_read_as_stored_with_exact_rank_counts(latents):
-    index = index_shards(str(latents), log=quiet)
+    index = index_shards(str(latents), eval_fraction=0, log=quiet)
     assert index.latent and index.channels == 4 and index.image_size == 8 and index.num_samples("train") == 41
     assert check_dataset(str(latents)).ok
     counts = []
@@ -185,11 +186,11 @@ def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_pat
     with pytest.raises(DatasetError, match="needs --out"):
         index_shards(pattern, log=quiet)
     out = tmp_path / "idx"
-    index_shards(pattern, str(out), label_key="json:label", log=quiet)
+    index_shards(pattern, str(out), label_key="json:label", eval_fraction=0, log=quiet)
     assert [s.url for s in load_index(str(out)).shards("train")][0] == str(jpg_json / "part-000000.tar")
     local = list(ShardReader(str(out), batch_size=5, hflip=False).epoch(0))
     index_shards(f"pipe:cat {jpg_json}/part-{{000000..000004}}.tar", str(tmp_path / "pipe"),
-                 label_key="json:label", log=quiet)  # fmt: skip
+                 label_key="json:label", eval_fraction=0, log=quiet)  # fmt: skip
     piped = list(ShardReader(str(tmp_path / "pipe"), batch_size=5, hflip=False).epoch(0))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, piped)) and len(local) == 10
     import fsspec
@@ -198,7 +199,7 @@ def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_pat
     try:
         for p in sorted(jpg_json.glob("part-00000[0-4].tar")):
             fs.pipe_file(f"/foreign/{p.name}", p.read_bytes())
-        index_shards("memory://foreign", label_key="json:label", log=quiet)
+        index_shards("memory://foreign", label_key="json:label", eval_fraction=0, log=quiet)
         remote = list(ShardReader("memory://foreign", batch_size=5, hflip=False).epoch(0))
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote))
         assert check_dataset("memory://foreign").ok
@@ -238,7 +239,7 @@ def test_bad_samples_are_named_by_file_and_key_or_left_out(faulty, capsys):
     assert "part-000000.tar: sample 's00" in err and "truncated" in err
     assert "part-000001.tar: sample 's008': unreadable image .jpg" in err
     assert "part-000002.tar: sample 's015': missing member(s)" in err
-    index = index_shards(str(faulty), skip_bad=True, log=quiet)
+    index = index_shards(str(faulty), skip_bad=True, eval_fraction=0, log=quiet)
     assert [s.name for s in index.shards("train")] == ["part-000001.tar", "part-000002.tar"]
     assert [s.num_samples for s in index.shards("train")] == [5, 5] and len(index.data["skipped_inputs"]) == 3
     assert check_dataset(str(faulty)).ok
@@ -249,7 +250,7 @@ def test_bad_samples_are_named_by_file_and_key_or_left_out(faulty, capsys):
 def test_reader_names_a_sample_that_went_bad_after_indexing(webp_cls, tmp_path):
     folder = tmp_path / "icons"
     shutil.copytree(webp_cls, folder)
-    index_shards(str(folder), log=quiet)
+    index_shards(str(folder), eval_fraction=0, log=quiet)
     shard = folder / "part-000002.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
@@ -337,12 +338,40 @@ def test_reindexing_with_other_labels_size_or_split_changes_the_data_hash(jpg_js
     before = resolve_tasks(cfg)[0]
     assert before.num_classes == 1 and before.data_hash == unlabelled.data_hash
     hashes = {unlabelled.data_hash}
-    for kwargs in ({"label_key": "json:label"}, {"label_key": "json:label", "eval_shards": 2},
-                   {"label_key": "json:label", "eval_shards": 2, "size": SIZE // 2}):  # fmt: skip
-        index = index_shards(str(jpg_json), str(out), log=quiet, **kwargs)
-        assert index.content_hash == unlabelled.content_hash  # the same shard bytes ...
-        hashes.add(index.data_hash)  # ... read another way
+    relabelled = index_shards(str(jpg_json), str(out), label_key="json:label", log=quiet)
+    assert relabelled.content_hash == unlabelled.content_hash  # the same shard bytes, read another way
+    hashes.add(relabelled.data_hash)
+    for kwargs in ({"eval_shards": 2}, {"eval_shards": 2, "size": SIZE // 2}):
+        hashes.add(index_shards(str(jpg_json), str(out), label_key="json:label", log=quiet, **kwargs).data_hash)
     assert len(hashes) == 4
     after = resolve_tasks(load_config(None, [f"data.shards_root={tmp_path}", f"data.image_size={SIZE // 2}",
                                              "data.targets=[{name: pets, conditional: true}]"]))[0]  # fmt: skip
     assert after.num_classes == 3 and after.data_hash != before.data_hash
+
+
+def test_without_eval_shards_a_per_sample_split_by_key_hash_is_the_default(jpg_json, tmp_path):
+    """Issue 27 item 4: indexed shards get an eval split by default, sample by sample, from the key alone."""
+    from diffscaler.data.index import in_eval_split
+
+    index = index_shards(str(jpg_json), str(tmp_path / "a"), label_key="json:label", log=quiet)
+    assert index.data["eval_split"] == {"by": "key_hash", "fraction": 0.1}
+    n_train, n_eval = index.num_samples("train"), index.num_samples("eval")
+    assert n_train + n_eval == 53 and 1 <= n_eval <= 12
+    assert check_dataset(str(tmp_path / "a")).problems == []
+    keys = {sp: [] for sp in ("train", "eval")}
+    for sp in keys:
+        for shard in index.shards(sp):
+            keys[sp] += [s["__key__"] for s in iter_samples(shard.url) if not shard.skips(s["__key__"])]
+    assert not set(keys["train"]) & set(keys["eval"]) and len(keys["train"]) + len(keys["eval"]) == 53
+    assert all(in_eval_split(k, 0.1) for k in keys["eval"]) and not any(in_eval_split(k, 0.1) for k in keys["train"])
+    images, labels = read_split(str(tmp_path / "a"), "eval")
+    assert len(images) == n_eval and labels.tolist() == [int(k[-9:]) % 3 for k in keys["eval"]]
+    seen = sum(len(b["label"]) for b in ShardReader(str(tmp_path / "a"), "train", batch_size=4, hflip=False).epoch(0))
+    assert seen == n_train // 4 * 4
+    # Same keys, same split, whatever the shards' grouping or order; 0 keeps every sample for training.
+    again = index_shards(str(jpg_json), str(tmp_path / "b"), label_key="json:label", log=quiet)
+    assert again.data["splits"] == index.data["splits"]
+    none = index_shards(str(jpg_json), str(tmp_path / "c"), label_key="json:label", eval_fraction=0, log=quiet)
+    assert none.num_samples("train") == 53 and none.num_samples("eval") == 0
+    with pytest.raises(ValueError, match=r"--eval-fraction must be in \[0, 1\), got 1.0"):
+        index_shards(str(jpg_json), str(tmp_path / "d"), eval_fraction=1.0, log=quiet)

@@ -88,6 +88,19 @@ class ShardInfo:
     sha256: str  # content hash of its samples
     first_sample: int  # position of its first sample within the split
     excluded_keys: frozenset[str] = frozenset()  # samples left out when indexing (not in num_samples)
+    split: str = "train"  # the split this entry belongs to
+    key_split_fraction: float = 0.0  # > 0: the shard serves both splits, a sample's key hash says which
+
+    def skips(self, key: str) -> bool:
+        """True for a sample this split does not read: excluded when indexing, or of the other split."""
+        if key in self.excluded_keys:
+            return True
+        return self.key_split_fraction > 0 and in_eval_split(key, self.key_split_fraction) != (self.split == "eval")
+
+
+def in_eval_split(key: str, fraction: float) -> bool:
+    """The per-sample split of indexed shards: deterministic in the key alone (not its shard or position)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < fraction * 2**64
 
 
 @dataclass(frozen=True)
@@ -203,13 +216,20 @@ class DatasetIndex:
     def num_samples(self, split: str) -> int:
         return int(self._split(split)["num_samples"])
 
+    @property
+    def key_split_fraction(self) -> float:
+        """The eval share of a per-sample split (index.json "eval_split": {"by": "key_hash", ...}), else 0."""
+        rule = self.data.get("eval_split") or {}
+        return float(rule.get("fraction", 0.0)) if rule.get("by") == "key_hash" else 0.0
+
     def shards(self, split: str) -> list[ShardInfo]:
         out, first = [], 0
         for entry in self._split(split)["shards"]:
             n = int(entry["num_samples"])
             url = entry.get("url") or storage.join(self.url, entry["name"])
             excluded = frozenset(entry.get("excluded_keys", ()))
-            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded))
+            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded, split,
+                                 self.key_split_fraction))  # fmt: skip
             first += n
         return out
 

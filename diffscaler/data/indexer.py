@@ -53,6 +53,7 @@ from diffscaler.data.index import (
     DatasetIndex,
     combine_hashes,
     encode_index,
+    in_eval_split,
     load_index,
     sample_digest,
 )
@@ -192,6 +193,7 @@ def index_shards(
     label_key: str = "",
     size: int = 0,
     eval_shards: int = 0,
+    eval_fraction: float = 0.1,
     skip_bad: bool = False,
     parallel: bool = False,
     condition: str = "",
@@ -217,6 +219,8 @@ def index_shards(
         raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD or none")
     if size < 0 or eval_shards < 0:
         raise ValueError(f"--size and --eval-shards must be >= 0, got {size}, {eval_shards}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     condition_key = _condition_key(condition)
     names = [_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
@@ -290,25 +294,34 @@ def index_shards(
         eval_at = set(range(len(urls) - eval_shards, len(urls)))
     else:
         eval_at = set()
+    # Without eval shards, a per-sample split by key hash (in_eval_split): each shard serves both splits.
+    key_split = eval_fraction if not eval_at else 0.0
     fmt_labels = {s.url: s.labels for s in scans}
     splits: dict[str, Any] = {split: {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []}
                               for split in SPLITS}  # fmt: skip
     for i, s in enumerate(scans):
         if s.error:
             continue  # left out whole (skip_bad)
-        split = splits["eval" if i in eval_at else "train"]
         good = [k for k in s.keys if k not in s.bad]
-        for k in good:
-            value = fmt_labels[s.url].get(k) if wanted_label else 0
-            label = class_names.index(str(value)) if label_values == "name" else int(value)
-            split["class_counts"][label] += 1
-        entry: dict[str, Any] = {"name": s.name, "num_samples": len(good), "sha256": s.sha256}
-        if s.url != storage.join(out, s.name):
-            entry["url"] = s.url
-        if s.bad:
-            entry["excluded_keys"] = sorted(s.bad)
-        split["shards"].append(entry)
-        split["num_samples"] += len(good)
+        if key_split:
+            parts = {sp: [k for k in good if in_eval_split(k, key_split) == (sp == "eval")] for sp in SPLITS}
+        else:
+            parts = {"eval" if i in eval_at else "train": good}
+        for split_name, keys in parts.items():
+            if key_split and not keys:
+                continue
+            split = splits[split_name]
+            for k in keys:
+                value = fmt_labels[s.url].get(k) if wanted_label else 0
+                label = class_names.index(str(value)) if label_values == "name" else int(value)
+                split["class_counts"][label] += 1
+            entry: dict[str, Any] = {"name": s.name, "num_samples": len(keys), "sha256": s.sha256}
+            if s.url != storage.join(out, s.name):
+                entry["url"] = s.url
+            if s.bad:
+                entry["excluded_keys"] = sorted(s.bad)
+            split["shards"].append(entry)
+            split["num_samples"] += len(keys)
     if splits["train"]["num_samples"] == 0:
         raise DatasetError(f"{source}: no usable training sample")
     members = {
@@ -333,6 +346,7 @@ def index_shards(
         "members": members,
         "condition": {"kind": condition, "params": {}} if condition_key else None,
         "splits": splits,
+        "eval_split": {"by": "key_hash", "fraction": key_split} if key_split else {"by": "shard"},
         "skipped_inputs": [
             {"ref": f"{url}: sample {key!r}" if key else url, "reason": reason} for url, key, reason in faults
         ],  # fmt: skip

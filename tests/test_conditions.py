@@ -83,7 +83,7 @@ def stored(folder: Path, split: str = "*") -> dict[str, dict[str, np.ndarray]]:
 
 def test_condition_kinds_and_extractor_fields_are_validated():
     cfg = load_config(None, ["data.targets=[{name: e, source: emoji, condition: canny}, {name: m, source: icons, "
-                             "condition: mask}, {name: d, source: x, condition: key:depth.png}]"])  # fmt: skip
+                             "condition: mask}, {name: d, source: 'webdataset:/x', condition: key:depth.png}]"])
     assert [t.condition for t in cfg.data.targets] == ["canny", "mask", "key:depth.png"]
     assert dataset_condition(cfg.data, "m") == MASK and dataset_condition(cfg.data, "openclipart") is None
     with pytest.raises(ConfigError, match=r"data\.targets\[0\]\.condition: 'sobel' is not a condition kind; allowed: "
@@ -92,7 +92,7 @@ def test_condition_kinds_and_extractor_fields_are_validated():
     with pytest.raises(ConfigError, match=r"condition: mask is the alpha foreground, and source 'tiles' has no alpha"):
         load_config(None, ["data.targets=[{name: t, source: tiles, condition: mask}]"])
     with pytest.raises(ConfigError, match=r"'key:depth\.npy': key:<member> names an image member"):
-        load_config(None, ["data.targets=[{name: d, source: x, condition: 'key:depth.npy'}]"])
+        load_config(None, ["data.targets=[{name: d, source: 'webdataset:/x', condition: 'key:depth.npy'}]"])
     with pytest.raises(ConfigError, match=r"data\.canny_high: must be >= data\.canny_low"):
         load_config(None, ["data.canny_low=300"])
     with pytest.raises(ConfigError, match=r"data\.mask_alpha_threshold: must be in \[1, 255\]"):

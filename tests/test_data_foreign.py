@@ -375,3 +375,70 @@ def test_without_eval_shards_a_per_sample_split_by_key_hash_is_the_default(jpg_j
     assert none.num_samples("train") == 53 and none.num_samples("eval") == 0
     with pytest.raises(ValueError, match=r"--eval-fraction must be in \[0, 1\), got 1.0"):
         index_shards(str(jpg_json), str(tmp_path / "d"), eval_fraction=1.0, log=quiet)
+
+
+def test_webdataset_targets_are_validated_before_anything_runs():
+    from diffscaler.config import ConfigError, load_config
+
+    def targets(spec: str, *more: str):
+        return load_config(None, [f"data.targets=[{spec}]", *more])
+
+    task = targets('{name: pets, source: "webdataset:/data/pets-wds", label_key: "json:label"}').data.targets[0]
+    assert task.webdataset and task.label_key == "json:label"
+    refused = {
+        '{name: p, source: "webdataset:/x", label_key: txt}': r"label_key: 'txt': use cls, json:FIELD .* a txt member "
+                                                             r"holds free text \(captions\), not a class label",
+        '{name: p, source: "webdataset:/x", condition: canny}': r"'canny' is computed when shards are built from "
+                                                                r"images; webdataset: shards are indexed as they are",
+        '{name: p, source: "folder:/x", label_key: cls}': r"label_key and image_key are for webdataset: sources",
+        '{name: p, source: "folder:/x", condition: "key:depth.png"}': r"reads a member of your own WebDataset shards",
+        '{name: p, source: "webdataset:"}': r"webdataset: needs the shards",
+    }  # fmt: skip
+    for spec, words in refused.items():
+        with pytest.raises(ConfigError, match=words):
+            targets(spec)
+    with pytest.raises(ConfigError, match=r"not encoded through data.vae"):
+        targets('{name: p, source: "webdataset:/x"}', "data.vae=/v")
+    with pytest.raises(ConfigError, match=r"data.pretrain_source: webdataset: sources are fine-tuning targets only"):
+        targets("{name: p}", "data.pretrain_source=webdataset:/x")
+
+
+def test_the_shards_stage_indexes_a_webdataset_target_and_reindexes_when_it_changes(jpg_json, tmp_path):
+    """Issue 27 item 3 (and 1, 2 for shards): users' shards are a pipeline target; the shards stage indexes
+    them where they lie, checks them on reruns and re-indexes after a change, naming it."""
+    from diffscaler.config import load_config
+    from diffscaler.stages.base import Run
+    from diffscaler.stages.shards import ShardsStage
+
+    shards = tmp_path / "pets-wds"
+    shutil.copytree(jpg_json, shards, ignore=shutil.ignore_patterns("index.json"))  # an earlier test indexed it
+    spec = f'{{name: pets, source: "webdataset:{shards}", label_key: "none"}}'
+    cfg = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.targets=[{spec}]",
+                             f"data.image_size={SIZE}", "data.pretrain_source=emoji"])  # fmt: skip
+    run = Run.for_program(cfg, "shards", tmp_path / "out")
+    stage = ShardsStage(only=["pets"])
+    stage.preflight(run)
+    assert "no complete build" in stage.check(run).reason
+    stage.run(run)  # one dataset: indexed on the driver, no Ray
+    index = load_index(str(tmp_path / "root" / "pets"))
+    assert index.source == f"webdataset:{shards}" and index.class_names == ["unconditional"]
+    assert index.shards("train")[0].url == str(shards / "part-000000.tar") and not (shards / "index.json").exists()
+    assert index.num_samples("eval") > 0 and stage.check(run).valid and check_dataset(index.url).ok
+    first = index.data_hash
+    # Other labels: re-indexed, and the data a fine-tune is keyed on changes.
+    relabelled = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.image_size={SIZE}",
+                                    f"data.targets=[{spec.replace('none', 'json:label')}]"])  # fmt: skip
+    run2 = Run.for_program(relabelled, "shards", tmp_path / "out")
+    assert "index_options" in stage.check(run2).reason
+    stage.run(run2)
+    index = load_index(str(tmp_path / "root" / "pets"))
+    assert index.class_names == ["0", "1", "2"] and index.data_hash != first and stage.check(run2).valid
+    # A rewritten shard: the stage notices it from its size and mtime, not by reading it.
+    tar = shards / "part-000004.tar"
+    tar.write_bytes(tar.read_bytes() + b"\0" * 512)
+    assert "changed since the build" in stage.check(run2).reason
+    # Missing shards: a clear error before any work.
+    gone = load_config(None, [f"data.shards_root={tmp_path / 'root2'}", f"data.image_size={SIZE}",
+                              f'data.targets=[{{name: q, source: "webdataset:{tmp_path / "nope"}"}}]'])  # fmt: skip
+    with pytest.raises(Exception, match=r"data.targets: dataset 'q'"):
+        ShardsStage(only=["q"]).preflight(Run.for_program(gone, "shards", tmp_path / "out2"))

@@ -161,6 +161,29 @@ def shard_urls(source: str) -> tuple[list[str], str | None]:
     return urls, None
 
 
+def shards_fingerprint(source: str) -> dict[str, object] | str:
+    """Names, sizes and modification times of the shards `source` names (like a folder source's
+    fingerprint): an index built by the shards stage records it, so rewritten or added shards re-index.
+    "unavailable" when they cannot be listed (the index is then trusted as it is)."""
+    try:
+        urls, _ = shard_urls(source)
+    except (DatasetError, OSError):
+        return "unavailable"
+    hasher = hashlib.sha256()
+    for url in urls:
+        if url_scheme(url) == "pipe":
+            hasher.update(f"{url}\n".encode())  # a command: nothing to stat
+            continue
+        fs, path = storage.filesystem(url)
+        try:
+            info = fs.info(path)
+        except OSError:
+            return "unavailable"
+        mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", "")))
+        hasher.update(f"{url}\t{info.get('size')}\t{mtime}\n".encode())
+    return {"files": len(urls), "names_sizes_mtimes": "sha256:" + hasher.hexdigest()}
+
+
 def _shard_name(url: str) -> str:
     return re.split(r"[/\s]", url.rstrip("/"))[-1] or url
 
@@ -197,9 +220,11 @@ def index_shards(
     skip_bad: bool = False,
     parallel: bool = False,
     condition: str = "",
+    record: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DatasetIndex:
-    """Scan the shards of `source`, write `<out>/index.json` (out defaults to the shards' folder).
+    """Scan the shards of `source`, write `<out>/index.json` (out defaults to the shards' folder);
+    `record` adds top-level fields (the shards stage's build parameters).
 
     label_key: "" = auto (cls if every sample has one, else none), "cls", "json:FIELD" or "none".
     condition: "" or key:<member>, the member holding each sample's condition map.
@@ -351,6 +376,7 @@ def index_shards(
             {"ref": f"{url}: sample {key!r}" if key else url, "reason": reason} for url, key, reason in faults
         ],  # fmt: skip
         "content_hash": combine_hashes([e["sha256"] for sp in SPLITS for e in splits[sp]["shards"]]),
+        **(record or {}),
     }
     storage.write_bytes_atomic(storage.join(out, INDEX_NAME), encode_index(index))
     counts = ", ".join(f"{sp} {splits[sp]['num_samples']}" for sp in SPLITS)

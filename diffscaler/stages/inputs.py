@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from diffscaler.artifacts import BackboneLoadError, check_model_matches, load_public_dit, read_backbone_meta
-from diffscaler.config import ConfigError, ModelConfig, from_dict
+from diffscaler.config import WEBDATASET_PREFIX, ConfigError, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import _parameters, dataset_condition
+from diffscaler.data.build import dataset_parameters
 from diffscaler.data.writer import build_changes
 from diffscaler.stages.base import InputError, Run
 from diffscaler.vae import VaeError, cached_vae_identity
@@ -91,18 +90,12 @@ def require_backbone(run: Run) -> None:
         raise InputError(str(err)) from None
 
 
-def build_parameters(run: Run, source: str, name: str = "") -> dict[str, Any]:
-    """What a dataset's index records about its build (with data.vae: latent shards of that VAE; with the
-    condition map of the task named `name`)."""
-    return _parameters(run.cfg.data, source, dataset_condition(run.cfg.data, name))
-
-
 def require_built(run: Run, names: Iterable[str]) -> None:
     """In a run without 'shards', the datasets a stage reads must already be built as data.* asks."""
     if "shards" in run.selected:
         return
     try:
-        jobs = dataset_jobs(run.cfg.data)
+        dataset_jobs(run.cfg.data)  # clashing names
     except ValueError as err:
         raise InputError(str(err)) from None
     for name in names:
@@ -112,12 +105,17 @@ def require_built(run: Run, names: Iterable[str]) -> None:
         except DatasetError as err:
             raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
                              "or point data.shards_root at built shards") from None  # fmt: skip
-        changes = build_changes(folder, build_parameters(run, jobs[name], name), ignore=("tool",))
+        changes = build_changes(folder, dataset_parameters(run.cfg.data, name), ignore=("tool",))
         if changes:
+            built = str(load_index(folder).data.get("source", ""))
+            task = next((t for t in run.cfg.data.targets if t.name == name), None)
+            fix = "add 'shards' to pipeline.stages to rebuild it"
+            if built.startswith(WEBDATASET_PREFIX) and task is not None and not task.webdataset:
+                fix = f"these are indexed WebDataset shards: declare the target with source: {built!r}"
             raise InputError(
                 f"dataset {name!r} at {folder} was built with other parameters than data.* asks for: "
                 + ", ".join(changes)
-                + "; add 'shards' to pipeline.stages to rebuild it"
+                + f"; {fix}"
             )
 
 

@@ -397,6 +397,8 @@ def test_webdataset_targets_are_validated_before_anything_runs():
     for spec, words in refused.items():
         with pytest.raises(ConfigError, match=words):
             targets(spec)
+    with pytest.raises(ValueError, match=r"--label-key 'txt': .* a txt member holds free text \(captions\)"):
+        index_shards("/nonexistent", label_key="txt", log=quiet)
     with pytest.raises(ConfigError, match=r"not encoded through data.vae"):
         targets('{name: p, source: "webdataset:/x"}', "data.vae=/v")
     with pytest.raises(ConfigError, match=r"data.pretrain_source: webdataset: sources are fine-tuning targets only"):

@@ -151,6 +151,34 @@ def test_a_changed_folder_target_is_rebuilt_and_the_reason_names_the_change(tmp_
     assert not ShardsStage(only=["mine"]).check(run).valid
 
 
+def test_split_sizes_are_checked_before_any_stage(tmp_path):
+    """Issue 27 item 5: counts are known from the catalog (or the index) before anything runs."""
+    from diffscaler.data import build_all
+    from diffscaler.data.build import dataset_parameters, planned_counts
+    from diffscaler.data.writer import is_up_to_date
+
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    cfg_path = micro_config(tmp_path, ["shards", "finetune"])
+    # 12 images per target, eval_fraction 0.25: 9 train, 3 eval - from the folder, nothing built yet
+    msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}",
+                                    "finetune.batch_size=16"], match="fewer train images than one batch")  # fmt: skip
+    assert "task 'red': 9 train and 3 eval images" in msg and "finetune.batch_size 16" in msg
+    assert not (tmp_path / "out" / "shards").exists()
+    sweep = micro_config(tmp_path, ["shards", "sweep"])
+    msg = run_expecting_input_error(sweep, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.eval_fraction=0",
+                                    "sweep.datasets=[blue]"], match="need an eval split")  # fmt: skip
+    assert "task 'blue': 12 train and 0 eval images" in msg
+    # Built shards are counted from their index.
+    cfg = resolve_run_config(load_config(cfg_path, ["data.limit=6", "data.eval_fraction=0.1"]), tmp_path / "out")
+    build_all(cfg.data, ["red", "blue"], parallel=False)
+    assert planned_counts(cfg.data, "red") == {"train": 5, "eval": 1} and is_up_to_date(
+        str(tmp_path / "out" / "shards" / "red"), dataset_parameters(cfg.data, "red"))
+    evaluate = micro_config(tmp_path, ["evaluate"])
+    msg = run_expecting_input_error(evaluate, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=6",
+                                    "data.eval_fraction=0.1"], match="at least 2 reference images")  # fmt: skip
+    assert "5 train and 1 eval images" in msg
+
+
 def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path):
     """A checkpoint left in pretrain.storage_path was trained on other shards: with the shards stage off (the
     shards on disk are the ones pretraining reads) the pipeline refuses to resume it in preflight, naming the

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from diffscaler.config import WEBDATASET_PREFIX, DataConfig, TaskSpec
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
-from diffscaler.data.index import DatasetError, DatasetIndex, load_index
+from diffscaler.data.index import SPLITS, DatasetError, DatasetIndex, load_index
 from diffscaler.data.indexer import index_shards, shard_urls, shards_fingerprint
-from diffscaler.data.sources import dataset_name
+from diffscaler.data.sources import dataset_name, select_balanced, split_train_eval
 from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source, tool_version
 
 
@@ -144,6 +144,22 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
         skip_bad=data.skip_bad_samples,
         condition=condition,
     )
+
+
+def planned_counts(data: DataConfig, name: str) -> dict[str, int] | None:
+    """{"train": n, "eval": m} that dataset `name` holds, known before any stage runs: from its index when it is
+    built as configured, else from its source's catalog, limit and split (inputs that turn out undecodable
+    when built may lower them); None for WebDataset shards not indexed yet (counted by the shards stage)."""
+    folder = dataset_dir(data, name)
+    if is_up_to_date(folder, dataset_parameters(data, name)):
+        index = load_index(folder)
+        return {split: index.num_samples(split) for split in SPLITS}
+    task = dataset_task(data, name)
+    if task is not None and task.webdataset:
+        return None
+    _, catalog = open_source(dataset_jobs(data)[name])
+    train, evals = split_train_eval(select_balanced(catalog, data.limit, data.seed), data.eval_fraction, data.seed)
+    return {"train": len(train), "eval": len(evals)}
 
 
 def build_all(

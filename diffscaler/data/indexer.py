@@ -241,7 +241,8 @@ def index_shards(
     if image_keys and LATENT_EXTENSION in image_keys and len(image_keys) > 1:
         raise ValueError("--image-key npy (latents) cannot be mixed with image extensions")
     if label_key and label_key not in ("cls", "none") and not label_key.startswith("json:"):
-        raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD or none")
+        why = "; a txt member holds free text (captions), not a class label" if label_key == "txt" else ""
+        raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD (a class number or name) or none{why}")
     if size < 0 or eval_shards < 0:
         raise ValueError(f"--size and --eval-shards must be >= 0, got {size}, {eval_shards}")
     if not 0.0 <= eval_fraction < 1.0:

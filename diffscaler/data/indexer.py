@@ -230,10 +230,6 @@ def index_shards(
     condition: "" or key:<member>, the member holding each sample's condition map.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    urls, folder = shard_urls(source)
-    out = out or folder
-    if out is None:
-        raise DatasetError(f"{source}: a shard pattern needs --out, the folder that gets index.json")
     image_keys = tuple(k.lower() for k in image_key.split(";") if k)
     for ext in image_keys:
         if ext not in (*IMAGE_EXTENSIONS, LATENT_EXTENSION):
@@ -248,6 +244,10 @@ def index_shards(
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     condition_key = _condition_key(condition)
+    urls, folder = shard_urls(source)
+    out = out or folder
+    if out is None:
+        raise DatasetError(f"{source}: a shard pattern needs --out, the folder that gets index.json")
     names = [_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise DatasetError(f"{source}: shard names repeat ({[n for n, c in Counter(names).items() if c > 1][:3]})")

@@ -1,6 +1,6 @@
 """Build every dataset a config names - the pretraining set and each target task - optionally in parallel.
 
-    build_all(cfg.data)                       # Ray tasks, one per dataset (ray.init() if needed)
+    build_all(cfg.data)                       # Ray tasks, one per dataset (joins a cluster if none: diffscaler.cluster)
     build_all(cfg.data, ["emoji"], parallel=False)
     dataset_dir(cfg.data, "emoji")            # -> "<shards_root>/emoji", where readers look
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import DataConfig
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
@@ -51,8 +52,10 @@ def dataset_condition(data: DataConfig, name: str) -> ConditionSpec | None:
     return ConditionSpec.from_config(task.condition, data) if task is not None else None
 
 
-def _parameters(data: DataConfig, source: str, condition: ConditionSpec | None = None) -> dict:
-    """The index fields a current build of `source` records (latent builds: with data.vae's hash)."""
+def dataset_parameters(data: DataConfig, name: str) -> dict:
+    """The index fields a current build of dataset `name` records: its source, data.* and its task's condition
+    map (latent builds: with data.vae's hash). A built index that records them is up to date."""
+    source, condition = dataset_jobs(data)[name], dataset_condition(data, name)
     if data.vae:
         from diffscaler.data.encode import latent_parameters
         from diffscaler.vae import configured_vae_hash
@@ -74,7 +77,7 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
     for name in names or jobs:
         source = jobs[name]
         condition = dataset_condition(data, name)
-        params = _parameters(data, source, condition)
+        params = dataset_parameters(data, name)
         if not force and is_up_to_date(dataset_dir(data, name), params):
             continue  # built as configured: its source is not read again
         try:
@@ -89,7 +92,7 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
 def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
     out = dataset_dir(data, name)
     condition = dataset_condition(data, name)
-    params = _parameters(data, source, condition)
+    params = dataset_parameters(data, name)
     if not force and is_up_to_date(out, params):
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
@@ -130,6 +133,7 @@ def build_all(
         return {n: _build_one(data, n, jobs[n], force) for n in chosen}
     import ray
 
+    connect_ray()  # not Ray's implicit init, which joins whatever cluster /tmp/ray names
     # One CPU each: decoding is single-threaded Pillow/zlib work; Ray packs as many as the cluster has.
     remote = ray.remote(num_cpus=1, max_retries=0)(_build_one)
     refs = [remote.remote(data, n, jobs[n], force) for n in chosen]

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from diffscaler.artifacts import BackboneLoadError, check_model_matches, load_public_dit, read_backbone_meta
 from diffscaler.config import ConfigError, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import _parameters, dataset_condition
+from diffscaler.data.build import dataset_parameters
 from diffscaler.stages.base import InputError, Run
 from diffscaler.vae import VaeError, cached_vae_identity
 
@@ -90,18 +89,12 @@ def require_backbone(run: Run) -> None:
         raise InputError(str(err)) from None
 
 
-def build_parameters(run: Run, source: str, name: str = "") -> dict[str, Any]:
-    """What a dataset's index records about its build (with data.vae: latent shards of that VAE; with the
-    condition map of the task named `name`)."""
-    return _parameters(run.cfg.data, source, dataset_condition(run.cfg.data, name))
-
-
 def require_built(run: Run, names: Iterable[str]) -> None:
     """In a run without 'shards', the datasets a stage reads must already be built as data.* asks."""
     if "shards" in run.selected:
         return
     try:
-        jobs = dataset_jobs(run.cfg.data)
+        dataset_jobs(run.cfg.data)  # two datasets of one name: an input error, before any folder is read
     except ValueError as err:
         raise InputError(str(err)) from None
     for name in names:
@@ -111,7 +104,7 @@ def require_built(run: Run, names: Iterable[str]) -> None:
         except DatasetError as err:
             raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
                              "or point data.shards_root at built shards") from None  # fmt: skip
-        wanted = build_parameters(run, jobs[name], name)
+        wanted = dataset_parameters(run.cfg.data, name)
         diff = {k: (index.data.get(k), v) for k, v in wanted.items() if k != "tool" and index.data.get(k) != v}
         if diff:
             raise InputError(

@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffscaler.data import build_all, check_dataset, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import check_sources
+from diffscaler.data.build import check_sources, dataset_parameters
 from diffscaler.data.sources import dataset_name
 from diffscaler.data.writer import is_up_to_date
 from diffscaler.stages.base import InputError, Run, Stage, StageCheck
-from diffscaler.stages.inputs import build_parameters
 
 
 class ShardsStage(Stage):
@@ -41,11 +40,10 @@ class ShardsStage(Stage):
 
     def state(self, run: Run) -> dict[str, str]:
         """{dataset: "" if built as configured and `shards check` passes, else what is wrong}."""
-        jobs = dataset_jobs(run.cfg.data)
         state = {}
         for name in self.names(run):
             folder = dataset_dir(run.cfg.data, name)
-            if not is_up_to_date(folder, build_parameters(run, jobs[name], name)):
+            if not is_up_to_date(folder, dataset_parameters(run.cfg.data, name)):
                 state[name] = "missing or built with other parameters"
                 continue
             report = check_dataset(folder)

@@ -78,9 +78,9 @@ def backbone_and_adapters(tmp_path):
     """A DiT-T/8 backbone, adapters a and b in a fine-tune-style folder (with the bank beside them)."""
     from diffscaler.adapters import AdapterBank, TaskInfo
     from diffscaler.artifacts import save_adapter, save_backbone
+    from diffscaler.bank_file import save_bank
     from diffscaler.config import ModelConfig
     from diffscaler.models import build_model
-    from diffscaler.train.finetune_bank import save_bank
 
     path = tmp_path / "b.safetensors"
     model = build_model(ModelConfig(name="DiT-T/8", input_size=16, num_classes=10), seed=0)

@@ -32,6 +32,7 @@ import numpy as np
 from diffscaler.adapters import METHOD_PARTS
 from diffscaler.atomic import atomic_path, write_text_atomic
 from diffscaler.config import ExperimentConfig
+from diffscaler.train.train_log import read_jsonl
 
 GRID_PER_TASK = 8  # images per task, all tasks in one batch (the mixed-task path costs ~2.5x on CPU)
 GRID_COLUMNS = 8  # columns of a task's grid
@@ -511,29 +512,16 @@ def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | N
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-    except FileNotFoundError:
-        pass
-    return rows
-
-
 def _loss_curves(inputs: ReportInputs) -> Path | None:
     pretrain = []
     if inputs.pretrain_metrics is not None:
-        pretrain = [(r["step"], r["loss"]) for r in _read_jsonl(inputs.pretrain_metrics)
+        pretrain = [(r["step"], r["loss"]) for r in read_jsonl(inputs.pretrain_metrics)
                     if r.get("loss") is not None and "step" in r]  # fmt: skip
     finetune: dict[str, list[tuple[int, float]]] = {}
     logs = inputs.finetune_logs
     if logs is not None and Path(logs).is_dir():
         for log in sorted(Path(logs).glob("*/*.jsonl")):
-            points = [(r["step"], r["loss"]) for r in _read_jsonl(log) if r.get("kind") == "train" and "loss" in r]
+            points = [(r["step"], r["loss"]) for r in read_jsonl(log) if r.get("kind") == "train" and "loss" in r]
             if points:
                 finetune[f"{log.parent.name}/{log.stem}"] = points
     if not pretrain and not finetune:

@@ -20,17 +20,9 @@ import pytest
 from diffscaler.config import ModelConfig, load_config
 from diffscaler.pipeline import PipelineInputError, PipelineStageError, resolve_run_config, run_pipeline
 from diffscaler.stages.manifest import Manifest
-from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, statuses
+from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, save_micro_backbone, statuses
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def save_micro_backbone(path: Path, model_cfg: ModelConfig = MICRO_MODEL) -> Path:
-    from diffscaler.artifacts import save_backbone
-    from diffscaler.models import build_model
-
-    save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
-    return path
 
 
 def mtimes(*paths: Path) -> list[int]:

@@ -20,7 +20,7 @@ from PIL import Image
 from diffscaler.cli import main as cli_main
 from diffscaler.data import load_index
 from ray_jobs.pipeline import main as pipeline_main
-from tests.support.pipeline import manifest, micro_config
+from tests.support.pipeline import manifest, micro_config, save_micro_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,6 @@ def finetune_status(out: Path) -> str:
 
 @pytest.mark.ray
 def test_the_readme_own_data_flow_runs_as_written_and_reruns_after_a_change(ray_local, tmp_path):
-    from tests.test_pipeline import save_micro_backbone
-
     index_cmd, pipeline_cmd = readme_commands()
     pets = write_pets(tmp_path / "pets-wds")
     paths = {"/data/pets-wds": str(pets), "shards/pets": str(tmp_path / "by-hand"), "runs/pets": str(tmp_path / "run")}

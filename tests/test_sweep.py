@@ -94,7 +94,7 @@ def test_asha_sweep_of_four_trials_names_a_best_trial_and_resumes(ray_local, wor
 
 @pytest.mark.ray
 def test_a_trial_no_node_can_hold_is_an_error_not_a_hang(ray_local, work, tmp_path, capsys):
-    from tune.sweep import main
+    from ray_jobs.sweep import main
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
@@ -127,7 +127,7 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
     )  # fmt: skip
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "tune.sweep", "--config", str(config), "--backbone", str(work.backbone),
+    cmd = [sys.executable, "-m", "ray_jobs.sweep", "--config", str(config), "--backbone", str(work.backbone),
            "--out", str(out), "--no-fid"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     try:
@@ -155,3 +155,18 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
         resumed += reports[-1]["iterations_since_restore"] < reports[-1]["training_iteration"] == 6
     assert resumed >= 1
     assert result.best["ta"]["steps"] == 12
+
+
+def test_python_m_tune_sweep_still_runs_the_sweep_program():
+    """The program moved to ray_jobs/sweep.py; `python -m tune.sweep` (older scripts) runs the same main."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray_jobs.sweep
+    import tune.sweep
+
+    assert tune.sweep.main is ray_jobs.sweep.main
+    out = subprocess.run([sys.executable, "-m", "tune.sweep", "--help"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "--backbone" in out and "ray_jobs.sweep" in out

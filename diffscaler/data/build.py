@@ -1,6 +1,6 @@
 """Build every dataset a config names - the pretraining set and each target task - optionally in parallel.
 
-    build_all(cfg.data)                       # Ray tasks, one per dataset (ray.init() if needed)
+    build_all(cfg.data)                       # Ray tasks, one per dataset (joins a cluster if none: diffscaler.cluster)
     build_all(cfg.data, ["emoji"], parallel=False)
     dataset_dir(cfg.data, "emoji")            # -> "<shards_root>/emoji", where readers look
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import WEBDATASET_PREFIX, DataConfig, TaskSpec
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
@@ -178,6 +179,7 @@ def build_all(
         return {n: _build_one(data, n, jobs[n], force) for n in chosen}
     import ray
 
+    connect_ray()  # not Ray's implicit init, which joins whatever cluster /tmp/ray names
     # One CPU each: decoding is single-threaded Pillow/zlib work; Ray packs as many as the cluster has.
     remote = ray.remote(num_cpus=1, max_retries=0)(_build_one)
     refs = [remote.remote(data, n, jobs[n], force) for n in chosen]

@@ -23,6 +23,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import CONDITION_KINDS, ConfigError, DataConfig, ExperimentConfig, TaskSpec
 from diffscaler.data.check import check_dataset
 from diffscaler.data.conditions import ConditionSpec
@@ -117,10 +118,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     if args.ray:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
+        connect_ray(log_to_driver=False)
     try:
         index = index_shards(args.source, args.out or None, image_key=args.image_key, label_key=args.label_key,
                              size=args.size, eval_shards=args.eval_shards, eval_fraction=args.eval_fraction,

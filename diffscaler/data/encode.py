@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from diffscaler.cluster import connect_ray
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source, encode_map
 from diffscaler.data.index import (
@@ -142,7 +143,7 @@ def encode_shards(
     progress_every: int = 500,
 ) -> DatasetIndex:
     """Encode `source` through the VAE at `vae_path` into latent shards + index.json at `out` (on Ray:
-    `ray.init()` if no cluster is connected); with `condition`, each sample also holds its map (cond.png,
+    diffscaler.cluster joins one if none is connected); with `condition`, each sample also holds its map (cond.png,
     at pixel resolution). Raises VaeError (bad VAE), DatasetError (empty source, a condition the source
     cannot give, an undecodable input unless `skip_bad`), SourceMissingError."""
     from diffscaler.vae import vae_identity
@@ -272,8 +273,7 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     `on_row()` as each encoded image arrives."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    connect_ray(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffscaler.eval.torchvision_compat import import_torch_fidelity
+from diffscaler.torchvision_compat import import_torch_fidelity
 
 import_torch_fidelity()  # noqa: E402  (torchvision shim first; the imports below pull torchvision in)
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # noqa: E402

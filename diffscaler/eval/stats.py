@@ -36,7 +36,7 @@ import torch
 
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ExperimentConfig
-from diffscaler.eval.torchvision_compat import import_torch_fidelity
+from diffscaler.torchvision_compat import import_torch_fidelity
 
 STATS_FORMAT = "diffscaler-fid-reference"
 STATS_FORMAT_VERSION = 1

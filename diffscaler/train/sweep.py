@@ -1,8 +1,8 @@
 """The sweep: Ray Tune over adapter rank and learning rate per dataset, ASHA on a validation loss, FID last.
 
-    python -m tune.sweep --config ray_jobs/configs/tiny.yaml --backbone runs/pretrain/backbone.safetensors \
+    python -m ray_jobs.sweep --config ray_jobs/configs/tiny.yaml --backbone runs/pretrain/backbone.safetensors \
         --out runs/sweep [sweep.num_samples=8 sweep.max_steps=200 ...]
-    ray job submit --working-dir . -- python -m tune.sweep --config ... --backbone ... --out /shared/sweep
+    ray job submit --working-dir . -- python -m ray_jobs.sweep --config ... --backbone ... --out /shared/sweep
 
     result = run_sweep(cfg, "runs/pretrain/backbone.safetensors", "runs/sweep")
 

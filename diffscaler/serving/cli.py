@@ -71,8 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     started = not ray.is_initialized()
     if started:
-        address = ray_address(cfg)
-        ray.init(address=address or None, include_dashboard=False if not address else None)
+        ray.init(address=ray_address(cfg))  # "local" (a new cluster) unless pipeline.ray_address / RAY_ADDRESS
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

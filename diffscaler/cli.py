@@ -17,7 +17,7 @@ from diffscaler.config import ConfigError
 from diffscaler.runlock import RunFolderError
 
 # Modules with a `register(subparsers)` function; each subcommand sets `func` on its parser.
-COMMAND_MODULES = ("diffscaler.cli_model", "diffscaler.data.cli")
+COMMAND_MODULES = ("diffscaler.cli_model", "diffscaler.data.cli", "diffscaler.serving.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

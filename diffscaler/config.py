@@ -211,6 +211,49 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    tasks: tuple[str, ...] = ()  # tasks generated (empty = every adapter in --adapters)
+    images_per_task: int = 1000  # images per task (a conditional task: split over its classes in turn)
+    images_per_class: int = 0  # conditional tasks: images per class instead (0 = images_per_task in turn)
+    class_label: int = -1  # only this class of every conditional task (-1 = all classes)
+    batch_size: int = 32  # images per mixed-task sampling batch (one map_batches call)
+    num_actors: int = 1  # Ray Data actors, each holding the backbone and the bank
+    use_gpu: bool = False  # one GPU per actor (CPU otherwise)
+    cpus_per_actor: float = 1.0  # CPU request per actor
+    sampling_steps: int = 50  # sampler steps per image
+    sampler: str = "ddim"  # ddim | ddpm
+    guidance: float = 1.0  # classifier-free guidance scale (1 = off; conditional tasks only)
+    samples_per_shard: int = 1000  # images per output tar shard (the unit of resume)
+    seed: int = 0  # image i of task t, class c is seeded by (seed, t, c, i) only
+    progress_every: int = 0  # also log every N images inside a shard (0 = one line per shard)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # the Serve proxy's address (0.0.0.0 to serve other machines)
+    port: int = 8000  # the Serve proxy's HTTP port
+    route_prefix: str = "/"  # the app's route prefix on the proxy
+    max_batch_size: int = 32  # images per mixed-task batch (@serve.batch over single images)
+    batch_wait_s: float = 0.01  # longest wait for a batch to fill after its first image
+    max_resident_tasks: int = 64  # adapters on the device at once; the rest wait in host memory (LRU)
+    max_ongoing_requests: int = 32  # requests a replica works on at once (Serve's max_ongoing_requests)
+    max_queued_requests: int = 64  # requests waiting for a replica; beyond that the proxy answers 503
+    max_images_per_request: int = 16  # cap on a request's num (above it: 400)
+    max_steps: int = 250  # cap on a request's steps (above it: 400)
+    sampling_steps: int = 50  # steps of a request that names none
+    sampler: str = "ddim"  # ddim | ddpm
+    guidance: float = 1.0  # guidance of a request that names none (1 = off)
+    num_replicas: int = 1  # fixed replica count when autoscaling is off
+    autoscaling: bool = False  # scale replicas between min_replicas and max_replicas on ongoing requests
+    min_replicas: int = 1  # autoscaling: fewest replicas
+    max_replicas: int = 1  # autoscaling: most replicas
+    target_ongoing_requests: float = 8.0  # autoscaling: ongoing requests per replica it aims for
+    use_gpu: bool = False  # one GPU per replica (on the GPU worker types of cluster.yaml)
+    cpus_per_replica: float = 1.0  # CPU request per replica
+    threads: int = 0  # torch threads per replica (0 = torch's default)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     # stages to run, in run order; empty = every stage. The names are the registry's (diffscaler.stages.STAGES),
     # checked by the pipeline: config imports no stage (they import torch and Ray, seconds)
@@ -229,6 +272,8 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> ExperimentConfig:
@@ -638,6 +683,51 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
     _require(1 <= e.sampling_steps <= d.num_timesteps, "eval.sampling_steps",
              f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]")  # fmt: skip
+
+    g = cfg.generate
+    for i, t in enumerate(g.tasks):
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", t) is not None, f"generate.tasks[{i}]", f"{t!r} is not a task name")
+    _require(len(set(g.tasks)) == len(g.tasks), "generate.tasks", f"repeats a task: {list(g.tasks)}")
+    _require(1 <= g.images_per_task <= MAX_ITEMS, "generate.images_per_task", f"must be in [1, {MAX_ITEMS}]")
+    _require(0 <= g.images_per_class <= MAX_ITEMS, "generate.images_per_class", f"must be in [0, {MAX_ITEMS}]")
+    _require(g.class_label >= -1, "generate.class_label", "must be a class index, or -1 for every class")
+    _require(g.batch_size >= 1, "generate.batch_size", "must be at least 1")
+    _require(g.num_actors >= 1, "generate.num_actors", "must be at least 1")
+    _resource(g.cpus_per_actor, "generate.cpus_per_actor", positive=True)
+    steps_range = f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]"
+    _require(1 <= g.sampling_steps <= d.num_timesteps, "generate.sampling_steps", steps_range)
+    _one_of(g.sampler, SAMPLERS, "generate.sampler")
+    _require(g.guidance >= 0, "generate.guidance", "must be >= 0 (1 = off)")
+    _require(0 < g.samples_per_shard <= MAX_ITEMS, "generate.samples_per_shard", f"must be in [1, {MAX_ITEMS}]")
+    _require(g.seed >= 0, "generate.seed", "must be >= 0")
+    _require(g.progress_every >= 0, "generate.progress_every", "must be >= 0 (0 = per shard only)")
+
+    v = cfg.serve
+    _require(bool(v.host), "serve.host", "must be set (127.0.0.1, or 0.0.0.0 for every interface)")
+    _require(0 <= v.port <= 65535, "serve.port", "must be in [0, 65535]")
+    _require(v.route_prefix.startswith("/"), "serve.route_prefix", f"{v.route_prefix!r} must start with '/'")
+    _require(1 <= v.max_batch_size <= MAX_ITEMS, "serve.max_batch_size", f"must be in [1, {MAX_ITEMS}]")
+    _require(0 <= v.batch_wait_s <= 60, "serve.batch_wait_s", "must be in [0, 60] seconds")
+    _require(v.max_resident_tasks >= 1, "serve.max_resident_tasks", "must be at least 1")
+    _require(v.max_ongoing_requests >= 1, "serve.max_ongoing_requests", "must be at least 1")
+    _require(v.max_queued_requests >= 1, "serve.max_queued_requests", "must be at least 1 (beyond it: 503)")
+    _require(1 <= v.max_images_per_request <= MAX_ITEMS, "serve.max_images_per_request", f"must be in [1, {MAX_ITEMS}]")
+    _require(1 <= v.max_steps <= d.num_timesteps, "serve.max_steps", steps_range)
+    _require(
+        1 <= v.sampling_steps <= v.max_steps, "serve.sampling_steps", f"must be in [1, serve.max_steps={v.max_steps}]"
+    )
+    _one_of(v.sampler, SAMPLERS, "serve.sampler")
+    _require(v.guidance >= 0, "serve.guidance", "must be >= 0 (1 = off)")
+    _require(v.num_replicas >= 1, "serve.num_replicas", "must be at least 1")
+    _require(v.min_replicas >= 0, "serve.min_replicas", "must be >= 0")
+    _require(
+        v.max_replicas >= max(1, v.min_replicas),
+        "serve.max_replicas",
+        f"must be >= serve.min_replicas ({v.min_replicas}) and at least 1",
+    )
+    _require(v.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be positive")
+    _resource(v.cpus_per_replica, "serve.cpus_per_replica", positive=True)
+    _require(v.threads >= 0, "serve.threads", "must be >= 0 (0 = torch's default)")
 
     stages = cfg.pipeline.stages
     for st in stages:

@@ -108,3 +108,38 @@ def test_the_readme_targets_override_of_tiny_yaml_validates():
     cfg = load_config("ray_jobs/configs/tiny.yaml", ['data.targets=[{name: mine, source: "folder:/data/mine"}]'])
     assert [t.name for t in cfg.data.targets] == ["mine"] and cfg.sweep.datasets == ("emoji",)
     assert swept_datasets(cfg) == (("mine",), ("emoji",))
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "words"),
+    [
+        ("generate.images_per_task=0", "generate.images_per_task", "must be in [1,"),
+        ("generate.num_actors=0", "generate.num_actors", "at least 1"),
+        ("generate.sampling_steps=0", "generate.sampling_steps", "num_timesteps"),
+        ("generate.sampler=euler", "generate.sampler", "not one of"),
+        ("generate.samples_per_shard=0", "generate.samples_per_shard", "must be in [1,"),
+        ("generate.tasks=[a, a]", "generate.tasks", "repeats"),
+        ("generate.cpus_per_actor=0", "generate.cpus_per_actor", "positive"),
+        ("serve.port=70000", "serve.port", "65535"),
+        ("serve.max_batch_size=0", "serve.max_batch_size", "must be in [1,"),
+        ("serve.batch_wait_s=-1", "serve.batch_wait_s", "[0, 60]"),
+        ("serve.max_resident_tasks=0", "serve.max_resident_tasks", "at least 1"),
+        ("serve.max_steps=5000", "serve.max_steps", "num_timesteps"),
+        ("serve.sampling_steps=300", "serve.sampling_steps", "serve.max_steps=250"),
+        ("serve.max_replicas=0", "serve.max_replicas", "at least 1"),
+        ("serve.guidance=-1", "serve.guidance", ">= 0"),
+        ("serve.route_prefix=v1", "serve.route_prefix", "start with '/'"),
+    ],
+)
+def test_generate_and_serve_sections_are_validated(override, field, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(field + ":") and words in str(err.value)
+
+
+def test_generate_and_serve_sections_load_from_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("generate: {images_per_task: 8, num_actors: 2}\nserve: {port: 8123, max_resident_tasks: 4}\n")
+    cfg = load_config(path, ["serve.batch_wait_s=0.05"])
+    assert (cfg.generate.images_per_task, cfg.generate.num_actors) == (8, 2)
+    assert (cfg.serve.port, cfg.serve.max_resident_tasks, cfg.serve.batch_wait_s) == (8123, 4, 0.05)

@@ -219,11 +219,13 @@ class SampleNoise:
     """All random draws of a batch, each sample's from its own (seed, index) generator."""
 
     def __init__(self, seed: int, indices: Sequence[int], shape: tuple[int, ...], device: torch.device | str,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, sample_seeds: Sequence[int] | None = None):
+        """`sample_seeds` (one 63-bit seed per sample) replaces the (seed, index) derivation."""
         self.shape = shape  # (C, H, W)
         self.device = device
         self.dtype = dtype
-        self.generators = [torch.Generator().manual_seed(per_sample_seed(seed, i)) for i in indices]
+        seeds = sample_seeds if sample_seeds is not None else [per_sample_seed(seed, i) for i in indices]
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def _draw(self) -> torch.Tensor:
         # Generated on the CPU so the numbers do not depend on the device either.

@@ -19,15 +19,17 @@ from diffscaler.models.dit import DiT
 def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, indices: Sequence[int],
              seed: int, task_ids: torch.Tensor | int | None = None, steps: int = 50, sampler: str = "ddim",
              cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-             autocast_dtype: torch.dtype | None = None, clamp: bool = True) -> torch.Tensor:
+             autocast_dtype: torch.dtype | None = None, clamp: bool = True,
+             sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
     """One batch: float images (N, C, H, W) in [-1, 1] for sample `indices` with `labels` (latents,
-    unclamped, with `clamp=False`)."""
+    unclamped, with `clamp=False`). `sample_seeds` (one per sample) replace the (seed, index) noise seeds."""
     device = next(model.parameters()).device
     labels = labels.to(device)
     if isinstance(task_ids, torch.Tensor):
         task_ids = task_ids.to(device)
     cfg = model.config
-    noise = SampleNoise(seed, indices, (cfg.in_channels, cfg.input_size, cfg.input_size), device)
+    noise = SampleNoise(seed, indices, (cfg.in_channels, cfg.input_size, cfg.input_size), device,
+                        sample_seeds=sample_seeds)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -1,0 +1,252 @@
+"""The Ray Serve application: one deployment holding the backbone and the bank, behind a FastAPI ingress.
+
+    diffscaler serve --backbone B --adapters DIR [--config C] [serve.port=8000 ...]     (diffscaler.serving.cli)
+    serve run diffscaler.serving.app:app_builder backbone=B adapters=DIR [config=C]    (Serve's own CLI)
+
+HTTP API (on the Serve proxy, under serve.route_prefix):
+
+    POST /v1/generate  {"task": "emoji", "class": 0, "num": 4, "seed": 7, "steps": 25, "guidance": 1.0}
+        -> {"task", "class", "num", "seed", "steps", "guidance", "backbone_hash", "adapter_hash",
+            "images": [{"index", "class", "seed", "png_base64"}]}      (image/png when num is 1 and Accept asks)
+    GET  /v1/tasks      every served task (name, method, rank, classes, adapter hash, resident) and refused files
+    GET  /healthz       {"status": "ok", ...}
+    POST /v1/reload     re-read the adapters folder on the replica that answers (new, changed and removed files)
+    GET  /v1/stats      the replica's batches, images, mixed batches, adapter cache hits and page-ins
+
+Mixed-task dynamic batching: a request becomes `num` single-image calls of the replica's `@serve.batch`
+method, so one batch (up to serve.max_batch_size images, waiting at most serve.batch_wait_s) holds images of
+any requests and tasks; the task travels with each image. The batch is split only by (steps, sampler,
+guidance), which share a timestep schedule, and runs through the bank's grouped path (`TaskRuntime`). Image
+k of a request is image k of (task, class) at the request's seed, as the generation job makes it: the same
+request gives the same images whatever it was batched with. Serve's model multiplexing is not used: it
+splits every batch by model id, one adapter per batch (bench/serve_load.py measures both).
+
+A replica pages adapters between host memory and serve.max_resident_tasks device slots (least recently
+used out). Serve's `max_ongoing_requests` bounds a replica's concurrent requests and `max_queued_requests`
+the waiting ones: beyond them the proxy answers 503. Each replica reads the folder at start, on
+`POST /v1/reload`, and once before answering 404 for a task it does not know (at most once a second), so
+a new adapter written into the folder is found by every replica on its first request there.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from diffscaler.config import ExperimentConfig, config_from_json, load_config
+from diffscaler.data.pngcodec import encode_png
+
+logger = logging.getLogger("ray.serve")
+api = FastAPI(title="DiffScaler", description="Many tasks' Affiners over one backbone, batched together.")
+MAX_SEED = 2**63 - 1
+REQUEST_FIELDS = ("task", "class", "num", "seed", "steps", "guidance")
+
+
+class BadRequest(ValueError):
+    """A request field out of range or of the wrong type: 400 naming the field."""
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _int_field(body: dict[str, Any], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"field {name!r}: expected an integer, got {json.dumps(value)}")
+    if not lo <= value <= hi:
+        raise BadRequest(f"field {name!r}: {value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def parse_request(raw: bytes, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The request's fields, defaults filled in; BadRequest naming the first bad field."""
+    s = cfg.serve
+    try:
+        body = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadRequest(f"malformed JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with at least 'task'")
+    unknown = sorted(set(body) - set(REQUEST_FIELDS))
+    if unknown:
+        raise BadRequest(f"field {unknown[0]!r}: not a request field; fields: {', '.join(REQUEST_FIELDS)}")
+    task = body.get("task")
+    if not isinstance(task, str) or not task:
+        raise BadRequest(f"field 'task': expected a task name, got {json.dumps(task)}")
+    guidance = body.get("guidance", s.guidance)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise BadRequest(f"field 'guidance': expected a number, got {json.dumps(guidance)}")
+    if not 0 <= guidance <= 100:
+        raise BadRequest(f"field 'guidance': {guidance} is out of range [0, 100]")
+    return {
+        "task": task,
+        "class": _int_field(body, "class", None, 0, 2**31 - 1),
+        "num": _int_field(body, "num", 1, 1, s.max_images_per_request),
+        "seed": _int_field(body, "seed", 0, 0, MAX_SEED),
+        "steps": _int_field(body, "steps", s.sampling_steps, 1, s.max_steps),
+        "guidance": float(guidance),
+    }
+
+
+@serve.deployment(name="TaskServer")
+@serve.ingress(api)
+class TaskServer:
+    """One replica: a `TaskRuntime` (backbone + bank + adapters in host memory) and its batch queue."""
+
+    def __init__(self, backbone: str, adapters: str, cfg_json: str):
+        from diffscaler.serving.runtime import TaskRuntime, torch_threads
+
+        self.cfg = config_from_json(cfg_json)
+        s = self.cfg.serve
+        torch_threads(s.threads)
+        self.runtime = TaskRuntime.load(backbone, adapters, max_resident=s.max_resident_tasks,
+                                        diffusion=self.cfg.diffusion, log=logger.warning)
+        self.backbone_hash = self.runtime.meta["content_hash"]
+        # The model runs on one thread beside the event loop: requests keep arriving (and batching) while it runs.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffscaler-model")
+        self.lock = threading.Lock()
+        self.last_miss_scan = 0.0
+        self.stats = {"batches": 0, "images": 0, "mixed_batches": 0, "batch_tasks": 0}
+        self.images_batched.set_max_batch_size(s.max_batch_size)
+        self.images_batched.set_batch_wait_timeout_s(s.batch_wait_s)
+
+    # -- the batch ------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def images_batched(self, items: list[tuple[Any, int, float]]) -> list[Any]:
+        """items: (ImageRow, steps, guidance) per image, of any requests and tasks -> uint8 image or error."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._run_batch, items)
+
+    def _run_batch(self, items: list[tuple[Any, int, float]]) -> list[Any]:
+        groups: dict[tuple[int, float], list[int]] = {}
+        for k, (_row, steps, guidance) in enumerate(items):
+            groups.setdefault((steps, guidance), []).append(k)
+        out: list[Any] = [None] * len(items)
+        with self.lock:
+            for (steps, guidance), members in groups.items():
+                rows = [items[k][0] for k in members]
+                try:
+                    images = self.runtime.images(rows, steps, self.cfg.serve.sampler, guidance)
+                except Exception as err:  # a task removed between admission and its batch, a device error
+                    for k in members:
+                        out[k] = err
+                    continue
+                for k, image in zip(members, images):
+                    out[k] = image
+                tasks = len({r.task for r in rows})
+                self.stats["batches"] += 1
+                self.stats["images"] += len(rows)
+                self.stats["batch_tasks"] += tasks
+                self.stats["mixed_batches"] += tasks > 1
+        return out
+
+    def _reload(self) -> dict[str, Any]:
+        with self.lock:
+            return self.runtime.reload().summary()
+
+    async def _in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- routes ---------------------------------------------------------------------------------------
+    @api.post("/v1/generate")
+    async def generate(self, request: Request) -> Response:
+        from diffscaler.serving.runtime import ImageRow
+
+        try:
+            req = parse_request(await request.body(), self.cfg)
+        except BadRequest as err:
+            return _error(400, str(err))
+        entries = self.runtime.catalog.entries
+        if req["task"] not in entries and time.monotonic() - self.last_miss_scan > 1.0:
+            self.last_miss_scan = time.monotonic()
+            await self._in_model_thread(self._reload)  # a task written into the folder since the last scan
+        entry = self.runtime.catalog.entries.get(req["task"])
+        if entry is None:
+            served = sorted(self.runtime.catalog.entries)
+            return _error(404, f"unknown task {req['task']!r}; served tasks: {', '.join(served)}", tasks=served)
+        classes = entry.meta["num_classes"]
+        if req["class"] is not None and req["class"] >= classes:
+            return _error(400, f"field 'class': {req['class']} is out of range for task {req['task']!r} "
+                               f"({classes} class(es): 0..{classes - 1})")
+        plan = [(req["class"], k) if req["class"] is not None else (k % classes, k // classes)
+                for k in range(req["num"])]
+        rows = [ImageRow(req["task"], c, i, req["seed"]) for c, i in plan]
+        results = await asyncio.gather(*[self.images_batched((r, req["steps"], req["guidance"])) for r in rows])
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            if isinstance(failed, KeyError):  # removed by a reload between admission and its batch
+                return _error(404, f"unknown task {req['task']!r}: its adapter was removed")
+            return _error(500, f"generation failed: {type(failed).__name__}: {failed}")
+        accept = request.headers.get("accept", "")
+        if req["num"] == 1 and "image/png" in accept and "application/json" not in accept:
+            return Response(encode_png(results[0]), media_type="image/png",
+                            headers={"X-Seed": str(rows[0].noise_seed), "X-Adapter-Hash": entry.hash})
+        return JSONResponse({
+            **req, "backbone_hash": self.backbone_hash, "adapter_hash": entry.hash,
+            "images": [{"index": r.index, "class": r.label, "seed": r.noise_seed,
+                        "png_base64": base64.b64encode(encode_png(np.asarray(im))).decode()}
+                       for r, im in zip(rows, results)],
+        })
+
+    @api.get("/v1/tasks")
+    async def tasks(self) -> dict[str, Any]:
+        resident = set(self.runtime.resident())
+        return {
+            "tasks": [{**e.describe(), "resident": name in resident}
+                      for name, e in sorted(self.runtime.catalog.entries.items())],
+            "refused": self.runtime.catalog.refused,
+            "max_resident_tasks": self.runtime.max_resident,
+            "backbone_hash": self.backbone_hash,
+        }
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "tasks": len(self.runtime.catalog.entries), "backbone_hash": self.backbone_hash}
+
+    @api.post("/v1/reload")
+    async def reload(self) -> dict[str, Any]:
+        summary = await self._in_model_thread(self._reload)
+        return {**summary, "tasks": sorted(self.runtime.catalog.entries)}
+
+    @api.get("/v1/stats")
+    async def replica_stats(self) -> dict[str, Any]:
+        return {**self.stats, **self.runtime.stats, "resident": len(self.runtime.resident())}
+
+
+def build_app(backbone: str, adapters: str, cfg: ExperimentConfig):
+    """The bound application with serve: options (replicas or autoscaling, resources, request limits)."""
+    from pathlib import Path
+
+    s = cfg.serve
+    options: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0},
+    }
+    if s.autoscaling:
+        options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                         "target_ongoing_requests": s.target_ongoing_requests}
+    else:
+        options["num_replicas"] = s.num_replicas
+    return TaskServer.options(**options).bind(str(Path(backbone).resolve()), str(Path(adapters).resolve()),
+                                              cfg.to_json())
+
+
+def app_builder(args: dict[str, str]):
+    """For Serve's CLI and config files: `serve run diffscaler.serving.app:app_builder backbone=B adapters=DIR
+    [config=C] [overrides="serve.max_batch_size=64 serve.max_resident_tasks=16"]`."""
+    cfg = load_config(args.get("config") or None, args.get("overrides", "").split())
+    return build_app(args["backbone"], args["adapters"], cfg)

@@ -1,0 +1,311 @@
+"""The generation job: many tasks' images as WebDataset shards, on a Ray Data actor pool.
+
+    python -m ray_jobs.generate --config C --backbone B --adapters DIR --out OUT generate.images_per_task=5000
+
+The plan interleaves the tasks image by image (a, b, c, a, b, c, ...), so every `generate.batch_size`
+rows that reach an actor are one mixed-task batch through the bank's grouped path (`TaskRuntime`). Image i
+of (task t, class c) is seeded by (generate.seed, t, c, i) alone: the images do not depend on
+`num_actors`, `batch_size` or which tasks are generated beside it (at most one level of 255 apart).
+
+OUT is a dataset folder `diffscaler shards check` accepts (index.json format_version 1: `png` + `cls` +
+`json` per sample; class_names are `task` or `task/class`, so the set is a pretraining or fine-tuning
+source). Each sample's `json`: task, class, seed, index, steps, sampler, guidance, backbone and adapter
+hashes. All images go to the train split; eval is empty.
+
+Resume: each written shard gets `<shard>.done.json` (its index entry and the hash of the plan rows and
+parameters that made it); a rerun with the same parameters keeps those shards and generates only the
+others. An actor that dies mid-run is restarted by Ray Data and its batches are retried. The sidecars
+are removed once index.json is written; a rerun of a complete folder with the same parameters is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffscaler.config import ExperimentConfig, GenerateConfig
+from diffscaler.data import storage
+from diffscaler.data.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, combine_hashes, sample_digest, shard_name
+from diffscaler.data.pngcodec import encode_png
+from diffscaler.data.tarformat import RawSample, write_tar
+
+GENERATED_SOURCE = "generated"
+
+
+class GenerateInputError(ValueError):
+    """Input the generation job cannot run on; the message names it."""
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    adapter_hash: str
+
+    def label_names(self) -> list[str]:
+        if self.num_classes == 1:
+            return [self.name]
+        names = self.class_names if len(self.class_names) == self.num_classes else range(self.num_classes)
+        return [f"{self.name}/{c}" for c in names]
+
+
+def task_rows(task: TaskPlan, g: GenerateConfig) -> list[tuple[int, int]]:
+    """(class, index within that class) of each image of `task`, in order."""
+    if task.num_classes == 1:
+        return [(0, i) for i in range(g.images_per_task)]
+    classes = [g.class_label] if g.class_label >= 0 else list(range(task.num_classes))
+    if g.images_per_class > 0:  # class by class in turn: image k of every class before image k + 1
+        return [(c, i) for i in range(g.images_per_class) for c in classes]
+    return [(classes[k % len(classes)], k // len(classes)) for k in range(g.images_per_task)]
+
+
+def plan_rows(tasks: list[TaskPlan], g: GenerateConfig) -> list[dict[str, Any]]:
+    """Every image of the set, tasks interleaved one image at a time; `label` is the dataset's class."""
+    per_task = [task_rows(t, g) for t in tasks]
+    first_label = np.cumsum([0] + [len(t.label_names()) for t in tasks]).tolist()
+    rows: list[dict[str, Any]] = []
+    for k in range(max((len(r) for r in per_task), default=0)):
+        for t, task in enumerate(tasks):
+            if k < len(per_task[t]):
+                cls, index = per_task[t][k]
+                rows.append({"task": task.name, "cls": cls, "index": index, "label": first_label[t] + cls})
+    for n, row in enumerate(rows):
+        row["shard"], row["pos"] = divmod(n, g.samples_per_shard)
+    return rows
+
+
+def image_parameters(cfg: ExperimentConfig, backbone_hash: str, tasks: list[TaskPlan]) -> dict[str, Any]:
+    """What determines the images (not num_actors, batch_size or resources): equal parameters, equal set."""
+    g, d = cfg.generate, cfg.diffusion
+    return {
+        "backbone_hash": backbone_hash,
+        "adapters": {t.name: t.adapter_hash for t in tasks},
+        "images_per_task": g.images_per_task, "images_per_class": g.images_per_class, "class_label": g.class_label,
+        "sampling_steps": g.sampling_steps, "sampler": g.sampler, "guidance": g.guidance, "seed": g.seed,
+        "samples_per_shard": g.samples_per_shard,
+        "diffusion": {k: v for k, v in asdict(d).items() if k not in ("sampler", "sampling_steps", "cfg_scale")},
+    }
+
+
+def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) -> tuple[list[TaskPlan], str]:
+    """(the tasks to generate, the backbone hash); GenerateInputError naming the problem, before Ray."""
+    from diffscaler.adapters.bank import AdapterLoadError
+    from diffscaler.artifacts import BackboneLoadError, read_backbone_meta
+    from diffscaler.config import from_dict
+    from diffscaler.serving.runtime import AdapterCatalog
+
+    try:
+        meta = read_backbone_meta(backbone)
+        from diffscaler.config import ModelConfig
+
+        model_cfg = from_dict(ModelConfig, meta["model"], "backbone.model")
+        catalog = AdapterCatalog(adapters, meta["content_hash"], model_cfg, log=lambda _m: None)
+        catalog.scan()
+    except (BackboneLoadError, AdapterLoadError) as err:
+        raise GenerateInputError(str(err)) from None
+    if model_cfg.in_channels != 3:
+        raise GenerateInputError(f"--backbone {backbone}: a latent backbone ({model_cfg.in_channels} channels); the "
+                                 "generation job writes images from pixel-space backbones only")
+    names = list(cfg.generate.tasks) or sorted(catalog.entries)
+    missing = [n for n in names if n not in catalog.entries]
+    if missing or not names:
+        why = "; ".join(f"{f}: {r}" for f, r in catalog.refused.items() if Path(f).stem in missing or not names)
+        raise GenerateInputError(f"generate.tasks: {missing or 'none'} not among the adapters of {adapters} that fit "
+                                 f"the backbone {sorted(catalog.entries)}" + (f" ({why})" if why else ""))
+    tasks = []
+    for n in names:
+        m = catalog.entries[n].meta
+        tasks.append(TaskPlan(n, m["num_classes"], tuple(m.get("class_names", ())), catalog.entries[n].hash))
+        if cfg.generate.class_label >= m["num_classes"] and m["num_classes"] > 1:
+            raise GenerateInputError(f"generate.class_label {cfg.generate.class_label}: task {n!r} has "
+                                     f"{m['num_classes']} classes")
+    existing = Path(out) / INDEX_NAME
+    if existing.is_file():
+        try:
+            old = json.loads(existing.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("source") != GENERATED_SOURCE:
+            raise GenerateInputError(f"--out {out}: holds a dataset that is not a generated set ({existing}); "
+                                     "choose another folder")
+    return tasks, meta["content_hash"]
+
+
+class GenerateActor:
+    """A Ray Data actor: the backbone and the bank (every generated task resident); one mixed batch per call."""
+
+    def __init__(self, backbone: str, adapters: str, hashes: dict[str, str], cfg_json: str, threads: int = 0):
+        from diffscaler.config import config_from_json
+        from diffscaler.serving.runtime import TaskRuntime, torch_threads
+
+        torch_threads(threads)
+        cfg = config_from_json(cfg_json)
+        self.g = cfg.generate
+        self.runtime = TaskRuntime.load(backbone, adapters, max_resident=max(1, len(hashes)),
+                                        diffusion=cfg.diffusion, log=lambda _m: None)
+        changed = [n for n, h in hashes.items() if n not in self.runtime.catalog.entries
+                   or self.runtime.catalog.entries[n].hash != h]
+        if changed:
+            raise RuntimeError(f"adapters {changed} of {adapters} changed after the job was planned; rerun it")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from diffscaler.serving.runtime import ImageRow
+
+        rows = [ImageRow(str(t), int(c), int(i), self.g.seed)
+                for t, c, i in zip(batch["task"], batch["cls"], batch["index"])]
+        images = self.runtime.images(rows, self.g.sampling_steps, self.g.sampler, self.g.guidance)
+        return {**batch, "png": np.array([encode_png(im) for im in images], dtype=object),
+                "noise_seed": np.array([r.noise_seed for r in rows], dtype=np.uint64)}
+
+
+def _sidecar(out: str, number: int) -> str:
+    return storage.join(out, shard_name("train", number) + ".done.json")
+
+
+def _plan_hash(params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    text = json.dumps([params, [(r["task"], r["cls"], r["index"]) for r in rows]], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def generate_set(cfg: ExperimentConfig, backbone: str, adapters: str, out: str,
+                 log: Callable[[str], None] | None = None,
+                 on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate the set into `out` (inputs checked first, then Ray: joined if not connected); returns the
+    index. `on_shard(written, total)` runs after each shard is written."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    g = cfg.generate
+    tasks, backbone_hash = check_inputs(cfg, backbone, adapters, out)
+    rows = plan_rows(tasks, g)
+    params = image_parameters(cfg, backbone_hash, tasks)
+    shards: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        shards.setdefault(row["shard"], []).append(row)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    index_path = storage.join(out, INDEX_NAME)
+    if storage.exists(index_path):
+        old = json.loads(storage.read_bytes(index_path))
+        if old.get("generate") == params:
+            log(f"generate: {out} already holds this set ({old['num_samples']} images), nothing to do")
+            return old
+        theirs = old.get("generate") or {}
+        differ = sorted(k for k in set(params) | set(theirs) if params.get(k) != theirs.get(k))
+        raise GenerateInputError(f"--out {out}: holds a finished generated set made with other parameters "
+                                 f"({', '.join(differ)} differ); choose another folder")
+    done: dict[int, dict[str, Any]] = {}
+    for s, shard_rows in shards.items():
+        sidecar = _sidecar(out, s)
+        if storage.exists(sidecar):
+            record = json.loads(storage.read_bytes(sidecar))
+            if record.get("plan") == _plan_hash(params, shard_rows) and storage.exists(
+                storage.join(out, shard_name("train", s))
+            ):
+                done[s] = record
+    log(f"generate: {len(tasks)} task(s), {len(rows)} images in {len(shards)} shard(s) of up to "
+        f"{g.samples_per_shard} -> {out}" + (f"; resuming, {len(done)} shard(s) already written" if done else ""))
+    todo = [r for s, rs in shards.items() if s not in done for r in rs]
+    t0, made = time.perf_counter(), 0
+    if todo:
+        for s, results in _generated_shards(todo, cfg, backbone, adapters, {t.name: t.adapter_hash for t in tasks},
+                                            log):
+            done[s] = _write_shard(out, s, results, params, tasks, g)
+            done[s]["plan"] = _plan_hash(params, shards[s])
+            storage.write_bytes_atomic(_sidecar(out, s), json.dumps(done[s], sort_keys=True).encode())
+            made += len(results)
+            rate = made / max(time.perf_counter() - t0, 1e-9)
+            log(f"generate: wrote {shard_name('train', s)} ({len(results)} images; {len(done)}/{len(shards)} shards, "
+                f"{rate:.2f} images/s)")
+            if on_shard is not None:
+                on_shard(len(done), len(shards))
+    class_names = [n for t in tasks for n in t.label_names()]
+    counts = [0] * len(class_names)
+    for row in rows:
+        counts[row["label"]] += 1
+    entries = [done[s]["entry"] for s in sorted(shards)]
+    index = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": GENERATED_SOURCE,
+        "source_detail": f"diffscaler generate: backbone {backbone}, adapters {adapters}",
+        "image_size": _image_size(backbone), "samples_per_shard": g.samples_per_shard, "class_names": class_names,
+        "num_samples": len(rows), "condition": None, "generate": params,
+        "splits": {"train": {"num_samples": len(rows), "class_counts": counts, "shards": entries},
+                   "eval": {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []}},
+        "skipped_inputs": [], "content_hash": combine_hashes([e["sha256"] for e in entries]),
+    }
+    storage.write_bytes_atomic(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+    for s in shards:
+        storage.remove(_sidecar(out, s))
+    wall = time.perf_counter() - t0
+    log(f"generate: {out}: {len(rows)} images in {len(shards)} shards ({made} generated in {wall:.1f} s, "
+        f"{made / max(wall, 1e-9):.2f} images/s), {index['content_hash']}")
+    return index
+
+
+def _image_size(backbone: str) -> int:
+    from diffscaler.artifacts import read_backbone_meta
+
+    return int(read_backbone_meta(backbone)["model"]["input_size"])
+
+
+def _generated_shards(rows: list[dict[str, Any]], cfg: ExperimentConfig, backbone: str, adapters: str,
+                      hashes: dict[str, str], log: Callable[[str], None]) -> Iterator[tuple[int, list]]:
+    """(shard, its rows in order) as each shard's images complete (in plan order)."""
+    import ray
+
+    g = cfg.generate
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
+    columns = [{k: r[k] for k in ("shard", "pos", "task", "cls", "index")} for r in rows]
+    ds = ray.data.from_items(columns, override_num_blocks=max(1, min(len(rows) // g.batch_size, 1000)))
+    ds = ds.map_batches(
+        GenerateActor,
+        fn_constructor_kwargs={"backbone": str(Path(backbone).resolve()), "adapters": str(Path(adapters).resolve()),
+                               "hashes": hashes, "cfg_json": cfg.to_json(), "threads": max(1, int(g.cpus_per_actor))},
+        batch_size=g.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0,
+    )
+    pending: dict[int, list[dict[str, Any]]] = {}
+    current, t0 = int(rows[0]["shard"]), time.perf_counter()
+    for arrived, row in enumerate(ds.iter_rows(), 1):
+        if g.progress_every and arrived % g.progress_every == 0 and arrived < len(rows):
+            rate = arrived / max(time.perf_counter() - t0, 1e-9)
+            log(f"generate: {arrived}/{len(rows)} images ({rate:.2f} images/s)")
+        shard = int(row["shard"])
+        if shard != current and current in pending:
+            yield current, sorted(pending.pop(current), key=lambda r: int(r["pos"]))
+        current = shard
+        pending.setdefault(shard, []).append(row)
+    for shard in sorted(pending):
+        yield shard, sorted(pending[shard], key=lambda r: int(r["pos"]))
+
+
+def _write_shard(out: str, number: int, results: list[dict[str, Any]], params: dict[str, Any],
+                 tasks: list[TaskPlan], g: GenerateConfig) -> dict[str, Any]:
+    by_name = {t.name: t for t in tasks}
+    first_label = dict(zip([t.name for t in tasks], np.cumsum([0] + [len(t.label_names()) for t in tasks]).tolist()))
+    samples = []
+    for row in results:
+        task = by_name[str(row["task"])]
+        cls, index = int(row["cls"]), int(row["index"])
+        meta = {"task": task.name, "class": cls, "class_name": task.label_names()[cls], "seed": g.seed,
+                "index": index, "noise_seed": int(row["noise_seed"]), "steps": g.sampling_steps,
+                "sampler": g.sampler, "guidance": g.guidance, "backbone_hash": params["backbone_hash"],
+                "adapter_hash": task.adapter_hash}
+        members = {"png": bytes(row["png"]), "cls": str(first_label[task.name] + cls).encode(),
+                   "json": json.dumps(meta, sort_keys=True).encode()}
+        samples.append(RawSample(f"{number:06d}{int(row['pos']):06d}", members))
+    hasher = hashlib.sha256()
+    for sample in samples:
+        sample_digest(hasher, sample.key, sample.members)
+    name = shard_name("train", number)
+    storage.write_bytes_atomic(storage.join(out, name), write_tar(samples))
+    return {"entry": {"name": name, "num_samples": len(samples), "sha256": hasher.hexdigest()}}

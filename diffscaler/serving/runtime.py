@@ -1,0 +1,337 @@
+"""One backbone serving many tasks: the adapters folder in host memory, a bank of device slots, LRU paging.
+
+    runtime = TaskRuntime.load("backbone.safetensors", "adapters/", max_resident=64)
+    images = runtime.images([ImageRow("emoji", 0, 0, seed=7), ImageRow("icons", 0, 0, seed=7)], steps=25)
+
+Used by the generation job (`diffscaler.serving.generate`, one runtime per Ray Data actor) and the Serve
+deployment (`diffscaler.serving.app`, one per replica). Every adapter of the folder is read once into host
+memory (`AdapterCatalog`); the model holds one `AdapterBank` with `max_resident` task slots, and a batch's
+tasks are paged into slots on demand, the least recently used out. A mixed batch runs through the bank's
+grouped path (`AdapterBank.forward` sorts it by task).
+
+Image i of task t, class c, run seed s is seeded by (s, t, c, i) only (`image_seed`): never by the batch it
+lands in, the slot its task occupies, the other tasks of the batch or the number of workers (up to float
+rounding of the grouped matmuls: at most one level of 255).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo
+from diffscaler.artifacts import (
+    _bank_tasks,
+    _check_adapter_fits,
+    content_hash,
+    load_backbone,
+    read_adapter_file,
+)
+from diffscaler.config import DiffusionConfig, ModelConfig
+from diffscaler.diffusion.gaussian import GaussianDiffusion
+from diffscaler.diffusion.sampling import generate, to_uint8
+from diffscaler.models.dit import DiT
+
+
+def image_seed(seed: int, task: str, label: int, index: int) -> int:
+    """The 63-bit noise seed of image `index` of (`task`, class `label`) in a run seeded `seed`."""
+    digest = hashlib.sha256(task.encode()).digest()
+    words = [int.from_bytes(digest[i : i + 4], "big") for i in range(0, 16, 4)]
+    state = np.random.SeedSequence([int(seed), *words, int(label), int(index)]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> 1)
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    task: str  # adapter name
+    label: int  # class within the task (0 for an unconditional task)
+    index: int  # image number within (task, class)
+    seed: int  # the run's (or request's) seed
+
+    @property
+    def noise_seed(self) -> int:
+        return image_seed(self.seed, self.task, self.label, self.index)
+
+
+@dataclass
+class AdapterEntry:
+    """One servable adapter, held in host memory."""
+
+    name: str
+    file: Path
+    meta: dict[str, Any]
+    state: dict[str, torch.Tensor]  # host tensors, as in the file
+    hash: str  # content hash of the tensors (sha256 over names, dtypes, shapes and bytes)
+    stamp: tuple[int, int]  # (mtime_ns, size) of the file when read: an unchanged file is not read again
+
+    @property
+    def info(self) -> TaskInfo:
+        m = self.meta
+        return TaskInfo(m["task"], m["num_classes"], m["conditional"], m["rank"], tuple(m.get("class_names", ())))
+
+    def describe(self) -> dict[str, Any]:
+        m = self.meta
+        return {"name": self.name, "method": m["method"], "rank": m["rank"], "classes": m["num_classes"],
+                "conditional": m["conditional"], "class_names": list(m.get("class_names", ())),
+                "adapter_hash": self.hash}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@dataclass
+class ScanResult:
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # file -> reason
+
+    def summary(self) -> dict[str, Any]:
+        return {"added": self.added, "updated": self.updated, "removed": self.removed, "refused": self.refused}
+
+
+class AdapterCatalog:
+    """The `<task>.safetensors` adapters of one folder that fit the backbone, in host memory.
+
+    `scan()` re-reads the folder: new and changed files are read (the fine-tune stage writes them
+    atomically, tensors then JSON), removed ones dropped. A file that does not fit (another backbone, another
+    method than the bank's, a task's own model, corrupt) is refused with its reason and logged; a task whose
+    new file is refused keeps the version read before, and every other task keeps serving.
+    """
+
+    def __init__(self, folder: str | Path, backbone_hash: str, model_config: ModelConfig,
+                 log: Callable[[str], None] | None = None):
+        self.folder = Path(folder)
+        self.backbone_hash, self.model_config = backbone_hash, model_config
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.entries: dict[str, AdapterEntry] = {}
+        self.refused: dict[str, str] = {}
+        self.method: str | None = None  # one bank holds one method and one target set: the first read decides
+        self.targets: tuple[str, ...] | None = None
+
+    def _files(self) -> list[Path]:
+        if not self.folder.is_dir():
+            raise AdapterLoadError(f"--adapters {self.folder}: not a folder")
+        return [f for f in sorted(self.folder.glob("*.safetensors")) if _bank_tasks(f) is None]
+
+    def _read(self, file: Path) -> AdapterEntry:
+        stamp = _stamp(file)
+        meta, state = read_adapter_file(file)
+        _check_adapter_fits(meta, file, self.model_config, self.backbone_hash)
+        if meta.get("task") != file.stem:
+            raise AdapterLoadError(f"{file}: holds task {meta.get('task')!r}, its file name says {file.stem!r}")
+        if self.method is not None and (meta["method"], tuple(meta["targets"])) != (self.method, self.targets):
+            raise AdapterLoadError(
+                f"{file}: method {meta['method']} on {meta['targets']}, the served bank holds "
+                f"{self.method} on {list(self.targets or ())}: one bank holds one method"
+            )
+        return AdapterEntry(file.stem, file, meta, state, content_hash(state), stamp)
+
+    def scan(self) -> ScanResult:
+        result = ScanResult()
+        files = self._files()
+        seen = set()
+        refused: dict[str, str] = {}
+        for file in files:
+            name = file.stem
+            seen.add(name)
+            old = self.entries.get(name)
+            try:
+                if old is not None and old.stamp == _stamp(file):
+                    continue
+                entry = self._read(file)
+            except (AdapterLoadError, OSError, KeyError, ValueError) as err:
+                refused[str(file)] = str(err)
+                if str(file) not in self.refused:
+                    kept = " (the version read before keeps serving)" if old is not None else ""
+                    self.log(f"serve: refused {file}: {err}{kept}")
+                continue
+            if self.method is None:
+                self.method, self.targets = entry.meta["method"], tuple(entry.meta["targets"])
+            self.entries[name] = entry
+            (result.updated if old is not None else result.added).append(name)
+        for name in sorted(set(self.entries) - seen):
+            del self.entries[name]
+            result.removed.append(name)
+        self.refused = result.refused = refused
+        if result.added or result.updated or result.removed:
+            self.log(f"serve: adapters of {self.folder}: {len(self.entries)} served; added {result.added}, "
+                     f"updated {result.updated}, removed {result.removed}")
+        return result
+
+
+class UnknownTaskError(KeyError):
+    """A task the runtime does not serve."""
+
+
+class TaskRuntime:
+    """A backbone, its adapters' catalog and a bank of `max_resident` device slots paged least recently used."""
+
+    def __init__(self, model: DiT, meta: dict[str, Any], catalog: AdapterCatalog, max_resident: int,
+                 device: torch.device, diffusion: DiffusionConfig | None = None):
+        if model.config.in_channels != 3:
+            raise ValueError(
+                f"backbone with {model.config.in_channels} input channels: serving and generation take "
+                "pixel-space backbones (a latent backbone needs the VAE decoder, not built here)"
+            )
+        if max_resident < 1:
+            raise ValueError(f"max_resident must be at least 1, got {max_resident}")
+        self.backbone_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # host copy: rebuilds
+        self.model_config, self.meta, self.catalog = model.config, meta, catalog
+        self.max_resident, self.device = max_resident, device
+        self.diffusion_config = diffusion or DiffusionConfig()
+        self.diffusion = GaussianDiffusion.from_config(self.diffusion_config, learn_sigma=model.config.learn_sigma)
+        self.model: DiT | None = None
+        self.bank: AdapterBank | None = None
+        self.shape: tuple[str, tuple[str, ...], int, int] | None = None  # (method, targets, rank, classes) of the bank
+        self.slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # task -> (slot, adapter hash), LRU first
+        self.free: list[int] = []
+        self.stats = {"hits": 0, "misses": 0, "page_ins": 0, "page_in_seconds": 0.0, "images": 0}
+
+    @classmethod
+    def load(cls, backbone: str | Path, adapters: str | Path, max_resident: int = 64, device: str = "",
+             diffusion: DiffusionConfig | None = None, log: Callable[[str], None] | None = None) -> TaskRuntime:
+        """Read the backbone and every adapter of the folder that fits it. Raises BackboneLoadError,
+        AdapterLoadError (no adapter at all fits: each file's reason is named)."""
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, meta = load_backbone(backbone)
+        catalog = AdapterCatalog(adapters, meta["content_hash"], model.config, log)
+        catalog.scan()
+        if not catalog.entries:
+            reasons = "; ".join(f"{f}: {r}" for f, r in catalog.refused.items()) or "no <task>.safetensors files"
+            raise AdapterLoadError(f"--adapters {adapters}: no adapter fits backbone {backbone} ({reasons})")
+        runtime = cls(model, meta, catalog, max_resident, dev, diffusion)
+        runtime.sync()
+        return runtime
+
+    # -- the bank -------------------------------------------------------------------------------------
+    def reload(self) -> ScanResult:
+        """Re-read the adapters folder; resident tasks whose file changed or went are paged out."""
+        result = self.catalog.scan()
+        self.sync()
+        return result
+
+    def sync(self) -> None:
+        """Build the bank if the catalog needs a larger one (rank, classes), and drop stale slots."""
+        entries = self.catalog.entries
+        if not entries:
+            self.slots.clear()
+            return
+        method, targets = self.catalog.method or "affiner", self.catalog.targets or ()
+        rank = max(e.meta["rank"] for e in entries.values())
+        classes = max(e.meta["num_classes"] for e in entries.values())
+        if self.shape is None or self.shape[:2] != (method, targets) or rank > self.shape[2] or classes > self.shape[3]:
+            self._build(method, targets, max(rank, 1), classes)
+        for name, (slot, digest) in list(self.slots.items()):
+            entry = entries.get(name)
+            if entry is None or entry.hash != digest:
+                del self.slots[name]
+                self.free.append(slot)
+
+    def _build(self, method: str, targets: tuple[str, ...], rank: int, classes: int) -> None:
+        model = DiT(self.model_config)
+        model.load_state_dict(self.backbone_state)
+        # placeholder slots: each takes a task's rank, classes and rows when the task is paged in
+        slots = [TaskInfo(f"slot{i}", classes, classes > 1, rank) for i in range(self.max_resident)]
+        self.bank = AdapterBank.attach(model, slots, method=method, rank=rank, targets=targets)
+        self.model = model.to(self.device).eval()
+        self.shape = (method, targets, rank, classes)
+        self.slots.clear()
+        self.free = list(range(self.max_resident))
+
+    @torch.no_grad()
+    def _page_in(self, entry: AdapterEntry, slot: int) -> None:
+        assert self.bank is not None and self.model is not None
+        t0 = time.perf_counter()
+        info = entry.info
+        self.bank.tasks[slot] = info
+        for layer in self.bank.layers.values():
+            if "down" in layer.parts:  # columns beyond the task's rank must be exactly zero
+                layer.down[slot].zero_()
+                layer.up[slot].zero_()
+        emb = self.model.task_embedder
+        emb.num_classes[slot] = info.num_classes
+        emb.conditional[slot] = info.conditional
+        self.bank.load_task_state(slot, entry.state, entry.file)
+        self.stats["page_ins"] += 1
+        self.stats["page_in_seconds"] += time.perf_counter() - t0
+
+    def resident(self) -> list[str]:
+        return list(self.slots)
+
+    def _ensure(self, names: Sequence[str]) -> dict[str, int]:
+        """Slots of `names` (at most max_resident distinct), paging in the missing, the least recently used out."""
+        wanted = list(dict.fromkeys(names))
+        for name in wanted:
+            if name in self.slots:
+                self.slots.move_to_end(name)
+                self.stats["hits"] += 1
+                continue
+            self.stats["misses"] += 1
+            entry = self.catalog.entries[name]
+            if not self.free:
+                victim = next(n for n in self.slots if n not in wanted)  # LRU first; a batch's own tasks stay
+                self.free.append(self.slots.pop(victim)[0])
+            slot = self.free.pop()
+            self._page_in(entry, slot)
+            self.slots[name] = (slot, entry.hash)
+        return {name: self.slots[name][0] for name in wanted}
+
+    # -- images ---------------------------------------------------------------------------------------
+    def check_row(self, row: ImageRow) -> None:
+        entry = self.catalog.entries.get(row.task)
+        if entry is None:
+            raise UnknownTaskError(row.task)
+        n = entry.meta["num_classes"]
+        if not 0 <= row.label < n:
+            raise ValueError(f"class {row.label} is out of range for task {row.task!r} ({n} class(es))")
+
+    def images(self, rows: Sequence[ImageRow], steps: int, sampler: str = "ddim", guidance: float = 1.0) -> np.ndarray:
+        """uint8 (N, H, W, 3) images of `rows`, one mixed-task batch (split only where more than
+        max_resident distinct tasks meet)."""
+        for row in rows:
+            self.check_row(row)
+        out: list[np.ndarray] = []
+        lo = 0
+        while lo < len(rows):
+            hi, tasks = lo, set()
+            while hi < len(rows) and (rows[hi].task in tasks or len(tasks) < self.max_resident):
+                tasks.add(rows[hi].task)
+                hi += 1
+            out.append(self._run(rows[lo:hi], steps, sampler, guidance))
+            lo = hi
+        self.stats["images"] += len(rows)
+        if not out:
+            s = self.model_config.input_size
+            return np.zeros((0, s, s, 3), np.uint8)
+        return np.concatenate(out)
+
+    def _run(self, rows: Sequence[ImageRow], steps: int, sampler: str, guidance: float) -> np.ndarray:
+        assert self.model is not None
+        slots = self._ensure([r.task for r in rows])
+        ids = [slots[r.task] for r in rows]
+        task_ids: torch.Tensor | int = ids[0] if len(set(ids)) == 1 else torch.tensor(ids, dtype=torch.long)
+        x = generate(self.model, self.diffusion, labels=torch.tensor([r.label for r in rows], dtype=torch.long),
+                     indices=range(len(rows)), seed=0, task_ids=task_ids, steps=steps, sampler=sampler,
+                     cfg_scale=guidance, eta=self.diffusion_config.ddim_eta,
+                     sample_seeds=[r.noise_seed for r in rows])
+        return to_uint8(x)
+
+
+def torch_threads(threads: int) -> None:
+    """Pin torch's intra-op threads (0 = leave torch's default); Ray actors see all cores otherwise."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -1,0 +1,160 @@
+"""The generation job (issue 22): Ray Data actors, mixed-task batches, shards `shards check` accepts, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tarfile
+
+import numpy as np
+import pytest
+
+from diffscaler.config import load_config
+from tests.support.serving import live_actor_pids, setup_models
+
+GEN = ["generate.sampling_steps=2", "generate.images_per_task=4", "generate.cpus_per_actor=0.5"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return setup_models(tmp_path_factory.mktemp("gen_models"))
+
+
+def read_set(out) -> dict[tuple[str, int, int], np.ndarray]:
+    """{(task, class, index): image} of a generated folder, with each sample's json checked against its cls."""
+    from diffscaler.data.pngcodec import decode_png
+
+    index = json.loads((out / "index.json").read_text())
+    images = {}
+    for entry in index["splits"]["train"]["shards"]:
+        with tarfile.open(out / entry["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            key = name[: -len(".json")]
+            meta = json.loads(members[name])
+            assert index["class_names"][int(members[key + ".cls"])] == meta["class_name"]
+            images[(meta["task"], meta["class"], meta["index"])] = decode_png(members[key + ".png"])
+    return images
+
+
+def test_plan_interleaves_tasks_and_splits_conditional_tasks_over_classes():
+    from diffscaler.serving.generate import TaskPlan, plan_rows
+
+    cfg = load_config(None, ["generate.images_per_task=4", "generate.samples_per_shard=5"])
+    rows = plan_rows([TaskPlan("a", 1, (), "h"), TaskPlan("b", 3, (), "h")], cfg.generate)
+    assert [(r["task"], r["cls"], r["index"]) for r in rows[:4]] == [("a", 0, 0), ("b", 0, 0), ("a", 0, 1), ("b", 1, 0)]
+    assert [r["label"] for r in rows if r["task"] == "b"] == [1, 2, 3, 1]  # a is class 0, b/0..b/2 are 1..3
+    assert [r["shard"] for r in rows] == [0] * 5 + [1] * 3
+    per_class = plan_rows([TaskPlan("b", 3, (), "h")], load_config(None, ["generate.images_per_class=2"]).generate)
+    assert [(r["cls"], r["index"]) for r in per_class] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_images_do_not_depend_on_actors_batch_size_or_mix(ray_local, models, tmp_path):
+    from diffscaler.data.check import check_dataset
+    from diffscaler.serving.generate import generate_set
+
+    backbone, adapters = models
+    logs: list[str] = []
+    one = load_config(None, [*GEN, "generate.num_actors=1", "generate.batch_size=16", "generate.samples_per_shard=6"])
+    index = generate_set(one, str(backbone), str(adapters), str(tmp_path / "one"), log=logs.append)
+    report = check_dataset(str(tmp_path / "one"))
+    assert report.ok, report.problems
+    assert index["num_samples"] == 16 and len(index["splits"]["train"]["shards"]) == 3
+    assert index["class_names"] == ["a", "b/0", "b/1", "b/2", "c", "d"]
+    assert sum("wrote train-" in line for line in logs) == 3  # progress per shard
+    # two actors, another batch size, only two of the tasks in another order: the same images
+    two = load_config(None, [*GEN, "generate.num_actors=2", "generate.batch_size=3", "generate.tasks=[d, b]"])
+    generate_set(two, str(backbone), str(adapters), str(tmp_path / "two"))
+    first, second = read_set(tmp_path / "one"), read_set(tmp_path / "two")
+    assert set(second) == {k for k in first if k[0] in ("b", "d")}
+    for key, image in second.items():
+        assert np.abs(image.astype(int) - first[key]).max() <= 1, key
+    assert len({first[k].tobytes() for k in first}) == len(first)  # every image differs from the others
+
+
+class Stop(BaseException):
+    """The driver dies between shards, as a killed job would."""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_rerun_keeps_finished_shards_and_writes_only_the_missing(ray_local, models, tmp_path):
+    from diffscaler.data.check import check_dataset
+    from diffscaler.serving.generate import generate_set
+
+    backbone, adapters = models
+    out = tmp_path / "set"
+    cfg = load_config(None, [*GEN, "generate.batch_size=2", "generate.samples_per_shard=4"])
+
+    def stop_after_first(done: int, _total: int) -> None:
+        if done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        generate_set(cfg, str(backbone), str(adapters), str(out), on_shard=stop_after_first)
+    first = out / "train-000000.tar"
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+    assert not (out / "index.json").exists()
+    logs: list[str] = []
+    generate_set(cfg, str(backbone), str(adapters), str(out), log=logs.append)
+    assert any("resuming, 1 shard(s) already written" in line for line in logs), logs
+    assert sum("wrote train-" in line for line in logs) == 3
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # kept, not written again
+    assert check_dataset(str(out)).ok
+    assert not list(out.glob("*.done.json"))
+    logs.clear()
+    generate_set(cfg, str(backbone), str(adapters), str(out), log=logs.append)
+    assert "nothing to do" in logs[-1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_killed_actor_is_replaced_and_its_shard_redone(ray_local, models, tmp_path):
+    from diffscaler.data.check import check_dataset
+    from diffscaler.serving.generate import generate_set
+
+    backbone, adapters = models
+    cfg = load_config(None, [*GEN, "generate.batch_size=2", "generate.samples_per_shard=4"])
+    killed = []
+
+    def kill_an_actor(_done: int, _total: int) -> None:
+        for pid in live_actor_pids("GenerateActor")[:1]:
+            if not killed:
+                os.kill(pid, signal.SIGKILL)  # kill -9 of a generating actor while shards remain
+                killed.append(pid)
+
+    out = tmp_path / "set"
+    generate_set(cfg, str(backbone), str(adapters), str(out), on_shard=kill_an_actor)
+    assert killed and check_dataset(str(out)).ok
+    clean = tmp_path / "clean"
+    generate_set(cfg, str(backbone), str(adapters), str(clean))
+    a, b = read_set(out), read_set(clean)
+    assert set(a) == set(b) and all(np.abs(a[k].astype(int) - b[k]).max() <= 1 for k in a)
+
+
+def test_bad_input_is_refused_before_ray(models, tmp_path, refuse_ray, capsys):
+    from ray_jobs.generate import main
+
+    backbone, adapters = models
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate: {images_per_task: 2}\n")
+    assert main(["--config", str(cfg), "--backbone", str(backbone), "--adapters", str(adapters),
+                 "--out", str(tmp_path / "o"), "generate.tasks=[a, zebra]"]) == 2
+    assert "['zebra'] not among the adapters" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    other = tmp_path / "other.safetensors"
+    from tests.support.serving import make_backbone
+
+    make_backbone(other, seed=3)
+    assert main(["--config", str(cfg), "--backbone", str(other), "--adapters", str(adapters),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "only works on the backbone it was trained on" in capsys.readouterr().err
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text(json.dumps({"source": "emoji"}))
+    assert main(["--config", str(cfg), "--backbone", str(backbone), "--adapters", str(adapters),
+                 "--out", str(tmp_path / "shards")]) == 2
+    assert "not a generated set" in capsys.readouterr().err

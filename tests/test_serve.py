@@ -1,0 +1,191 @@
+"""`diffscaler serve` (issue 22) on a real local Ray cluster, real Ray Serve and a real HTTP client (requests)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from diffscaler.config import load_config
+from tests.support.cluster import free_ports
+from tests.support.serving import live_actor_pids, make_adapters, make_backbone, setup_models
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+SERVE = ["serve.cpus_per_replica=0.5", "serve.sampling_steps=2", "serve.max_steps=40", "serve.max_resident_tasks=3",
+         "serve.max_batch_size=16", "serve.batch_wait_s=0.05", "serve.max_images_per_request=8"]
+
+
+def decode(item: dict) -> np.ndarray:
+    from diffscaler.data.pngcodec import decode_png
+
+    return decode_png(base64.b64decode(item["png_base64"]))
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    """(base URL, adapters folder, backbone) of the app on a fresh Serve proxy; the folder is this module's own."""
+    from ray import serve
+
+    from diffscaler.serving.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    backbone, adapters = setup_models(root)
+    (port,) = free_ports(1)
+    cfg = load_config(None, [*SERVE, f"serve.port={port}"])
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(str(backbone), str(adapters), cfg), name="diffscaler", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}", adapters, backbone
+    finally:
+        serve.shutdown()
+
+
+def post(url: str, body, **kw) -> requests.Response:
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return requests.post(url + "/v1/generate", data=data, timeout=120, **kw)
+
+
+def test_generate_returns_the_generation_jobs_images_as_json_or_png(server):
+    from diffscaler.serving.runtime import ImageRow, TaskRuntime
+
+    url, adapters, backbone = server
+    r = post(url, {"task": "b", "num": 4, "seed": 11, "steps": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [(im["class"], im["index"]) for im in body["images"]] == [(0, 0), (1, 0), (2, 0), (0, 1)]  # classes in turn
+    rows = [ImageRow("b", im["class"], im["index"], 11) for im in body["images"]]
+    assert [im["seed"] for im in body["images"]] == [row.noise_seed for row in rows]
+    expected = TaskRuntime.load(backbone, adapters, max_resident=4, log=lambda _m: None).images(rows, steps=3)
+    for im, want in zip(body["images"], expected):
+        assert np.abs(decode(im).astype(int) - want).max() <= 1
+    png = post(url, {"task": "b", "class": 2, "num": 1, "seed": 11, "steps": 3}, headers={"Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+    assert int(png.headers["x-seed"]) == rows[2].noise_seed  # class 2, index 0: the same image as above
+    assert r.json()["adapter_hash"].startswith("sha256:")
+
+
+def test_the_same_request_gives_the_same_images_whatever_it_is_batched_with(server):
+    url, _, _ = server
+    requests_ = [{"task": t, "num": n, "seed": s} for t, n, s in
+                 [("a", 3, 1), ("b", 2, 2), ("c", 4, 3), ("d", 1, 4), ("a", 2, 5), ("c", 1, 6)]]
+    alone = [post(url, q).json() for q in requests_]
+    before = requests.get(url + "/v1/stats", timeout=30).json()
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        together = list(pool.map(lambda q: post(url, q).json(), requests_))
+    after = requests.get(url + "/v1/stats", timeout=30).json()
+    assert after["mixed_batches"] > before["mixed_batches"]  # tasks met in one batch
+    assert after["batches"] - before["batches"] < sum(q["num"] for q in requests_)
+    for a, b in zip(alone, together):
+        assert [i["seed"] for i in a["images"]] == [i["seed"] for i in b["images"]]
+        for x, y in zip(a["images"], b["images"]):
+            assert np.abs(decode(x).astype(int) - decode(y)).max() <= 1
+    assert after["page_ins"] > 4  # 4 tasks over 3 resident slots: paged in and out
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"task": "zebra"}, 404, "unknown task 'zebra'; served tasks: a, b, c, d"),
+    ("{not json", 400, "malformed JSON"),
+    ({"task": "a", "num": 0}, 400, "field 'num': 0 is out of range [1, 8]"),
+    ({"task": "a", "num": 9}, 400, "field 'num': 9 is out of range [1, 8]"),
+    ({"task": "a", "steps": -1}, 400, "field 'steps'"),
+    ({"task": "a", "steps": 41}, 400, "field 'steps'"),
+    ({"task": "b", "class": 3}, 400, "field 'class': 3 is out of range for task 'b'"),
+    ({"task": "a", "class": 1}, 400, "field 'class'"),
+    ({"task": "a", "seed": "x"}, 400, "field 'seed': expected an integer"),
+    ({"task": "a", "guidance": -1}, 400, "field 'guidance'"),
+    ({"task": "a", "condition": "x.png"}, 400, "field 'condition': not a request field"),
+    ({"num": 2}, 400, "field 'task'"),
+])
+def test_bad_requests_name_the_field_and_unknown_tasks_list_the_served(server, body, status, words):
+    url, _, _ = server
+    r = post(url, body)
+    assert r.status_code == status and words in r.json()["error"], r.text
+
+
+def test_tasks_healthz_and_reload_of_new_removed_foreign_and_corrupt_adapters(server, tmp_path):
+    url, adapters, backbone = server
+    assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
+    listed = {t["name"]: t for t in requests.get(url + "/v1/tasks", timeout=30).json()["tasks"]}
+    assert sorted(listed) == ["a", "b", "c", "d"]
+    assert (listed["b"]["classes"], listed["d"]["rank"], listed["a"]["method"]) == (3, 1, "affiner")
+    from diffscaler.adapters import TaskInfo
+
+    # a new task written as the fine-tune stage writes it (atomically), one of another backbone, a corrupt one
+    staging = tmp_path / "new"
+    make_adapters(backbone, staging, tasks=[TaskInfo("e", rank=2)], seed=5)
+    other = tmp_path / "other.safetensors"
+    make_backbone(other, seed=9)
+    make_adapters(other, tmp_path / "foreign", tasks=[TaskInfo("f")])
+    for name, src in (("e", staging), ("f", tmp_path / "foreign")):
+        for ext in (".safetensors", ".json"):
+            shutil.copy(src / f"{name}{ext}", adapters / f".{name}{ext}.tmp")
+            os.replace(adapters / f".{name}{ext}.tmp", adapters / f"{name}{ext}")
+    shutil.copy(staging / "e.json", adapters / "g.json")
+    (adapters / "g.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    try:
+        summary = requests.post(url + "/v1/reload", timeout=60).json()
+        assert summary["added"] == ["e"] and summary["tasks"] == ["a", "b", "c", "d", "e"]
+        refused = {os.path.basename(f): why for f, why in summary["refused"].items()}
+        assert "only works on the backbone it was trained on" in refused["f.safetensors"]
+        assert "truncated or corrupt" in refused["g.safetensors"]
+        assert post(url, {"task": "e", "num": 2}).status_code == 200
+        assert post(url, {"task": "a", "num": 1}).status_code == 200  # the others keep serving
+        assert post(url, {"task": "f"}).status_code == 404
+        os.remove(adapters / "c.safetensors")
+        os.remove(adapters / "c.json")
+        summary = requests.post(url + "/v1/reload", timeout=60).json()
+        assert summary["removed"] == ["c"]
+        r = post(url, {"task": "c"})
+        assert r.status_code == 404 and "served tasks: a, b, d, e" in r.json()["error"]
+    finally:
+        for stem in "efg":
+            for ext in (".safetensors", ".json"):
+                (adapters / f"{stem}{ext}").unlink(missing_ok=True)
+        make_adapters(backbone, tmp_path / "again")  # put c back as it was (same seed: the same tensors)
+        for ext in (".safetensors", ".json"):
+            shutil.copy(tmp_path / "again" / f"c{ext}", adapters / f"c{ext}")
+        requests.post(url + "/v1/reload", timeout=60)
+
+
+def test_a_saturated_deployment_answers_503(server):
+    from ray import serve
+
+    from diffscaler.serving.app import build_app
+
+    url, adapters, backbone = server
+    cfg = load_config(None, [*SERVE, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
+                             "serve.max_batch_size=1"])
+    serve.run(build_app(str(backbone), str(adapters), cfg), name="small", route_prefix="/small")
+    try:
+        slow = {"task": "a", "num": 8, "steps": 40}
+        with ThreadPoolExecutor(6) as pool:
+            codes = list(pool.map(lambda _: post(url + "/small", slow).status_code, range(6)))
+        assert 503 in codes and 200 in codes, codes
+        assert set(codes) <= {200, 503}
+    finally:
+        serve.delete("small")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_killed_replica_is_replaced_and_later_requests_succeed(server):
+    url, _, _ = server
+    assert post(url, {"task": "a"}).status_code == 200
+    (pid,) = live_actor_pids("ServeReplica:diffscaler:TaskServer")
+    os.kill(pid, signal.SIGKILL)
+    deadline, ok = time.monotonic() + 240, False
+    while time.monotonic() < deadline and not ok:
+        with contextlib.suppress(requests.RequestException):
+            ok = post(url, {"task": "b", "num": 2}).status_code == 200
+        time.sleep(1)
+    assert ok, "no successful request within 240 s of killing the replica"
+    assert live_actor_pids("ServeReplica:diffscaler:TaskServer") != [pid]

@@ -20,9 +20,11 @@ from diffscaler.cluster import connect_ray
 from diffscaler.config import DataConfig
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
+from diffscaler.data.encode import encode_shards, latent_parameters
 from diffscaler.data.index import DatasetError, DatasetIndex, load_index
 from diffscaler.data.sources import dataset_name
 from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source
+from diffscaler.vae import configured_vae_hash
 
 
 def dataset_jobs(data: DataConfig) -> dict[str, str]:
@@ -57,9 +59,6 @@ def dataset_parameters(data: DataConfig, name: str) -> dict:
     map (latent builds: with data.vae's hash). A built index that records them is up to date."""
     source, condition = dataset_jobs(data)[name], dataset_condition(data, name)
     if data.vae:
-        from diffscaler.data.encode import latent_parameters
-        from diffscaler.vae import configured_vae_hash
-
         return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
                                  data.seed, configured_vae_hash(data.vae, data.vae_config), condition)  # fmt: skip
     return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed,
@@ -97,8 +96,6 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
     if data.vae:
-        from diffscaler.data.encode import encode_shards
-
         return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
                              samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
                              limit=data.limit, seed=data.seed, actors=data.encode_actors,

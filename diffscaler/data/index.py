@@ -62,6 +62,19 @@ class ShardInfo:
     sha256: str  # content hash of its samples
     first_sample: int  # position of its first sample within the split
     excluded_keys: frozenset[str] = frozenset()  # samples left out when indexing (not in num_samples)
+    split: str = "train"  # the split this entry belongs to
+    key_split_fraction: float = 0.0  # > 0: the shard serves both splits, a sample's key hash says which
+
+    def skips(self, key: str) -> bool:
+        """True for a sample this split does not read: excluded when indexing, or of the other split."""
+        if key in self.excluded_keys:
+            return True
+        return self.key_split_fraction > 0 and in_eval_split(key, self.key_split_fraction) != (self.split == "eval")
+
+
+def in_eval_split(key: str, fraction: float) -> bool:
+    """The per-sample split of indexed shards: deterministic in the key alone (not its shard or position)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < fraction * 2**64
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,21 @@ class DatasetIndex:
     def content_hash(self) -> str:
         return str(self.data["content_hash"])
 
+    @property
+    def data_hash(self) -> str:
+        """What a reader gets from this folder: the shards' content plus every index field that changes how
+        they are read (members such as the image and label keys, size and resize, classes, condition, the
+        splits with their shards and excluded samples). Fine-tunes, pretraining checkpoints and reference
+        statistics are keyed on it: re-indexing the same shards with other labels changes it, not content_hash."""
+        read = {k: self.data.get(k) for k in ("content_hash", "members", "image_size", "class_names", "condition",
+                                              "latent", "eval_split")}  # fmt: skip
+        read["splits"] = {
+            split: [[e["name"], e.get("url", ""), e["num_samples"], sorted(e.get("excluded_keys", []))]
+                    for e in self._split(split)["shards"]]  # fmt: skip
+            for split in SPLITS
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()
+
     def backbone_mismatch(self, in_channels: int, input_size: int, vae_hash: str = "") -> str:
         """Why a backbone taking in_channels x input_size x input_size inputs cannot train on (or be scored
         against) these shards, or "" when it can; `vae_hash` (a configured VAE's) must equal the shards' VAE."""
@@ -162,13 +190,20 @@ class DatasetIndex:
     def num_samples(self, split: str) -> int:
         return int(self._split(split)["num_samples"])
 
+    @property
+    def key_split_fraction(self) -> float:
+        """The eval share of a per-sample split (index.json "eval_split": {"by": "key_hash", ...}), else 0."""
+        rule = self.data.get("eval_split") or {}
+        return float(rule.get("fraction", 0.0)) if rule.get("by") == "key_hash" else 0.0
+
     def shards(self, split: str) -> list[ShardInfo]:
         out, first = [], 0
         for entry in self._split(split)["shards"]:
             n = int(entry["num_samples"])
             url = entry.get("url") or storage.join(self.url, entry["name"])
             excluded = frozenset(entry.get("excluded_keys", ()))
-            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded))
+            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded, split,
+                                 self.key_split_fraction))  # fmt: skip
             first += n
         return out
 

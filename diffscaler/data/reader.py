@@ -122,9 +122,9 @@ def epoch_chunks(
 class _ChunkDecoder:
     """Turns chunks into decoded batches; runs in the main process or in DataLoader workers."""
 
-    def __init__(self, shard_urls, shard_counts, excluded, fmt: SampleFormat, batch_size, seed, rank, hflip,
+    def __init__(self, shard_urls, shard_counts, skips, fmt: SampleFormat, batch_size, seed, rank, hflip,
                  task_id, skip_bad, fast_png):  # fmt: skip
-        self.shard_urls, self.shard_counts, self.excluded = list(shard_urls), list(shard_counts), list(excluded)
+        self.shard_urls, self.shard_counts, self.skips = list(shard_urls), list(shard_counts), list(skips)
         self.fmt, self.fast_png = fmt, fast_png and fmt.image_keys[0] == "png"
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.hflip, self.task_id, self.skip_bad = hflip, task_id, skip_bad
@@ -134,7 +134,7 @@ class _ChunkDecoder:
     def _segment_items(self, segment: Segment) -> list[Any]:
         """The segment's samples (raw member bytes, not decoded); _Bad for each one that cannot be read."""
         url = self.shard_urls[segment.shard]
-        excluded = self.excluded[segment.shard]
+        skips = self.skips[segment.shard]  # ShardInfo.skips: excluded when indexing, or of the other split
         want = segment.hi - segment.lo
         items: list[Any] = []
         position = 0
@@ -144,8 +144,8 @@ class _ChunkDecoder:
                 if position >= segment.hi:
                     break
                 last_key = sample["__key__"]
-                if last_key in excluded:
-                    continue  # left out by `shards index --skip-bad`: not counted in index.json
+                if skips(last_key):
+                    continue  # not counted in this split's index.json entry
                 if position >= segment.lo:
                     items.append(sample)
                 position += 1
@@ -414,7 +414,7 @@ class ShardReader:
             self.batches_per_epoch,
         )
         self._decoder = _ChunkDecoder(
-            [s.url for s in shards], self.shard_counts, [s.excluded_keys for s in shards], self.index.sample_format,
+            [s.url for s in shards], self.shard_counts, [s.skips for s in shards], self.index.sample_format,
             batch_size, seed, rank, hflip, task_id, skip_bad, fast_png,
         )  # fmt: skip
         self.skipped = 0  # bad samples dropped so far (skip_bad=True)
@@ -578,7 +578,7 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels:
             break
         found = 0
         for sample in iter_samples(shard.url, check_end=False):
-            if sample["__key__"] in shard.excluded_keys:
+            if shard.skips(sample["__key__"]):
                 continue
             found += 1
             try:

@@ -185,19 +185,15 @@ def plan_reference(
         raise EvalInputError(f"num_reference must be >= 0 (0 = the whole split), got {want}")
     if available < 2:
         raise EvalInputError(f"{shards_dir}: {split} split has {available} image(s); FID needs at least 2 references")
-    if want > available:
-        raise EvalInputError(
-            f"{shards_dir}: {split} split has {available} images, fewer than the {want} reference images requested "
-            f"(eval.num_reference={want}; use 0 for all, or rebuild the shards with a larger data.eval_fraction)"
-        )
+    # eval.num_reference is a cap (at most that many): a smaller split gives all it has, and the plan says so.
     network = cfg.eval.feature_network
     weights = resolve_weights_path(network, cfg.eval.feature_weights_path)
     return ReferencePlan(
         dataset=str(shards_dir),
         dataset_name=os.path.basename(str(shards_dir).rstrip("/")) or "dataset",
-        dataset_hash=index.content_hash,
+        dataset_hash=index.data_hash,
         available=available,
-        num_reference=want or available,
+        num_reference=min(want, available) if want else available,
         image_size=image_size or cfg.model.input_size,
         feature_network=network,
         feature_layer=FEATURE_LAYER[network],

@@ -12,7 +12,7 @@ from typing import Any
 from diffscaler.data import build_all, check_dataset, dataset_dir, dataset_jobs, load_index
 from diffscaler.data.build import check_sources, dataset_parameters
 from diffscaler.data.sources import dataset_name
-from diffscaler.data.writer import is_up_to_date
+from diffscaler.data.writer import build_changes
 from diffscaler.stages.base import InputError, Run, Stage, StageCheck
 
 
@@ -43,8 +43,9 @@ class ShardsStage(Stage):
         state = {}
         for name in self.names(run):
             folder = dataset_dir(run.cfg.data, name)
-            if not is_up_to_date(folder, dataset_parameters(run.cfg.data, name)):
-                state[name] = "missing or built with other parameters"
+            changes = build_changes(folder, dataset_parameters(run.cfg.data, name))
+            if changes:
+                state[name] = "rebuild: " + "; ".join(changes)
                 continue
             report = check_dataset(folder)
             state[name] = "" if report.ok else f"shards check failed: {report.problems[0]}"

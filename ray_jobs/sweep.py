@@ -19,6 +19,8 @@ import argparse
 import sys
 
 from diffscaler.config import ConfigError, load_config
+from diffscaler.eval import EvalInputError
+from diffscaler.runlock import RunFolderError, run_lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sweep.num_samples=8")
     args = parser.parse_args(argv)
 
-    from diffscaler.eval import EvalInputError
-    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.stages import Run
     from diffscaler.stages.sweep import SweepStage
     from diffscaler.train.finetune import FinetuneInputError

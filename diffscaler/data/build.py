@@ -20,10 +20,12 @@ from diffscaler.cluster import connect_ray
 from diffscaler.config import WEBDATASET_PREFIX, DataConfig, TaskSpec
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
+from diffscaler.data.encode import encode_shards, latent_parameters
 from diffscaler.data.index import SPLITS, DatasetError, DatasetIndex, load_index
 from diffscaler.data.indexer import index_shards, shard_urls, shards_fingerprint
 from diffscaler.data.sources import dataset_name, select_balanced, split_train_eval
 from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source, tool_version
+from diffscaler.vae import configured_vae_hash
 
 
 def dataset_jobs(data: DataConfig) -> dict[str, str]:
@@ -67,9 +69,6 @@ def dataset_parameters(data: DataConfig, name: str) -> dict:
         return webdataset_parameters(data, task)
     condition = dataset_condition(data, name)
     if data.vae:
-        from diffscaler.data.encode import latent_parameters
-        from diffscaler.vae import configured_vae_hash
-
         return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
                                  data.seed, configured_vae_hash(data.vae, data.vae_config), condition)  # fmt: skip
     return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed,
@@ -127,8 +126,6 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
                             size=o["size"], eval_fraction=o["eval_fraction"], skip_bad=o["skip_bad"],
                             condition=o["condition"], record=params)  # fmt: skip
     if data.vae:
-        from diffscaler.data.encode import encode_shards
-
         return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
                              samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
                              limit=data.limit, seed=data.seed, actors=data.encode_actors,

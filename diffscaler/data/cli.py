@@ -27,10 +27,13 @@ from diffscaler.cluster import connect_ray
 from diffscaler.config import CONDITION_KINDS, ConfigError, DataConfig, ExperimentConfig, TaskSpec
 from diffscaler.data.check import check_dataset
 from diffscaler.data.conditions import ConditionSpec
+from diffscaler.data.encode import encode_shards
 from diffscaler.data.index import SPLITS, DatasetError
 from diffscaler.data.indexer import index_shards
 from diffscaler.data.sources import BUNDLED_SOURCES
 from diffscaler.data.writer import make_shards
+from diffscaler.runlock import run_lock
+from diffscaler.vae import VaeError
 
 _DEFAULTS = DataConfig()
 
@@ -62,17 +65,12 @@ def _make(args: argparse.Namespace) -> int:
     condition = _condition(args)  # a bad --condition is refused before the lock creates anything
     if "://" in args.out:  # a bucket has no flock
         return _make_here(args, condition)
-    from diffscaler.runlock import run_lock
-
     with run_lock(args.out, "diffscaler shards make"):  # as every program: a second writer would mix up the shards
         return _make_here(args, condition)
 
 
 def _make_here(args: argparse.Namespace, condition: ConditionSpec | None) -> int:
     if args.vae:
-        from diffscaler.data.encode import encode_shards
-        from diffscaler.vae import VaeError
-
         try:
             index = encode_shards(args.source, args.out, args.vae, vae_config=args.vae_config or None,
                                   size=args.size, samples_per_shard=args.samples_per_shard,

@@ -1,44 +1,18 @@
 """`index.json`: what a shard folder holds. Written last, so a folder without it is not a dataset.
 
-Format (version 1), keys sorted, no timestamps (reruns are byte-identical):
+Version 1 (`diffscaler shards make`), keys sorted and no timestamps (reruns are byte-identical): format,
+format_version, tool, the build parameters (source, source_detail, image_size, samples_per_shard,
+eval_fraction, limit, seed), class_names, num_samples, skipped_inputs, per split {num_samples,
+class_counts, shards: [{name, num_samples, sha256}]}, and content_hash. A shard's sha256 hashes its
+samples' contents (key, then each member's extension and bytes, in order), content_hash the shard
+hashes of all splits in order; `diffscaler shards check` verifies both.
 
-    {
-      "format": "diffscaler-shards", "format_version": 1, "tool": "diffscaler 0.1.0",
-      "source": "emoji", "source_detail": "/usr/share/fonts/...",
-      "image_size": 32, "samples_per_shard": 1000, "eval_fraction": 0.1, "limit": 0, "seed": 0,
-      "class_names": ["emoji"], "num_samples": 1922,
-      "splits": {"train": {"num_samples": 1730, "class_counts": [1730],
-                           "shards": [{"name": "train-000000.tar", "num_samples": 1000,
-                                       "sha256": "..."}, ...]},
-                 "eval": {...}},
-      "skipped_inputs": [],
-      "content_hash": "sha256:..."
-    }
-
-A shard's `sha256` hashes its samples' contents (key, then each member's extension and bytes, in
-order); `content_hash` hashes the shard hashes of all splits in order. Both are checked by
-`diffscaler shards check`.
-
-Version 2 is what `diffscaler shards index` writes for WebDataset shards made by other tools; it adds
-
-    "members": {"image": "jpg", "label": "json:label", "label_values": "index", "channels": 3,
-                "resize": false},
-    shard entries may carry "url" (where the tar is, when not beside index.json) and "excluded_keys"
-    (samples found undecodable when indexing, left out: num_samples counts the others),
-
-and a version-1 index reads as members {"image": "png", "label": "cls"}. Readers take version 1 and 2.
-Latent shards made through a VAE (`shards make --vae`, diffscaler.data.encode) are version 2 with
-members "flip" (the flipped image's latent) and "pixels" (the encoded image), and a "latent" block:
-shape, image_size (pixels), dtype and the VAE's identity ("vae": hash, config/weights hashes, scaling).
-
-A dataset with a spatial condition (diffscaler.data.conditions) records, in either version,
-
-    "condition": {"kind": "canny", "params": {"blur": 0.0, "high": 200.0, "low": 100.0}},
-    "members": {..., "condition": "cond.png", "condition_channels": 1},
-
-(`condition` is null, or absent in indexes of earlier versions, for an unconditional dataset; a `key:`
-condition names the user's own member, e.g. {"kind": "key:depth.png", "params": {}} and members.condition
-"depth.png"). The maps are at pixel resolution: image_size, or latent.image_size for VAE latent shards.
+Version 2 (`diffscaler shards index` over other tools' WebDatasets, and latent shards) adds `members`
+(image and label members, label values, channels, resize); shard entries may carry `url` and
+`excluded_keys`. A version-1 index reads as members {"image": "png", "label": "cls"}. Latent shards
+(diffscaler.data.encode) add members flip and pixels and a `latent` block (shape, pixel image_size,
+dtype, the VAE's identity). Either version may record `condition` ({kind, params}; null or absent when
+unconditional) with members.condition and condition_channels; maps are at pixel resolution.
 """
 
 from __future__ import annotations

@@ -1,32 +1,15 @@
 """`diffscaler shards index`: make WebDataset shards written by other tools a dataset here.
 
-    diffscaler shards index /data/pets-wds                   # every *.tar in the folder; index.json beside them
     diffscaler shards index 's3://bucket/laion/{00000..00099}.tar' --out shards/laion --label-key none
-    diffscaler shards index shards/cifar-wds --label-key json:label --eval-shards 1 --ray
     index_shards("/data/pets-wds", parallel=True)              # -> DatasetIndex (one Ray task per shard)
 
-Each shard is read once, through the webdataset library (diffscaler.data.samples), and every image or
-latent decoded: the index (format_version 2, see diffscaler.data.index) records per-shard sample counts
-and content hashes, the classes seen, the image size, and which members hold image and label, so the
-readers, `shards check`, pretrain, fine-tune, sweep and evaluate use the folder like our own shards.
-
-Choices, each recorded in index.json:
-- image member (`--image-key`, `;` for alternatives such as `jpg;png`): by default the image
-  extensions found (png, jpg, jpeg, webp), or `npy` for latents (float (C, H, W) or (H, W, C)).
-- label (`--label-key`): `cls` (the default when every sample has one), `json:FIELD` (dotted path; an
-  int is the class number, a string a class name, classes sorted), or `none` (unconditional, class 0).
-- image size: all images one square size, or `--size N` to resize them (short side, centre crop).
-- eval split: shards whose names say eval/val/valid/validation/test, else the last `--eval-shards`.
-- condition (`--condition key:<member>`, e.g. key:depth.png): a spatial condition map each sample holds
-  in that member (made by any tool). Every map is decoded: it must have its image's size (it is then
-  cropped and resized like the image); grey maps give 1 channel, colour or palette maps 3 (one colour
-  map makes the dataset's maps 3-channel). A sample without the member, or with a map that does not
-  decode or fit, is a bad sample named by shard and key (left out and counted with `--skip-bad`).
-
-Bad input - a truncated or corrupt tar, an undecodable image, a sample without its image or label -
-is a DatasetError listing each fault by file and key, and no index is written; with `--skip-bad`
-such samples (and unreadable shards) are left out, recorded in the index's `skipped_inputs`, and the
-readers step over them.
+Each shard is read once through the webdataset library and every image (or npy latent) decoded, so the
+index (format_version 2, diffscaler.data.index) can record counts, content hashes, classes, the image
+size and which members hold image, label and condition map: every stage then uses the folder like our
+own shards. Defaults: the image extensions found, `cls` labels when every sample has one (`json:FIELD`:
+ints are class numbers, strings class names), shards named eval/val/test as the eval split. Bad input is
+a DatasetError listing each fault by file and key, and no index is written; with `--skip-bad` the
+samples are left out and recorded in `skipped_inputs`.
 """
 
 from __future__ import annotations
@@ -68,6 +51,7 @@ from diffscaler.data.samples import (
     raw_label,
     url_scheme,
 )
+from diffscaler.data.writer import tool_version
 
 _EVAL_NAME = re.compile(r"(?:^|[-_./])(?:eval|val|valid|validation|test)(?:[-_.]|\d|$)", re.IGNORECASE)
 _MAX_LISTED = 20  # faults listed in a DatasetError (all are counted)
@@ -405,6 +389,4 @@ def _ext_rank(ext: str) -> int:
 
 
 def _tool() -> str:
-    from diffscaler.data.writer import tool_version
-
     return tool_version()

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from diffscaler.config import BUNDLED_SOURCES  # defined once, where config validation reads it
+from diffscaler.data import storage
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -416,8 +417,6 @@ class FolderSource:
         return self.root + (f" ({self.install_hint})" if self.install_hint else "")
 
     def _fs(self):
-        from diffscaler.data import storage
-
         return storage.filesystem(self.root)
 
     def _image_files(self) -> dict[str, dict]:

@@ -36,6 +36,8 @@ import torch
 
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ExperimentConfig
+from diffscaler.data.index import DatasetError, load_index
+from diffscaler.data.reader import read_split
 from diffscaler.torchvision_compat import import_torch_fidelity
 
 STATS_FORMAT = "diffscaler-fid-reference"
@@ -170,7 +172,6 @@ def plan_reference(
 ) -> ReferencePlan:
     """Check the dataset and the requested count; EvalInputError names the folder and the numbers.
     `split` defaults to eval.reference_split."""
-    from diffscaler.data.index import DatasetError, load_index
     from diffscaler.eval.features import FEATURE_LAYER, resolve_weights_path, weights_file_hash
 
     try:
@@ -204,8 +205,6 @@ def plan_reference(
 
 def load_reference_images(plan: ReferencePlan) -> np.ndarray:
     """The first `num_reference` images of the plan's split, uint8 (N, S, S, 3) at the plan's image size."""
-    from diffscaler.data.reader import read_split
-
     # pixels: latent shards made through a VAE give the original images, never decoded reconstructions
     images, _labels = read_split(plan.dataset, plan.split, limit=plan.num_reference, pixels=True)
     return resize_images(images, plan.image_size)

@@ -277,10 +277,15 @@ class AdapterBank:
         state["task_embedder.rows"] = self.model.task_embedder.rows.detach()[t, : info.num_classes].float().cpu()
         return state
 
+    def task_state_keys(self) -> set[str]:
+        """The tensor names of `task_state` (without copying any tensor)."""
+        keys = {f"{path}.{name}" for path, layer in self.layers.items() for name, _ in layer.task_parameters()}
+        return keys | {"task_embedder.rows"}
+
     @torch.no_grad()
     def load_task_state(self, t: int, state: dict[str, torch.Tensor], file: str | Path = "<state>") -> None:
         info = self.tasks[t]
-        expected = set(self.task_state(t))
+        expected = self.task_state_keys()
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise AdapterLoadError(f"{file}: tensors do not match the model: missing {missing[:3]}, "

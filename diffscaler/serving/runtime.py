@@ -239,6 +239,12 @@ class TaskRuntime:
             if entry is None or entry.hash != digest:
                 del self.slots[name]
                 self.free.append(slot)
+        # free slots take the tasks not resident yet (folder order): no page-in on their first request
+        for name in [n for n in entries if n not in self.slots][: len(self.free)]:
+            slot = self.free.pop()
+            self._page_in(entries[name], slot, count=False)
+            self.slots[name] = (slot, entries[name].hash)
+            self.slots.move_to_end(name, last=False)  # preloaded tasks are the first to go
 
     def _build(self, method: str, targets: tuple[str, ...], rank: int, classes: int) -> None:
         model = DiT(self.model_config)
@@ -252,7 +258,7 @@ class TaskRuntime:
         self.free = list(range(self.max_resident))
 
     @torch.no_grad()
-    def _page_in(self, entry: AdapterEntry, slot: int) -> None:
+    def _page_in(self, entry: AdapterEntry, slot: int, count: bool = True) -> None:
         assert self.bank is not None and self.model is not None
         t0 = time.perf_counter()
         info = entry.info
@@ -265,8 +271,9 @@ class TaskRuntime:
         emb.num_classes[slot] = info.num_classes
         emb.conditional[slot] = info.conditional
         self.bank.load_task_state(slot, entry.state, entry.file)
-        self.stats["page_ins"] += 1
-        self.stats["page_in_seconds"] += time.perf_counter() - t0
+        if count:  # preloading at start or reload is not a page-in on demand
+            self.stats["page_ins"] += 1
+            self.stats["page_in_seconds"] += time.perf_counter() - t0
 
     def resident(self) -> list[str]:
         return list(self.slots)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -259,3 +260,70 @@ def has_alpha(image: Image.Image) -> bool:
     from diffscaler.data.sources import prepare_image_alpha
 
     return prepare_image_alpha(image, 1)[1] is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps given at sampling time (diffscaler sample --condition / --condition-maps)
+# ------------------------------------------------------------------------------------------------
+
+
+def spec_from_record(record: dict[str, Any]) -> ConditionSpec:
+    """The ConditionSpec an adapter's `condition_extractor` (kind, params, channels, size) describes."""
+    kind = str(record["kind"])
+    member = kind[len(CONDITION_KEY_PREFIX) :] if kind.startswith(CONDITION_KEY_PREFIX) else CONDITION_MEMBER
+    return ConditionSpec(kind, dict(record.get("params", {})), member, int(record.get("channels", 1)))
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; ConditionError when there are none."""
+    from diffscaler.data.sources import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConditionError(f"{root}: not a folder")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)
+                   and not p.name.startswith("."))  # fmt: skip
+    if not files:
+        raise ConditionError(f"{root}: no image files ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+    return files
+
+
+def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: int = 0) -> np.ndarray:
+    """Maps extracted from a folder of ordinary images exactly as the shards stage does (the same crop and
+    resize to `size`, then the task's extractor): uint8 (N, 1, size, size), files in name order."""
+    from diffscaler.data.sources import prepare_image_alpha
+
+    if not spec.computed:
+        raise ConditionError(f"condition {spec.kind} is a map made by another tool and has no extractor here: give "
+                             "ready maps (--condition-maps DIR)")  # fmt: skip
+    files = image_files(folder)[: limit or None]
+    out = np.empty((len(files), 1, size, size), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            rgb, alpha = prepare_image_alpha(open_map(f.suffix.lstrip("."), f.read_bytes()), size)
+            out[i, 0] = spec.compute(rgb, alpha)
+        except ConditionError as err:
+            raise ConditionError(f"{f}: {err}") from None
+    return out
+
+
+def maps_from_files(folder: str | Path, channels: int, size: int, limit: int = 0) -> np.ndarray:
+    """Ready maps (one image file each, name order) as the task takes them: uint8 (N, channels, size, size).
+    A map of another size or channel count is a ConditionError naming the file (maps are not resized: a map
+    stands for one image of the task's size, pixel for pixel)."""
+    files = image_files(folder)[: limit or None]
+    out = np.empty((len(files), channels, size, size), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            image = open_map(f.suffix.lstrip("."), f.read_bytes())
+        except ConditionError as err:
+            raise ConditionError(f"{f}: {err}") from None
+        have = map_channels(image)
+        if have != channels:
+            raise ConditionError(f"{f}: a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
+                                 f"maps ({'grey' if channels == 1 else 'colour'})")  # fmt: skip
+        if image.size != (size, size):
+            raise ConditionError(f"{f}: a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps "
+                                 "(its images' size)")  # fmt: skip
+        out[i] = prepare_map(to_map_mode(image, channels), size, channels)
+    return out

@@ -61,7 +61,7 @@ from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.errors import last_error_line
 from diffscaler.models.dit import parse_preset
 from diffscaler.train.finetune_bank import save_bank
-from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData
+from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData, condition_record
 
 SUMMARY_FORMAT = "diffscaler-finetune-summary"
 
@@ -153,8 +153,14 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
             )
         if index.num_samples("train") < 1:
             raise FinetuneInputError(f"task {name!r}: the train split at {folder} is empty")
+        have = index.condition.kind if index.condition else ""
+        if have != spec.condition:
+            raise FinetuneInputError(
+                f"task {name!r}: data.targets declares condition {spec.condition or '(none)'!r}, the shards at "
+                f"{folder} carry {have or '(none)'!r}; rebuild them (`python -m ray_jobs.shards`)"
+            )
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.content_hash))  # fmt: skip
+                            index.content_hash, condition_record(index)))  # fmt: skip
     return out
 
 
@@ -236,7 +242,7 @@ def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[T
         "seed": ft.seed,
         "data": [d.seed, d.hflip, d.shuffle_buffer, d.skip_bad_samples],
         "diffusion": [diff.num_timesteps, diff.beta_start, diff.beta_end],
-        "tasks": [[t.name, t.conditional, t.data_hash] for t in tasks],  # the co-trained set, in bank order
+        "tasks": [[t.name, t.conditional, t.data_hash, t.condition] for t in tasks],  # co-trained set, bank order
     }
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from diffscaler.artifacts import AdapterLoadError, read_adapter_file
+from diffscaler.data import dataset_dir
 from diffscaler.eval import FidEvaluator, format_table, request_for_task, write_fid_json
+from diffscaler.eval.pool import condition_reference
 from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.finetune import adapter_files, require_adapters
 from diffscaler.stages.inputs import require_targets_and_backbone
@@ -22,6 +24,7 @@ from diffscaler.stages.sweep import swept_adapters
 
 REAL_LABEL = "floor (real)"  # the reference rows of fid.json: real held-out images, and the bare backbone
 NO_ADAPTER_LABEL = "no adapter"
+NO_CONDITION_LABEL = "no condition"  # a conditional task's (first method's) adapter sampled without its map
 
 
 def file_digest(path: str | Path) -> str:
@@ -101,15 +104,31 @@ class EvaluateStage(Stage):
         cfg = run.cfg
         requests = [request_for_task(cfg, task, path, label=label)
                     for label, tasks in evaluated_adapters(run).items() for task, path in tasks.items()]  # fmt: skip
+        first = next(iter(adapter_files(run).values()), {})
+        conditional = [t.name for t in cfg.data.targets if t.condition]
         if cfg.eval.reference_rows:  # the rows that make the others readable: the floor and no adapter
             for t in cfg.data.targets:
                 requests += [request_for_task(cfg, t.name, None, label=REAL_LABEL, source="real"),
                              request_for_task(cfg, t.name, None, label=NO_ADAPTER_LABEL)]  # fmt: skip
+            # what the map buys: the same adapter sampled without it
+            requests += [request_for_task(cfg, t, first[t], label=NO_CONDITION_LABEL, conditioned=False)
+                         for t in conditional if t in first]  # fmt: skip
         inputs = eval_inputs(run)
         with FidEvaluator(str(run.backbone), cfg) as evaluator:
             generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
             results = evaluator.evaluate(requests, progress=_ProgressLog(run, generated))
-        write_fid_json(results, run.layout.fid_json, extra={"pipeline_inputs": inputs})
+        # the ceiling (real images vs their own maps) and chance (vs other images' maps) of condition fidelity,
+        # on the images whose maps the generated ones were sampled with
+        references = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
+                                             cfg.eval.seed) for t in conditional}  # fmt: skip
+        extra = {"pipeline_inputs": inputs}
+        if conditional:
+            extra["condition_reference"] = {t: r for t, r in references.items() if r is not None}
+            for t, r in extra["condition_reference"].items():
+                if "ceiling" in r:
+                        run.log(f"evaluate: {t} condition fidelity ({r['metric']}, {r['num_images']} real images): "
+                            f"ceiling {r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}")
+        write_fid_json(results, run.layout.fid_json, extra=extra)
         run.log(format_table(results))
         failed = [r for r in results if r.status != "ok"]
         if failed:

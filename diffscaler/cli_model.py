@@ -236,7 +236,13 @@ def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[st
     """(maps uint8 (N, C, S, S), has_condition bool (N,)) for the planned samples, None when no task takes a
     map. Sample k of a task takes that task's map k mod its number of maps; rows of unconditional (or
     --unconditioned) tasks get zeros. Errors name the task, folder or file before anything is sampled."""
-    from diffscaler.data.conditions import check_map_shape, maps_from_files, maps_from_images, spec_from_record
+    from diffscaler.data.conditions import (
+        batch_maps,
+        check_map_shape,
+        maps_from_files,
+        maps_from_images,
+        spec_from_record,
+    )
 
     images = _condition_dirs(args.condition, "--condition", names)
     ready = _condition_dirs(args.condition_maps, "--condition-maps", names)
@@ -282,24 +288,7 @@ def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[st
         except ValueError as err:
             raise ValueError(f"{what}: {err}" if what not in str(err) else str(err)) from None
         per_task[name] = maps
-    given_maps = [m for m in per_task.values() if m is not None]
-    if not given_maps:  # every conditional task --unconditioned
+    if all(m is None for m in per_task.values()):  # every conditional task --unconditioned: zero maps
         side = int(next(r for r in records.values() if r)["size"])
-        shape = (1, side, side)
-    else:
-        sides = {m.shape[2] for m in given_maps}
-        if len(sides) > 1:
-            raise ValueError(f"conditional tasks {names} take maps of different sizes {sorted(sides)}; one batch "
-                             "holds one size: sample them in separate runs")  # fmt: skip
-        shape = (max(m.shape[1] for m in given_maps), *given_maps[0].shape[2:])
-    maps = np.zeros((len(per_sample_task), *shape), np.uint8)
-    has = np.zeros(len(per_sample_task), bool)
-    seen = [0] * len(names)
-    for k, t in enumerate(per_sample_task):
-        task_maps = per_task[names[t]]
-        if task_maps is not None:
-            m = task_maps[seen[t] % len(task_maps)]
-            maps[k, : m.shape[0]] = m
-            has[k] = True
-        seen[t] += 1
-    return maps, has
+        return np.zeros((len(per_sample_task), 1, side, side), np.uint8), np.zeros(len(per_sample_task), bool)
+    return batch_maps([per_task[n] for n in names], per_sample_task)

@@ -38,6 +38,7 @@ shards the map stays at pixel resolution (8x the latent side), it is not encoded
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -327,3 +328,25 @@ def maps_from_files(folder: str | Path, channels: int, size: int, limit: int = 0
                                  "(its images' size)")  # fmt: skip
         out[i] = prepare_map(to_map_mode(image, channels), size, channels)
     return out
+
+
+def batch_maps(per_task: Sequence[np.ndarray | None], per_sample_task: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Maps of a mixed batch: sample k of task t takes that task's map (its count so far) mod its number of
+    maps; (maps uint8 (N, C_max, S, S), has_condition bool (N,)); rows of tasks without maps (None) get zeros
+    and False, fewer channels are zero-padded (as MixedTaskReader does). ConditionError for mixed sizes."""
+    given = [m for m in per_task if m is not None]
+    if not given:
+        raise ConditionError("no task of the batch has condition maps")
+    sides = sorted({m.shape[2] for m in given})
+    if len(sides) > 1:
+        raise ConditionError(f"the conditional tasks take maps of different sizes {sides}; one batch holds one size")
+    maps = np.zeros((len(per_sample_task), max(m.shape[1] for m in given), sides[0], sides[0]), np.uint8)
+    has = np.zeros(len(per_sample_task), bool)
+    seen = [0] * len(per_task)
+    for k, t in enumerate(per_sample_task):
+        task_maps = per_task[t]
+        if task_maps is not None:
+            maps[k, : task_maps.shape[1]] = task_maps[seen[t] % len(task_maps)]
+            has[k] = True
+        seen[t] += 1
+    return maps, has

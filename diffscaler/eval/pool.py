@@ -865,6 +865,23 @@ def condition_reference(shards: str, split: str, count: int, seed: int) -> dict[
             **{k: v.to_json() for k, v in rows.items() if v is not None}}  # fmt: skip
 
 
+def condition_references(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{task: condition_reference} on the images whose maps evaluation samples with (eval.reference_split,
+    the first eval.num_samples); tasks whose maps have no extractor here are left out."""
+    from diffscaler.data.build import dataset_dir
+
+    refs = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
+                                   cfg.eval.seed) for t in tasks}  # fmt: skip
+    return {t: r for t, r in refs.items() if r is not None}
+
+
+def format_condition_reference(refs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per task: the ceiling and the mismatched-maps chance of its condition fidelity."""
+    return [f"{t} condition fidelity ({r['metric']}, {r['num_images']} real images): ceiling "
+            f"{r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}"
+            for t, r in refs.items() if "ceiling" in r]  # fmt: skip
+
+
 def _fidelity(res: _Resolved, done: list[dict[str, Any]]) -> dict[str, Any]:
     """The result's fidelity fields from its chunks' per-image scores (empty for tasks without maps)."""
     from diffscaler.eval.fidelity import METRICS

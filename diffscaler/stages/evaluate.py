@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from diffscaler.artifacts import AdapterLoadError, read_adapter_file
-from diffscaler.data import dataset_dir
 from diffscaler.eval import FidEvaluator, format_table, request_for_task, write_fid_json
-from diffscaler.eval.pool import condition_reference
+from diffscaler.eval.pool import condition_references, format_condition_reference
 from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.finetune import adapter_files, require_adapters
 from diffscaler.stages.inputs import require_targets_and_backbone
@@ -117,17 +116,11 @@ class EvaluateStage(Stage):
         with FidEvaluator(str(run.backbone), cfg) as evaluator:
             generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
             results = evaluator.evaluate(requests, progress=_ProgressLog(run, generated))
-        # the ceiling (real images vs their own maps) and chance (vs other images' maps) of condition fidelity,
-        # on the images whose maps the generated ones were sampled with
-        references = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
-                                             cfg.eval.seed) for t in conditional}  # fmt: skip
         extra = {"pipeline_inputs": inputs}
-        if conditional:
-            extra["condition_reference"] = {t: r for t, r in references.items() if r is not None}
-            for t, r in extra["condition_reference"].items():
-                if "ceiling" in r:
-                        run.log(f"evaluate: {t} condition fidelity ({r['metric']}, {r['num_images']} real images): "
-                            f"ceiling {r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}")
+        if conditional:  # fidelity's ceiling (real images vs their own maps) and chance (vs other images' maps)
+            extra["condition_reference"] = condition_references(cfg, conditional)
+            for line in format_condition_reference(extra["condition_reference"]):
+                run.log(f"evaluate: {line}")
         write_fid_json(results, run.layout.fid_json, extra=extra)
         run.log(format_table(results))
         failed = [r for r in results if r.status != "ok"]

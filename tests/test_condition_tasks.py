@@ -1,0 +1,97 @@
+"""Conditional tasks through the toolkit (issue 21): maps given at sampling time, mixed batches of conditional
+and unconditional tasks, and the sample command's bad inputs, refused before anything is sampled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffscaler.config import DataConfig
+from diffscaler.data.conditions import (
+    ConditionError,
+    ConditionSpec,
+    batch_maps,
+    maps_from_files,
+    maps_from_images,
+    spec_from_record,
+)
+from tests.test_conditions import rgba_folder
+
+DATA = DataConfig()
+CANNY = ConditionSpec.from_config("canny", DATA)
+MASK = ConditionSpec.from_config("mask", DATA)
+
+
+def test_maps_from_images_are_the_shards_maps(rgba: Path, tmp_path):
+    """--condition DIR extracts each image's map exactly as the shards stage stores it (same crop and resize)."""
+    from diffscaler.data import make_shards, read_split
+
+    for spec in (CANNY, MASK):
+        out = tmp_path / spec.kind
+        make_shards(f"folder:{rgba}", str(out), size=16, samples_per_shard=64, eval_fraction=0.0, condition=spec,
+                    log=lambda *_: None)  # fmt: skip
+        from_shards = read_split(str(out), "train", conditions=True)[2]  # (N, 1, 16, 16), split order
+        mine = maps_from_images(rgba, spec_from_record({**spec.record(), "channels": 1, "size": 16}), 16)
+        assert mine.shape == (12, 1, 16, 16) and mine.dtype == np.uint8
+        # the split's order is seeded; every stored map is one of the folder's maps, and all of them are there
+        assert sorted(m.tobytes() for m in from_shards) == sorted(m.tobytes() for m in mine)
+    assert maps_from_images(rgba, CANNY, 16, limit=3).shape == (3, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def rgba(tmp_path_factory) -> Path:
+    return rgba_folder(tmp_path_factory.mktemp("rgba") / "shapes")
+
+
+def test_maps_from_images_name_the_file_and_the_problem(rgba, tmp_path):
+    opaque = tmp_path / "opaque"
+    opaque.mkdir()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(opaque / "green.png")
+    with pytest.raises(ConditionError, match=r"green\.png: the image has no alpha channel"):
+        maps_from_images(opaque, MASK, 16)
+    with pytest.raises(ConditionError, match="no extractor here"):
+        maps_from_images(rgba, ConditionSpec("key:depth.png", {}, "depth.png", 1), 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConditionError, match="no image files"):
+        maps_from_images(tmp_path / "empty", CANNY, 16)
+    with pytest.raises(ConditionError, match="not a folder"):
+        maps_from_images(tmp_path / "nope", CANNY, 16)
+    (opaque / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConditionError, match=r"broken\.png: unreadable map"):
+        maps_from_images(opaque, CANNY, 16)
+
+
+def test_ready_maps_of_the_wrong_size_or_channels_are_named(tmp_path):
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    grey = np.zeros((16, 16), np.uint8)
+    grey[4:8] = 255
+    Image.fromarray(grey, "L").save(ok / "a.png")
+    maps = maps_from_files(ok, 1, 16)
+    assert maps.shape == (1, 1, 16, 16) and (maps[0, 0] == grey).all()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8), "RGB").save(ok / "b.png")
+    with pytest.raises(ConditionError, match=r"b\.png: a 3-channel map \(mode RGB\), the task takes 1-channel"):
+        maps_from_files(ok, 1, 16)
+    assert maps_from_files(ok, 1, 16, limit=1).shape == (1, 1, 16, 16)  # only the first file is read
+    big = tmp_path / "big"
+    big.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(big / "a.png")
+    with pytest.raises(ConditionError, match=r"a\.png: a 32x32 map, the task takes 16x16 maps"):
+        maps_from_files(big, 1, 16)
+    with pytest.raises(ConditionError, match="a 1-channel map"):
+        maps_from_files(big, 3, 32)
+
+
+def test_batch_maps_cycle_each_tasks_maps_and_zero_the_rows_without():
+    a = np.arange(2 * 1 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
+    c = np.full((3, 3, 4, 4), 7, np.uint8)
+    per_sample = [0, 1, 2, 0, 1, 2, 0]
+    maps, has = batch_maps([a, None, c], per_sample)
+    assert maps.shape == (7, 3, 4, 4) and has.tolist() == [True, False, True] * 2 + [True]
+    assert (maps[0, 0] == a[0, 0]).all() and (maps[3, 0] == a[1, 0]).all() and (maps[6, 0] == a[0, 0]).all()
+    assert (maps[0, 1:] == 0).all() and (maps[1] == 0).all() and (maps[2] == 7).all()  # padded, zeros, as given
+    with pytest.raises(ConditionError, match=r"different sizes \[4, 8\]"):
+        batch_maps([a, np.zeros((1, 1, 8, 8), np.uint8)], [0, 1])

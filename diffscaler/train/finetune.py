@@ -348,6 +348,10 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     if ft.mixed and "scratch" in ft.methods:
         raise FinetuneInputError("finetune.methods: 'scratch' trains one model per task; it has no mixed form "
                                  "(finetune.mixed=true)")  # fmt: skip
+    with_maps = [t.name for t in tasks if t.condition is not None]
+    if "scratch" in ft.methods and with_maps:
+        raise FinetuneInputError(f"finetune.methods: 'scratch' trains a plain DiT, which has no condition path for "
+                                 f"the maps of {with_maps}; leave it out for conditional targets")  # fmt: skip
     if ft.mixed and ft.batch_size < len(tasks):
         raise FinetuneInputError(f"finetune.batch_size {ft.batch_size} is smaller than the {len(tasks)} tasks "
                                  "a mixed batch must hold")  # fmt: skip

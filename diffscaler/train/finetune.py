@@ -160,7 +160,7 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
                 f"{folder} carry {have or '(none)'!r}; rebuild them (`python -m ray_jobs.shards`)"
             )
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.content_hash, condition_record(index)))  # fmt: skip
+                            index.data_hash, condition_record(index)))  # fmt: skip
     return out
 
 

@@ -178,7 +178,7 @@ class SweepConfig:
     reduction_factor: int = 2  # ASHA reduction factor
     cpus_per_trial: float = 0.5  # CPU request per trial
     max_concurrent_trials: int = 0  # 0 = from the cluster's resources
-    datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets)
+    datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets; see swept_datasets)
     fid_samples: int = 64  # generated images for the final FID of the best trials
     fid_candidates: int = 2  # best trials per dataset (by validation loss) scored by FID (0 = no FID)
     storage_path: str = ""  # Tune storage (local dir, NFS or s3://); empty = <out>/tune
@@ -585,8 +585,6 @@ def validate(cfg: ExperimentConfig) -> None:
         _one_of(m, FINETUNE_METHODS, "sweep.methods")
     for lr in s.lrs:
         _require(lr > 0 and math.isfinite(lr), "sweep.lrs", f"{lr!r} is not a positive number")
-    for ds in s.datasets:
-        _require(ds in names, "sweep.datasets", f"{ds!r} is not a task in data.targets {names}")
 
     e = cfg.eval
     _one_of(e.feature_network, FEATURE_NETWORKS, "eval.feature_network")
@@ -611,3 +609,15 @@ def validate(cfg: ExperimentConfig) -> None:
     for st in stages:
         _require(st.isidentifier(), "pipeline.stages", f"{st!r} is not a stage name (e.g. shards, finetune)")
     _require(len(set(stages)) == len(stages), "pipeline.stages", f"repeats a stage: {list(stages)}")
+
+
+def swept_datasets(cfg: ExperimentConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tasks the sweep searches, sweep.datasets names that are not targets). Only the sweep reads
+    sweep.datasets: names missing from data.targets are skipped, so a config's sweep section keeps working
+    when data.targets is overridden; when none remains the sweep takes the first target."""
+    targets = [t.name for t in cfg.data.targets]
+    if not cfg.sweep.datasets:
+        return tuple(targets), ()
+    kept = tuple(d for d in cfg.sweep.datasets if d in targets)
+    missing = tuple(d for d in cfg.sweep.datasets if d not in targets)
+    return (kept or tuple(targets[:1])), missing

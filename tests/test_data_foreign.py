@@ -322,3 +322,27 @@ def test_index_on_ray_then_pretrain_on_jpg_and_latent_shards(ray_local, jpg_json
     result = run_pretrain(cfg, tmp_path / "out-npy", str(lat))
     model, meta = load_backbone(result.backbone)
     assert result.step == 2 and model.config.in_channels == 4
+
+
+def test_reindexing_with_other_labels_size_or_split_changes_the_data_hash(jpg_json, tmp_path):
+    """Issue 27 item 2: the fine-tune (and pretrain checkpoints, reference statistics) are keyed on
+    DatasetIndex.data_hash; re-indexing the same shard bytes another way must change it."""
+    from diffscaler.config import load_config
+    from diffscaler.train.finetune import resolve_tasks
+
+    out = tmp_path / "pets"
+    unlabelled = index_shards(str(jpg_json), str(out), label_key="none", log=quiet)
+    cfg = load_config(None, [f"data.shards_root={tmp_path}", "data.targets=[{name: pets, conditional: true}]",
+                             f"data.image_size={SIZE}"])  # fmt: skip
+    before = resolve_tasks(cfg)[0]
+    assert before.num_classes == 1 and before.data_hash == unlabelled.data_hash
+    hashes = {unlabelled.data_hash}
+    for kwargs in ({"label_key": "json:label"}, {"label_key": "json:label", "eval_shards": 2},
+                   {"label_key": "json:label", "eval_shards": 2, "size": SIZE // 2}):  # fmt: skip
+        index = index_shards(str(jpg_json), str(out), log=quiet, **kwargs)
+        assert index.content_hash == unlabelled.content_hash  # the same shard bytes ...
+        hashes.add(index.data_hash)  # ... read another way
+    assert len(hashes) == 4
+    after = resolve_tasks(load_config(None, [f"data.shards_root={tmp_path}", f"data.image_size={SIZE // 2}",
+                                             "data.targets=[{name: pets, conditional: true}]"]))[0]  # fmt: skip
+    assert after.num_classes == 3 and after.data_hash != before.data_hash

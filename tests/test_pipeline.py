@@ -114,6 +114,43 @@ def test_shards_built_with_other_parameters_when_shards_stage_is_off(tmp_path):
     assert "limit built=0 config=5" in msg
 
 
+def test_a_changed_folder_target_is_rebuilt_and_the_reason_names_the_change(tmp_path):
+    """Issue 27 item 1: deleting a class folder and adding another must not leave 'built as configured'."""
+    import shutil
+
+    from diffscaler.data import build_all, load_index
+    from diffscaler.stages.base import Run
+    from diffscaler.stages.shards import ShardsStage
+
+    cfg_path = micro_config(tmp_path, ["shards"])
+    mine = tmp_path / "mine"
+    shutil.copytree(tmp_path / "src" / "pre", mine)  # classes a, b, c
+    override = f'data.targets=[{{name: mine, source: "folder:{mine}", conditional: true}}]'
+    cfg = resolve_run_config(load_config(cfg_path, [override]), tmp_path / "out")
+    build_all(cfg.data, ["mine"], parallel=False)
+    run = Run.for_program(cfg, "shards", tmp_path / "out")
+    assert ShardsStage(only=["mine"]).check(run).valid
+    assert load_index(str(tmp_path / "out" / "shards" / "mine")).class_names == ["a", "b", "c"]
+
+    shutil.rmtree(mine / "c")
+    shutil.copytree(mine / "b", mine / "d")
+    check = ShardsStage(only=["mine"]).check(run)
+    assert not check.valid
+    assert f"the files of folder:{mine} changed since the build" in check.reason
+    assert "36 files then, 36 now" in check.reason
+    # The pipeline without the shards stage refuses the stale shards, naming the change.
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",
+                                    [override, f"pipeline.backbone={backbone}"], match="changed since the build")
+    assert "add 'shards' to pipeline.stages" in msg
+    ShardsStage(only=["mine"]).run(run)  # one dataset: build_all builds it on the driver, no Ray
+    assert load_index(str(tmp_path / "out" / "shards" / "mine")).class_names == ["a", "b", "d"]
+    assert ShardsStage(only=["mine"]).check(run).valid
+    # A rewritten file (same name, other size) is a change too.
+    (mine / "a" / "0.png").write_bytes((mine / "b" / "1.png").read_bytes() + b"\0")
+    assert not ShardsStage(only=["mine"]).check(run).valid
+
+
 def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path):
     """A checkpoint left in pretrain.storage_path was trained on other shards: with the shards stage off (the
     shards on disk are the ones pretraining reads) the pipeline refuses to resume it in preflight, naming the

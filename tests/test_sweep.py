@@ -8,7 +8,7 @@ import json
 import pytest
 
 from diffscaler.artifacts import load_adapters, load_backbone, read_adapter_file
-from diffscaler.config import ConfigError
+from diffscaler.config import ConfigError, swept_datasets
 from diffscaler.data import make_shards
 from diffscaler.train.finetune import FinetuneInputError
 from diffscaler.train.sweep import plan_sweep, run_sweep
@@ -40,8 +40,12 @@ def test_bad_search_spaces_fail_before_any_trial(work):
         sweep_config(work, "sweep.ranks=[]")
     with pytest.raises(ConfigError, match=r"need 0 < lr_min <= lr_max, got \[0.1, 0.001\]"):
         sweep_config(work, "sweep.lr_min=0.1", "sweep.lr_max=0.001")
-    with pytest.raises(ConfigError, match=r"sweep.datasets: 'nope' is not a task"):
-        sweep_config(work, "sweep.datasets=[nope]")
+    # sweep.datasets matters to the sweep only: a name missing from data.targets is skipped, and with none
+    # left the first target is swept (a config's sweep section survives a data.targets override).
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[nope]")) == (("ta",), ("nope",))
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[tb,nope]")) == (("tb",), ("nope",))
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[]")) == (("ta", "tb"), ())
+    assert [t.name for t in plan_sweep(sweep_config(work, "sweep.datasets=[nope]"), work.backbone).tasks] == ["ta"]
     no_eval = work.root / "no-eval-shards"
     make_shards(f"folder:{work.root / 'images' / 'tb'}", str(no_eval / "tb"), size=16, samples_per_shard=8,
                 eval_fraction=0.0, log=lambda m: None)  # fmt: skip

@@ -74,10 +74,9 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
     for name in names or jobs:
         source = jobs[name]
         condition = dataset_condition(data, name)
-        params = _parameters(data, source, condition)
-        if not force and is_up_to_date(dataset_dir(data, name), params):
-            continue  # built as configured: its source is not read again
         try:
+            if not force and is_up_to_date(dataset_dir(data, name), _parameters(data, source, condition)):
+                continue  # built as configured: its source is not read again
             src, catalog = open_source(source)
             check_condition_source(condition, source, src, catalog)  # a mask needs alpha: refused before any build
         except (ValueError, FileNotFoundError) as err:  # DatasetError, SourceMissingError, ConditionError included

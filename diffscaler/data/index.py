@@ -163,6 +163,21 @@ class DatasetIndex:
     def content_hash(self) -> str:
         return str(self.data["content_hash"])
 
+    @property
+    def data_hash(self) -> str:
+        """What a reader gets from this folder: the shards' content plus every index field that changes how
+        they are read (members such as the image and label keys, size and resize, classes, condition, the
+        splits with their shards and excluded samples). Fine-tunes, pretraining checkpoints and reference
+        statistics are keyed on it: re-indexing the same shards with other labels changes it, not content_hash."""
+        read = {k: self.data.get(k) for k in ("content_hash", "members", "image_size", "class_names", "condition",
+                                              "latent", "eval_split")}  # fmt: skip
+        read["splits"] = {
+            split: [[e["name"], e.get("url", ""), e["num_samples"], sorted(e.get("excluded_keys", []))]
+                    for e in self._split(split)["shards"]]  # fmt: skip
+            for split in SPLITS
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()
+
     def backbone_mismatch(self, in_channels: int, input_size: int, vae_hash: str = "") -> str:
         """Why a backbone taking in_channels x input_size x input_size inputs cannot train on (or be scored
         against) these shards, or "" when it can; `vae_hash` (a configured VAE's) must equal the shards' VAE."""

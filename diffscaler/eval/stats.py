@@ -194,7 +194,7 @@ def plan_reference(
     return ReferencePlan(
         dataset=str(shards_dir),
         dataset_name=os.path.basename(str(shards_dir).rstrip("/")) or "dataset",
-        dataset_hash=index.content_hash,
+        dataset_hash=index.data_hash,
         available=available,
         num_reference=want or available,
         image_size=image_size or cfg.model.input_size,

@@ -12,6 +12,7 @@ from diffscaler.artifacts import BackboneLoadError, check_model_matches, load_pu
 from diffscaler.config import ConfigError, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, dataset_jobs, load_index
 from diffscaler.data.build import _parameters, dataset_condition
+from diffscaler.data.writer import build_changes
 from diffscaler.stages.base import InputError, Run
 from diffscaler.vae import VaeError, cached_vae_identity
 
@@ -107,16 +108,15 @@ def require_built(run: Run, names: Iterable[str]) -> None:
     for name in names:
         folder = dataset_dir(run.cfg.data, name)
         try:
-            index = load_index(folder)
+            load_index(folder)
         except DatasetError as err:
             raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
                              "or point data.shards_root at built shards") from None  # fmt: skip
-        wanted = build_parameters(run, jobs[name], name)
-        diff = {k: (index.data.get(k), v) for k, v in wanted.items() if k != "tool" and index.data.get(k) != v}
-        if diff:
+        changes = build_changes(folder, build_parameters(run, jobs[name], name), ignore=("tool",))
+        if changes:
             raise InputError(
                 f"dataset {name!r} at {folder} was built with other parameters than data.* asks for: "
-                + ", ".join(f"{k} built={a!r} config={b!r}" for k, (a, b) in diff.items())
+                + ", ".join(changes)
                 + "; add 'shards' to pipeline.stages to rebuild it"
             )
 

@@ -154,7 +154,7 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
         if index.num_samples("train") < 1:
             raise FinetuneInputError(f"task {name!r}: the train split at {folder} is empty")
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.content_hash))  # fmt: skip
+                            index.data_hash))  # fmt: skip
     return out
 
 

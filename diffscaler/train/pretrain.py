@@ -114,6 +114,7 @@ class PretrainPlan:
     run_dir: str  # storage_path/run_name: this run's checkpoints and markers
     launch_id: str  # unique per run_pretrain call (tells restarts of this launch from a new launch)
     shards_hash: str  # content hash of the shards (recorded in checkpoints and the backbone)
+    shards_data_hash: str  # what is read from them (DatasetIndex.data_hash): labels, size, splits too
     num_samples: int  # training samples in the shards
     class_names: tuple[str, ...]  # class names of the shards (sample grid rows)
     print_lines: bool  # rank 0 prints a line per logged step (False when the driver shows a bar)
@@ -136,7 +137,8 @@ def check_writable(path_or_url: str, field_name: str) -> None:
         raise ConfigError(f"{field_name}: cannot write to {path_or_url!r}: {err}") from None
 
 
-def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None) -> None:
+def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None,
+                    data_hash: str | None = None) -> None:  # fmt: skip
     """A checkpoint continues only *its own* run: the settings that shaped its DeepSpeed files, its
     weights and its data order, the same model, the same shards (`shards_hash`, when known) and the
     same seeds and schedule. Raises ConfigError naming every difference."""
@@ -154,6 +156,8 @@ def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shar
         same[f"model.{key}"] = (state.model.get(key), model.get(key))
     if shards_hash is not None:
         same["shards (content hash)"] = (state.shards.get("content_hash"), shards_hash)
+    if data_hash is not None:  # the same shards read with other labels, size or split are other data
+        same["shards (labels, size, splits: data hash)"] = (state.shards.get("data_hash"), data_hash)
     # Seeds and schedule, from the checkpoint's whole config (absent in checkpoints of older code).
     # lr and warm-up may change only when resuming the last good checkpoint of a run that stopped on
     # a non-finite loss: that is the documented way on from a divergence.
@@ -232,7 +236,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     run_dir = storage.join(store, p.run_name)
     found = resume_checkpoint(run_dir)  # the one Ray hands the workers (its snapshot), not the highest folder
     if found is not None:
-        check_resumable(found[1], cfg, found[0], index.content_hash)
+        check_resumable(found[1], cfg, found[0], index.content_hash, index.data_hash)
     return PretrainPlan(
         out_dir=out,
         shards_dir=shards,
@@ -240,6 +244,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
         run_dir=run_dir,
         launch_id=uuid.uuid4().hex,
         shards_hash=index.content_hash,
+        shards_data_hash=index.data_hash,
         num_samples=train,
         class_names=tuple(index.class_names),
         print_lines=not interactive(),
@@ -597,7 +602,7 @@ class RankTrainer:
         from diffscaler.train.pretrain_checkpoint import load_ema_state, restore_rng
 
         state = read_state(ckpt_dir)
-        check_resumable(state, self.cfg, where, self.plan.shards_hash)
+        check_resumable(state, self.cfg, where, self.plan.shards_hash, self.plan.shards_data_hash)
         # The schedule is rebuilt from this config (not loaded): after a divergence the lr may change.
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag=state.deepspeed_tag, load_lr_scheduler_states=False)
         if path is None:
@@ -728,7 +733,8 @@ class RankTrainer:
             ema_decay=p.ema_decay, world_size=self.world, zero_stage=p.zero_stage, precision=self.precision,
             global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
             deepspeed_tag=deepspeed_tag(self.step), run_name=p.run_name, model=asdict(self.cfg.model),
-            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "num_samples": plan.num_samples,
+            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "data_hash": plan.shards_data_hash,
+                    "num_samples": plan.num_samples,
                     "class_names": list(plan.class_names)},
             config=self.cfg.to_dict(),
         )  # fmt: skip

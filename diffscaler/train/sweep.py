@@ -59,7 +59,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from diffscaler.atomic import atomic_path, copy_file_atomic, write_text_atomic
 from diffscaler.cluster import connect_ray, max_cluster_resources
-from diffscaler.config import ExperimentConfig
+from diffscaler.config import ExperimentConfig, swept_datasets
 from diffscaler.data import load_index
 from diffscaler.errors import last_error_line
 from diffscaler.train.finetune import (
@@ -173,7 +173,11 @@ def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None =
         )
     if s.fid_samples < 2:
         raise FinetuneInputError(f"sweep.fid_samples {s.fid_samples}: FID needs at least 2 generated images")
-    tasks = resolve_tasks(cfg, s.datasets or None, image_size=model_cfg.input_size,
+    swept, missing = swept_datasets(cfg)
+    if missing:
+        skipped = f"sweep: sweep.datasets {list(missing)} not in data.targets, skipped; sweeping {list(swept)}"
+        print(skipped, file=sys.stderr)
+    tasks = resolve_tasks(cfg, swept, image_size=model_cfg.input_size,
                           in_channels=model_cfg.in_channels)
     for t in tasks:
         index = load_index(t.dataset_dir)

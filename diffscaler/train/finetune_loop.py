@@ -65,7 +65,12 @@ class TaskData:
     def task_info(self, rank: int) -> TaskInfo:
         rows = self.num_classes if self.conditional else 1
         names = self.class_names if self.conditional else ()
-        return TaskInfo(self.name, rows, self.conditional, rank, names)
+        if self.condition is None:
+            return TaskInfo(self.name, rows, self.conditional, rank, names)
+        c = self.condition
+        return TaskInfo(self.name, rows, self.conditional, rank, names, condition=str(c["kind"]),
+                        condition_channels=int(c["channels"]), condition_size=int(c["size"]),
+                        condition_extractor=dict(c))  # fmt: skip
 
     @property
     def condition_channels(self) -> int:
@@ -147,8 +152,10 @@ class AdapterRun:
             self.model = build_model(config, seed=ft.seed)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         else:
+            # conditional tasks: their maps are dropped at finetune.condition_dropout so guidance can use them
             self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
-                                           branch_scale_init=a.branch_scale_init, seed=ft.seed)  # fmt: skip
+                                           branch_scale_init=a.branch_scale_init, seed=ft.seed,
+                                           condition_dropout=getattr(ft, "condition_dropout", 0.0))  # fmt: skip
             self.params = self.bank.parameters()
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.

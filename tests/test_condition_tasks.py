@@ -3,10 +3,12 @@ and unconditional tasks, and the sample command's bad inputs, refused before any
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffscaler.config import DataConfig
@@ -95,3 +97,101 @@ def test_batch_maps_cycle_each_tasks_maps_and_zero_the_rows_without():
     assert (maps[0, 1:] == 0).all() and (maps[1] == 0).all() and (maps[2] == 7).all()  # padded, zeros, as given
     with pytest.raises(ConditionError, match=r"different sizes \[4, 8\]"):
         batch_maps([a, np.zeros((1, 1, 8, 8), np.uint8)], [0, 1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tunes: conditional tasks train with their maps (pixel and latent backbones, alone and mixed)
+# ------------------------------------------------------------------------------------------------
+
+
+def _quiet(*_args) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def cond_shards(rgba, tmp_path_factory) -> dict[str, Path]:
+    """Pixel shards of the RGBA shapes with mask maps and with canny maps, and without maps."""
+    from diffscaler.data import make_shards
+
+    root = tmp_path_factory.mktemp("cond-shards")
+    out = {}
+    for name, spec in (("mask", MASK), ("canny", CANNY), ("plain", None)):
+        make_shards(f"folder:{rgba}", str(root / name), size=16, samples_per_shard=8, eval_fraction=0.25,
+                    condition=spec, log=_quiet)  # fmt: skip
+        out[name] = root / name
+    return out
+
+
+def _task(name: str, folder: Path):
+    from diffscaler.data import load_index
+    from diffscaler.train.finetune_loop import TaskData, condition_record
+
+    index = load_index(str(folder))
+    return TaskData(name, str(folder), False, index.num_classes, (), index.data_hash, condition_record(index))
+
+
+def _run(tasks, backbone: Path, steps: int = 2, **finetune):
+    from dataclasses import replace
+
+    from diffscaler.config import ExperimentConfig
+    from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
+
+    cfg = ExperimentConfig()
+    cfg = replace(cfg, finetune=replace(cfg.finetune, batch_size=4, **finetune),
+                  data=replace(cfg.data, shuffle_buffer=4))  # fmt: skip
+    return AdapterRun(AdapterRunSpec(tuple(tasks), "affiner", 2, 1e-2, steps, str(backbone), cfg.to_dict()))
+
+
+def _backbone(path: Path, **model) -> Path:
+    from diffscaler.artifacts import save_backbone
+    from diffscaler.config import ModelConfig
+    from diffscaler.models import build_model
+    from tests.support.models import perturb
+
+    dit = build_model(ModelConfig(**{"name": "DiT-T/4", "input_size": 16, "num_classes": 3, **model}), seed=0)
+    with torch.no_grad():  # a fresh DiT outputs exactly zero (its last layer starts at zero): no gradient upstream
+        perturb(dit, 0.05)
+    save_backbone(dit, path)
+    return path
+
+
+def test_a_conditional_fine_tune_trains_its_condition_path_and_records_its_extractor(cond_shards, tmp_path):
+    backbone = _backbone(tmp_path / "b.safetensors")
+    run = _run([_task("shapes-mask", cond_shards["mask"])], backbone, steps=3)
+    path = run.bank.condition_path["0"]
+    before = {k: v.clone() for k, v in path.state_dict().items()}
+    run.train_until(3)
+    assert any(not torch.equal(before[k], v) for k, v in path.state_dict().items())  # the maps reached it
+    assert np.isfinite(run.validation_loss()["shapes-mask"])
+    meta = json.loads(Path(run.save_adapters(tmp_path / "ad")["shapes-mask"]).with_suffix(".json").read_text())
+    assert meta["condition_extractor"] == {**MASK.record(), "channels": 1, "size": 16}
+    assert run.trainable_parameters("shapes-mask") > run.bank.condition_parameters_per_task("shapes-mask") > 0
+
+
+def test_mixed_fine_tune_of_conditional_and_unconditional_tasks(cond_shards, tmp_path):
+    backbone = _backbone(tmp_path / "b.safetensors")
+    tasks = [_task("edges", cond_shards["canny"]), _task("plain", cond_shards["plain"]),
+             _task("mask", cond_shards["mask"])]  # fmt: skip
+    run = _run(tasks, backbone, steps=2)
+    run.train_until(2)
+    val = run.validation_loss()
+    assert set(val) == {"edges", "plain", "mask"} and all(np.isfinite(v) for v in val.values())
+    files = run.save_adapters(tmp_path / "ad")
+    metas = {t: json.loads(Path(f).with_suffix(".json").read_text()) for t, f in files.items()}
+    assert metas["edges"]["condition_extractor"]["kind"] == "canny" and "condition_extractor" not in metas["plain"]
+
+
+@pytest.mark.ray
+def test_a_latent_backbone_fine_tunes_with_pixel_resolution_maps(ray_local, rgba, tmp_path):
+    from diffscaler.data.encode import encode_shards
+    from diffscaler.vae import save_tiny_vae
+
+    vae = save_tiny_vae(tmp_path / "vae")
+    encode_shards(f"folder:{rgba}", str(tmp_path / "latents"), str(vae), size=16, samples_per_shard=8,
+                  eval_fraction=0.25, batch_size=4, condition=MASK, log=_quiet)  # fmt: skip
+    backbone = _backbone(tmp_path / "b.safetensors", name="DiT-T/2", input_size=8, in_channels=4)
+    task = _task("latent-mask", tmp_path / "latents")
+    assert task.condition["size"] == 16  # the map stays at pixel resolution: 2x the latent side
+    run = _run([task], backbone, steps=2)
+    run.train_until(2)
+    assert np.isfinite(run.validation_loss()["latent-mask"])

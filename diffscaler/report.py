@@ -296,7 +296,8 @@ def _adapter_meta(path: str) -> dict[str, Any] | None:
 
 def _params_section(inputs: ReportInputs) -> list[str]:
     lines = ["## Trainable parameters per method", ""]
-    rows = []
+    rows: list[str] = []
+    cond_rows: list[str] = []
     for method, tasks in inputs.adapters.items():
         metas = [m for m in (_adapter_meta(p) for p in tasks.values()) if m is not None]
         if not metas:
@@ -310,12 +311,23 @@ def _params_section(inputs: ReportInputs) -> list[str]:
         rank = "/".join(map(str, ranks)) if "down" in METHOD_PARTS.get(metas[0].get("method", ""), ()) else "-"
         rows.append(f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
                     f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |")  # fmt: skip
+        for m in metas:  # the spatial condition's share, apart (it is part of the task's count above)
+            if m.get("condition_extractor"):
+                c = int(m.get("condition_params", 0))
+                cond_rows.append(f"| {m['task']} | {method} | {m['condition_extractor']['kind']} | {c:,} | "
+                                 f"{m['trainable_params'] - c:,} | {m['trainable_params']:,} | "
+                                 f"{100.0 * c / backbone if backbone else math.nan:.3f} % |")  # fmt: skip
     if not rows:
         return [*lines, "_No adapters yet (the finetune stage has not run)._", ""]
-    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows included); the "
-              "backbone stays frozen.", "",
+    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows and, for a "
+              "conditional task, its condition path included); the backbone stays frozen.", "",
               "| method | rank | trainable params per task | mean % of backbone | backbone params | tasks | "
               "adapter file (KiB, mean) |", "|---|---:|---:|---:|---:|---:|---:|", *rows]  # fmt: skip
+    if cond_rows:
+        lines += ["", "Conditional tasks: the condition path (the map's embedding; for controlnet the trainable "
+                  "block copies) apart from the rest of the adapter.", "",
+                  "| task | method | condition | condition path params | rest of the adapter | total | condition "
+                  "path % of backbone |", "|---|---|---|---:|---:|---:|---:|", *cond_rows]  # fmt: skip
     return [*lines, ""]
 
 

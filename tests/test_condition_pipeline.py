@@ -67,7 +67,8 @@ def test_a_conditional_target_through_every_stage(ray_local, tmp_path):
 
     report = (out / "report.md").read_text()
     for part in ("### Condition fidelity", "ceiling (real, own maps)", "mismatched maps (chance)", "no condition",
-                 "condition_shapes-mask.png", "map | generated | real", "IoU"):  # fmt: skip
+                 "condition_shapes-mask.png", "map | generated | real", "IoU", "condition path params",
+                 f"| shapes-mask | affiner | mask | {meta['condition_params']:,} |"):  # fmt: skip
         assert part in report, part
     from PIL import Image
 

@@ -354,6 +354,8 @@ class AdapterRun:
             more = {**(extra or {}), **((per_task_extra or {}).get(task.name, {}))}
             if task.condition is not None:  # sampling extracts maps with the extractor the shards used
                 more["condition_extractor"] = dict(task.condition)
+                if self.bank is not None:  # part of trainable_params, shown apart in the report
+                    more["condition_params"] = self.bank.condition_parameters_per_task(task.name)
             if self.bank is None:
                 st_path = save_task_model(self.model, task.task_info(0), out_dir, self.backbone_hash,
                                           self.backbone_params, extra=more)  # fmt: skip

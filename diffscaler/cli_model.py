@@ -237,6 +237,7 @@ def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[st
     map. Sample k of a task takes that task's map k mod its number of maps; rows of unconditional (or
     --unconditioned) tasks get zeros. Errors name the task, folder or file before anything is sampled."""
     from diffscaler.data.conditions import (
+        adapter_condition,
         batch_maps,
         check_map_shape,
         maps_from_files,
@@ -246,7 +247,7 @@ def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[st
 
     images = _condition_dirs(args.condition, "--condition", names)
     ready = _condition_dirs(args.condition_maps, "--condition-maps", names)
-    records = {n: metas[n].get("condition_extractor") for n in names}
+    records = {n: adapter_condition(metas[n]) for n in names}
     for flag, dirs in (("--condition", images), ("--condition-maps", ready)):
         plain = [t for t in dirs if t and not records[t]]
         if plain:

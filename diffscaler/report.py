@@ -285,6 +285,12 @@ def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str,
     return [*out, ""]
 
 
+def _condition(meta: dict[str, Any]) -> dict[str, Any] | None:
+    from diffscaler.data.conditions import adapter_condition
+
+    return adapter_condition(meta)
+
+
 def _adapter_meta(path: str) -> dict[str, Any] | None:
     from diffscaler.artifacts import read_trained_meta
 
@@ -312,9 +318,9 @@ def _params_section(inputs: ReportInputs) -> list[str]:
         rows.append(f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
                     f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |")  # fmt: skip
         for m in metas:  # the spatial condition's share, apart (it is part of the task's count above)
-            if m.get("condition_extractor"):
+            if cond := _condition(m):
                 c = int(m.get("condition_params", 0))
-                cond_rows.append(f"| {m['task']} | {method} | {m['condition_extractor']['kind']} | {c:,} | "
+                cond_rows.append(f"| {m['task']} | {method} | {cond['kind']} | {c:,} | "
                                  f"{m['trainable_params'] - c:,} | {m['trainable_params']:,} | "
                                  f"{100.0 * c / backbone if backbone else math.nan:.3f} % |")  # fmt: skip
     if not rows:
@@ -453,8 +459,7 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     per_sample_task, labels = plan_samples(names, GRID_PER_TASK, counts, None)
     # Conditional tasks sample with the maps of their first eval images, shown beside them (map | generated | real).
     metas = {t: _adapter_meta(p) or {} for t, p in present.items()}
-    real_maps = {n: _real_maps(cfg, n, GRID_PER_TASK) if metas[n].get("condition_extractor") else None
-                 for n in names}  # fmt: skip
+    real_maps = {n: _real_maps(cfg, n, GRID_PER_TASK) if _condition(metas[n]) else None for n in names}
     extra: dict[str, Any] = {}
     if any(v is not None for v in real_maps.values()):
         from diffscaler.data.conditions import batch_maps, maps_to_unit
@@ -475,7 +480,7 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
         lines += [f"**{name}** (generated)", "", f"![{name}](samples_{name}.png)", ""]
         if real_maps[name] is not None:
             real, maps = real_maps[name]
-            kind = metas[name]["condition_extractor"]["kind"]
+            kind = _condition(metas[name])["kind"]
             files.append(_condition_grid(maps, imgs[task_of == i], real, out / f"condition_{name}.png"))
             lines += [f"{name}, conditioned on **{kind}** maps: one row per image, columns map | generated | real "
                       "(the generated image was sampled with the map of the real image beside it):", "",
@@ -543,7 +548,7 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
 
 def _grid_conditions(cfg: ExperimentConfig, task: str, path: str, adapter: bool) -> dict[str, Any]:
     """sample_images' condition arguments for a conditional task's adapter: the maps of the real row's images."""
-    record = (_adapter_meta(path) or {}).get("condition_extractor") if adapter else None
+    record = _condition(_adapter_meta(path) or {}) if adapter else None
     real = _real_maps(cfg, task, GRID_COLUMNS) if record else None
     if real is None:
         return {}

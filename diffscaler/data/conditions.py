@@ -268,6 +268,18 @@ def has_alpha(image: Image.Image) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+def adapter_condition(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """An adapter JSON's condition as sampling needs it: {kind, params, channels, size} (the shards'
+    `condition_extractor` the fine-tune recorded, completed by the bank's own `condition` record), or None
+    for an adapter of a task without maps."""
+    extractor, path = meta.get("condition_extractor") or {}, meta.get("condition") or {}
+    if not extractor and not path:
+        return None
+    out = {"kind": path.get("kind", ""), "params": {}, "channels": path.get("channels", 1), "size": path.get("size")}
+    out.update({k: v for k, v in extractor.items() if v is not None})
+    return out
+
+
 def spec_from_record(record: dict[str, Any]) -> ConditionSpec:
     """The ConditionSpec an adapter's `condition_extractor` (kind, params, channels, size) describes."""
     kind = str(record["kind"])

@@ -392,7 +392,9 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
         task = meta["task"]
         method, rank = meta["method"], int(meta["rank"])
         num_classes = int(meta["num_classes"]) if meta.get("conditional") else 1
-        condition = meta.get("condition_extractor")
+        from diffscaler.data.conditions import adapter_condition
+
+        condition = adapter_condition(meta)
     else:  # the bare backbone (class-conditional over its own classes), or a task's real images
         if req.task is not None and req.task not in task_names(cfg):
             raise EvalInputError(f"{where}: task {req.task!r} is not in data.targets {task_names(cfg)}")

@@ -272,7 +272,8 @@ def adapter_condition(meta: dict[str, Any]) -> dict[str, Any] | None:
     """An adapter JSON's condition as sampling needs it: {kind, params, channels, size} (the shards'
     `condition_extractor` the fine-tune recorded, completed by the bank's own `condition` record), or None
     for an adapter of a task without maps."""
-    extractor, path = meta.get("condition_extractor") or {}, meta.get("condition") or {}
+    path = meta.get("condition") or {}
+    extractor = meta.get("condition_extractor") or path.get("extractor") or {}
     if not extractor and not path:
         return None
     out = {"kind": path.get("kind", ""), "params": {}, "channels": path.get("channels", 1), "size": path.get("size")}

@@ -242,7 +242,11 @@ def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[T
         "seed": ft.seed,
         "data": [d.seed, d.hflip, d.shuffle_buffer, d.skip_bad_samples],
         "diffusion": [diff.num_timesteps, diff.beta_start, diff.beta_end],
-        "tasks": [[t.name, t.conditional, t.data_hash, t.condition] for t in tasks],  # co-trained set, bank order
+        "tasks": [[t.name, t.conditional, t.data_hash, *([t.condition] if t.condition else [])]
+                  for t in tasks],  # the co-trained set, in bank order
+        # the condition path, where a task has maps (unconditional fingerprints stay as they were)
+        **({"condition": [ft.condition_dropout, a.condition_blocks, a.controlnet_blocks]}
+           if any(t.condition for t in tasks) or method == "controlnet" else {}),
     }
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 

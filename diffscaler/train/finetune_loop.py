@@ -155,7 +155,8 @@ class AdapterRun:
             # conditional tasks: their maps are dropped at finetune.condition_dropout so guidance can use them
             self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
                                            branch_scale_init=a.branch_scale_init, seed=ft.seed,
-                                           condition_dropout=getattr(ft, "condition_dropout", 0.0))  # fmt: skip
+                                           condition_blocks=a.condition_blocks, controlnet_blocks=a.controlnet_blocks,
+                                           condition_dropout=ft.condition_dropout)  # fmt: skip
             self.params = self.bank.parameters()
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.

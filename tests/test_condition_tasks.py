@@ -195,3 +195,136 @@ def test_a_latent_backbone_fine_tunes_with_pixel_resolution_maps(ray_local, rgba
     run = _run([task], backbone, steps=2)
     run.train_until(2)
     assert np.isfinite(run.validation_loss()["latent-mask"])
+
+
+# ------------------------------------------------------------------------------------------------
+# diffscaler sample with conditional tasks
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cond_adapters(tmp_path_factory) -> tuple[Path, Path]:
+    """A perturbed 16 px backbone and three adapters: edges (canny), plain (no map), mask."""
+    from diffscaler.adapters import AdapterBank, TaskInfo
+    from diffscaler.artifacts import load_backbone, save_adapter
+    from tests.support.models import randomize
+
+    root = tmp_path_factory.mktemp("cond-adapters")
+    path = _backbone(root / "b.safetensors", name="DiT-T/8")
+    model, meta = load_backbone(path)
+
+    def info(name: str, spec: ConditionSpec | None) -> TaskInfo:
+        if spec is None:
+            return TaskInfo(name)
+        record = {**spec.record(), "channels": 1, "size": 16}
+        return TaskInfo(name, condition=spec.kind, condition_channels=1, condition_size=16, condition_extractor=record)
+
+    bank = AdapterBank.attach(model, [info("edges", CANNY), info("plain", None), info("mask", MASK)], rank=2)
+    randomize(bank, 0.3)
+    for t in ("edges", "plain", "mask"):
+        save_adapter(bank, t, root / "ad", backbone_hash=meta["content_hash"])
+    return path, root / "ad"
+
+
+def _sample(capsys, backbone: Path, adapters: Path, out: Path, *argv: str) -> tuple[int, str]:
+    from diffscaler.cli import main
+
+    code = main(["sample", "--backbone", str(backbone), "--adapters", str(adapters), "--steps", "2", "--seed", "3",
+                 "--out", str(out), *argv])  # fmt: skip
+    return code, capsys.readouterr().err
+
+
+def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapters, rgba, tmp_path, capsys):
+    backbone, ad = cond_adapters
+    code, err = _sample(capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition",
+                        str(rgba), "--num", "3", "--batch-size", "9")  # fmt: skip
+    assert code == 0, err
+    mixed = np.load(tmp_path / "mixed" / "samples.npz")
+    assert list(mixed["task"]) == ["edges", "plain", "mask"] * 3
+    assert mixed["has_condition"].tolist() == [True, False, True] * 3
+    edges = maps_from_images(rgba, CANNY, 16, limit=3)
+    masks = maps_from_images(rgba, MASK, 16, limit=3)
+    assert (mixed["condition"][0::3] == edges).all() and (mixed["condition"][2::3] == masks).all()
+    assert (mixed["condition"][1::3] == 0).all()
+    # image k depends on (seed, k, task, class, map) only: other batch splits (tasks and maps mixed otherwise,
+    # one image a batch) give the same images
+    for batch in ("1", "2"):
+        code, err = _sample(capsys, backbone, ad, tmp_path / batch, "--task", "edges,plain,mask", "--condition",
+                            str(rgba), "--num", "3", "--batch-size", batch)  # fmt: skip
+        assert code == 0, err
+        again = np.load(tmp_path / batch / "samples.npz")
+        assert np.abs(again["images"].astype(int) - mixed["images"].astype(int)).max() <= 1, batch
+        assert (again["condition"] == mixed["condition"]).all()
+    code, err = _sample(capsys, backbone, ad, tmp_path / "scaled", "--task", "edges", "--num", "2", "--condition",
+                        str(rgba), "--condition-scale", "3")  # fmt: skip
+    assert code == 0, err
+    scaled = np.load(tmp_path / "scaled" / "samples.npz")["images"]
+    code, err = _sample(capsys, backbone, ad, tmp_path / "unscaled", "--task", "edges", "--num", "2", "--condition",
+                        str(rgba))  # fmt: skip
+    assert code == 0, err
+    unscaled = np.load(tmp_path / "unscaled" / "samples.npz")["images"]
+    assert np.abs(scaled.astype(int) - unscaled.astype(int)).max() > 1  # guidance on the map changes them
+
+
+# Sampling a conditional task with no row using a map goes through sampling.guided_forward's map-less branch,
+# which does not pass the rows' condition_mask on to the bank (w21m's file; reported to the lead).
+UNCONDITIONED_BUG = "guided_forward drops condition_mask when no row of a batch uses a map (model side)"
+
+
+@pytest.mark.xfail(strict=True, reason=UNCONDITIONED_BUG)
+def test_sample_unconditioned_changes_only_the_conditional_rows(cond_adapters, rgba, tmp_path, capsys):
+    backbone, ad = cond_adapters
+    code, err = _sample(capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition",
+                        str(rgba), "--num", "3")  # fmt: skip
+    assert code == 0, err
+    mixed = np.load(tmp_path / "mixed" / "samples.npz")
+    # the map reaches the image; unconditional rows do not change when the others lose their maps
+    code, err = _sample(capsys, backbone, ad, tmp_path / "bare", "--task", "edges,plain,mask", "--num", "3",
+                        "--unconditioned")  # fmt: skip
+    assert code == 0, err
+    bare = np.load(tmp_path / "bare" / "samples.npz")
+    assert not bare["has_condition"].any()
+    assert np.abs(bare["images"][1::3].astype(int) - mixed["images"][1::3].astype(int)).max() <= 1
+    assert np.abs(bare["images"][0::3].astype(int) - mixed["images"][0::3].astype(int)).max() > 10
+
+
+def test_sample_takes_ready_maps_and_a_folder_per_task(cond_adapters, rgba, tmp_path, capsys):
+    backbone, ad = cond_adapters
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    edges = maps_from_images(rgba, CANNY, 16, limit=2)
+    for k, m in enumerate(edges):
+        Image.fromarray(m[0], "L").save(ready / f"{k}.png")
+    code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "edges,mask", "--num", "2",
+                        "--condition-maps", f"edges={ready}", "--condition", f"mask={rgba}")  # fmt: skip
+    assert code == 0, err
+    out = np.load(tmp_path / "o" / "samples.npz")
+    assert (out["condition"][0::2] == edges).all()
+    assert (out["condition"][1::2] == maps_from_images(rgba, MASK, 16, limit=2)).all()
+
+
+def test_sample_refuses_bad_conditions_before_sampling(cond_adapters, rgba, tmp_path, capsys, monkeypatch):
+    import diffscaler.diffusion.sampling as sampling
+
+    backbone, ad = cond_adapters
+    calls = []
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
+    opaque, big = tmp_path / "opaque", tmp_path / "big"
+    opaque.mkdir()
+    big.mkdir()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(opaque / "green.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(big / "m.png")
+    cases = [
+        ((), "task 'edges' is conditioned on canny maps: give --condition DIR"),
+        (("--condition-maps", str(big)), "m.png: a 32x32 map, the task takes 16x16 maps"),
+        (("--condition", f"plain={rgba}"), "task(s) ['plain'] take no condition map"),
+        (("--condition", str(rgba), "--condition-maps", str(big)), "both --condition and --condition-maps"),
+    ]
+    for argv, message in cases:
+        code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "edges,plain", *argv)
+        assert code == 2 and message in err, (argv, err)
+    code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "mask", "--condition", str(opaque))
+    assert code == 2 and "green.png: the image has no alpha channel" in err and "(task 'mask')" in err, err
+    code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "plain", "--condition", str(rgba))
+    assert code == 2 and "none of the tasks ['plain'] takes a condition map" in err, err
+    assert calls == [] and not (tmp_path / "o").exists()

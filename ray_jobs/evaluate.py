@@ -80,7 +80,7 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: list[str], incl
     try:
         path = Path(backbone)
         meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
-        metas = {str(f): read_adapter_meta(f) for f in adapter_files(adapters)}
+        metas = {str(f.resolve()): read_adapter_meta(f) for f in adapter_files(adapters)}  # actors run elsewhere
         requests = [request_for_task(cfg, m["task"], f) for f, m in metas.items()]
         # a conditional task's adapter is scored with its maps, and again without them (what the map buys)
         requests += [request_for_task(cfg, m["task"], f, label="no condition", conditioned=False)

@@ -509,7 +509,7 @@ class FidEvaluator:
         except FeatureWeightsError as err:
             raise EvalInputError(str(err)) from None
         self.cfg = cfg
-        self.backbone_path = str(path)
+        self.backbone_path = str(path.resolve())  # the actors' working directory may not be the driver's
         self.num_actors = num_actors or cfg.eval.num_actors
         if self.num_actors < 1:
             raise EvalInputError(f"num_actors must be >= 1, got {self.num_actors}")

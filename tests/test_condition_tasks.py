@@ -266,12 +266,6 @@ def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapte
     assert np.abs(scaled.astype(int) - unscaled.astype(int)).max() > 1  # guidance on the map changes them
 
 
-# Sampling a conditional task with no row using a map goes through sampling.guided_forward's map-less branch,
-# which does not pass the rows' condition_mask on to the bank (w21m's file; reported to the lead).
-UNCONDITIONED_BUG = "guided_forward drops condition_mask when no row of a batch uses a map (model side)"
-
-
-@pytest.mark.xfail(strict=True, reason=UNCONDITIONED_BUG)
 def test_sample_unconditioned_changes_only_the_conditional_rows(cond_adapters, rgba, tmp_path, capsys):
     backbone, ad = cond_adapters
     code, err = _sample(capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition",

@@ -57,8 +57,10 @@ def eval_inputs(run: Run) -> dict[str, Any]:
     files = {f"{m}/{t}": file_digest(p) if Path(p).is_file() else None
              for m, tasks in evaluated_adapters(run).items() for t, p in tasks.items()}  # fmt: skip
     d = run.cfg.diffusion
+    guidance = float(getattr(d, "condition_scale", 1.0))  # on condition maps; 1 = none (older fid.json: absent)
     return {"backbone_hash": run.backbone_hash() if run.backbone.is_file() else None, "adapters": files,
-            "eval": dataclasses.asdict(run.cfg.eval), "sampler": [d.sampler, d.ddim_eta, d.cfg_scale]}  # fmt: skip
+            "eval": dataclasses.asdict(run.cfg.eval),
+            "sampler": [d.sampler, d.ddim_eta, d.cfg_scale, *([guidance] if guidance != 1.0 else [])]}  # fmt: skip
 
 
 class _ProgressLog:

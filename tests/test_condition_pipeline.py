@@ -29,7 +29,7 @@ def conditional_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
     path = micro_config(tmp, stages, **sections)  # makes src/ first
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["targets"] = targets
-    cfg["sweep"]["datasets"] = ["shapes-mask"]  # the sweep takes a conditional task too
+    cfg["sweep"].update(datasets=["shapes-mask"], ranks=[2], num_samples=1)  # the sweep takes a conditional task
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

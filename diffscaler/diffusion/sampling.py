@@ -32,6 +32,8 @@ def guided_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     condition branches, so condition guidance leaves them as they are."""
     if cond is None:
         return model.forward_with_cfg(x, t, y, cfg_scale, *(() if task_ids is None else (task_ids,)))
+    if cond.tokens is None:
+        condition_scale = 1.0  # no row has a map: both condition branches are the same pass
     null = torch.full_like(y, -1)
     passes = [(y, cond)]  # the full pass first: its variance channels are kept
     if cfg_scale != 1.0:

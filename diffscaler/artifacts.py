@@ -419,6 +419,24 @@ def check_condition_fits(meta: dict[str, Any], file: str | Path, model_cfg: Mode
                                f"{model_cfg.name} has {depth}")
 
 
+def attach_described(model: DiT, metas: Sequence[dict[str, Any]], names: Sequence[str]) -> AdapterBank:
+    """Attach an empty bank for the tasks these adapter JSONs describe (one method and target set; the
+    conditional ones taking their maps alike), `names` naming each in errors; the caller loads the tensors."""
+    conds = [(f, m["condition"]) for f, m in zip(names, metas, strict=True) if m.get("condition")]
+    for key in ("size", "blocks", "controlnet_blocks"):
+        if len({json.dumps(c.get(key)) for _, c in conds}) > 1:
+            raise AdapterLoadError(
+                f"conditional adapters disagree on condition {key}: "
+                + ", ".join(f"{Path(f).name}={c.get(key)}" for f, c in conds)
+                + "; one bank takes every map the same way"
+            )
+    tasks = [task_info_from_meta(m) for m in metas]
+    first = conds[0][1] if conds else {}
+    return AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
+                              targets=tuple(metas[0]["targets"]), condition_blocks=bool(first.get("blocks")),
+                              controlnet_blocks=int(first.get("controlnet_blocks") or 0))
+
+
 def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | None) -> AdapterBank:
     """Attach a bank holding the tasks of `files` to `model`, in the order given.
 
@@ -442,19 +460,7 @@ def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | 
                 + ", ".join(f"{Path(f).name}={m[key]}" for f, m in zip(files, metas, strict=True))
                 + "; one bank holds one method and one target set"
             )
-    conds = [(f, m["condition"]) for f, m in zip(files, metas, strict=True) if m.get("condition")]
-    for key in ("size", "blocks", "controlnet_blocks"):
-        if len({json.dumps(c.get(key)) for _, c in conds}) > 1:
-            raise AdapterLoadError(
-                f"conditional adapters disagree on condition {key}: "
-                + ", ".join(f"{Path(f).name}={c.get(key)}" for f, c in conds)
-                + "; one bank takes every map the same way"
-            )
-    tasks = [task_info_from_meta(m) for m in metas]
-    first = conds[0][1] if conds else {}
-    bank = AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
-                              targets=tuple(metas[0]["targets"]), condition_blocks=bool(first.get("blocks")),
-                              controlnet_blocks=int(first.get("controlnet_blocks") or 0))
+    bank = attach_described(model, metas, [str(f) for f in files])
     for i, (f, state) in enumerate(zip(files, states, strict=True)):
         bank.load_task_state(i, state, f)
     return bank

@@ -244,7 +244,7 @@ class AdapterBank:
     def _condition_module(self, task: TaskInfo) -> nn.Module:
         model = self.model
         factor = stem_factor(self.condition_size, model.config.input_size)
-        dev = model.pos_embed.device
+        dev = model.x_embedder.proj.weight.device
         if self.method == "controlnet":
             module = ControlBranch(task.condition_channels, model.hidden_size, model.patch_size, factor,
                                    model.blocks[: self.controlnet_blocks])
@@ -321,14 +321,16 @@ class AdapterBank:
         if cond.dim() != 4 or cond.shape[0] != n:
             raise ValueError(f"condition has shape {tuple(cond.shape)}; it needs (N={n}, C, S, S), one map per row")
         used = sorted({int(i) for i in ids[use].tolist()})
-        widths = {self.tasks[i].condition_channels for i in used}
-        side, width = self.condition_size, max(widths)
-        if tuple(cond.shape[1:]) != (width, side, side):
+        side, width = self.condition_size, max(self.tasks[i].condition_channels for i in used)
+        # C: the widest channel count of the batch's tasks, or of the bank's (a batch cut from a padded set)
+        widest = max(t.condition_channels for t in self.tasks)
+        if cond.shape[2:] != (side, side) or cond.shape[1] not in (width, widest):
             names = ", ".join(f"{self.tasks[i].name!r} ({self.tasks[i].condition}, "
                               f"{self.tasks[i].condition_channels} ch)" for i in used)
+            also = f" (or {widest}: the bank's widest)" if widest != width else ""
             raise ValueError(f"condition maps have shape {tuple(cond.shape[1:])} (C, H, W), but task(s) {names} "
-                             f"take ({width}, {side}, {side}): {side} px maps with the widest task's channels "
-                             "(narrower maps padded with zero channels, as the readers give them)")
+                             f"take ({width}, {side}, {side}){also}: {side} px maps with the widest task's "
+                             "channels (narrower maps padded with zero channels, as the readers give them)")
         if self.model.check_inputs:
             vals = cond[use]
             if not torch.isfinite(vals).all():
@@ -341,7 +343,8 @@ class AdapterBank:
                         condition_mask: torch.Tensor | None = None, n: int | None = None,
                         dropout: float = 0.0) -> ConditionTokens | None:
         """The batch's maps embedded (N rows in the caller's order): computed once per sampling call,
-        as the map's tokens do not depend on t. None when no row uses a map (the backbone's cost).
+        as the map's tokens do not depend on t. None when no task of the bank takes a map; tokens None
+        when no row uses one (the backbone's cost).
 
         ValueError: a row of a conditional task without a map and not masked off, a map of the wrong
         size or channel count, values outside [-1, 1]. Rows of unconditional tasks ignore the map."""
@@ -374,9 +377,9 @@ class AdapterBank:
                     f"{task.condition_channels}, {self.condition_size}, {self.condition_size}) maps, or "
                     f"condition_mask False for its rows to ask for its unconditioned output explicitly"
                 )
-            return None
+            return ConditionTokens(ids, use, None)
         if not bool(use.any()):
-            return None
+            return ConditionTokens(ids, use, None)
         condition = condition.to(device)
         self._check_condition(condition, ids, use, n)
         if dropout > 0:
@@ -394,12 +397,10 @@ class AdapterBank:
             if tokens is None:
                 tokens = part.new_zeros(n, *part.shape[1:])
             tokens = tokens.index_copy(0, rows, part)
-        if tokens is None:  # every map dropped
-            return None
-        return ConditionTokens(ids, use, tokens)
+        return ConditionTokens(ids, use, tokens)  # tokens None: every map dropped
 
     def _injection(self, cond: ConditionTokens | None) -> BlockInjection | None:
-        if cond is None or not bool(cond.mask.any()):
+        if cond is None or cond.tokens is None:
             return None
         path = self.condition_path
         if self.method == "controlnet":

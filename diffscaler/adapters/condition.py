@@ -103,22 +103,24 @@ class ConditionTokens:
 
     ids: torch.Tensor  # (N,) long: each row's task
     mask: torch.Tensor  # (N,) bool: rows whose task takes a map and that use it
-    tokens: torch.Tensor  # (N, L, D) each row's embedded map; exact zeros on rows not in `mask`
+    tokens: torch.Tensor | None  # (N, L, D) each row's embedded map, exact zeros off `mask`; None: no row has one
 
     def __len__(self) -> int:
         return self.ids.shape[0]
 
     def take(self, order: torch.Tensor) -> ConditionTokens:
-        return ConditionTokens(self.ids[order], self.mask[order], self.tokens[order])
+        return ConditionTokens(self.ids[order], self.mask[order], None if self.tokens is None else self.tokens[order])
 
     def without_map(self) -> ConditionTokens:
         """The same rows with no map (the unconditioned branch of condition guidance)."""
-        return ConditionTokens(self.ids, torch.zeros_like(self.mask), torch.zeros_like(self.tokens))
+        return ConditionTokens(self.ids, torch.zeros_like(self.mask), None)
 
     @staticmethod
     def cat(parts: Sequence[ConditionTokens]) -> ConditionTokens:
-        return ConditionTokens(torch.cat([p.ids for p in parts]), torch.cat([p.mask for p in parts]),
-                               torch.cat([p.tokens for p in parts]))
+        like = next((p.tokens for p in parts if p.tokens is not None), None)
+        tokens = None if like is None else torch.cat([
+            p.tokens if p.tokens is not None else like.new_zeros(len(p), *like.shape[1:]) for p in parts])
+        return ConditionTokens(torch.cat([p.ids for p in parts]), torch.cat([p.mask for p in parts]), tokens)
 
 
 class TokenInjection(BlockInjection):

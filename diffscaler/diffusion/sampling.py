@@ -31,11 +31,9 @@ def guided_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
     the fully conditioned pass. Rows without a map (unconditional tasks) get the same output from both
     condition branches, so condition guidance leaves them as they are."""
     if cond is None:
-        if task_ids is None:
-            return model.forward_with_cfg(x, t, y, cfg_scale)
-        # no row uses a map: say so to the bank (a conditional task's row without a map or a False is an error)
-        no_maps = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        return model.forward_with_cfg(x, t, y, cfg_scale, task_ids, None, no_maps)
+        return model.forward_with_cfg(x, t, y, cfg_scale, *(() if task_ids is None else (task_ids,)))
+    if cond.tokens is None:
+        condition_scale = 1.0  # no row has a map: both condition branches are the same pass
     null = torch.full_like(y, -1)
     passes = [(y, cond)]  # the full pass first: its variance channels are kept
     if cfg_scale != 1.0:

@@ -4,7 +4,10 @@
   content hash). `load_backbone` also reads public facebookresearch/DiT checkpoints (`*.pt`, a plain
   state dict, loaded with `weights_only=True`) and infers the model config from tensor shapes.
 - Adapter: `<task>.safetensors` + `<task>.json` (task, method, rank, targets, classes, backbone
-  hash). Loading onto another backbone, shape or method is a clear `AdapterLoadError`.
+  hash). Loading onto another backbone, shape or method is a clear `AdapterLoadError`. A task with a
+  condition map also carries its condition path (tensors `condition.*`; JSON `condition`: kind,
+  channels, map size, how the map enters, the extractor record) and is written as format version 2,
+  so a reader that knows no condition path refuses it instead of dropping it.
 - Adapter bank: `bank.safetensors` + `bank.json`, every task of one method (written and read by
   `diffscaler.bank_file`; recognised here so a folder's adapters leave the bank out).
 
@@ -29,12 +32,12 @@ from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, at
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ModelConfig, from_dict
 from diffscaler.errors import rust_os_error
-from diffscaler.models.dit import DIT_SIZES, DiT
+from diffscaler.models.dit import DIT_SIZES, DiT, parse_preset
 
 BACKBONE_FORMAT = "diffscaler-backbone"
 BACKBONE_FORMAT_VERSION = 1
 ADAPTER_FORMAT = "diffscaler-adapter"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: a conditional task's condition path; unconditional adapters are still written as 1
 BANK_FORMAT = "diffscaler-adapter-bank"  # every task's adapter in one file pair: diffscaler.bank_file
 BANK_FORMAT_VERSION = 1
 
@@ -269,13 +272,39 @@ def load_public_dit(path: str | Path, expect: ModelConfig | None = None) -> tupl
 # ------------------------------------------------------------------------------------------------
 
 
+def condition_meta(bank: AdapterBank, info: TaskInfo) -> dict[str, Any] | None:
+    """The adapter JSON's `condition` record of a task (None for a task without a map)."""
+    if not info.has_condition:
+        return None
+    return {
+        "kind": info.condition,
+        "channels": info.condition_channels,
+        "size": bank.condition_size,  # the map's side in pixels (the DiT's input side times the VAE factor)
+        "blocks": bank.condition_blocks,  # the tokens also enter every block's input
+        "controlnet_blocks": bank.controlnet_blocks,
+        "extractor": dict(info.condition_extractor),
+        "params": bank.condition_parameters_per_task(info.name),
+    }
+
+
+def task_info_from_meta(meta: dict[str, Any]) -> TaskInfo:
+    """The TaskInfo an adapter's (or a bank manifest's task) JSON describes, its condition included."""
+    cond = meta.get("condition") or {}
+    return TaskInfo(meta["task"], meta["num_classes"], meta["conditional"], meta["rank"],
+                    tuple(meta.get("class_names", ())), condition=cond.get("kind", ""),
+                    condition_channels=int(cond.get("channels", 0)), condition_size=int(cond.get("size", 0)),
+                    condition_extractor=dict(cond.get("extractor", {})))
+
+
 def save_adapter(bank: AdapterBank, task: str | int, out_dir: str | Path, backbone_hash: str,
                  extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
-    """Write `<task>.safetensors` + `<task>.json` for one task of `bank`."""
+    """Write `<task>.safetensors` + `<task>.json` for one task of `bank` (a conditional task's condition
+    path and its `condition` record included: kind, channels, size, TaskInfo.condition_extractor)."""
     info = bank.tasks[task if isinstance(task, int) else bank.task_index(task)]
+    cond = condition_meta(bank, info)
     meta = {
         "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
+        "format_version": ADAPTER_FORMAT_VERSION if cond else 1,
         "task": info.name,
         "method": bank.method,
         "rank": info.rank,
@@ -287,6 +316,7 @@ def save_adapter(bank: AdapterBank, task: str | int, out_dir: str | Path, backbo
         "model": asdict(bank.model.config),
         "trainable_params": bank.trainable_parameters_per_task(info.name),
         "backbone_params": bank.backbone_parameters(),
+        "condition": cond,
         **(extra or {}),
     }
     st_path = Path(out_dir) / f"{info.name}.safetensors"
@@ -374,11 +404,47 @@ def _check_adapter_fits(meta: dict[str, Any], file: str | Path, model_cfg: Model
                                + ", ".join(f"{k} adapter={a!r} backbone={b!r}" for k, (a, b) in diff.items()))
 
 
+def check_condition_fits(meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig) -> None:
+    """AdapterLoadError when a conditional adapter's condition path cannot run on this backbone."""
+    cond = meta.get("condition")
+    if not cond:
+        return
+    from diffscaler.adapters.condition import stem_factor
+
+    try:
+        stem_factor(int(cond.get("size") or model_cfg.input_size), model_cfg.input_size)
+    except ValueError as err:
+        raise AdapterLoadError(f"{file}: its condition path ({cond.get('kind')}) cannot run here: {err}") from None
+    depth = parse_preset(model_cfg.name)[0].depth
+    if meta.get("method") == "controlnet" and not 1 <= int(cond.get("controlnet_blocks", 0)) <= depth:
+        raise AdapterLoadError(f"{file}: its ControlNet copies {cond.get('controlnet_blocks')} blocks; "
+                               f"{model_cfg.name} has {depth}")
+
+
+def attach_described(model: DiT, metas: Sequence[dict[str, Any]], names: Sequence[str]) -> AdapterBank:
+    """Attach an empty bank for the tasks these adapter JSONs describe (one method and target set; the
+    conditional ones taking their maps alike), `names` naming each in errors; the caller loads the tensors."""
+    conds = [(f, m["condition"]) for f, m in zip(names, metas, strict=True) if m.get("condition")]
+    for key in ("size", "blocks", "controlnet_blocks"):
+        if len({json.dumps(c.get(key)) for _, c in conds}) > 1:
+            raise AdapterLoadError(
+                f"conditional adapters disagree on condition {key}: "
+                + ", ".join(f"{Path(f).name}={c.get(key)}" for f, c in conds)
+                + "; one bank takes every map the same way"
+            )
+    tasks = [task_info_from_meta(m) for m in metas]
+    first = conds[0][1] if conds else {}
+    return AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
+                              targets=tuple(metas[0]["targets"]), condition_blocks=bool(first.get("blocks")),
+                              controlnet_blocks=int(first.get("controlnet_blocks") or 0))
+
+
 def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | None) -> AdapterBank:
     """Attach a bank holding the tasks of `files` to `model`, in the order given.
 
     Tasks of different ranks share a bank (smaller ranks are zero-padded, exactly); they must share
-    the method and the target set.
+    the method and the target set, and conditional tasks how their maps enter (size, `blocks`,
+    `controlnet_blocks`).
     """
     if not files:
         raise AdapterLoadError("no adapter files given")
@@ -386,6 +452,7 @@ def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | 
     for f in files:
         meta, state = read_adapter_file(f)
         _check_adapter_fits(meta, f, model.config, backbone_hash)
+        check_condition_fits(meta, f, model.config)
         metas.append(meta)
         states.append(state)
     for key in ("method", "targets"):
@@ -395,10 +462,7 @@ def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | 
                 + ", ".join(f"{Path(f).name}={m[key]}" for f, m in zip(files, metas, strict=True))
                 + "; one bank holds one method and one target set"
             )
-    tasks = [TaskInfo(m["task"], m["num_classes"], m["conditional"], m["rank"], tuple(m.get("class_names", ())))
-             for m in metas]
-    bank = AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
-                              targets=tuple(metas[0]["targets"]))
+    bank = attach_described(model, metas, [str(f) for f in files])
     for i, (f, state) in enumerate(zip(files, states, strict=True)):
         bank.load_task_state(i, state, f)
     return bank

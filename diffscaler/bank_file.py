@@ -20,8 +20,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from diffscaler.adapters import AdapterBank, AdapterLoadError, TaskInfo
-from diffscaler.artifacts import BANK_FORMAT, BANK_FORMAT_VERSION, read_adapter_file, read_format_json, write_file_pair
+from diffscaler.adapters import AdapterBank, AdapterLoadError
+from diffscaler.artifacts import (
+    BANK_FORMAT,
+    BANK_FORMAT_VERSION,
+    attach_described,
+    check_condition_fits,
+    read_adapter_file,
+    read_format_json,
+    write_file_pair,
+)
 from diffscaler.models.dit import DiT
 
 BANK_STEM = "bank"
@@ -99,13 +107,9 @@ def load_bank(model: DiT, path: str | Path, backbone_hash: str | None, tasks: Se
                 f"{path}: model {key}={model_meta.get(key)!r} differs from the backbone's "
                 f"{getattr(model.config, key)!r}"
             )
-    infos = [
-        TaskInfo(m["task"], m["num_classes"], m["conditional"], m["rank"], tuple(m.get("class_names", ())))
-        for m in metas
-    ]
-    bank = AdapterBank.attach(
-        model, infos, method=manifest["method"], rank=max(t.rank for t in infos), targets=tuple(metas[0]["targets"])
-    )
+    for m in metas:
+        check_condition_fits(m, f"{path}[{m['task']}]", model.config)
+    bank = attach_described(model, metas, [f"{path}[{m['task']}]" for m in metas])
     for i, m in enumerate(metas):
         bank.load_task_state(i, states[m["task"]], f"{path}[{m['task']}]")
     return bank

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffscaler.artifacts import adapter_files, load_adapters, load_backbone, save_backbone
+from diffscaler.artifacts import adapter_files, load_adapters, load_backbone, read_adapter_meta, save_backbone
 from diffscaler.config import DiffusionConfig, ModelConfig, validate_model
 from diffscaler.diffusion.gaussian import GaussianDiffusion
 from diffscaler.diffusion.sampling import plan_samples, sample_images
@@ -56,6 +56,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--condition", action="append", default=[], metavar="[TASK=]DIR",
+                   help="a folder of images: each conditional task extracts its maps from them with its own "
+                        "extractor (the adapter records it); TASK=DIR gives one task its own folder; repeatable")
+    p.add_argument("--condition-maps", action="append", default=[], metavar="[TASK=]DIR",
+                   help="a folder of ready condition maps (the task's channels, its images' size); repeatable")
+    p.add_argument("--condition-scale", type=float, default=1.0,
+                   help="guidance on the condition map (1 = none), independent of --cfg-scale")
+    p.add_argument("--unconditioned", action="store_true",
+                   help="sample conditional tasks given no --condition without a map (what the map buys)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--merge", action="store_true", help="fold the single task's adapter into the weights")
     p.add_argument("--vae", default="", help="latent backbone: decode through this local AutoencoderKL (folder/file)")
@@ -121,7 +130,9 @@ def cmd_init_backbone(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """A latent backbone's samples are decoded through --vae (its shards' VAE): samples.npz holds images."""
+    """A latent backbone's samples are decoded through --vae (its shards' VAE): samples.npz holds images
+    (and, with conditional tasks, `condition` uint8 (N, C, S, S) and `has_condition` (N,): the maps used)."""
+    import torch
 
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
@@ -141,8 +152,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be in [1, {diffusion.num_timesteps}], got {args.steps}")
     names = [t for t in args.task.split(",") if t]
     task_ids = None
+    conditions = None
+    if not args.adapters and (args.condition or args.condition_maps):
+        raise ValueError("--condition / --condition-maps: condition maps go to tasks' adapters; give --adapters")
     if args.adapters:
-        bank = load_adapters(model, adapter_files(args.adapters), backbone_hash=meta["content_hash"])
+        files = adapter_files(args.adapters)
+        bank = load_adapters(model, files, backbone_hash=meta["content_hash"])
         names = names or [t.name for t in bank.tasks]
         unknown = [n for n in names if n not in {t.name for t in bank.tasks}]
         if unknown:
@@ -156,6 +171,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if not 0 <= lab < bank.tasks[i].num_classes:
                 raise ValueError(f"--class {lab} is out of range for task {bank.tasks[i].name!r} "
                                  f"({bank.tasks[i].num_classes} class(es))")
+        metas = {m["task"]: m for m in (read_adapter_meta(f) for f in files)}
+        # Every map is read and checked here, before any sampling.
+        conditions = sample_conditions(args, names, metas, per_sample_task)
         if args.merge:
             if len(names) != 1:
                 raise ValueError("--merge folds one task into the weights; give exactly one --task")
@@ -169,16 +187,100 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"--class must be in [0, {model.config.num_classes})")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    extra = {}
+    if conditions is not None:
+        from diffscaler.data.conditions import maps_to_unit
+
+        extra = dict(conditions=torch.from_numpy(maps_to_unit(conditions[0])),  # (N, C_cond, S, S) in [-1, 1]
+                     condition_mask=torch.from_numpy(conditions[1]), condition_scale=args.condition_scale)
     images = sample_images(model, diffusion, num=len(labels), seed=args.seed, labels=labels, task_ids=task_ids,
                            batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
-                           cfg_scale=args.cfg_scale, decode=vae.decode if vae is not None else None)
+                           cfg_scale=args.cfg_scale, decode=vae.decode if vae is not None else None, **extra)
     seconds = time.perf_counter() - t0
     task_of = np.array([names[t] for t in per_sample_task])
+    maps = {} if conditions is None else {"condition": conditions[0], "has_condition": conditions[1]}
     np.savez(out / "samples.npz", images=images, task=task_of, label=np.array(labels, dtype=np.int64),
-             index=np.arange(len(labels), dtype=np.int64))
+             index=np.arange(len(labels), dtype=np.int64), **maps)
     # grid: one row per task when several are interleaved
     order = np.argsort(np.array(per_sample_task), kind="stable")
     save_png(image_grid(images[order], ncols=args.num if len(names) > 1 else None), out / "grid.png")
     print(json.dumps({"images": len(labels), "tasks": names, "seconds": round(seconds, 2),
                       "samples": str(out / "samples.npz"), "grid": str(out / "grid.png")}))
     return 0
+
+
+def _condition_dirs(values: list[str], flag: str, names: list[str]) -> dict[str, str]:
+    """{task or "" (every conditional task): folder} from repeated `[TASK=]DIR` arguments."""
+    out: dict[str, str] = {}
+    for value in values:
+        task, sep, folder = value.partition("=")
+        if not sep or task not in names:  # a folder whose name holds "=" stays a folder
+            task, folder = "", value
+        if task in out:
+            raise ValueError(f"{flag}: {'task ' + repr(task) if task else 'a folder for every task'} given twice")
+        out[task] = folder
+    return out
+
+
+def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[str, dict],
+                      per_sample_task: list[int]) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """(maps uint8 (N, C, S, S), has_condition bool (N,)) for the planned samples, None when no task takes a
+    map. Sample k of a task takes that task's map k mod its number of maps; rows of unconditional (or
+    --unconditioned) tasks get zeros. Errors name the task, folder or file before anything is sampled."""
+    from diffscaler.data.conditions import (
+        adapter_condition,
+        batch_maps,
+        check_map_shape,
+        maps_from_files,
+        maps_from_images,
+        spec_from_record,
+    )
+
+    images = _condition_dirs(args.condition, "--condition", names)
+    ready = _condition_dirs(args.condition_maps, "--condition-maps", names)
+    records = {n: adapter_condition(metas[n]) for n in names}
+    for flag, dirs in (("--condition", images), ("--condition-maps", ready)):
+        plain = [t for t in dirs if t and not records[t]]
+        if plain:
+            raise ValueError(f"{flag}: task(s) {plain} take no condition map (trained without one)")
+        if "" in dirs and not any(records.values()):
+            raise ValueError(f"{flag}: none of the tasks {names} takes a condition map")
+    if not any(records.values()):
+        return None
+    per_task: dict[str, np.ndarray | None] = {}
+    for name in names:
+        record = records[name]
+        if not record:
+            per_task[name] = None
+            continue
+        channels, size = int(record["channels"]), int(record["size"])
+        own = [(flag, d[name]) for flag, d in (("--condition", images), ("--condition-maps", ready)) if name in d]
+        if len(own) > 1:
+            raise ValueError(f"task {name!r}: both --condition and --condition-maps name a folder for it")
+        given = own or [(flag, d[""]) for flag, d in (("--condition", images), ("--condition-maps", ready))
+                        if "" in d]  # fmt: skip
+        if len(given) > 1:
+            raise ValueError(f"task {name!r}: both --condition and --condition-maps give every task a folder; "
+                             f"name one per task ({name}=DIR)")  # fmt: skip
+        if not given:
+            if args.unconditioned:
+                per_task[name] = None
+                continue
+            raise ValueError(f"task {name!r} is conditioned on {record['kind']} maps: give --condition DIR (images "
+                             "to extract its maps from), --condition-maps DIR (ready maps), or --unconditioned to "
+                             "sample it without a map")  # fmt: skip
+        flag, folder = given[0]
+        what = f"{flag} {folder} (task {name!r})"
+        try:
+            if flag == "--condition":
+                maps = maps_from_images(folder, spec_from_record(record), size, limit=args.num)
+            else:
+                maps = maps_from_files(folder, channels, size, limit=args.num)
+            check_map_shape(maps, channels, size, what)
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}" if what not in str(err) else str(err)) from None
+        per_task[name] = maps
+    if all(m is None for m in per_task.values()):  # every conditional task --unconditioned: zero maps
+        side = int(next(r for r in records.values() if r)["size"])
+        return np.zeros((len(per_sample_task), 1, side, side), np.uint8), np.zeros(len(per_sample_task), bool)
+    return batch_maps([per_task[n] for n in names], per_sample_task)

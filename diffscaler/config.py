@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 MODEL_NAME_PATTERN = re.compile(r"^DiT-(T|S|B|L|XL)/(2|4|8)$")
-ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full")
+# controlnet: the spatial-control baseline (a trainable copy of the first blocks fed with the map; see
+# diffscaler.adapters.condition); on a task without a condition map it trains only the task's rows.
+ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full", "controlnet")
 # What a fine-tune row can be: an adapter method, or the same DiT trained from random init on the task alone.
 FINETUNE_METHODS = (*ADAPTER_METHODS, "scratch")
 ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
@@ -74,6 +76,8 @@ class AdapterConfig:
     rank: int = 8  # rank r of the new subspace (affiner, lora)
     targets: tuple[str, ...] = ADAPTER_TARGETS  # wrapped linears: qkv, proj, fc1, fc2, adaLN
     branch_scale_init: float = 1.0  # initial s_t of the rank-r branch (its U starts at zero)
+    condition_blocks: bool = False  # a map's tokens also enter every block's input (gated)
+    controlnet_blocks: int = 0  # method controlnet: frozen blocks copied for the map (0 = half the backbone's blocks)
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ class FinetuneConfig:
     compile: str = "auto"  # torch.compile each block: auto (inductor on a GPU, off on CPU) | off | inductor | aot_eager
     log_every: int = 10  # steps between loss log lines
     val_samples: int = 128  # eval-split images in the validation diffusion loss
+    condition_dropout: float = 0.1  # share of a map task's images trained without it (guidance)
     seed: int = 0  # init and data seed
 
 
@@ -559,6 +564,7 @@ def validate(cfg: ExperimentConfig) -> None:
     for t in a.targets:
         _one_of(t, ADAPTER_TARGETS, "adapter.targets")
     _require(len(set(a.targets)) == len(a.targets), "adapter.targets", "has duplicates")
+    _require(a.controlnet_blocks >= 0, "adapter.controlnet_blocks", "must be >= 0 (0 = half the backbone's blocks)")
 
     data = cfg.data
     _require(0 < data.image_size <= MAX_IMAGE_SIDE, "data.image_size", f"must be in [1, {MAX_IMAGE_SIDE}] pixels")
@@ -640,6 +646,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.log_every >= 1, "finetune.log_every", "must be at least 1")
     _require(f.seed >= 0, "finetune.seed", "must be >= 0")
     _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
+    _require(0.0 <= f.condition_dropout < 1.0, "finetune.condition_dropout",
+             "must be in [0, 1): the share of a conditional task's images trained without their map")
     _one_of(f.compile, ("auto", "off", "inductor", "aot_eager"), "finetune.compile")
 
     s = cfg.sweep

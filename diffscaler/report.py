@@ -181,9 +181,9 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
           "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
     )  # fmt: skip
     metas = _method_metas(inputs)
-    lines += ["", "| task | method | lr | FID | KID (mean ± std) | task acc. | trainable params | % of backbone | "
-              "file (KiB) | train img/s | train wall (s) | status |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += ["", "| task | method | lr | FID | KID (mean ± std) | task acc. | condition fidelity | trainable params | "
+              "% of backbone | file (KiB) | train img/s | train wall (s) | status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
     for r in sorted(rows, key=lambda r: (str(r["task"]), order.get(r["label"], len(order)), r["label"])):
         m = metas.get((r["label"], r["task"]), {})
@@ -192,11 +192,45 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
         name = r["label"] or r["method"] or "-"
         lines.append(f"| {r['task'] or '(backbone)'} | {name} | {_fmt_opt(ft.get('lr'), '.2g')} | "
                      f"{_fmt_opt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt_opt(r.get('task_accuracy'), '.2f')} | "
-                     f"{_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
+                     f"{_fidelity_cell(r)} | {_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
                      f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
                      f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |")  # fmt: skip
-    lines += ["", *_averages(rows, metas, inputs)]
+    lines += ["", *_averages(rows, metas, inputs), *_condition_section(doc)]
     return [*lines, ""]
+
+
+def _fidelity_cell(r: dict[str, Any]) -> str:
+    if r.get("fidelity") is None:
+        return "-"
+    return f"{r['fidelity']:.3f} {'edge F1' if r.get('fidelity_metric') == 'edge_f1' else 'IoU'}"
+
+
+def _condition_section(doc: dict[str, Any]) -> list[str]:
+    """Per conditional task: fidelity of every scored row beside the ceiling and chance of its extractor."""
+    refs = doc.get("condition_reference", {})
+    rows = [r for r in doc.get("results", []) if r.get("condition")]
+    tasks = sorted({r["task"] for r in rows} | set(refs))
+    if not tasks:
+        return []
+    out = ["### Condition fidelity", "",
+           "Do generated images follow their maps? The task's extractor is run again on each generated image and "
+           "compared with the map it was sampled with (maps of the reference split's images): **edge F1** with a "
+           "1-pixel tolerance for `canny`, **IoU** of the foregrounds for `mask` (a `key:` map has no extractor "
+           "here: FID only). **ceiling**: real images against their own maps (what the extractor reaches at this "
+           "resolution); **mismatched maps**: real images against other images' maps (chance); **no condition**: "
+           "the same adapter sampled without a map (what the map buys).", "",
+           "| task | condition | row | fidelity | ± std | images |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for task in tasks:
+        ref = refs.get(task, {})
+        for r in (r for r in rows if r["task"] == task):
+            out.append(f"| {task} | {r['condition']} | {r['label'] or r['method']} | "
+                       f"{_fmt_opt(r.get('fidelity'), '.3f')} | {_fmt_opt(r.get('fidelity_std'), '.3f')} | "
+                       f"{r['num_generated']} |")  # fmt: skip
+        for key, name in (("ceiling", "ceiling (real, own maps)"), ("mismatched", "mismatched maps (chance)")):
+            if key in ref:
+                out.append(f"| {task} | {ref['condition']} | {name} | {ref[key]['mean']:.3f} | {ref[key]['std']:.3f} | "
+                           f"{ref[key]['n']} |")  # fmt: skip
+    return [*out, ""]
 
 
 REFERENCE_LABELS = ("floor (real)", "no adapter")
@@ -255,6 +289,12 @@ def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str,
     return [*out, ""]
 
 
+def _condition(meta: dict[str, Any]) -> dict[str, Any] | None:
+    from diffscaler.data.conditions import adapter_condition
+
+    return adapter_condition(meta)
+
+
 def _adapter_meta(path: str) -> dict[str, Any] | None:
     try:
         return read_trained_meta(path)
@@ -264,7 +304,8 @@ def _adapter_meta(path: str) -> dict[str, Any] | None:
 
 def _params_section(inputs: ReportInputs) -> list[str]:
     lines = ["## Trainable parameters per method", ""]
-    rows = []
+    rows: list[str] = []
+    cond_rows: list[str] = []
     for method, tasks in inputs.adapters.items():
         metas = [m for m in (_adapter_meta(p) for p in tasks.values()) if m is not None]
         if not metas:
@@ -278,12 +319,23 @@ def _params_section(inputs: ReportInputs) -> list[str]:
         rank = "/".join(map(str, ranks)) if "down" in METHOD_PARTS.get(metas[0].get("method", ""), ()) else "-"
         rows.append(f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
                     f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |")  # fmt: skip
+        for m in metas:  # the spatial condition's share, apart (it is part of the task's count above)
+            if cond := _condition(m):
+                c = int(m.get("condition_params", 0))
+                cond_rows.append(f"| {m['task']} | {method} | {cond['kind']} | {c:,} | "
+                                 f"{m['trainable_params'] - c:,} | {m['trainable_params']:,} | "
+                                 f"{100.0 * c / backbone if backbone else math.nan:.3f} % |")  # fmt: skip
     if not rows:
         return [*lines, "_No adapters yet (the finetune stage has not run)._", ""]
-    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows included); the "
-              "backbone stays frozen.", "",
+    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows and, for a "
+              "conditional task, its condition path included); the backbone stays frozen.", "",
               "| method | rank | trainable params per task | mean % of backbone | backbone params | tasks | "
               "adapter file (KiB, mean) |", "|---|---:|---:|---:|---:|---:|---:|", *rows]  # fmt: skip
+    if cond_rows:
+        lines += ["", "Conditional tasks: the condition path (the map's embedding; for controlnet the trainable "
+                  "block copies) apart from the rest of the adapter.", "",
+                  "| task | method | condition | condition path params | rest of the adapter | total | condition "
+                  "path % of backbone |", "|---|---|---|---:|---:|---:|---:|", *cond_rows]  # fmt: skip
     return [*lines, ""]
 
 
@@ -397,9 +449,19 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     # ONE batch holds every task's images, interleaved (a, b, c, a, b, c, ...): each sample uses its own
     # task's adapter; the per-task grids are that batch's rows, so the mixed path is what is shown.
     per_sample_task, labels = plan_samples(names, GRID_PER_TASK, counts, None)
+    # Conditional tasks sample with the maps of their first eval images, shown beside them (map | generated | real).
+    metas = {t: _adapter_meta(p) or {} for t, p in present.items()}
+    real_maps = {n: _real_maps(cfg, n, GRID_PER_TASK) if _condition(metas[n]) else None for n in names}
+    extra: dict[str, Any] = {}
+    if any(v is not None for v in real_maps.values()):
+        from diffscaler.data.conditions import batch_maps, maps_to_unit
+
+        maps, has = batch_maps([None if real_maps[n] is None else real_maps[n][1] for n in names], per_sample_task)
+        extra = dict(conditions=torch.from_numpy(maps_to_unit(maps)), condition_mask=torch.from_numpy(has),
+                     condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)))  # fmt: skip
     with torch.no_grad():
         imgs = sample_images(model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels,
-                             task_ids=per_sample_task, batch_size=len(labels), **settings)  # fmt: skip
+                             task_ids=per_sample_task, batch_size=len(labels), **settings, **extra)  # fmt: skip
     task_of = np.array(per_sample_task)
     lines += [f"With the **{method}** adapters: {len(labels)} images of {len(names)} tasks sampled in a single "
               f"batch, every image with its own task's adapter ({GRID_PER_TASK} per task; conditional tasks "
@@ -408,6 +470,13 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     for i, name in enumerate(names):
         files.append(_save_grid(imgs[task_of == i], GRID_COLUMNS, out / f"samples_{name}.png"))
         lines += [f"**{name}** (generated)", "", f"![{name}](samples_{name}.png)", ""]
+        if real_maps[name] is not None:
+            real, maps = real_maps[name]
+            kind = _condition(metas[name])["kind"]
+            files.append(_condition_grid(maps, imgs[task_of == i], real, out / f"condition_{name}.png"))
+            lines += [f"{name}, conditioned on **{kind}** maps: one row per image, columns map | generated | real "
+                      "(the generated image was sampled with the map of the real image beside it):", "",
+                      f"![{name} map, generated, real](condition_{name}.png)", ""]  # fmt: skip
         real = _real_images(cfg, name, GRID_COLUMNS)
         if real is not None:
             files.append(_save_grid(real, GRID_COLUMNS, out / f"real_{name}.png"))
@@ -450,10 +519,11 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
                 model, _ = load_backbone(inputs.backbone)
                 load_adapters(model, [path], backbone_hash=meta["content_hash"])
                 ids = [0] * GRID_COLUMNS
+            extra = _grid_conditions(cfg, task, path, ids is not None)
             with torch.no_grad():
                 rows.setdefault(task, {})[label] = sample_images(
                     model.to(device).eval(), diffusion, num=GRID_COLUMNS, seed=SAMPLE_SEED, labels=[0] * GRID_COLUMNS,
-                    task_ids=ids, batch_size=GRID_COLUMNS, **settings)  # fmt: skip
+                    task_ids=ids, batch_size=GRID_COLUMNS, **settings, **extra)  # fmt: skip
     files, lines = [], ["### Every method side by side", "",
                         "Per task, one row each, top to bottom: " + ", ".join(["real images", "no adapter",
                         *inputs.adapters]) + f" (same seeds in every row, {settings['sampler']} "
@@ -463,6 +533,20 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
         files.append(_save_grid(grid, GRID_COLUMNS, out / f"methods_{task}.png"))
         lines += [f"**{task}**: " + ", ".join(by_row), "", f"![{task} by method](methods_{task}.png)", ""]
     return files, lines
+
+
+def _grid_conditions(cfg: ExperimentConfig, task: str, path: str, adapter: bool) -> dict[str, Any]:
+    """sample_images' condition arguments for a conditional task's adapter: the maps of the real row's images."""
+    record = _condition(_adapter_meta(path) or {}) if adapter else None
+    real = _real_maps(cfg, task, GRID_COLUMNS) if record else None
+    if real is None:
+        return {}
+    import torch
+
+    from diffscaler.data.conditions import maps_to_unit
+
+    return dict(conditions=torch.from_numpy(maps_to_unit(real[1])), condition_mask=torch.ones(GRID_COLUMNS, dtype=bool),
+                condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)))  # fmt: skip
 
 
 def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
@@ -477,6 +561,34 @@ def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
         raise VaeError(f"data.vae {cfg.data.vae} has {vae.latent_channels} latent channels, the backbone "
                        f"{model.config.in_channels}")
     return vae.decode
+
+
+def _real_maps(cfg: ExperimentConfig, task: str, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first `count` eval images of a conditional task and their maps (uint8 (N, S, S, 3), (N, C, S, S)),
+    or None when the shards cannot be read or hold no maps."""
+    from diffscaler.data import DatasetError, ShardError, dataset_dir, load_index, read_split
+
+    try:
+        directory = dataset_dir(cfg.data, task)
+        latent = load_index(directory).sample_format.latent
+        images, _labels, maps = read_split(directory, "eval", limit=count, pixels=latent, conditions=True)
+    except (DatasetError, ShardError, OSError):
+        return None
+    if len(images) < count:  # a short eval split: the maps cycle, as the sampling side does
+        take = np.arange(count) % len(images)
+        images, maps = images[take], maps[take]
+    return images, maps
+
+
+def _condition_grid(maps: np.ndarray, generated: np.ndarray, real: np.ndarray, path: Path) -> Path:
+    """Rows of map | generated | real (maps shown grey, a 3-channel map as its colours)."""
+    shown = np.repeat(maps[:, :1], 3, axis=1) if maps.shape[1] == 1 else maps[:, :3]  # (N, 3, S, S)
+    shown = shown.transpose(0, 2, 3, 1)  # (N, S, S, 3)
+    n = min(len(shown), len(generated), len(real))
+    if generated.shape[1:3] != shown.shape[1:3]:  # cannot happen for a pixel backbone; decoded latents match too
+        raise ValueError(f"maps are {shown.shape[1:3]}, generated images {generated.shape[1:3]}")
+    rows = np.stack([shown[:n], generated[:n], real[:n]], axis=1).reshape(3 * n, *shown.shape[1:])
+    return _save_grid(rows, 3, path)
 
 
 def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | None:

@@ -80,7 +80,11 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: list[str], incl
     try:
         path = Path(backbone)
         meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
-        requests = [request_for_task(cfg, read_adapter_meta(f)["task"], str(f)) for f in adapter_files(adapters)]
+        metas = {str(f.resolve()): read_adapter_meta(f) for f in adapter_files(adapters)}  # actors run elsewhere
+        requests = [request_for_task(cfg, m["task"], f) for f, m in metas.items()]
+        # a conditional task's adapter is scored with its maps, and again without them (what the map buys)
+        requests += [request_for_task(cfg, m["task"], f, label="no condition", conditioned=False)
+                     for f, m in metas.items() if m.get("condition_extractor")]  # fmt: skip
         resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
     except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
         raise EvalInputError(str(err)) from None
@@ -97,7 +101,7 @@ def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
     from diffscaler.cluster import connect_ray
     from diffscaler.eval import EvalInputError, FidEvaluator, format_table
-    from diffscaler.eval.pool import write_fid_json
+    from diffscaler.eval.pool import condition_references, format_condition_reference, write_fid_json
 
     requests = check_inputs(cfg, args.backbone, args.adapters, args.include_backbone)
     started_ray = connect_ray(cfg)
@@ -124,12 +128,16 @@ def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
         if started_ray:
             ray.shutdown()
     out = Path(args.out)
+    conditional = sorted({r.task for r in results if r.condition and r.task})
+    references = condition_references(cfg, conditional)  # fidelity's ceiling and chance rows
     write_fid_json(results, out / "fid.json", extra={
         "backbone": args.backbone, "adapters": args.adapters, "config": cfg.to_dict(),
         "total_seconds": round(time.perf_counter() - t0, 3), "num_actors": cfg.eval.num_actors,
-        "actors_replaced": replaced,
+        "actors_replaced": replaced, **({"condition_reference": references} if conditional else {}),
     })  # fmt: skip
     print(format_table(results))
+    for line in format_condition_reference(references):
+        print(line)
     print(f"wrote {out / 'fid.json'}")
     return 0 if all(r.status == "ok" for r in results) else 1
 

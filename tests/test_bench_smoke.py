@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import adapter_cost, gpu_speed
+from bench import adapter_cost, condition_cost, gpu_speed
 from bench.workloads import PHASES
 from diffscaler.adapters import AdapterBank, ScaleShiftLinear, TaskInfo
 from diffscaler.config import ModelConfig
@@ -74,6 +74,17 @@ def test_adapter_cost_prints_the_ratios(capsys, one_thread):
     assert code == 0
     for _, _, what in adapter_cost.RATIOS:  # every ratio printed with a number
         assert re.search(re.escape(what) + r"\s+\d+\.\d\dx", out), what
+
+
+def test_condition_cost_prints_the_ratios_and_the_parameter_shares(capsys, one_thread):
+    code = condition_cost.main(["--model", "DiT-T/8:16:3:32:4", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                                "--cpu-clock", "process"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for _, _, what in condition_cost.RATIOS:  # every ratio printed with a number
+        assert re.search(re.escape(what) + r"\s+\d+\.\d{3}x", out), what
+    for label in ("DiT-T/8 16x16x3, 32 px maps", "DiT-XL/2 32x32x4, 256 px maps"):  # a latent stem (factor 2, 8)
+        assert re.search(re.escape(label) + r"\s+[\d,]+(\s+[\d,]+\s+\d+\.\d\d %){3}", out), label
 
 
 # ------------------------------------------------------------------------------------------------

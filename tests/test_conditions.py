@@ -34,28 +34,12 @@ from diffscaler.data.conditions import CONDITION_MEMBER, ConditionSpec, canny_ed
 from diffscaler.data.indexer import index_shards
 from diffscaler.data.samples import iter_samples
 from diffscaler.data.writer import build_parameters, is_up_to_date
-from tests.support.shards import make_image_folder, quiet, rewrite_member
+from tests.support.shards import make_image_folder, quiet, rewrite_member, rgba_folder
 
 SIZE = 16
 DATA = DataConfig()
 CANNY = ConditionSpec.from_config("canny", DATA)
 MASK = ConditionSpec.from_config("mask", DATA)
-
-
-def rgba_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
-    """n RGBA images of 20x16 px: transparent, an opaque 2-px strip at each side (outside the centre square, so
-    a crop that is not prepare_image's shows it), a half-transparent rectangle and an opaque one at random places."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        px = np.zeros((16, 20, 4), np.uint8)
-        px[:, :2] = px[:, -2:] = (200, 0, 0, 255)
-        for alpha in (100, 255):
-            y, x = rng.integers(0, 10, 2)
-            h, w = rng.integers(3, 7, 2)
-            px[y : y + h, 2 + x : 2 + x + w] = (*rng.integers(0, 200, 3), alpha)
-        Image.fromarray(px, "RGBA").save(root / f"img_{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

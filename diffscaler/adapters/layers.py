@@ -38,6 +38,7 @@ METHOD_PARTS = {
     "lora": ("down", "up"),
     "bitfit": ("shift",),
     "full": ("weight_delta", "bias_delta"),
+    "controlnet": (),  # no wrapped layer: the task's block copies live in its condition path
 }
 
 

@@ -17,7 +17,9 @@ index.json records the condition (diffscaler.data.index).
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -237,3 +239,105 @@ def check_condition_source(spec: ConditionSpec | None, source: str, src: Any, ca
 def has_alpha(image: Image.Image) -> bool:
     """Whether prepare_image_alpha finds transparency in this image (RGBA, LA, PA, or a transparency key)."""
     return prepare_image_alpha(image, 1)[1] is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Maps given at sampling time (diffscaler sample --condition / --condition-maps)
+# ------------------------------------------------------------------------------------------------
+
+
+def adapter_condition(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """An adapter JSON's condition as sampling needs it: {kind, params, channels, size} (the shards'
+    `condition_extractor` the fine-tune recorded, completed by the bank's own `condition` record), or None
+    for an adapter of a task without maps."""
+    path = meta.get("condition") or {}
+    extractor = meta.get("condition_extractor") or path.get("extractor") or {}
+    if not extractor and not path:
+        return None
+    out = {"kind": path.get("kind", ""), "params": {}, "channels": path.get("channels", 1), "size": path.get("size")}
+    out.update({k: v for k, v in extractor.items() if v is not None})
+    return out
+
+
+def spec_from_record(record: dict[str, Any]) -> ConditionSpec:
+    """The ConditionSpec an adapter's `condition_extractor` (kind, params, channels, size) describes."""
+    kind = str(record["kind"])
+    member = kind[len(CONDITION_KEY_PREFIX) :] if kind.startswith(CONDITION_KEY_PREFIX) else CONDITION_MEMBER
+    return ConditionSpec(kind, dict(record.get("params", {})), member, int(record.get("channels", 1)))
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; ConditionError when there are none."""
+    from diffscaler.data.sources import IMAGE_EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ConditionError(f"{root}: not a folder")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)
+                   and not p.name.startswith("."))  # fmt: skip
+    if not files:
+        raise ConditionError(f"{root}: no image files ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
+    return files
+
+
+def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: int = 0) -> np.ndarray:
+    """Maps extracted from a folder of ordinary images exactly as the shards stage does (the same crop and
+    resize to `size`, then the task's extractor): uint8 (N, 1, size, size), files in name order."""
+    from diffscaler.data.sources import prepare_image_alpha
+
+    if not spec.computed:
+        raise ConditionError(f"condition {spec.kind} is a map made by another tool and has no extractor here: give "
+                             "ready maps (--condition-maps DIR)")  # fmt: skip
+    files = image_files(folder)[: limit or None]
+    out = np.empty((len(files), 1, size, size), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            rgb, alpha = prepare_image_alpha(open_map(f.suffix.lstrip("."), f.read_bytes()), size)
+            out[i, 0] = spec.compute(rgb, alpha)
+        except ConditionError as err:
+            raise ConditionError(f"{f}: {err}") from None
+    return out
+
+
+def maps_from_files(folder: str | Path, channels: int, size: int, limit: int = 0) -> np.ndarray:
+    """Ready maps (one image file each, name order) as the task takes them: uint8 (N, channels, size, size).
+    A map of another size or channel count is a ConditionError naming the file (maps are not resized: a map
+    stands for one image of the task's size, pixel for pixel)."""
+    files = image_files(folder)[: limit or None]
+    out = np.empty((len(files), channels, size, size), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            image = open_map(f.suffix.lstrip("."), f.read_bytes())
+        except ConditionError as err:
+            raise ConditionError(f"{f}: {err}") from None
+        have = map_channels(image)
+        if have != channels:
+            raise ConditionError(f"{f}: a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
+                                 f"maps ({'grey' if channels == 1 else 'colour'})")  # fmt: skip
+        if image.size != (size, size):
+            raise ConditionError(f"{f}: a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps "
+                                 "(its images' size)")  # fmt: skip
+        out[i] = prepare_map(to_map_mode(image, channels), size, channels)
+    return out
+
+
+def batch_maps(per_task: Sequence[np.ndarray | None], per_sample_task: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Maps of a mixed batch: sample k of task t takes that task's map (its count so far) mod its number of
+    maps; (maps uint8 (N, C_max, S, S), has_condition bool (N,)); rows of tasks without maps (None) get zeros
+    and False, fewer channels are zero-padded (as MixedTaskReader does). ConditionError for mixed sizes."""
+    given = [m for m in per_task if m is not None]
+    if not given:
+        raise ConditionError("no task of the batch has condition maps")
+    sides = sorted({m.shape[2] for m in given})
+    if len(sides) > 1:
+        raise ConditionError(f"the conditional tasks take maps of different sizes {sides}; one batch holds one size")
+    maps = np.zeros((len(per_sample_task), max(m.shape[1] for m in given), sides[0], sides[0]), np.uint8)
+    has = np.zeros(len(per_sample_task), bool)
+    seen = [0] * len(per_task)
+    for k, t in enumerate(per_sample_task):
+        task_maps = per_task[t]
+        if task_maps is not None:
+            maps[k, : task_maps.shape[1]] = task_maps[seen[t] % len(task_maps)]
+            has[k] = True
+        seen[t] += 1
+    return maps, has

@@ -97,6 +97,11 @@ class EvalRequest:
     # scored against the task: the comparison's "no adapter" row); real: the floor - the task's real images
     # of the other split, as many as num_samples allows, scored against the reference split
     source: str = "generated"
+    # An adapter of a conditional task samples image k with map k mod N of the reference split's maps and is
+    # scored for condition fidelity against them; False samples it without any map (the "no condition" row,
+    # still scored against the same maps: what the map buys). Ignored for tasks without a condition.
+    conditioned: bool = True
+    condition_scale: float | None = None  # guidance on the map (None = diffusion.condition_scale, else 1)
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,15 @@ class EvalResult:
     task_accuracy: float | None = None
     source: str = "generated"  # generated | real (the floor row)
     reference_split: str = "eval"  # the split the images were scored against
+    # Spatial conditions (a conditional task's adapter): the kind, whether the images were sampled with maps,
+    # and condition fidelity on the generated images against the maps they were given (edge_f1 with 1-px
+    # tolerance for canny, mask_iou for mask; None for key: maps, which have no extractor here).
+    condition: str = ""  # "" (none) | canny | mask | key:<member>
+    conditioned: bool = False
+    condition_scale: float = 1.0
+    fidelity_metric: str = ""
+    fidelity: float | None = None  # mean over the generated images
+    fidelity_std: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(replace(self, features=None))
@@ -198,6 +212,14 @@ class FidWorker:
         labels = [(start + k) % num_classes for k in range(count)]  # by global index: split-independent
         task_ids = [0] * count if job["adapter_path"] and not task_model else None  # task 0 of its bank
         autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        extra: dict[str, Any] = {}
+        maps = job.get("maps")  # uint8 (count, C_cond, S, S): this chunk's maps (conditioned or not)
+        if maps is not None:
+            from diffscaler.data.conditions import maps_to_unit
+
+            extra = dict(conditions=torch.from_numpy(maps_to_unit(maps)),  # (count, C_cond, S, S) in [-1, 1]
+                         condition_mask=torch.full((count,), bool(job["conditioned"])),  # False: sampled without
+                         condition_scale=job["condition_scale"])  # fmt: skip
         images = sample_images(
             model,
             self.diffusion,
@@ -213,11 +235,20 @@ class FidWorker:
             eta=self.cfg.diffusion.ddim_eta,
             autocast_dtype=autocast,
             decode=self.vae.decode if self.vae is not None else None,
+            **extra,
         )  # (count, H, W, C) uint8 (decoded through data.vae for a latent backbone)
         t1 = time.perf_counter()
         feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)  # (count, D)
         t2 = time.perf_counter()
-        return {"features": feats, "sample_seconds": t1 - t0, "feature_seconds": t2 - t1, "pid": os.getpid()}
+        fidelity = None
+        if maps is not None and job.get("condition_extractor"):
+            from diffscaler.data.conditions import spec_from_record
+            from diffscaler.eval.fidelity import condition_fidelity
+
+            score = condition_fidelity(spec_from_record(job["condition_extractor"]), images, maps)
+            fidelity = None if score is None else list(score.per_image)  # per image, in sample order
+        return {"features": feats, "sample_seconds": t1 - t0, "feature_seconds": t2 - t1, "pid": os.getpid(),
+                "fidelity": fidelity}  # fmt: skip
 
     def image_features(self, images: np.ndarray) -> dict[str, Any]:
         """Reference images uint8 (N, H, W, 3) -> features (N, D) float32."""
@@ -288,6 +319,9 @@ class _Resolved:
     plan: ReferencePlan
     task_model: bool = False  # adapter_path is a whole model of its own (scratch)
     real_plan: ReferencePlan | None = None  # source "real": the other split's images stand in for samples
+    condition: dict[str, Any] | None = None  # the adapter's condition_extractor (a conditional task)
+    maps: np.ndarray | None = None  # uint8 (M, C_cond, S, S): the reference split's maps, sample k takes k mod M
+    condition_scale: float = 1.0
 
 
 def pixel_side(model: dict[str, Any], cfg: ExperimentConfig) -> int:
@@ -330,6 +364,7 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
     vae_hash = _check_vae(model, cfg, where)
     method, rank, num_classes = "", 0, int(model["num_classes"])
     task_model = False
+    condition = None
     if req.source not in ("generated", "real"):
         raise EvalInputError(f"{where}: source {req.source!r} is not generated or real")
     if req.source == "real" and req.adapter_path:
@@ -358,6 +393,9 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
         task = meta["task"]
         method, rank = meta["method"], int(meta["rank"])
         num_classes = int(meta["num_classes"]) if meta.get("conditional") else 1
+        from diffscaler.data.conditions import adapter_condition
+
+        condition = adapter_condition(meta)
     else:  # the bare backbone (class-conditional over its own classes), or a task's real images
         if req.task is not None and req.task not in task_names(cfg):
             raise EvalInputError(f"{where}: task {req.task!r} is not in data.targets {task_names(cfg)}")
@@ -382,14 +420,39 @@ def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, A
             available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
             real_plan = plan_reference(shards, cfg, min(num_samples, available), image_size=plan.image_size,
                                        split=other)  # fmt: skip
+        maps = reference_maps(shards, plan.split, num_samples, condition, model["in_channels"] != 3) if condition \
+            else None  # fmt: skip
     except EvalInputError as err:
         raise EvalInputError(f"{where}: {err}") from None
+    default_scale = float(getattr(cfg.diffusion, "condition_scale", 1.0))
     return _Resolved(
         request=replace(req, task=task, shards_dir=shards), num_samples=num_samples,
         seed=cfg.eval.seed if req.seed is None else req.seed, steps=steps, sampler=sampler,
         cfg_scale=cfg.diffusion.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
         num_classes=num_classes, method=method, rank=rank, plan=plan, task_model=task_model, real_plan=real_plan,
+        condition=condition, maps=maps,
+        condition_scale=default_scale if req.condition_scale is None else float(req.condition_scale),
     )  # fmt: skip
+
+
+def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any], latent: bool) -> np.ndarray:
+    """The first `count` condition maps of a split (fewer when it holds fewer), uint8 (M, C_cond, S, S), checked
+    against the adapter's condition record (kind, channels, side); EvalInputError naming what differs."""
+    from diffscaler.data import DatasetError, ShardError, load_index, read_split
+
+    index = load_index(shards)
+    spec = index.condition
+    if spec is None or spec.kind != condition["kind"]:
+        raise EvalInputError(f"the adapter was trained with {condition['kind']} maps, the shards at {shards} carry "
+                             f"{spec.kind if spec else 'none'}")  # fmt: skip
+    try:
+        maps = read_split(shards, split, limit=count, pixels=latent, conditions=True)[2]
+    except (DatasetError, ShardError) as err:
+        raise EvalInputError(f"condition maps of {shards} ({split} split): {err}") from None
+    want = (int(condition["channels"]), int(condition["size"]), int(condition["size"]))
+    if tuple(maps.shape[1:]) != want:
+        raise EvalInputError(f"condition maps of {shards} are {tuple(maps.shape[1:])}, the adapter takes {want}")
+    return maps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -446,7 +509,7 @@ class FidEvaluator:
         except FeatureWeightsError as err:
             raise EvalInputError(str(err)) from None
         self.cfg = cfg
-        self.backbone_path = str(path)
+        self.backbone_path = str(path.resolve())  # the actors' working directory may not be the driver's
         self.num_actors = num_actors or cfg.eval.num_actors
         if self.num_actors < 1:
             raise EvalInputError(f"num_actors must be >= 1, got {self.num_actors}")
@@ -709,7 +772,12 @@ class FidEvaluator:
                 "cfg_scale": res.cfg_scale,
                 "num_classes": res.num_classes,
             }
-            jobs += [_Job("sample", i, lo, n, payload) for lo, n in self._chunks(res.num_samples)]
+            if res.maps is not None:  # each chunk carries its own samples' maps: sample k takes map k mod M
+                payload |= {"condition_extractor": res.condition, "conditioned": res.request.conditioned,
+                            "condition_scale": res.condition_scale}  # fmt: skip
+            jobs += [_Job("sample", i, lo, n, payload if res.maps is None else
+                          {**payload, "maps": res.maps[np.arange(lo, lo + n) % len(res.maps)]})
+                     for lo, n in self._chunks(res.num_samples)]  # fmt: skip
         first_submit: dict[int, float] = {}
 
         def track(event: dict[str, Any]) -> None:
@@ -746,6 +814,8 @@ class FidEvaluator:
                 sampler=res.sampler, cfg_scale=res.cfg_scale, dataset=res.plan.dataset,
                 dataset_hash=res.plan.dataset_hash, image_size=res.plan.image_size, method=res.method, rank=res.rank,
                 source=res.request.source, reference_split=res.plan.split,
+                condition=res.condition["kind"] if res.condition else "",
+                conditioned=res.maps is not None and res.request.conditioned, condition_scale=res.condition_scale,
             )  # fmt: skip
             if error:
                 out.append(
@@ -774,9 +844,55 @@ class FidEvaluator:
             out.append(EvalResult(
                 status="ok", error="", fid=fid, kid_mean=kid_mean, kid_std=kid_std, num_generated=len(feats),
                 seconds=round(time.perf_counter() - first_submit.get(i, t_start), 3),
-                features=feats if return_features else None, task_accuracy=accuracy, **base,
+                features=feats if return_features else None, task_accuracy=accuracy, **base, **_fidelity(res, done),
             ))  # fmt: skip
         return out
+
+
+def condition_reference(shards: str, split: str, count: int, seed: int) -> dict[str, Any] | None:
+    """The two rows that make condition fidelity readable, on the first `count` real images of `split` (the
+    images generated ones are sampled with the maps of): `ceiling` (each image against its own map: what the
+    extractor reaches at this resolution) and `mismatched` (against another image's map: chance). None for a
+    dataset without maps or whose maps have no extractor here (key:)."""
+    from diffscaler.data import load_index, read_split
+    from diffscaler.eval.fidelity import METRICS, reference_rows
+
+    index = load_index(shards)
+    spec = index.condition
+    if spec is None or not spec.has_extractor:
+        return None
+    images, _labels, maps = read_split(shards, split, limit=count, pixels=index.latent, conditions=True)
+    rows = reference_rows(spec, images, maps, seed=seed) if len(images) > 1 else {}
+    return {"condition": spec.kind, "metric": METRICS[spec.kind], "split": split, "num_images": len(images),
+            **{k: v.to_json() for k, v in rows.items() if v is not None}}  # fmt: skip
+
+
+def condition_references(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{task: condition_reference} on the images whose maps evaluation samples with (eval.reference_split,
+    the first eval.num_samples); tasks whose maps have no extractor here are left out."""
+    from diffscaler.data.build import dataset_dir
+
+    refs = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
+                                   cfg.eval.seed) for t in tasks}  # fmt: skip
+    return {t: r for t, r in refs.items() if r is not None}
+
+
+def format_condition_reference(refs: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per task: the ceiling and the mismatched-maps chance of its condition fidelity."""
+    return [f"{t} condition fidelity ({r['metric']}, {r['num_images']} real images): ceiling "
+            f"{r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}"
+            for t, r in refs.items() if "ceiling" in r]  # fmt: skip
+
+
+def _fidelity(res: _Resolved, done: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result's fidelity fields from its chunks' per-image scores (empty for tasks without maps)."""
+    from diffscaler.eval.fidelity import METRICS
+
+    scores = [s for d in done for s in (d.get("fidelity") or ())]
+    if res.condition is None or not scores:
+        return {}
+    return {"fidelity_metric": METRICS[res.condition["kind"]], "fidelity": float(np.mean(scores)),
+            "fidelity_std": float(np.std(scores))}  # fmt: skip
 
 
 def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[int, str]:
@@ -806,14 +922,21 @@ def format_table(results: Sequence[EvalResult]) -> str:
         head,
         "-" * len(head),
     ]
+    conditional = any(r.condition for r in results)
+    if conditional:  # condition fidelity on the generated images: edge F1 (canny) or IoU (mask)
+        lines[1] = lines[1].replace("  status", " fidelity  status")
+        lines[2] = "-" * len(lines[1])
     for r in results:
         fid = f"{r.fid:9.3f}" if r.fid is not None else f"{'-':>9}"
         kid = f"{r.kid_mean:10.5f}" if r.kid_mean is not None else f"{'-':>10}"
         std = f"{r.kid_std:8.5f}" if r.kid_std is not None else f"{'-':>8}"
         status = r.status if r.status == "ok" else f"FAILED: {r.error[:80]}"
+        fidelity = ""
+        if conditional:
+            fidelity = f" {r.fidelity:8.3f}" if r.fidelity is not None else f" {'-':>8}"
         lines.append(
             f"{(r.task or '(backbone)'):<14} {r.label[:12]:<12} {r.method or '-':<8} {r.rank:>4} {fid} {kid} "
-            f"{std} {r.num_generated:>5} {r.num_reference:>5} {r.seconds:>7.1f}  {status}"
+            f"{std} {r.num_generated:>5} {r.num_reference:>5} {r.seconds:>7.1f}{fidelity}  {status}"
         )
     return "\n".join(lines)
 

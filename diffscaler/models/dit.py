@@ -34,6 +34,21 @@ from diffscaler.config import MODEL_NAME_PATTERN, ModelConfig, validate_model
 Route = Any
 
 
+class BlockInjection:
+    """What `denoise` lets a caller add to the token stream (a spatial condition's tokens, a ControlNet's
+    outputs), one object per forward. The backbone calls it and knows nothing of what it adds; the
+    identity by default."""
+
+    def start(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return h  # h (N, L, D) the token embeddings, c (N, D) the conditioning vector
+
+    def before_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        return h  # block i's input (N, L, D)
+
+    def after_block(self, i: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return h  # block i's output (N, L, D)
+
+
 # ------------------------------------------------------------------------------------------------
 # Size presets
 # ------------------------------------------------------------------------------------------------
@@ -323,15 +338,23 @@ class DiT(nn.Module):
             self.check_batch(x, t, y)
         return self.denoise(x, t, self.embed_labels(y))
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, label_emb: torch.Tensor, route: Route = None) -> torch.Tensor:
-        """x (N, C, H, W), t (N,), label embeddings (N, D) -> (N, C_out, H, W); `route` goes to every linear."""
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, label_emb: torch.Tensor, route: Route = None,
+                inject: BlockInjection | None = None) -> torch.Tensor:
+        """x (N, C, H, W), t (N,), label embeddings (N, D) -> (N, C_out, H, W); `route` goes to every linear,
+        `inject` (optional) adds to the token stream at the token embedding and around each block."""
         h = self.x_embedder(x) + self.pos_embed  # (N, L, D)
         c = self.t_embedder(t, route) + label_emb  # (N, D)
-        for block in self.blocks:
+        if inject is not None:
+            h = inject.start(h, c)  # (N, L, D)
+        for i, block in enumerate(self.blocks):
+            if inject is not None:
+                h = inject.before_block(i, h)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, route, use_reentrant=False)
             else:
                 h = block(h, c, route)  # (N, L, D)
+            if inject is not None:
+                h = inject.after_block(i, h, c)
         h = self.final_layer(h, c, route)  # (N, L, p*p*C_out)
         return self.unpatchify(h)  # (N, C_out, H, W)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from diffscaler.artifacts import AdapterLoadError, read_adapter_file
 from diffscaler.eval import FidEvaluator, format_table, request_for_task, write_fid_json
+from diffscaler.eval.pool import condition_references, format_condition_reference
 from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.finetune import adapter_files, require_adapters
 from diffscaler.stages.inputs import require_targets_and_backbone
@@ -22,6 +23,7 @@ from diffscaler.stages.sweep import swept_adapters
 
 REAL_LABEL = "floor (real)"  # the reference rows of fid.json: real held-out images, and the bare backbone
 NO_ADAPTER_LABEL = "no adapter"
+NO_CONDITION_LABEL = "no condition"  # a conditional task's (first method's) adapter sampled without its map
 
 
 def file_digest(path: str | Path) -> str:
@@ -55,8 +57,10 @@ def eval_inputs(run: Run) -> dict[str, Any]:
     files = {f"{m}/{t}": file_digest(p) if Path(p).is_file() else None
              for m, tasks in evaluated_adapters(run).items() for t, p in tasks.items()}  # fmt: skip
     d = run.cfg.diffusion
+    guidance = float(getattr(d, "condition_scale", 1.0))  # on condition maps; 1 = none (older fid.json: absent)
     return {"backbone_hash": run.backbone_hash() if run.backbone.is_file() else None, "adapters": files,
-            "eval": dataclasses.asdict(run.cfg.eval), "sampler": [d.sampler, d.ddim_eta, d.cfg_scale]}  # fmt: skip
+            "eval": dataclasses.asdict(run.cfg.eval),
+            "sampler": [d.sampler, d.ddim_eta, d.cfg_scale, *([guidance] if guidance != 1.0 else [])]}  # fmt: skip
 
 
 class _ProgressLog:
@@ -101,15 +105,25 @@ class EvaluateStage(Stage):
         cfg = run.cfg
         requests = [request_for_task(cfg, task, path, label=label)
                     for label, tasks in evaluated_adapters(run).items() for task, path in tasks.items()]  # fmt: skip
+        first = next(iter(adapter_files(run).values()), {})
+        conditional = [t.name for t in cfg.data.targets if t.condition]
         if cfg.eval.reference_rows:  # the rows that make the others readable: the floor and no adapter
             for t in cfg.data.targets:
                 requests += [request_for_task(cfg, t.name, None, label=REAL_LABEL, source="real"),
                              request_for_task(cfg, t.name, None, label=NO_ADAPTER_LABEL)]  # fmt: skip
+            # what the map buys: the same adapter sampled without it
+            requests += [request_for_task(cfg, t, first[t], label=NO_CONDITION_LABEL, conditioned=False)
+                         for t in conditional if t in first]  # fmt: skip
         inputs = eval_inputs(run)
         with FidEvaluator(str(run.backbone), cfg) as evaluator:
             generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
             results = evaluator.evaluate(requests, progress=_ProgressLog(run, generated))
-        write_fid_json(results, run.layout.fid_json, extra={"pipeline_inputs": inputs})
+        extra = {"pipeline_inputs": inputs}
+        if conditional:  # fidelity's ceiling (real images vs their own maps) and chance (vs other images' maps)
+            extra["condition_reference"] = condition_references(cfg, conditional)
+            for line in format_condition_reference(extra["condition_reference"]):
+                run.log(f"evaluate: {line}")
+        write_fid_json(results, run.layout.fid_json, extra=extra)
         run.log(format_table(results))
         failed = [r for r in results if r.status != "ok"]
         if failed:

@@ -61,7 +61,7 @@ from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.errors import last_error_line
 from diffscaler.models.dit import parse_preset
-from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData
+from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData, condition_record
 
 SUMMARY_FORMAT = "diffscaler-finetune-summary"
 
@@ -153,8 +153,14 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
             )
         if index.num_samples("train") < 1:
             raise FinetuneInputError(f"task {name!r}: the train split at {folder} is empty")
+        have = index.condition.kind if index.condition else ""
+        if have != spec.condition:
+            raise FinetuneInputError(
+                f"task {name!r}: data.targets declares condition {spec.condition or '(none)'!r}, the shards at "
+                f"{folder} carry {have or '(none)'!r}; rebuild them (`python -m ray_jobs.shards`)"
+            )
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.data_hash))  # fmt: skip
+                            index.data_hash, condition_record(index)))  # fmt: skip
     return out
 
 
@@ -236,7 +242,11 @@ def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[T
         "seed": ft.seed,
         "data": [d.seed, d.hflip, d.shuffle_buffer, d.skip_bad_samples],
         "diffusion": [diff.num_timesteps, diff.beta_start, diff.beta_end],
-        "tasks": [[t.name, t.conditional, t.data_hash] for t in tasks],  # the co-trained set, in bank order
+        "tasks": [[t.name, t.conditional, t.data_hash, *([t.condition] if t.condition else [])]
+                  for t in tasks],  # the co-trained set, in bank order
+        # the condition path, where a task has maps (unconditional fingerprints stay as they were)
+        **({"condition": [ft.condition_dropout, a.condition_blocks, a.controlnet_blocks]}
+           if any(t.condition for t in tasks) or method == "controlnet" else {}),
     }
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -342,6 +352,10 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     if ft.mixed and "scratch" in ft.methods:
         raise FinetuneInputError("finetune.methods: 'scratch' trains one model per task; it has no mixed form "
                                  "(finetune.mixed=true)")  # fmt: skip
+    with_maps = [t.name for t in tasks if t.condition is not None]
+    if "scratch" in ft.methods and with_maps:
+        raise FinetuneInputError(f"finetune.methods: 'scratch' trains a plain DiT, which has no condition path for "
+                                 f"the maps of {with_maps}; leave it out for conditional targets")  # fmt: skip
     if ft.mixed and ft.batch_size < len(tasks):
         raise FinetuneInputError(f"finetune.batch_size {ft.batch_size} is smaller than the {len(tasks)} tasks "
                                  "a mixed batch must hold")  # fmt: skip

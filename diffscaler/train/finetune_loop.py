@@ -38,6 +38,7 @@ from diffscaler.artifacts import load_backbone, save_adapter, save_task_model
 from diffscaler.atomic import with_umask_mode
 from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.data import MixedTaskReader, ShardReader, load_index, read_split
+from diffscaler.data.conditions import maps_to_unit
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.gaussian import ModelFn
 from diffscaler.models import build_model
@@ -57,15 +58,37 @@ class TaskData:
     num_classes: int  # classes in the shard index (rows = this when conditional, else 1)
     class_names: tuple[str, ...] = ()
     data_hash: str = ""  # index.json content hash: part of the rerun fingerprint
+    # The spatial condition its shards carry (condition_record), None for a task without maps: what the
+    # adapter JSON records as `condition_extractor`, so sampling extracts maps the way the shards did.
+    condition: dict[str, Any] | None = None
 
     def task_info(self, rank: int) -> TaskInfo:
         rows = self.num_classes if self.conditional else 1
         names = self.class_names if self.conditional else ()
-        return TaskInfo(self.name, rows, self.conditional, rank, names)
+        if self.condition is None:
+            return TaskInfo(self.name, rows, self.conditional, rank, names)
+        c = self.condition
+        return TaskInfo(self.name, rows, self.conditional, rank, names, condition=str(c["kind"]),
+                        condition_channels=int(c["channels"]), condition_size=int(c["size"]),
+                        condition_extractor=dict(c))  # fmt: skip
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the task's condition maps (0 = no condition)."""
+        return int(self.condition["channels"]) if self.condition else 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TaskData:
         return cls(**{**d, "class_names": tuple(d.get("class_names", ()))})
+
+
+def condition_record(index: Any) -> dict[str, Any] | None:
+    """A shard index's condition as adapter files record it (`condition_extractor`): kind, extractor
+    parameters, map channels and side (pixels, also for latent shards); None for a dataset without maps."""
+    spec = index.condition
+    if spec is None:
+        return None
+    return {**spec.record(), "channels": int(spec.channels), "size": int(index.pixel_size)}
 
 
 @dataclass(frozen=True)
@@ -129,8 +152,11 @@ class AdapterRun:
             self.model = build_model(config, seed=ft.seed)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         else:
+            # conditional tasks: their maps are dropped at finetune.condition_dropout so guidance can use them
             self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
-                                           branch_scale_init=a.branch_scale_init, seed=ft.seed)  # fmt: skip
+                                           branch_scale_init=a.branch_scale_init, seed=ft.seed,
+                                           condition_blocks=a.condition_blocks, controlnet_blocks=a.controlnet_blocks,
+                                           condition_dropout=ft.condition_dropout)  # fmt: skip
             self.params = self.bank.parameters()
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.
@@ -179,10 +205,21 @@ class AdapterRun:
         return torch.where(conditional[batch["task_id"]], batch["label"], torch.zeros_like(batch["label"]))
 
     # -- training ---------------------------------------------------------------------------------
-    def _model_fn(self, y: torch.Tensor, task_ids: torch.Tensor | int) -> ModelFn:
+    def _model_fn(self, y: torch.Tensor, task_ids: torch.Tensor | int, condition: torch.Tensor | None = None,
+                  has_condition: torch.Tensor | None = None) -> ModelFn:  # fmt: skip
         if self.bank is None:  # scratch: a plain DiT whose classes are the task's
             return lambda x_t, t: self.model(x_t, t, y)  # (N, C_out, H, W)
-        return lambda x_t, t: self.model(x_t, t, y, task_ids)  # (N, C_out, H, W)
+        if condition is None:
+            return lambda x_t, t: self.model(x_t, t, y, task_ids)  # (N, C_out, H, W)
+        # maps (N, C_cond, S, S) in [-1, 1]; has_condition (N,) marks the rows whose task takes one
+        return lambda x_t, t: self.model(x_t, t, y, task_ids, condition=condition, condition_mask=has_condition)
+
+    def _conditions(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The batch's maps and row mask on the device, or (None, None) when no task of the run has maps."""
+        if "condition" not in batch or self.bank is None:
+            return None, None
+        return (batch["condition"].to(self.device, non_blocking=True),  # (B, C_cond, S, S)
+                batch["has_condition"].to(self.device))  # (B,) fmt: skip
 
     def train_until(self, until_step: int, on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Run optimizer steps self.step .. until_step - 1; a log line every finetune.log_every steps."""
@@ -197,10 +234,11 @@ class AdapterRun:
             x0 = batch["image"].to(self.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
             y = self._labels(batch).to(self.device)  # (B,)
             ids = 0 if single else batch["task_id"].to(self.device)  # int: the fast path; (B,): mixed
-            torch.manual_seed(step_seed(ft.seed, self.step))  # t, noise and label dropout of this step
+            cond, has_cond = self._conditions(batch)
+            torch.manual_seed(step_seed(ft.seed, self.step))  # t, noise, label and condition dropout of this step
             t = self.diffusion.sample_timesteps(x0.shape[0], self.device)  # (B,)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                losses = self.diffusion.training_losses(self._model_fn(y, ids), x0, t)["loss"]
+                losses = self.diffusion.training_losses(self._model_fn(y, ids, cond, has_cond), x0, t)["loss"]
             loss = losses.mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -258,15 +296,18 @@ class AdapterRun:
             self._log_file = None
 
     # -- validation -------------------------------------------------------------------------------
-    def _validation_batch(self, task: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
+    def _validation_batch(self, task: TaskData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if task.name not in self._val_cache:
-            images, labels = read_split(task.dataset_dir, "eval", limit=self.cfg.finetune.val_samples)
+            split = read_split(task.dataset_dir, "eval", limit=self.cfg.finetune.val_samples,
+                               conditions=task.condition is not None)  # fmt: skip
+            images, labels = split[:2]
             if images.dtype == np.float32:  # latent shards: (N, C, h, w) as stored
                 x0 = torch.from_numpy(images)
             else:
                 x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W)
             y = torch.from_numpy(labels) if task.conditional else torch.zeros(len(labels), dtype=torch.long)
-            self._val_cache[task.name] = (x0, y)
+            maps = torch.from_numpy(maps_to_unit(split[2])) if len(split) > 2 else None  # (N, C_cond, S, S)
+            self._val_cache[task.name] = (x0, y, maps)
         return self._val_cache[task.name]
 
     @torch.no_grad()
@@ -277,7 +318,7 @@ class AdapterRun:
         out: dict[str, float] = {}
         try:
             for i, task in enumerate(self.spec.tasks):
-                x0, y = self._validation_batch(task)
+                x0, y, maps = self._validation_batch(task)
                 n = x0.shape[0]
                 g = torch.Generator().manual_seed(VALIDATION_SEED)
                 noise = torch.randn(x0.shape, generator=g)  # (N, 3, H, W)
@@ -287,7 +328,12 @@ class AdapterRun:
                 for lo in range(0, n, batch_size):
                     sl = slice(lo, lo + batch_size)
                     xb, yb, tb = x0[sl].to(self.device), y[sl].to(self.device), t[sl].to(self.device)
-                    losses = self.diffusion.training_losses(self._model_fn(yb, i), xb, tb, noise[sl].to(self.device))
+                    cb = mb = None
+                    if maps is not None and self.bank is not None:  # the task's own maps, every row with one
+                        cb = maps[sl].to(self.device)  # (n, C_cond, S, S)
+                        mb = torch.ones(len(cb), dtype=torch.bool, device=self.device)
+                    fn = self._model_fn(yb, i, cb, mb)
+                    losses = self.diffusion.training_losses(fn, xb, tb, noise[sl].to(self.device))
                     losses = losses["loss"]
                     total += float(losses.sum())
                 out[task.name] = total / n
@@ -307,6 +353,10 @@ class AdapterRun:
         files = {}
         for task in self.spec.tasks:
             more = {**(extra or {}), **((per_task_extra or {}).get(task.name, {}))}
+            if task.condition is not None:  # sampling extracts maps with the extractor the shards used
+                more["condition_extractor"] = dict(task.condition)
+                if self.bank is not None:  # part of trainable_params, shown apart in the report
+                    more["condition_params"] = self.bank.condition_parameters_per_task(task.name)
             if self.bank is None:
                 st_path = save_task_model(self.model, task.task_info(0), out_dir, self.backbone_hash,
                                           self.backbone_params, extra=more)  # fmt: skip

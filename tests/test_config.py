@@ -124,7 +124,7 @@ def test_the_readme_targets_override_of_tiny_yaml_validates():
         ("serve.max_batch_size=0", "serve.max_batch_size", "must be in [1,"),
         ("serve.batch_wait_s=-1", "serve.batch_wait_s", "[0, 60]"),
         ("serve.max_resident_tasks=0", "serve.max_resident_tasks", "at least 1"),
-        ("serve.max_steps=5000", "serve.max_steps", "num_timesteps"),
+        ("serve.max_steps=0", "serve.max_steps", "must be in [1,"),
         ("serve.sampling_steps=300", "serve.sampling_steps", "serve.max_steps=250"),
         ("serve.max_replicas=0", "serve.max_replicas", "at least 1"),
         ("serve.guidance=-1", "serve.guidance", ">= 0"),

@@ -74,6 +74,7 @@ def _int_field(body: dict[str, Any], name: str, default: int | None, lo: int, hi
 def parse_request(raw: bytes, cfg: ExperimentConfig) -> dict[str, Any]:
     """The request's fields, defaults filled in; BadRequest naming the first bad field."""
     s = cfg.serve
+    max_steps = min(s.max_steps, cfg.diffusion.num_timesteps)  # serve.max_steps caps the schedule's steps
     try:
         body = json.loads(raw or b"null")
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -96,7 +97,7 @@ def parse_request(raw: bytes, cfg: ExperimentConfig) -> dict[str, Any]:
         "class": _int_field(body, "class", None, 0, 2**31 - 1),
         "num": _int_field(body, "num", 1, 1, s.max_images_per_request),
         "seed": _int_field(body, "seed", 0, 0, MAX_SEED),
-        "steps": _int_field(body, "steps", s.sampling_steps, 1, s.max_steps),
+        "steps": _int_field(body, "steps", min(s.sampling_steps, max_steps), 1, max_steps),
         "guidance": float(guidance),
     }
 

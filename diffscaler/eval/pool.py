@@ -1,67 +1,41 @@
-"""`FidEvaluator`: a pool of Ray actors that samples (task, adapter) requests and scores FID/KID.
+"""`FidEvaluator`: a pool of `FidWorker` actors that scores FID/KID of many requests in one queue.
 
-    ray.init()
-    with FidEvaluator("runs/backbone/backbone.safetensors", cfg) as ev:
+    with FidEvaluator("runs/backbone/backbone.safetensors", cfg) as ev:   # after ray.init()
         results = ev.evaluate([request_for_task(cfg, "emoji", "adapters/emoji.safetensors"),
                                request_for_task(cfg, None)])          # None: bare backbone, pretraining set
-    print(format_table(results))
 
-How it works
-- Each actor (`FidWorker`, cfg.eval.cpus_per_actor CPUs / gpus_per_actor GPUs) loads the backbone
-  and the feature network once, at start. Adapted models are built from a copy of the backbone
-  and kept while consecutive jobs use the same adapter file.
-- A request is split into chunks of sample indices [start, start + count). An actor samples them with
-  `sample_images(..., seed, start_index=start)` - sample k always gets seed index k and class label
-  k % num_classes - extracts features and returns them. So the score does not depend on the number
-  of actors or on how the work was split, up to float rounding of differently sized batches (CPU:
-  features agree to ~1e-5; H100 with bf16 sampling: to ~5e-3 absolute, features being O(0.1-1)).
-- Reference statistics (stats.py) come from the cache, or their images are sent to the actors in
-  chunks too; the driver caches them and computes FID and KID per request with torch-fidelity's code.
-- The driver keeps one job in flight per actor and `ray.wait`s on all of them: an actor that dies
-  (killed, out of memory) surfaces as `RayActorError` on its job's result - it is replaced by a new
-  actor and the job retried once; a job failing twice marks its request failed with the reason (the
-  other requests go on). An optional `chunk_timeout_s` kills and replaces an actor that hangs.
-
-Launch on its own: `python -m ray_jobs.evaluate --config ray_jobs/configs/tiny.yaml --backbone FILE
---adapters DIR --out DIR2`.
+Each request becomes chunks of sample indices (and missing reference statistics chunks of images), one in
+flight per actor. Faults are Ray's own: a dead actor (killed, out of memory, its node gone) is restarted by
+Ray (`max_restarts`) and the chunk it held runs again on it (`max_task_retries`); a chunk that still fails
+fails its request alone, with the reason. The scores are those of an undisturbed run: a chunk's samples
+depend only on their indices. The driver computes FID/KID from the features (stats.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import math
-import os
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffscaler.adapters.bank import AdapterLoadError
-from diffscaler.artifacts import (
-    TASK_MODEL_KEY,
-    BackboneLoadError,
-    load_adapters,
-    load_backbone,
-    read_backbone_meta,
-    read_trained_meta,
-)
-from diffscaler.atomic import write_text_atomic
-from diffscaler.config import ExperimentConfig, config_from_json
-from diffscaler.diffusion.gaussian import GaussianDiffusion
-from diffscaler.diffusion.sampling import sample_images
+from diffscaler.artifacts import BackboneLoadError, load_backbone, read_backbone_meta
+from diffscaler.config import ExperimentConfig
+from diffscaler.data.build import dataset_dir
 from diffscaler.errors import last_error_line
+from diffscaler.eval.requests import EvalRequest, task_names
+from diffscaler.eval.resolve import ResolvedRequest, pixel_side, resolve_request
+from diffscaler.eval.results import EvalResult
 from diffscaler.eval.stats import (
     EvalInputError,
     ReferencePlan,
     ReferenceStats,
-    _stats_from_features,
+    cache_reference,
     feature_statistics,
     frechet_distance,
     kid_from_features,
@@ -69,332 +43,10 @@ from diffscaler.eval.stats import (
     load_reference_images,
     nearest_centroid_accuracy,
     plan_reference,
-    save_cached,
 )
-from diffscaler.vae import VaeError, cached_vae_identity
+from diffscaler.eval.worker import FidWorker
 
-MAX_ATTEMPTS = 2  # a job is tried at most twice (one retry), on a fresh actor after a death
-
-
-# ------------------------------------------------------------------------------------------------
-# Requests and results
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalRequest:
-    task: str | None  # task name in cfg.data.targets; None = bare backbone on the pretraining set
-    adapter_path: str | None = None  # <task>.safetensors (JSON beside it); None = bare backbone
-    shards_dir: str = ""  # dataset folder; its eval split is the reference ("" = from cfg.data)
-    num_samples: int | None = None  # generated images (None = cfg.eval.num_samples)
-    seed: int | None = None  # base of the per-sample seeds (None = cfg.eval.seed)
-    steps: int | None = None  # sampler steps (None = cfg.eval.sampling_steps)
-    sampler: str | None = None  # ddim | ddpm (None = cfg.diffusion.sampler)
-    cfg_scale: float | None = None  # guidance scale (None = cfg.diffusion.cfg_scale)
-    num_reference: int | None = None  # reference images (None = cfg.eval.num_reference; 0 = all)
-    label: str = ""  # free text echoed in the result (trial id, method)
-    # generated: sample the model (no adapter_path with a task: the bare backbone's samples over its classes,
-    # scored against the task: the comparison's "no adapter" row); real: the floor - the task's real images
-    # of the other split, as many as num_samples allows, scored against the reference split
-    source: str = "generated"
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    task: str | None  # None = bare backbone
-    adapter: str  # adapter file ("" = bare backbone)
-    label: str
-    status: str  # "ok" | "failed"
-    error: str  # the reason when failed
-    fid: float | None  # Fréchet distance on `feature_network` features
-    kid_mean: float | None  # KID (polynomial kernel, torch-fidelity), mean over subsets
-    kid_std: float | None
-    feature_network: str  # every score names its feature network...
-    num_generated: int  # ...and its sample counts
-    num_reference: int
-    seconds: float  # wall-clock s from the request's first job to its score
-    sample_seconds: float  # actor s spent sampling (summed over chunks)
-    feature_seconds: float  # actor s spent in the feature network (generated images)
-    seed: int
-    steps: int
-    sampler: str
-    cfg_scale: float
-    dataset: str  # shard folder of the reference
-    dataset_hash: str  # its index.json content hash
-    image_size: int  # side of the compared images
-    method: str  # adapter method ("" for the bare backbone)
-    rank: int  # adapter rank (0 for the bare backbone)
-    features: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N, D) if asked
-    # share of the images a nearest-centroid classifier (feature network, fitted on every target's reference
-    # images) assigns to this task's dataset; None when not computed
-    task_accuracy: float | None = None
-    source: str = "generated"  # generated | real (the floor row)
-    reference_split: str = "eval"  # the split the images were scored against
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(replace(self, features=None))
-        d.pop("features")
-        return d
-
-
-# ------------------------------------------------------------------------------------------------
-# The actor
-# ------------------------------------------------------------------------------------------------
-
-
-class FidWorker:
-    """Holds the backbone and the feature network; samples chunks and extracts features."""
-
-    def __init__(self, backbone_path: str, cfg_dict: dict[str, Any]):
-        import torch
-
-        from diffscaler.eval.features import build_feature_extractor
-
-        cfg = config_from_json(cfg_dict)
-        self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(cfg.eval.cpus_per_actor)))  # Ray's CPU share, not the whole node
-        model, meta = load_backbone(backbone_path)
-        self.backbone = model.to(self.device).eval()
-        self.backbone_hash = meta["content_hash"]
-        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=self.backbone.config.learn_sigma)
-        self.extractor = build_feature_extractor(cfg.eval.feature_network, cfg.eval.feature_weights_path, self.device)
-        self.vae = None  # a latent backbone's samples are decoded here, next to the feature network
-        if self.backbone.config.in_channels != 3:
-            from diffscaler.vae import load_vae
-
-            self.vae = load_vae(cfg.data.vae, cfg.data.vae_config or None, device=str(self.device))
-        self._adapted: tuple[str, Any] | None = None  # (adapter key, model) of the last adapter used
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def _model_for(self, adapter_path: str | None, task_model: bool = False):
-        if not adapter_path:
-            return self.backbone
-        st = os.stat(adapter_path)
-        key = f"{os.path.abspath(adapter_path)}|{st.st_size}|{st.st_mtime_ns}"
-        if self._adapted is None or self._adapted[0] != key:
-            self._adapted = None  # free the previous copy first
-            if task_model:  # a whole model of its own (scratch): no backbone underneath
-                model, _meta = load_backbone(adapter_path)
-            else:
-                model = copy.deepcopy(self.backbone)
-                load_adapters(model, [adapter_path], self.backbone_hash)
-            self._adapted = (key, model.to(self.device).eval())
-        return self._adapted[1]
-
-    def sample_features(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Samples [start, start + count) of one request -> features (count, D) float32."""
-        import torch
-
-        from diffscaler.eval.features import extract_features
-
-        t0 = time.perf_counter()
-        task_model = bool(job.get("task_model"))
-        model = self._model_for(job["adapter_path"], task_model)
-        start, count, num_classes = job["start"], job["count"], job["num_classes"]
-        labels = [(start + k) % num_classes for k in range(count)]  # by global index: split-independent
-        task_ids = [0] * count if job["adapter_path"] and not task_model else None  # task 0 of its bank
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        images = sample_images(
-            model,
-            self.diffusion,
-            num=count,
-            seed=job["seed"],
-            labels=labels,
-            task_ids=task_ids,
-            start_index=start,
-            batch_size=self.cfg.eval.batch_size,
-            steps=job["steps"],
-            sampler=job["sampler"],
-            cfg_scale=job["cfg_scale"],
-            eta=self.cfg.diffusion.ddim_eta,
-            autocast_dtype=autocast,
-            decode=self.vae.decode if self.vae is not None else None,
-        )  # (count, H, W, C) uint8 (decoded through data.vae for a latent backbone)
-        t1 = time.perf_counter()
-        feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)  # (count, D)
-        t2 = time.perf_counter()
-        return {"features": feats, "sample_seconds": t1 - t0, "feature_seconds": t2 - t1, "pid": os.getpid()}
-
-    def image_features(self, images: np.ndarray) -> dict[str, Any]:
-        """Reference images uint8 (N, H, W, 3) -> features (N, D) float32."""
-        from diffscaler.eval.features import extract_features
-
-        t0 = time.perf_counter()
-        feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)
-        return {"features": feats, "feature_seconds": time.perf_counter() - t0, "pid": os.getpid()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Request resolution (driver side, before any work)
-# ------------------------------------------------------------------------------------------------
-
-
-def task_names(cfg: ExperimentConfig) -> list[str]:
-    return [t.name for t in cfg.data.targets]
-
-
-def request_for_task(
-    cfg: ExperimentConfig, task: str | None, adapter_path: str | None = None, **overrides: Any
-) -> EvalRequest:
-    """A request whose reference is the task's shard folder under cfg.data.shards_root."""
-    from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
-
-    if task is None:
-        return EvalRequest(task=None, adapter_path=adapter_path, shards_dir=pretrain_dataset_dir(cfg.data), **overrides)
-    if task not in task_names(cfg):
-        where = f"adapter {adapter_path}: " if adapter_path else ""
-        raise EvalInputError(f"{where}task {task!r} is not in data.targets {task_names(cfg)}; no shards to score it on")
-    return EvalRequest(task=task, adapter_path=adapter_path, shards_dir=dataset_dir(cfg.data, task), **overrides)
-
-
-def requests_for_adapter_dir(cfg: ExperimentConfig, adapters_dir: str, **overrides: Any) -> list[EvalRequest]:
-    """One request per `<task>.safetensors` in `adapters_dir` (task read from the JSON beside it)."""
-    folder = Path(adapters_dir)
-    if not folder.is_dir():
-        raise EvalInputError(f"adapter folder not found: {folder}")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EvalInputError(f"{folder}: no <task>.safetensors adapter files")
-    out = []
-    for f in files:
-        meta_path = f.with_suffix(".json")
-        if not meta_path.is_file():
-            raise EvalInputError(f"{f}: its config {meta_path.name} is missing beside it")
-        try:
-            task = json.loads(meta_path.read_text())["task"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise EvalInputError(f"{meta_path}: not an adapter config ({err})") from None
-        out.append(request_for_task(cfg, task, str(f), **overrides))
-    return out
-
-
-@dataclass
-class _Resolved:
-    """A request with every default filled in and its inputs checked."""
-
-    request: EvalRequest
-    num_samples: int
-    seed: int
-    steps: int
-    sampler: str
-    cfg_scale: float
-    num_classes: int
-    method: str
-    rank: int
-    plan: ReferencePlan
-    task_model: bool = False  # adapter_path is a whole model of its own (scratch)
-    real_plan: ReferencePlan | None = None  # source "real": the other split's images stand in for samples
-
-
-def pixel_side(model: dict[str, Any], cfg: ExperimentConfig) -> int:
-    """Side of the images a backbone's samples become: its input for pixels, times data.vae's downsampling."""
-    if model["in_channels"] == 3:
-        return int(model["input_size"])
-    return int(model["input_size"]) * int(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["downsample"])
-
-
-def _check_vae(model: dict[str, Any], cfg: ExperimentConfig, where: str) -> str:
-    """data.vae's hash for a latent backbone ("" for pixels); EvalInputError when it cannot decode its samples."""
-    if model["in_channels"] == 3:
-        return ""
-    if not cfg.data.vae:
-        raise EvalInputError(f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
-                             "images: set data.vae=PATH (the VAE its shards were encoded with)")  # fmt: skip
-    try:
-        ident = cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)
-    except VaeError as err:
-        raise EvalInputError(f"{where}: data.vae: {err}") from None
-    if ident["latent_channels"] != model["in_channels"]:
-        raise EvalInputError(f"{where}: data.vae {cfg.data.vae} makes {ident['latent_channels']}-channel latents, the "
-                             f"backbone takes {model['in_channels']}")  # fmt: skip
-    return str(ident["hash"])
-
-
-def _check_shards_vae(shards: str, vae_hash: str, where: str) -> None:
-    from diffscaler.data.index import load_index
-
-    index = load_index(shards)
-    if vae_hash and index.latent and index.vae_hash and index.vae_hash != vae_hash:
-        raise EvalInputError(f"{where}: shards at {shards} were encoded with VAE {index.vae_hash}, data.vae is "
-                             f"{vae_hash}")  # fmt: skip
-
-
-def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str) -> _Resolved:
-    from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
-
-    model = backbone_meta["model"]
-    vae_hash = _check_vae(model, cfg, where)
-    method, rank, num_classes = "", 0, int(model["num_classes"])
-    task_model = False
-    if req.source not in ("generated", "real"):
-        raise EvalInputError(f"{where}: source {req.source!r} is not generated or real")
-    if req.source == "real" and req.adapter_path:
-        raise EvalInputError(f"{where}: a real-images (floor) request takes no adapter")
-    if req.adapter_path:
-        try:
-            meta = read_trained_meta(req.adapter_path)
-        except AdapterLoadError as err:
-            raise EvalInputError(f"{where}: {err}") from None
-        task_model = bool(meta.get(TASK_MODEL_KEY))
-        if meta["task"] not in task_names(cfg):
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} is for task {meta['task']!r}, which is not in "
-                f"data.targets {task_names(cfg)}; there are no shards to score it on"
-            )
-        if req.task is not None and meta["task"] != req.task:
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} is for task {meta['task']!r}, the request says {req.task!r}"
-            )
-        bh = backbone_meta.get("content_hash")
-        if bh and meta.get("backbone_hash") != bh:
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} was trained on backbone "
-                f"{meta.get('backbone_hash')!r}, not on the evaluated one ({bh!r})"
-            )
-        task = meta["task"]
-        method, rank = meta["method"], int(meta["rank"])
-        num_classes = int(meta["num_classes"]) if meta.get("conditional") else 1
-    else:  # the bare backbone (class-conditional over its own classes), or a task's real images
-        if req.task is not None and req.task not in task_names(cfg):
-            raise EvalInputError(f"{where}: task {req.task!r} is not in data.targets {task_names(cfg)}")
-        task = req.task
-        method = "real" if req.source == "real" else ""
-    shards = req.shards_dir or (pretrain_dataset_dir(cfg.data) if task is None else dataset_dir(cfg.data, task))
-    num_samples = cfg.eval.num_samples if req.num_samples is None else req.num_samples
-    if num_samples < 2:
-        raise EvalInputError(f"{where}: num_samples={num_samples}; FID needs at least 2 generated images")
-    steps = cfg.eval.sampling_steps if req.steps is None else req.steps
-    if not 1 <= steps <= cfg.diffusion.num_timesteps:
-        raise EvalInputError(f"{where}: steps={steps} is not in [1, {cfg.diffusion.num_timesteps}]")
-    sampler = req.sampler or cfg.diffusion.sampler
-    if sampler not in ("ddim", "ddpm"):
-        raise EvalInputError(f"{where}: sampler {sampler!r} is not ddim or ddpm")
-    real_plan = None
-    try:
-        plan = plan_reference(shards, cfg, req.num_reference, image_size=pixel_side(model, cfg))
-        _check_shards_vae(shards, vae_hash, where)
-        if req.source == "real":
-            other = "train" if plan.split == "eval" else "eval"
-            available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
-            real_plan = plan_reference(shards, cfg, min(num_samples, available), image_size=plan.image_size,
-                                       split=other)  # fmt: skip
-    except EvalInputError as err:
-        raise EvalInputError(f"{where}: {err}") from None
-    return _Resolved(
-        request=replace(req, task=task, shards_dir=shards), num_samples=num_samples,
-        seed=cfg.eval.seed if req.seed is None else req.seed, steps=steps, sampler=sampler,
-        cfg_scale=cfg.diffusion.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
-        num_classes=num_classes, method=method, rank=rank, plan=plan, task_model=task_model, real_plan=real_plan,
-    )  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------------
-# The pool (driver side)
-# ------------------------------------------------------------------------------------------------
+MAX_ATTEMPTS = 2  # a chunk runs at most twice: Ray runs it once more on the restarted actor (max_task_retries)
 
 
 @dataclass
@@ -404,8 +56,6 @@ class _Job:
     start: int  # first sample / image index
     count: int
     payload: dict[str, Any] | np.ndarray
-    attempts: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -434,8 +84,6 @@ class FidEvaluator:
             if path.suffix == ".pt":
                 if not path.is_file():
                     raise BackboneLoadError(f"DiT checkpoint not found: {path}")
-                from diffscaler.artifacts import load_backbone
-
                 _model, self.backbone_meta = load_backbone(path)
             else:
                 self.backbone_meta = read_backbone_meta(path)
@@ -461,33 +109,32 @@ class FidEvaluator:
                 "until a node that fits joins (set eval.cpus_per_actor / eval.gpus_per_actor, or chunk_timeout_s)",
                 stacklevel=2,
             )
-        self._actor_cls = ray.remote(FidWorker).options(
-            num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor, max_restarts=0, max_task_retries=0
-        )
-        self._cfg_dict = cfg.to_dict()
-        self._actors: list[Any] = [self._start_actor() for _ in range(self.num_actors)]
-        self._pid_refs: list[Any] = [a.pid.remote() for a in self._actors]
-        self.actors_replaced = 0  # actors that died (or hung) and were replaced, over this pool's life
+        # Ray restarts a dead actor (max_restarts: -1, as often as it dies) and runs the chunk it held once
+        # more on it (max_task_retries). A chunk that raises is not retried: the same inputs fail again.
+        actor_cls = ray.remote(FidWorker).options(num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor,
+                                                  max_restarts=-1, max_task_retries=MAX_ATTEMPTS - 1)  # fmt: skip
+        self._actors: list[Any] = [actor_cls.remote(self.backbone_path, cfg.to_dict()) for _ in range(self.num_actors)]
+        self._pids: list[Any] = [a.pid.remote() for a in self._actors]  # a ref until read, then the pid
+        self.actors_replaced = 0  # restarts seen (an actor answering from a new process), over this pool's life
 
     # -- actors ---------------------------------------------------------------------------------
 
-    def _start_actor(self):
-        return self._actor_cls.remote(self.backbone_path, self._cfg_dict)
-
-    def _replace_actor(self, slot: int) -> None:
-        import ray
-
-        with contextlib.suppress(Exception):  # already gone
-            ray.kill(self._actors[slot], no_restart=True)
-        self._actors[slot] = self._start_actor()
-        self._pid_refs[slot] = self._actors[slot].pid.remote()
-        self.actors_replaced += 1
-
     def actor_pid(self, slot: int, timeout: float = 120.0) -> int:
-        """Process id of the actor in `slot` (waits for it to start); for tests and diagnostics."""
+        """Process id of the actor in `slot` as last seen (waits for it to start); for tests and diagnostics."""
         import ray
 
-        return int(ray.get(self._pid_refs[slot], timeout=timeout))
+        if not isinstance(self._pids[slot], int):
+            self._pids[slot] = int(ray.get(self._pids[slot], timeout=timeout))
+        return self._pids[slot]
+
+    def _seen_pid(self, slot: int, pid: int) -> int | None:
+        """Note the pid a chunk's result came from; the previous pid when Ray had restarted the actor."""
+        before = self.actor_pid(slot)
+        if pid == before:
+            return None
+        self._pids[slot] = pid
+        self.actors_replaced += 1
+        return before
 
     def actor_pids(self, timeout: float = 120.0) -> list[int]:
         return [self.actor_pid(s, timeout) for s in range(len(self._actors))]
@@ -496,8 +143,7 @@ class FidEvaluator:
         import ray
 
         for actor in self._actors:
-            with contextlib.suppress(Exception):
-                ray.kill(actor, no_restart=True)
+            ray.kill(actor, no_restart=True)
         self._actors = []
 
     def __enter__(self) -> FidEvaluator:
@@ -526,9 +172,10 @@ class FidEvaluator:
         return actor.image_features.remote(job.payload)
 
     def _run(self, jobs: list[_Job], progress: ProgressFn | None) -> tuple[dict[int, dict], dict[int, str]]:
-        """Run every job; returns ({job id: result}, {job id: failure reason}). Never raises for a job."""
+        """Run every job, one in flight per actor; returns ({job id: result}, {job id: failure reason}).
+        Never raises for a job: Ray has already retried one whose actor died."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+        from ray.exceptions import RayActorError, RayError, RayTaskError
 
         if not self._actors:
             raise RuntimeError("this FidEvaluator was shut down")
@@ -542,30 +189,13 @@ class FidEvaluator:
         def emit(event: str, jid: int, slot: int, **extra: Any) -> None:
             if progress is not None:
                 j = jobs[jid]
-                progress(
-                    {
-                        "event": event,
-                        "kind": j.kind,
-                        "owner": j.owner,
-                        "start": j.start,
-                        "count": j.count,
-                        "attempt": j.attempts + 1,
-                        "slot": slot,
-                        **extra,
-                    }
-                )
+                progress({"event": event, "kind": j.kind, "owner": j.owner, "start": j.start, "count": j.count,
+                          "slot": slot, **extra})  # fmt: skip
 
         def fail(jid: int, slot: int, reason: str) -> None:
-            job = jobs[jid]
-            job.errors.append(reason)
-            job.attempts += 1
-            if job.attempts < MAX_ATTEMPTS:
-                emit("retry", jid, slot, reason=reason)
-                queue.appendleft(jid)  # retried next, on whichever actor is free (a fresh one after a death)
-                return
-            failed[jid] = f"failed {job.attempts} times: " + " | ".join(job.errors)
-            dead_owners.add((job.kind, job.owner))
-            emit("failed", jid, slot, reason=failed[jid])
+            failed[jid] = reason
+            dead_owners.add((jobs[jid].kind, jobs[jid].owner))
+            emit("failed", jid, slot, reason=reason)
 
         while queue or inflight:
             while queue and idle:
@@ -579,43 +209,41 @@ class FidEvaluator:
             if not inflight:
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            if not ready:
-                if self.chunk_timeout_s:
-                    now = time.monotonic()
-                    for ref, (slot, jid, t0) in list(inflight.items()):
-                        if now - t0 > self.chunk_timeout_s:  # a hung actor: kill it, treat as a death
-                            del inflight[ref]
-                            self._replace_actor(slot)
-                            idle.append(slot)
-                            fail(jid, slot, f"no result after {self.chunk_timeout_s:.0f} s; actor killed and replaced")
-                continue
+            if not ready and self.chunk_timeout_s:
+                for ref, (slot, jid, t0) in list(inflight.items()):
+                    if time.monotonic() - t0 > self.chunk_timeout_s:  # hung: kill it, Ray restarts it and retries
+                        ray.kill(self._actors[slot], no_restart=False)
+                        inflight[ref] = (slot, jid, time.monotonic())
+                        emit("killed", jid, slot, reason=f"no result after {self.chunk_timeout_s:.0f} s")
             for ref in ready:
                 slot, jid = inflight.pop(ref)[:2]
                 try:
                     out = ray.get(ref)
-                except RayActorError as err:  # died: killed, OOM, crashed, or failed to start
-                    self._replace_actor(slot)
-                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)})")
+                except RayActorError as err:  # died on every attempt: killed, OOM, crashed, its node lost
+                    self._pids[slot] = self._actors[slot].pid.remote()  # Ray restarts it: its next process
+                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)}); none of the "
+                                    f"{MAX_ATTEMPTS} attempts Ray allows a chunk finished")  # fmt: skip
                 except RayTaskError as err:  # the job raised; the actor itself is fine
                     cause = err.cause or err
                     fail(jid, slot, f"{type(cause).__name__}: {last_error_line(cause)}")
-                except (RayError, GetTimeoutError) as err:  # worker crash, lost object: start afresh
-                    self._replace_actor(slot)
+                except RayError as err:  # a lost object, a worker crash outside the task
                     fail(jid, slot, f"{type(err).__name__}: {last_error_line(err)}")
                 else:
                     results[jid] = out
-                    emit("done", jid, slot, pid=out.get("pid"))
+                    if (before := self._seen_pid(slot, out["pid"])) is not None:
+                        emit("restarted", jid, slot, reason=f"actor restarted by Ray (pid {before} -> {out['pid']})")
+                    emit("done", jid, slot, pid=out["pid"])
                 idle.append(slot)
         return results, failed
 
     # -- public ---------------------------------------------------------------------------------
 
-    def resolve(self, requests: Sequence[EvalRequest]) -> list[_Resolved]:
+    def resolve(self, requests: Sequence[EvalRequest]) -> list[ResolvedRequest]:
         """Fill defaults and check every request; EvalInputError names the request, file or numbers."""
         out = []
         for i, req in enumerate(requests):
             where = f"request {i} ({req.label or req.task or 'backbone'})"
-            out.append(_resolve(req, self.cfg, self.backbone_meta, where))
+            out.append(resolve_request(req, self.cfg, self.backbone_meta, where))
         return out
 
     def reference(self, shards_dir: str, num_reference: int | None = None) -> ReferenceStats:
@@ -652,13 +280,11 @@ class FidEvaluator:
             mine = sorted((j.start, jid) for jid, j in enumerate(jobs) if j.kind == "reference" and j.owner == p)
             if mine and all(jid in results for _s, jid in mine):
                 feats = np.concatenate([results[jid]["features"] for _s, jid in mine])  # (N, D) in image order
-                out[p] = _stats_from_features(plan, feats, save_cached(plan, feats))
+                out[p] = cache_reference(plan, feats)
         return out
 
-    def _centroid_plans(self, resolved: list[_Resolved]) -> list[ReferencePlan]:
+    def _centroid_plans(self, resolved: list[ResolvedRequest]) -> list[ReferencePlan]:
         """One reference plan per target (the classifier's classes) when every request's task is a target."""
-        from diffscaler.data.build import dataset_dir
-
         tasks = {res.request.task for res in resolved}
         if not resolved or None in tasks or not self.cfg.eval.reference_rows:
             return []
@@ -787,62 +413,3 @@ def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[i
         if jobs[jid].kind == kind and (owner not in errors or errors[owner].startswith("skipped")):
             errors[owner] = reason
     return errors
-
-
-# ------------------------------------------------------------------------------------------------
-# Reports
-# ------------------------------------------------------------------------------------------------
-
-
-def format_table(results: Sequence[EvalResult]) -> str:
-    """A fixed-width table: one row per result, units and feature network in the header."""
-    net = sorted({r.feature_network for r in results})
-    head = (
-        f"{'task':<14} {'label':<12} {'method':<8} {'rank':>4} {'FID':>9} {'KID':>10} {'±':>8} "
-        f"{'gen':>5} {'ref':>5} {'s':>7}  status"
-    )
-    lines = [
-        f"FID / KID on {', '.join(net)} features (not comparable with Inception FID unless that is the network)",
-        head,
-        "-" * len(head),
-    ]
-    for r in results:
-        fid = f"{r.fid:9.3f}" if r.fid is not None else f"{'-':>9}"
-        kid = f"{r.kid_mean:10.5f}" if r.kid_mean is not None else f"{'-':>10}"
-        std = f"{r.kid_std:8.5f}" if r.kid_std is not None else f"{'-':>8}"
-        status = r.status if r.status == "ok" else f"FAILED: {r.error[:80]}"
-        lines.append(
-            f"{(r.task or '(backbone)'):<14} {r.label[:12]:<12} {r.method or '-':<8} {r.rank:>4} {fid} {kid} "
-            f"{std} {r.num_generated:>5} {r.num_reference:>5} {r.seconds:>7.1f}  {status}"
-        )
-    return "\n".join(lines)
-
-
-def write_fid_json(results: Sequence[EvalResult], path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """`{"results": [...], "by_task": {key: result}, **extra}` written atomically (temp name, rename).
-
-    The key is the task name ("(backbone)" for the bare backbone); a task scored several times (methods,
-    trials) is keyed "label/task" instead.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r.to_dict() for r in results]
-    names = [r["task"] or "(backbone)" for r in rows]
-    keys = [f"{r['label']}/{n}" if names.count(n) > 1 else n for r, n in zip(rows, names)]
-    if len(set(keys)) < len(keys):  # same task and label twice: fall back to positions
-        keys = [f"{i}:{k}" for i, k in enumerate(keys)]
-    doc = {
-        "format": "diffscaler-fid",
-        "format_version": 1,
-        "units": {
-            "fid": "Fréchet distance on the named feature network's features",
-            "kid_mean": "MMD² (poly kernel)",
-            "seconds": "s wall-clock",
-            "sample_seconds": "actor s",
-            "feature_seconds": "actor s",
-        },
-        **(extra or {}),
-        "results": rows,
-        "by_task": dict(zip(keys, rows)),
-    }
-    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

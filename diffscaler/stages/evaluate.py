@@ -13,8 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffscaler.artifacts import AdapterLoadError, read_adapter_file
-from diffscaler.eval import FidEvaluator, format_table, request_for_task, write_fid_json
+from diffscaler import artifacts
+from diffscaler.artifacts import (
+    AdapterLoadError,
+    BackboneLoadError,
+    load_backbone,
+    read_adapter_file,
+    read_adapter_meta,
+    read_backbone_meta,
+)
+from diffscaler.eval.pool import FidEvaluator, ProgressFn
+from diffscaler.eval.requests import EvalRequest, request_for_task
+from diffscaler.eval.resolve import resolve_request
+from diffscaler.eval.results import EvalResult, format_table, write_fid_json
+from diffscaler.eval.stats import EvalInputError
 from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.finetune import adapter_files, require_adapters
 from diffscaler.stages.inputs import require_targets_and_backbone
@@ -106,9 +118,8 @@ class EvaluateStage(Stage):
                 requests += [request_for_task(cfg, t.name, None, label=REAL_LABEL, source="real"),
                              request_for_task(cfg, t.name, None, label=NO_ADAPTER_LABEL)]  # fmt: skip
         inputs = eval_inputs(run)
-        with FidEvaluator(str(run.backbone), cfg) as evaluator:
-            generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
-            results = evaluator.evaluate(requests, progress=_ProgressLog(run, generated))
+        generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
+        results, _replaced = self.score(run, requests, progress=_ProgressLog(run, generated))
         write_fid_json(results, run.layout.fid_json, extra={"pipeline_inputs": inputs})
         run.log(format_table(results))
         failed = [r for r in results if r.status != "ok"]
@@ -121,3 +132,36 @@ class EvaluateStage(Stage):
 
     def outputs(self, run: Run) -> dict[str, Any]:
         return {"fid_json": str(run.layout.fid_json)}
+
+    # -- what `ray_jobs.evaluate` calls: adapters it is given instead of the run's fine-tunes --------
+
+    def requests(self, run: Run, adapters: list[str], include_backbone: bool) -> list[EvalRequest]:
+        """A request per adapter that `adapters` names (folders, files, a bank) and, with `include_backbone`, the
+        bare backbone on the pretraining set; the backbone, every adapter, the shards and the feature network
+        checked before any Ray connection (EvalInputError names the problem)."""
+        # here, not at the top: the feature networks import torch-fidelity, which only a scoring process needs
+        from diffscaler.eval.features import FeatureWeightsError, resolve_weights_path
+
+        cfg = run.cfg
+        if not adapters and not include_backbone:
+            raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
+        try:
+            path = run.backbone
+            meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
+            files = artifacts.adapter_files(adapters)
+            requests = [request_for_task(cfg, read_adapter_meta(f)["task"], str(f)) for f in files]
+            resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
+        except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
+            raise EvalInputError(str(err)) from None
+        if include_backbone:
+            requests.append(request_for_task(cfg, None))
+        for i, req in enumerate(requests):
+            resolve_request(req, cfg, meta, f"request {i} ({req.task or 'backbone'})")  # adapter fits, shards exist
+        return requests
+
+    def score(self, run: Run, requests: list[EvalRequest], progress: ProgressFn | None = None
+              ) -> tuple[list[EvalResult], int]:  # fmt: skip
+        """Score `requests` on the FID actor pool, joining the cluster first: (results, actor restarts)."""
+        run.connect()
+        with FidEvaluator(str(run.backbone), run.cfg) as evaluator:
+            return evaluator.evaluate(requests, progress=progress), evaluator.actors_replaced

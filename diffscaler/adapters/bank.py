@@ -42,7 +42,7 @@ from torch import nn
 
 from diffscaler.adapters.layers import METHOD_PARTS, AdaptedLinear, ScaleShiftLinear, adapted_linear
 from diffscaler.adapters.lean_grad import compute_dtype, grouping_supported
-from diffscaler.adapters.routing import TaskEmbedder, TaskGroups, TaskIds
+from diffscaler.adapters.routing import TaskEmbedder, TaskGroups, TaskIds, TaskInfo
 from diffscaler.config import ADAPTER_METHODS, ADAPTER_TARGETS
 from diffscaler.models.dit import DiT, TaskLinear
 
@@ -51,21 +51,6 @@ __all__ = ["METHOD_PARTS", "AdapterBank", "AdapterLoadError", "TaskInfo", "attac
 
 class AdapterLoadError(ValueError):
     """An adapter file that does not fit the model it is loaded onto."""
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str  # task name (file stem of its adapter)
-    num_classes: int = 1  # conditioning rows; 1 for an unconditional task
-    conditional: bool = False  # labels select rows (and guidance uses the null row)
-    rank: int = 0  # this task's rank (0 = the bank's rank); smaller ranks are zero-padded exactly
-    class_names: tuple[str, ...] = ()  # optional, for reports
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
-        if not self.conditional and self.num_classes != 1:
-            raise ValueError(f"task {self.name!r}: an unconditional task has exactly one row")
 
 
 # ------------------------------------------------------------------------------------------------

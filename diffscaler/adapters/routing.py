@@ -17,8 +17,24 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from diffscaler.adapters.bank import TaskInfo
     from diffscaler.models.dit import LabelEmbedder
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One task of an adapter bank: its conditioning rows and rank (here, below bank.py, which re-exports it)."""
+
+    name: str  # task name (file stem of its adapter)
+    num_classes: int = 1  # conditioning rows; 1 for an unconditional task
+    conditional: bool = False  # labels select rows (and guidance uses the null row)
+    rank: int = 0  # this task's rank (0 = the bank's rank); smaller ranks are zero-padded exactly
+    class_names: tuple[str, ...] = ()  # optional, for reports
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
+        if not self.conditional and self.num_classes != 1:
+            raise ValueError(f"task {self.name!r}: an unconditional task has exactly one row")
 
 
 @dataclass(frozen=True)

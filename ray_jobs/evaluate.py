@@ -75,7 +75,7 @@ def _evaluate(args: argparse.Namespace, run: Run) -> int:
             what = "reference images" if event["kind"] == "reference" else f"request {event['owner']}"
             lo, hi = event["start"], event["start"] + event["count"]
             print(f"evaluate: {what} [{lo}, {hi}) done ({done['n']} chunks so far)", file=sys.stderr)
-        elif event["event"] in ("restarted", "killed", "failed"):
+        elif event["event"] in ("retry", "failed"):
             print(f"evaluate: {event['event']}: {event.get('reason', '')}", file=sys.stderr)
 
     t0 = time.perf_counter()

@@ -5,20 +5,25 @@
                                request_for_task(cfg, None)])          # None: bare backbone, pretraining set
 
 Each request becomes chunks of sample indices (and missing reference statistics chunks of images), one in
-flight per actor. Faults are Ray's own: a dead actor (killed, out of memory, its node gone) is restarted by
-Ray (`max_restarts`) and the chunk it held runs again on it (`max_task_retries`); a chunk that still fails
-fails its request alone, with the reason. The scores are those of an undisturbed run: a chunk's samples
-depend only on their indices. The driver computes FID/KID from the features (stats.py).
+flight per actor. An actor that dies (killed, out of memory, its node gone) surfaces as `RayActorError` on
+its chunk: a new actor replaces it and the chunk is retried once; a chunk failing twice fails its request
+alone, with the reason. The scores are those of an undisturbed run: a chunk's samples depend only on their
+indices. The driver computes FID/KID from the features (stats.py).
+
+Why not Ray's own `max_restarts` / `max_task_retries` (tried for issue 25): with an actor lost with its node
+(tests/test_spot_nodes.py), Ray spent the chunk's retry on "actor temporarily unavailable" errors (connection
+refused at the dead node's address) before it declared the node dead, and the chunk failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +51,7 @@ from diffscaler.eval.stats import (
 )
 from diffscaler.eval.worker import FidWorker
 
-MAX_ATTEMPTS = 2  # a chunk runs at most twice: Ray runs it once more on the restarted actor (max_task_retries)
+MAX_ATTEMPTS = 2  # a job is tried at most twice (one retry), on a fresh actor after a death
 
 
 @dataclass
@@ -56,6 +61,8 @@ class _Job:
     start: int  # first sample / image index
     count: int
     payload: dict[str, Any] | np.ndarray
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -109,32 +116,33 @@ class FidEvaluator:
                 "until a node that fits joins (set eval.cpus_per_actor / eval.gpus_per_actor, or chunk_timeout_s)",
                 stacklevel=2,
             )
-        # Ray restarts a dead actor (max_restarts: -1, as often as it dies) and runs the chunk it held once
-        # more on it (max_task_retries). A chunk that raises is not retried: the same inputs fail again.
-        actor_cls = ray.remote(FidWorker).options(num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor,
-                                                  max_restarts=-1, max_task_retries=MAX_ATTEMPTS - 1)  # fmt: skip
-        self._actors: list[Any] = [actor_cls.remote(self.backbone_path, cfg.to_dict()) for _ in range(self.num_actors)]
-        self._pids: list[Any] = [a.pid.remote() for a in self._actors]  # a ref until read, then the pid
-        self.actors_replaced = 0  # restarts seen (an actor answering from a new process), over this pool's life
+        self._actor_cls = ray.remote(FidWorker).options(
+            num_cpus=cfg.eval.cpus_per_actor, num_gpus=cfg.eval.gpus_per_actor, max_restarts=0, max_task_retries=0
+        )
+        self._cfg_dict = cfg.to_dict()
+        self._actors: list[Any] = [self._start_actor() for _ in range(self.num_actors)]
+        self._pid_refs: list[Any] = [a.pid.remote() for a in self._actors]
+        self.actors_replaced = 0  # actors that died (or hung) and were replaced, over this pool's life
 
     # -- actors ---------------------------------------------------------------------------------
 
-    def actor_pid(self, slot: int, timeout: float = 120.0) -> int:
-        """Process id of the actor in `slot` as last seen (waits for it to start); for tests and diagnostics."""
+    def _start_actor(self):
+        return self._actor_cls.remote(self.backbone_path, self._cfg_dict)
+
+    def _replace_actor(self, slot: int) -> None:
         import ray
 
-        if not isinstance(self._pids[slot], int):
-            self._pids[slot] = int(ray.get(self._pids[slot], timeout=timeout))
-        return self._pids[slot]
-
-    def _seen_pid(self, slot: int, pid: int) -> int | None:
-        """Note the pid a chunk's result came from; the previous pid when Ray had restarted the actor."""
-        before = self.actor_pid(slot)
-        if pid == before:
-            return None
-        self._pids[slot] = pid
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(self._actors[slot], no_restart=True)
+        self._actors[slot] = self._start_actor()
+        self._pid_refs[slot] = self._actors[slot].pid.remote()
         self.actors_replaced += 1
-        return before
+
+    def actor_pid(self, slot: int, timeout: float = 120.0) -> int:
+        """Process id of the actor in `slot` (waits for it to start); for tests and diagnostics."""
+        import ray
+
+        return int(ray.get(self._pid_refs[slot], timeout=timeout))
 
     def actor_pids(self, timeout: float = 120.0) -> list[int]:
         return [self.actor_pid(s, timeout) for s in range(len(self._actors))]
@@ -143,7 +151,8 @@ class FidEvaluator:
         import ray
 
         for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         self._actors = []
 
     def __enter__(self) -> FidEvaluator:
@@ -172,10 +181,9 @@ class FidEvaluator:
         return actor.image_features.remote(job.payload)
 
     def _run(self, jobs: list[_Job], progress: ProgressFn | None) -> tuple[dict[int, dict], dict[int, str]]:
-        """Run every job, one in flight per actor; returns ({job id: result}, {job id: failure reason}).
-        Never raises for a job: Ray has already retried one whose actor died."""
+        """Run every job; returns ({job id: result}, {job id: failure reason}). Never raises for a job."""
         import ray
-        from ray.exceptions import RayActorError, RayError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
         if not self._actors:
             raise RuntimeError("this FidEvaluator was shut down")
@@ -189,13 +197,30 @@ class FidEvaluator:
         def emit(event: str, jid: int, slot: int, **extra: Any) -> None:
             if progress is not None:
                 j = jobs[jid]
-                progress({"event": event, "kind": j.kind, "owner": j.owner, "start": j.start, "count": j.count,
-                          "slot": slot, **extra})  # fmt: skip
+                progress(
+                    {
+                        "event": event,
+                        "kind": j.kind,
+                        "owner": j.owner,
+                        "start": j.start,
+                        "count": j.count,
+                        "attempt": j.attempts + 1,
+                        "slot": slot,
+                        **extra,
+                    }
+                )
 
         def fail(jid: int, slot: int, reason: str) -> None:
-            failed[jid] = reason
-            dead_owners.add((jobs[jid].kind, jobs[jid].owner))
-            emit("failed", jid, slot, reason=reason)
+            job = jobs[jid]
+            job.errors.append(reason)
+            job.attempts += 1
+            if job.attempts < MAX_ATTEMPTS:
+                emit("retry", jid, slot, reason=reason)
+                queue.appendleft(jid)  # retried next, on whichever actor is free (a fresh one after a death)
+                return
+            failed[jid] = f"failed {job.attempts} times: " + " | ".join(job.errors)
+            dead_owners.add((job.kind, job.owner))
+            emit("failed", jid, slot, reason=failed[jid])
 
         while queue or inflight:
             while queue and idle:
@@ -209,30 +234,32 @@ class FidEvaluator:
             if not inflight:
                 continue
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-            if not ready and self.chunk_timeout_s:
-                for ref, (slot, jid, t0) in list(inflight.items()):
-                    if time.monotonic() - t0 > self.chunk_timeout_s:  # hung: kill it, Ray restarts it and retries
-                        ray.kill(self._actors[slot], no_restart=False)
-                        inflight[ref] = (slot, jid, time.monotonic())
-                        emit("killed", jid, slot, reason=f"no result after {self.chunk_timeout_s:.0f} s")
+            if not ready:
+                if self.chunk_timeout_s:
+                    now = time.monotonic()
+                    for ref, (slot, jid, t0) in list(inflight.items()):
+                        if now - t0 > self.chunk_timeout_s:  # a hung actor: kill it, treat as a death
+                            del inflight[ref]
+                            self._replace_actor(slot)
+                            idle.append(slot)
+                            fail(jid, slot, f"no result after {self.chunk_timeout_s:.0f} s; actor killed and replaced")
+                continue
             for ref in ready:
                 slot, jid = inflight.pop(ref)[:2]
                 try:
                     out = ray.get(ref)
-                except RayActorError as err:  # died on every attempt: killed, OOM, crashed, its node lost
-                    self._pids[slot] = self._actors[slot].pid.remote()  # Ray restarts it: its next process
-                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)}); none of the "
-                                    f"{MAX_ATTEMPTS} attempts Ray allows a chunk finished")  # fmt: skip
+                except RayActorError as err:  # died: killed, OOM, crashed, or failed to start
+                    self._replace_actor(slot)
+                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)})")
                 except RayTaskError as err:  # the job raised; the actor itself is fine
                     cause = err.cause or err
                     fail(jid, slot, f"{type(cause).__name__}: {last_error_line(cause)}")
-                except RayError as err:  # a lost object, a worker crash outside the task
+                except (RayError, GetTimeoutError) as err:  # worker crash, lost object: start afresh
+                    self._replace_actor(slot)
                     fail(jid, slot, f"{type(err).__name__}: {last_error_line(err)}")
                 else:
                     results[jid] = out
-                    if (before := self._seen_pid(slot, out["pid"])) is not None:
-                        emit("restarted", jid, slot, reason=f"actor restarted by Ray (pid {before} -> {out['pid']})")
-                    emit("done", jid, slot, pid=out["pid"])
+                    emit("done", jid, slot, pid=out.get("pid"))
                 idle.append(slot)
         return results, failed
 

@@ -19,7 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from diffscaler.config import ConfigError, ExperimentConfig, load_config
+from diffscaler.config import ConfigError, load_config
+from diffscaler.eval.pool import condition_references, format_condition_reference
+from diffscaler.eval.results import format_table, write_fid_json
+from diffscaler.eval.stats import EvalInputError
+from diffscaler.runlock import RunFolderError, run_lock
+from diffscaler.stages import Run
+from diffscaler.stages.evaluate import EvaluateStage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,63 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args.adapters if "=" in a and not Path(a).exists()]
     args.adapters = [a for a in args.adapters if a not in overrides]
     args.overrides = overrides + args.overrides
-    from diffscaler.eval import EvalInputError
-    from diffscaler.runlock import RunFolderError, run_lock
-
     try:
         cfg = load_config(args.config, args.overrides)
+        run = Run.for_program(cfg, "evaluate", args.out, backbone=args.backbone)  # OUT/fid.json
         with run_lock(args.out, "ray_jobs.evaluate"):  # one evaluation per --out: a second would mix up fid.json
-            return _evaluate(args, cfg)
+            return _evaluate(args, run)
     except (ConfigError, EvalInputError, RunFolderError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
 
 
-def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: list[str], include_backbone: bool) -> list:
-    """The requests to score, with the backbone, every adapter, the shards and the feature network
-    checked, before any Ray connection (FidEvaluator checks them again, on the cluster side)."""
-    from diffscaler.adapters.bank import AdapterLoadError
-    from diffscaler.artifacts import (
-        BackboneLoadError,
-        adapter_files,
-        load_backbone,
-        read_adapter_meta,
-        read_backbone_meta,
-    )
-    from diffscaler.eval import EvalInputError, request_for_task
-    from diffscaler.eval.features import FeatureWeightsError, resolve_weights_path
-    from diffscaler.eval.pool import _resolve
-
-    if not adapters and not include_backbone:
-        raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
-    try:
-        path = Path(backbone)
-        meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
-        metas = {str(f.resolve()): read_adapter_meta(f) for f in adapter_files(adapters)}  # actors run elsewhere
-        requests = [request_for_task(cfg, m["task"], f) for f, m in metas.items()]
-        # a conditional task's adapter is scored with its maps, and again without them (what the map buys)
-        requests += [request_for_task(cfg, m["task"], f, label="no condition", conditioned=False)
-                     for f, m in metas.items() if m.get("condition_extractor")]  # fmt: skip
-        resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
-    except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
-        raise EvalInputError(str(err)) from None
-    if include_backbone:
-        requests.append(request_for_task(cfg, None))
-    for i, req in enumerate(requests):
-        _resolve(req, cfg, meta, f"request {i} ({req.task or 'backbone'})")  # adapter fits, shards exist
-    return requests
-
-
-def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
-    """Check every input, then connect to Ray and score; EvalInputError for bad input."""
-    import ray
-
-    from diffscaler.cluster import connect_ray
-    from diffscaler.eval import EvalInputError, FidEvaluator, format_table
-    from diffscaler.eval.pool import condition_references, format_condition_reference, write_fid_json
-
-    requests = check_inputs(cfg, args.backbone, args.adapters, args.include_backbone)
-    started_ray = connect_ray(cfg)
+def _evaluate(args: argparse.Namespace, run: Run) -> int:
+    """The evaluate stage on the given adapters: every input checked, then Ray joined and the pool run."""
+    stage = EvaluateStage()
+    requests = stage.requests(run, args.adapters, args.include_backbone)
     done = {"n": 0}
 
     def log(event: dict) -> None:
@@ -118,27 +81,20 @@ def _evaluate(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
 
     t0 = time.perf_counter()
     try:
-        with FidEvaluator(args.backbone, cfg) as evaluator:
-            results = evaluator.evaluate(requests, progress=log)
-            replaced = evaluator.actors_replaced
-    except EvalInputError as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
+        results, replaced = stage.score(run, requests, progress=log)
     finally:
-        if started_ray:
-            ray.shutdown()
-    out = Path(args.out)
+        run.disconnect()
     conditional = sorted({r.task for r in results if r.condition and r.task})
-    references = condition_references(cfg, conditional)  # fidelity's ceiling and chance rows
-    write_fid_json(results, out / "fid.json", extra={
-        "backbone": args.backbone, "adapters": args.adapters, "config": cfg.to_dict(),
-        "total_seconds": round(time.perf_counter() - t0, 3), "num_actors": cfg.eval.num_actors,
+    references = condition_references(run.cfg, conditional)  # fidelity's ceiling and chance rows
+    write_fid_json(results, run.layout.fid_json, extra={
+        "backbone": args.backbone, "adapters": args.adapters, "config": run.cfg.to_dict(),
+        "total_seconds": round(time.perf_counter() - t0, 3), "num_actors": run.cfg.eval.num_actors,
         "actors_replaced": replaced, **({"condition_reference": references} if conditional else {}),
     })  # fmt: skip
     print(format_table(results))
     for line in format_condition_reference(references):
         print(line)
-    print(f"wrote {out / 'fid.json'}")
+    print(f"wrote {run.layout.fid_json}")
     return 0 if all(r.status == "ok" for r in results) else 1
 
 

@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest tests/test_eval_pool.py -q
 
 One pool (2 actors x 0.5 CPU) is shared by the module; a tiny DiT-T/8 at 32 px, 16 samples per request,
-3 sampler steps, EfficientNet-Lite0 features. Actors are killed with SIGKILL (as the OOM killer would).
+3 sampler steps, EfficientNet-Lite0 features. Actors are killed with SIGKILL (as the OOM killer would):
+a new actor replaces each and the chunk runs again; the scores are those of the undisturbed run, bit for bit.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def test_killed_actor_is_replaced_and_its_chunk_retried(pool, project, baseline)
     assert result.status == "ok", result.error
     assert [e["event"] for e in events].count("retry") == 1
     assert pool.actors_replaced == replaced_before + 1
-    assert result.fid == pytest.approx(baseline[0].fid, rel=1e-4)  # the retried chunk gave the same samples
+    # the retried chunk gave the same samples: the scores of the undisturbed run, bit for bit
+    assert (result.fid, result.kid_mean, result.kid_std) == (baseline[0].fid, baseline[0].kid_mean, baseline[0].kid_std)
     assert len(set(pool.actor_pids())) == 2  # the pool is whole again
 
 

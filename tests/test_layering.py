@@ -217,12 +217,8 @@ def test_every_import_points_down_or_sideways():
     assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
 
 
-# routing.py's `if TYPE_CHECKING:` import of TaskInfo from bank.py (issue 25 item 2: still to untie)
-KNOWN_CIRCLES = [["diffscaler.adapters.bank", "diffscaler.adapters.layers", "diffscaler.adapters.routing"]]
-
-
 def test_no_import_circles():
-    found = [c for c in circles(import_edges(project_modules())) if c not in KNOWN_CIRCLES]
+    found = circles(import_edges(project_modules()))
     assert not found, f"modules that import each other (function-level imports included): {found}"
 
 

@@ -45,7 +45,6 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ from diffscaler.adapters.condition import (
 )
 from diffscaler.adapters.layers import METHOD_PARTS, AdaptedLinear, ScaleShiftLinear, adapted_linear
 from diffscaler.adapters.lean_grad import compute_dtype, grouping_supported
-from diffscaler.adapters.routing import TaskEmbedder, TaskGroups, TaskIds, per_sample_ids
+from diffscaler.adapters.routing import TaskEmbedder, TaskGroups, TaskIds, TaskInfo, per_sample_ids
 from diffscaler.config import ADAPTER_METHODS, ADAPTER_TARGETS
 from diffscaler.models.dit import BlockInjection, DiT, TaskLinear
 
@@ -72,35 +71,6 @@ class AdapterLoadError(ValueError):
 
 
 CONDITION_PREFIX = "condition."  # tensor names of a task's condition path in its adapter file
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    name: str  # task name (file stem of its adapter)
-    num_classes: int = 1  # conditioning rows; 1 for an unconditional task
-    conditional: bool = False  # labels select rows (and guidance uses the null row)
-    rank: int = 0  # this task's rank (0 = the bank's rank); smaller ranks are zero-padded exactly
-    class_names: tuple[str, ...] = ()  # optional, for reports
-    condition: str = ""  # spatial condition kind: canny | mask | key:<member>; "" = none (no map)
-    condition_channels: int = 0  # channels of the task's map (1 grey, 3 colour); 0 = no map
-    condition_size: int = 0  # the map's side in pixels; 0 = the DiT's input side (a pixel backbone)
-    # how the map is made, as the shards' index.json records it (free-form; saved in the adapter's JSON)
-    condition_extractor: dict[str, Any] = field(default_factory=dict, hash=False)
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"task {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
-        if not self.conditional and self.num_classes != 1:
-            raise ValueError(f"task {self.name!r}: an unconditional task has exactly one row")
-        if bool(self.condition) != (self.condition_channels > 0):
-            raise ValueError(f"task {self.name!r}: a condition needs its kind and channels together "
-                             f"(condition={self.condition!r}, condition_channels={self.condition_channels})")
-        if self.condition_channels < 0 or self.condition_size < 0:
-            raise ValueError(f"task {self.name!r}: condition_channels and condition_size must be >= 0")
-
-    @property
-    def has_condition(self) -> bool:
-        return self.condition_channels > 0
 
 
 # ------------------------------------------------------------------------------------------------

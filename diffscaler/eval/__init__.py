@@ -6,9 +6,11 @@
 
     python -m ray_jobs.evaluate --config ray_jobs/configs/tiny.yaml --backbone FILE --adapters DIR --out DIR2
 
-Modules: features (feature networks registered with torch-fidelity), stats (reference-statistics cache,
-FID/KID), pool (`FidEvaluator`), fidelity (condition fidelity of spatially conditioned tasks: edge F1,
-mask IoU, ceiling and mismatched rows). torch-fidelity is imported only through diffscaler.torchvision_compat.
+Modules: requests (what to score), resolve (defaults and input checks), worker (the actor), pool
+(`FidEvaluator`: the actors, the queue, the scores), results (EvalResult, table, fid.json), features
+(feature networks registered with torch-fidelity), stats (reference-statistics cache, FID/KID), fidelity
+(condition fidelity of spatially conditioned tasks: edge F1, mask IoU, ceiling and mismatched rows).
+torch-fidelity is imported only through diffscaler.torchvision_compat.
 Importing this package is cheap: names load on first use (torch, Ray and torch-fidelity are heavy).
 """
 
@@ -19,13 +21,15 @@ from typing import Any
 
 _EXPORTS = {
     "FidEvaluator": "pool",
-    "FidWorker": "pool",
-    "EvalRequest": "pool",
-    "EvalResult": "pool",
-    "request_for_task": "pool",
-    "requests_for_adapter_dir": "pool",
-    "format_table": "pool",
-    "write_fid_json": "pool",
+    "FidWorker": "worker",
+    "EvalRequest": "requests",
+    "request_for_task": "requests",
+    "requests_for_adapter_dir": "requests",
+    "ResolvedRequest": "resolve",
+    "resolve_request": "resolve",
+    "EvalResult": "results",
+    "format_table": "results",
+    "write_fid_json": "results",
     "EvalInputError": "stats",
     "ReferenceStats": "stats",
     "reference_stats": "stats",

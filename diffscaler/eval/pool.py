@@ -1,67 +1,48 @@
-"""`FidEvaluator`: a pool of Ray actors that samples (task, adapter) requests and scores FID/KID.
+"""`FidEvaluator`: a pool of `FidWorker` actors that scores FID/KID of many requests in one queue.
 
-    ray.init()
-    with FidEvaluator("runs/backbone/backbone.safetensors", cfg) as ev:
+    with FidEvaluator("runs/backbone/backbone.safetensors", cfg) as ev:   # after ray.init()
         results = ev.evaluate([request_for_task(cfg, "emoji", "adapters/emoji.safetensors"),
                                request_for_task(cfg, None)])          # None: bare backbone, pretraining set
-    print(format_table(results))
 
-How it works
-- Each actor (`FidWorker`, cfg.eval.cpus_per_actor CPUs / gpus_per_actor GPUs) loads the backbone
-  and the feature network once, at start. Adapted models are built from a copy of the backbone
-  and kept while consecutive jobs use the same adapter file.
-- A request is split into chunks of sample indices [start, start + count). An actor samples them with
-  `sample_images(..., seed, start_index=start)` - sample k always gets seed index k and class label
-  k % num_classes - extracts features and returns them. So the score does not depend on the number
-  of actors or on how the work was split, up to float rounding of differently sized batches (CPU:
-  features agree to ~1e-5; H100 with bf16 sampling: to ~5e-3 absolute, features being O(0.1-1)).
-- Reference statistics (stats.py) come from the cache, or their images are sent to the actors in
-  chunks too; the driver caches them and computes FID and KID per request with torch-fidelity's code.
-- The driver keeps one job in flight per actor and `ray.wait`s on all of them: an actor that dies
-  (killed, out of memory) surfaces as `RayActorError` on its job's result - it is replaced by a new
-  actor and the job retried once; a job failing twice marks its request failed with the reason (the
-  other requests go on). An optional `chunk_timeout_s` kills and replaces an actor that hangs.
+Each request becomes chunks of sample indices (and missing reference statistics chunks of images), one in
+flight per actor. An actor that dies (killed, out of memory, its node gone) surfaces as `RayActorError` on
+its chunk: a new actor replaces it and the chunk is retried once; a chunk failing twice fails its request
+alone, with the reason. The scores are those of an undisturbed run: a chunk's samples depend only on their
+indices. The driver computes FID/KID from the features (stats.py).
 
-Launch on its own: `python -m ray_jobs.evaluate --config ray_jobs/configs/tiny.yaml --backbone FILE
---adapters DIR --out DIR2`.
+Why not Ray's own `max_restarts` / `max_task_retries` (tried for issue 25): with an actor lost with its node
+(tests/test_spot_nodes.py), Ray spent the chunk's retry on "actor temporarily unavailable" errors (connection
+refused at the dead node's address) before it declared the node dead, and the chunk failed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import os
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffscaler.adapters.bank import AdapterLoadError
-from diffscaler.artifacts import (
-    TASK_MODEL_KEY,
-    BackboneLoadError,
-    load_adapters,
-    load_backbone,
-    read_backbone_meta,
-    read_trained_meta,
-)
-from diffscaler.atomic import write_text_atomic
-from diffscaler.config import ExperimentConfig, config_from_json
-from diffscaler.diffusion.gaussian import GaussianDiffusion
-from diffscaler.diffusion.sampling import sample_images
+from diffscaler.artifacts import BackboneLoadError, load_backbone, read_backbone_meta
+from diffscaler.config import ExperimentConfig
+from diffscaler.data import load_index, read_split
+from diffscaler.data.build import dataset_dir
 from diffscaler.errors import last_error_line
+from diffscaler.eval.fidelity import METRICS, reference_rows
+from diffscaler.eval.requests import EvalRequest, task_names
+from diffscaler.eval.resolve import ResolvedRequest, pixel_side, resolve_request
+from diffscaler.eval.results import EvalResult
 from diffscaler.eval.stats import (
     EvalInputError,
     ReferencePlan,
     ReferenceStats,
-    _stats_from_features,
+    cache_reference,
     feature_statistics,
     frechet_distance,
     kid_from_features,
@@ -69,395 +50,10 @@ from diffscaler.eval.stats import (
     load_reference_images,
     nearest_centroid_accuracy,
     plan_reference,
-    save_cached,
 )
-from diffscaler.vae import VaeError, cached_vae_identity
+from diffscaler.eval.worker import FidWorker
 
 MAX_ATTEMPTS = 2  # a job is tried at most twice (one retry), on a fresh actor after a death
-
-
-# ------------------------------------------------------------------------------------------------
-# Requests and results
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EvalRequest:
-    task: str | None  # task name in cfg.data.targets; None = bare backbone on the pretraining set
-    adapter_path: str | None = None  # <task>.safetensors (JSON beside it); None = bare backbone
-    shards_dir: str = ""  # dataset folder; its eval split is the reference ("" = from cfg.data)
-    num_samples: int | None = None  # generated images (None = cfg.eval.num_samples)
-    seed: int | None = None  # base of the per-sample seeds (None = cfg.eval.seed)
-    steps: int | None = None  # sampler steps (None = cfg.eval.sampling_steps)
-    sampler: str | None = None  # ddim | ddpm (None = cfg.diffusion.sampler)
-    cfg_scale: float | None = None  # guidance scale (None = cfg.diffusion.cfg_scale)
-    num_reference: int | None = None  # reference images (None = cfg.eval.num_reference; 0 = all)
-    label: str = ""  # free text echoed in the result (trial id, method)
-    # generated: sample the model (no adapter_path with a task: the bare backbone's samples over its classes,
-    # scored against the task: the comparison's "no adapter" row); real: the floor - the task's real images
-    # of the other split, as many as num_samples allows, scored against the reference split
-    source: str = "generated"
-    # An adapter of a conditional task samples image k with map k mod N of the reference split's maps and is
-    # scored for condition fidelity against them; False samples it without any map (the "no condition" row,
-    # still scored against the same maps: what the map buys). Ignored for tasks without a condition.
-    conditioned: bool = True
-    condition_scale: float | None = None  # guidance on the map (None = diffusion.condition_scale, else 1)
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    task: str | None  # None = bare backbone
-    adapter: str  # adapter file ("" = bare backbone)
-    label: str
-    status: str  # "ok" | "failed"
-    error: str  # the reason when failed
-    fid: float | None  # Fréchet distance on `feature_network` features
-    kid_mean: float | None  # KID (polynomial kernel, torch-fidelity), mean over subsets
-    kid_std: float | None
-    feature_network: str  # every score names its feature network...
-    num_generated: int  # ...and its sample counts
-    num_reference: int
-    seconds: float  # wall-clock s from the request's first job to its score
-    sample_seconds: float  # actor s spent sampling (summed over chunks)
-    feature_seconds: float  # actor s spent in the feature network (generated images)
-    seed: int
-    steps: int
-    sampler: str
-    cfg_scale: float
-    dataset: str  # shard folder of the reference
-    dataset_hash: str  # its index.json content hash
-    image_size: int  # side of the compared images
-    method: str  # adapter method ("" for the bare backbone)
-    rank: int  # adapter rank (0 for the bare backbone)
-    features: np.ndarray | None = field(default=None, repr=False, compare=False)  # (N, D) if asked
-    # share of the images a nearest-centroid classifier (feature network, fitted on every target's reference
-    # images) assigns to this task's dataset; None when not computed
-    task_accuracy: float | None = None
-    source: str = "generated"  # generated | real (the floor row)
-    reference_split: str = "eval"  # the split the images were scored against
-    # Spatial conditions (a conditional task's adapter): the kind, whether the images were sampled with maps,
-    # and condition fidelity on the generated images against the maps they were given (edge_f1 with 1-px
-    # tolerance for canny, mask_iou for mask; None for key: maps, which have no extractor here).
-    condition: str = ""  # "" (none) | canny | mask | key:<member>
-    conditioned: bool = False
-    condition_scale: float = 1.0
-    fidelity_metric: str = ""
-    fidelity: float | None = None  # mean over the generated images
-    fidelity_std: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(replace(self, features=None))
-        d.pop("features")
-        return d
-
-
-# ------------------------------------------------------------------------------------------------
-# The actor
-# ------------------------------------------------------------------------------------------------
-
-
-class FidWorker:
-    """Holds the backbone and the feature network; samples chunks and extracts features."""
-
-    def __init__(self, backbone_path: str, cfg_dict: dict[str, Any]):
-        import torch
-
-        from diffscaler.eval.features import build_feature_extractor
-
-        cfg = config_from_json(cfg_dict)
-        self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.eval.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(cfg.eval.cpus_per_actor)))  # Ray's CPU share, not the whole node
-        model, meta = load_backbone(backbone_path)
-        self.backbone = model.to(self.device).eval()
-        self.backbone_hash = meta["content_hash"]
-        self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=self.backbone.config.learn_sigma)
-        self.extractor = build_feature_extractor(cfg.eval.feature_network, cfg.eval.feature_weights_path, self.device)
-        self.vae = None  # a latent backbone's samples are decoded here, next to the feature network
-        if self.backbone.config.in_channels != 3:
-            from diffscaler.vae import load_vae
-
-            self.vae = load_vae(cfg.data.vae, cfg.data.vae_config or None, device=str(self.device))
-        self._adapted: tuple[str, Any] | None = None  # (adapter key, model) of the last adapter used
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def _model_for(self, adapter_path: str | None, task_model: bool = False):
-        if not adapter_path:
-            return self.backbone
-        st = os.stat(adapter_path)
-        key = f"{os.path.abspath(adapter_path)}|{st.st_size}|{st.st_mtime_ns}"
-        if self._adapted is None or self._adapted[0] != key:
-            self._adapted = None  # free the previous copy first
-            if task_model:  # a whole model of its own (scratch): no backbone underneath
-                model, _meta = load_backbone(adapter_path)
-            else:
-                model = copy.deepcopy(self.backbone)
-                load_adapters(model, [adapter_path], self.backbone_hash)
-            self._adapted = (key, model.to(self.device).eval())
-        return self._adapted[1]
-
-    def sample_features(self, job: dict[str, Any]) -> dict[str, Any]:
-        """Samples [start, start + count) of one request -> features (count, D) float32."""
-        import torch
-
-        from diffscaler.eval.features import extract_features
-
-        t0 = time.perf_counter()
-        task_model = bool(job.get("task_model"))
-        model = self._model_for(job["adapter_path"], task_model)
-        start, count, num_classes = job["start"], job["count"], job["num_classes"]
-        labels = [(start + k) % num_classes for k in range(count)]  # by global index: split-independent
-        task_ids = [0] * count if job["adapter_path"] and not task_model else None  # task 0 of its bank
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        extra: dict[str, Any] = {}
-        maps = job.get("maps")  # uint8 (count, C_cond, S, S): this chunk's maps (conditioned or not)
-        if maps is not None:
-            from diffscaler.data.conditions import maps_to_unit
-
-            extra = dict(conditions=torch.from_numpy(maps_to_unit(maps)),  # (count, C_cond, S, S) in [-1, 1]
-                         condition_mask=torch.full((count,), bool(job["conditioned"])),  # False: sampled without
-                         condition_scale=job["condition_scale"])  # fmt: skip
-        images = sample_images(
-            model,
-            self.diffusion,
-            num=count,
-            seed=job["seed"],
-            labels=labels,
-            task_ids=task_ids,
-            start_index=start,
-            batch_size=self.cfg.eval.batch_size,
-            steps=job["steps"],
-            sampler=job["sampler"],
-            cfg_scale=job["cfg_scale"],
-            eta=self.cfg.diffusion.ddim_eta,
-            autocast_dtype=autocast,
-            decode=self.vae.decode if self.vae is not None else None,
-            **extra,
-        )  # (count, H, W, C) uint8 (decoded through data.vae for a latent backbone)
-        t1 = time.perf_counter()
-        feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)  # (count, D)
-        t2 = time.perf_counter()
-        fidelity = None
-        if maps is not None and job.get("condition_extractor"):
-            from diffscaler.data.conditions import spec_from_record
-            from diffscaler.eval.fidelity import condition_fidelity
-
-            score = condition_fidelity(spec_from_record(job["condition_extractor"]), images, maps)
-            fidelity = None if score is None else list(score.per_image)  # per image, in sample order
-        return {"features": feats, "sample_seconds": t1 - t0, "feature_seconds": t2 - t1, "pid": os.getpid(),
-                "fidelity": fidelity}  # fmt: skip
-
-    def image_features(self, images: np.ndarray) -> dict[str, Any]:
-        """Reference images uint8 (N, H, W, 3) -> features (N, D) float32."""
-        from diffscaler.eval.features import extract_features
-
-        t0 = time.perf_counter()
-        feats = extract_features(self.extractor, images, self.cfg.eval.batch_size)
-        return {"features": feats, "feature_seconds": time.perf_counter() - t0, "pid": os.getpid()}
-
-
-# ------------------------------------------------------------------------------------------------
-# Request resolution (driver side, before any work)
-# ------------------------------------------------------------------------------------------------
-
-
-def task_names(cfg: ExperimentConfig) -> list[str]:
-    return [t.name for t in cfg.data.targets]
-
-
-def request_for_task(
-    cfg: ExperimentConfig, task: str | None, adapter_path: str | None = None, **overrides: Any
-) -> EvalRequest:
-    """A request whose reference is the task's shard folder under cfg.data.shards_root."""
-    from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
-
-    if task is None:
-        return EvalRequest(task=None, adapter_path=adapter_path, shards_dir=pretrain_dataset_dir(cfg.data), **overrides)
-    if task not in task_names(cfg):
-        where = f"adapter {adapter_path}: " if adapter_path else ""
-        raise EvalInputError(f"{where}task {task!r} is not in data.targets {task_names(cfg)}; no shards to score it on")
-    return EvalRequest(task=task, adapter_path=adapter_path, shards_dir=dataset_dir(cfg.data, task), **overrides)
-
-
-def requests_for_adapter_dir(cfg: ExperimentConfig, adapters_dir: str, **overrides: Any) -> list[EvalRequest]:
-    """One request per `<task>.safetensors` in `adapters_dir` (task read from the JSON beside it)."""
-    folder = Path(adapters_dir)
-    if not folder.is_dir():
-        raise EvalInputError(f"adapter folder not found: {folder}")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise EvalInputError(f"{folder}: no <task>.safetensors adapter files")
-    out = []
-    for f in files:
-        meta_path = f.with_suffix(".json")
-        if not meta_path.is_file():
-            raise EvalInputError(f"{f}: its config {meta_path.name} is missing beside it")
-        try:
-            task = json.loads(meta_path.read_text())["task"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise EvalInputError(f"{meta_path}: not an adapter config ({err})") from None
-        out.append(request_for_task(cfg, task, str(f), **overrides))
-    return out
-
-
-@dataclass
-class _Resolved:
-    """A request with every default filled in and its inputs checked."""
-
-    request: EvalRequest
-    num_samples: int
-    seed: int
-    steps: int
-    sampler: str
-    cfg_scale: float
-    num_classes: int
-    method: str
-    rank: int
-    plan: ReferencePlan
-    task_model: bool = False  # adapter_path is a whole model of its own (scratch)
-    real_plan: ReferencePlan | None = None  # source "real": the other split's images stand in for samples
-    condition: dict[str, Any] | None = None  # the adapter's condition_extractor (a conditional task)
-    maps: np.ndarray | None = None  # uint8 (M, C_cond, S, S): the reference split's maps, sample k takes k mod M
-    condition_scale: float = 1.0
-
-
-def pixel_side(model: dict[str, Any], cfg: ExperimentConfig) -> int:
-    """Side of the images a backbone's samples become: its input for pixels, times data.vae's downsampling."""
-    if model["in_channels"] == 3:
-        return int(model["input_size"])
-    return int(model["input_size"]) * int(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["downsample"])
-
-
-def _check_vae(model: dict[str, Any], cfg: ExperimentConfig, where: str) -> str:
-    """data.vae's hash for a latent backbone ("" for pixels); EvalInputError when it cannot decode its samples."""
-    if model["in_channels"] == 3:
-        return ""
-    if not cfg.data.vae:
-        raise EvalInputError(f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
-                             "images: set data.vae=PATH (the VAE its shards were encoded with)")  # fmt: skip
-    try:
-        ident = cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)
-    except VaeError as err:
-        raise EvalInputError(f"{where}: data.vae: {err}") from None
-    if ident["latent_channels"] != model["in_channels"]:
-        raise EvalInputError(f"{where}: data.vae {cfg.data.vae} makes {ident['latent_channels']}-channel latents, the "
-                             f"backbone takes {model['in_channels']}")  # fmt: skip
-    return str(ident["hash"])
-
-
-def _check_shards_vae(shards: str, vae_hash: str, where: str) -> None:
-    from diffscaler.data.index import load_index
-
-    index = load_index(shards)
-    if vae_hash and index.latent and index.vae_hash and index.vae_hash != vae_hash:
-        raise EvalInputError(f"{where}: shards at {shards} were encoded with VAE {index.vae_hash}, data.vae is "
-                             f"{vae_hash}")  # fmt: skip
-
-
-def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str) -> _Resolved:
-    from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
-
-    model = backbone_meta["model"]
-    vae_hash = _check_vae(model, cfg, where)
-    method, rank, num_classes = "", 0, int(model["num_classes"])
-    task_model = False
-    condition = None
-    if req.source not in ("generated", "real"):
-        raise EvalInputError(f"{where}: source {req.source!r} is not generated or real")
-    if req.source == "real" and req.adapter_path:
-        raise EvalInputError(f"{where}: a real-images (floor) request takes no adapter")
-    if req.adapter_path:
-        try:
-            meta = read_trained_meta(req.adapter_path)
-        except AdapterLoadError as err:
-            raise EvalInputError(f"{where}: {err}") from None
-        task_model = bool(meta.get(TASK_MODEL_KEY))
-        if meta["task"] not in task_names(cfg):
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} is for task {meta['task']!r}, which is not in "
-                f"data.targets {task_names(cfg)}; there are no shards to score it on"
-            )
-        if req.task is not None and meta["task"] != req.task:
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} is for task {meta['task']!r}, the request says {req.task!r}"
-            )
-        bh = backbone_meta.get("content_hash")
-        if bh and meta.get("backbone_hash") != bh:
-            raise EvalInputError(
-                f"{where}: adapter {req.adapter_path} was trained on backbone "
-                f"{meta.get('backbone_hash')!r}, not on the evaluated one ({bh!r})"
-            )
-        task = meta["task"]
-        method, rank = meta["method"], int(meta["rank"])
-        num_classes = int(meta["num_classes"]) if meta.get("conditional") else 1
-        from diffscaler.data.conditions import adapter_condition
-
-        condition = adapter_condition(meta)
-    else:  # the bare backbone (class-conditional over its own classes), or a task's real images
-        if req.task is not None and req.task not in task_names(cfg):
-            raise EvalInputError(f"{where}: task {req.task!r} is not in data.targets {task_names(cfg)}")
-        task = req.task
-        method = "real" if req.source == "real" else ""
-    shards = req.shards_dir or (pretrain_dataset_dir(cfg.data) if task is None else dataset_dir(cfg.data, task))
-    num_samples = cfg.eval.num_samples if req.num_samples is None else req.num_samples
-    if num_samples < 2:
-        raise EvalInputError(f"{where}: num_samples={num_samples}; FID needs at least 2 generated images")
-    steps = cfg.eval.sampling_steps if req.steps is None else req.steps
-    if not 1 <= steps <= cfg.diffusion.num_timesteps:
-        raise EvalInputError(f"{where}: steps={steps} is not in [1, {cfg.diffusion.num_timesteps}]")
-    sampler = req.sampler or cfg.diffusion.sampler
-    if sampler not in ("ddim", "ddpm"):
-        raise EvalInputError(f"{where}: sampler {sampler!r} is not ddim or ddpm")
-    real_plan = None
-    try:
-        plan = plan_reference(shards, cfg, req.num_reference, image_size=pixel_side(model, cfg))
-        _check_shards_vae(shards, vae_hash, where)
-        if req.source == "real":
-            other = "train" if plan.split == "eval" else "eval"
-            available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
-            real_plan = plan_reference(shards, cfg, min(num_samples, available), image_size=plan.image_size,
-                                       split=other)  # fmt: skip
-        maps = reference_maps(shards, plan.split, num_samples, condition, model["in_channels"] != 3) if condition \
-            else None  # fmt: skip
-    except EvalInputError as err:
-        raise EvalInputError(f"{where}: {err}") from None
-    default_scale = float(getattr(cfg.diffusion, "condition_scale", 1.0))
-    return _Resolved(
-        request=replace(req, task=task, shards_dir=shards), num_samples=num_samples,
-        seed=cfg.eval.seed if req.seed is None else req.seed, steps=steps, sampler=sampler,
-        cfg_scale=cfg.diffusion.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
-        num_classes=num_classes, method=method, rank=rank, plan=plan, task_model=task_model, real_plan=real_plan,
-        condition=condition, maps=maps,
-        condition_scale=default_scale if req.condition_scale is None else float(req.condition_scale),
-    )  # fmt: skip
-
-
-def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any], latent: bool) -> np.ndarray:
-    """The first `count` condition maps of a split (fewer when it holds fewer), uint8 (M, C_cond, S, S), checked
-    against the adapter's condition record (kind, channels, side); EvalInputError naming what differs."""
-    from diffscaler.data import DatasetError, ShardError, load_index, read_split
-
-    index = load_index(shards)
-    spec = index.condition
-    if spec is None or spec.kind != condition["kind"]:
-        raise EvalInputError(f"the adapter was trained with {condition['kind']} maps, the shards at {shards} carry "
-                             f"{spec.kind if spec else 'none'}")  # fmt: skip
-    try:
-        maps = read_split(shards, split, limit=count, pixels=latent, conditions=True)[2]
-    except (DatasetError, ShardError) as err:
-        raise EvalInputError(f"condition maps of {shards} ({split} split): {err}") from None
-    want = (int(condition["channels"]), int(condition["size"]), int(condition["size"]))
-    if tuple(maps.shape[1:]) != want:
-        raise EvalInputError(f"condition maps of {shards} are {tuple(maps.shape[1:])}, the adapter takes {want}")
-    return maps
-
-
-# ------------------------------------------------------------------------------------------------
-# The pool (driver side)
-# ------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -497,8 +93,6 @@ class FidEvaluator:
             if path.suffix == ".pt":
                 if not path.is_file():
                     raise BackboneLoadError(f"DiT checkpoint not found: {path}")
-                from diffscaler.artifacts import load_backbone
-
                 _model, self.backbone_meta = load_backbone(path)
             else:
                 self.backbone_meta = read_backbone_meta(path)
@@ -673,12 +267,12 @@ class FidEvaluator:
 
     # -- public ---------------------------------------------------------------------------------
 
-    def resolve(self, requests: Sequence[EvalRequest]) -> list[_Resolved]:
+    def resolve(self, requests: Sequence[EvalRequest]) -> list[ResolvedRequest]:
         """Fill defaults and check every request; EvalInputError names the request, file or numbers."""
         out = []
         for i, req in enumerate(requests):
             where = f"request {i} ({req.label or req.task or 'backbone'})"
-            out.append(_resolve(req, self.cfg, self.backbone_meta, where))
+            out.append(resolve_request(req, self.cfg, self.backbone_meta, where))
         return out
 
     def reference(self, shards_dir: str, num_reference: int | None = None) -> ReferenceStats:
@@ -715,13 +309,11 @@ class FidEvaluator:
             mine = sorted((j.start, jid) for jid, j in enumerate(jobs) if j.kind == "reference" and j.owner == p)
             if mine and all(jid in results for _s, jid in mine):
                 feats = np.concatenate([results[jid]["features"] for _s, jid in mine])  # (N, D) in image order
-                out[p] = _stats_from_features(plan, feats, save_cached(plan, feats))
+                out[p] = cache_reference(plan, feats)
         return out
 
-    def _centroid_plans(self, resolved: list[_Resolved]) -> list[ReferencePlan]:
+    def _centroid_plans(self, resolved: list[ResolvedRequest]) -> list[ReferencePlan]:
         """One reference plan per target (the classifier's classes) when every request's task is a target."""
-        from diffscaler.data.build import dataset_dir
-
         tasks = {res.request.task for res in resolved}
         if not resolved or None in tasks or not self.cfg.eval.reference_rows:
             return []
@@ -854,9 +446,6 @@ def condition_reference(shards: str, split: str, count: int, seed: int) -> dict[
     images generated ones are sampled with the maps of): `ceiling` (each image against its own map: what the
     extractor reaches at this resolution) and `mismatched` (against another image's map: chance). None for a
     dataset without maps or whose maps have no extractor here (key:)."""
-    from diffscaler.data import load_index, read_split
-    from diffscaler.eval.fidelity import METRICS, reference_rows
-
     index = load_index(shards)
     spec = index.condition
     if spec is None or not spec.has_extractor:
@@ -870,8 +459,6 @@ def condition_reference(shards: str, split: str, count: int, seed: int) -> dict[
 def condition_references(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
     """{task: condition_reference} on the images whose maps evaluation samples with (eval.reference_split,
     the first eval.num_samples); tasks whose maps have no extractor here are left out."""
-    from diffscaler.data.build import dataset_dir
-
     refs = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
                                    cfg.eval.seed) for t in tasks}  # fmt: skip
     return {t: r for t, r in refs.items() if r is not None}
@@ -884,10 +471,8 @@ def format_condition_reference(refs: dict[str, dict[str, Any]]) -> list[str]:
             for t, r in refs.items() if "ceiling" in r]  # fmt: skip
 
 
-def _fidelity(res: _Resolved, done: list[dict[str, Any]]) -> dict[str, Any]:
+def _fidelity(res: ResolvedRequest, done: list[dict[str, Any]]) -> dict[str, Any]:
     """The result's fidelity fields from its chunks' per-image scores (empty for tasks without maps)."""
-    from diffscaler.eval.fidelity import METRICS
-
     scores = [s for d in done for s in (d.get("fidelity") or ())]
     if res.condition is None or not scores:
         return {}
@@ -903,69 +488,3 @@ def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[i
         if jobs[jid].kind == kind and (owner not in errors or errors[owner].startswith("skipped")):
             errors[owner] = reason
     return errors
-
-
-# ------------------------------------------------------------------------------------------------
-# Reports
-# ------------------------------------------------------------------------------------------------
-
-
-def format_table(results: Sequence[EvalResult]) -> str:
-    """A fixed-width table: one row per result, units and feature network in the header."""
-    net = sorted({r.feature_network for r in results})
-    head = (
-        f"{'task':<14} {'label':<12} {'method':<8} {'rank':>4} {'FID':>9} {'KID':>10} {'±':>8} "
-        f"{'gen':>5} {'ref':>5} {'s':>7}  status"
-    )
-    lines = [
-        f"FID / KID on {', '.join(net)} features (not comparable with Inception FID unless that is the network)",
-        head,
-        "-" * len(head),
-    ]
-    conditional = any(r.condition for r in results)
-    if conditional:  # condition fidelity on the generated images: edge F1 (canny) or IoU (mask)
-        lines[1] = lines[1].replace("  status", " fidelity  status")
-        lines[2] = "-" * len(lines[1])
-    for r in results:
-        fid = f"{r.fid:9.3f}" if r.fid is not None else f"{'-':>9}"
-        kid = f"{r.kid_mean:10.5f}" if r.kid_mean is not None else f"{'-':>10}"
-        std = f"{r.kid_std:8.5f}" if r.kid_std is not None else f"{'-':>8}"
-        status = r.status if r.status == "ok" else f"FAILED: {r.error[:80]}"
-        fidelity = ""
-        if conditional:
-            fidelity = f" {r.fidelity:8.3f}" if r.fidelity is not None else f" {'-':>8}"
-        lines.append(
-            f"{(r.task or '(backbone)'):<14} {r.label[:12]:<12} {r.method or '-':<8} {r.rank:>4} {fid} {kid} "
-            f"{std} {r.num_generated:>5} {r.num_reference:>5} {r.seconds:>7.1f}{fidelity}  {status}"
-        )
-    return "\n".join(lines)
-
-
-def write_fid_json(results: Sequence[EvalResult], path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """`{"results": [...], "by_task": {key: result}, **extra}` written atomically (temp name, rename).
-
-    The key is the task name ("(backbone)" for the bare backbone); a task scored several times (methods,
-    trials) is keyed "label/task" instead.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [r.to_dict() for r in results]
-    names = [r["task"] or "(backbone)" for r in rows]
-    keys = [f"{r['label']}/{n}" if names.count(n) > 1 else n for r, n in zip(rows, names)]
-    if len(set(keys)) < len(keys):  # same task and label twice: fall back to positions
-        keys = [f"{i}:{k}" for i, k in enumerate(keys)]
-    doc = {
-        "format": "diffscaler-fid",
-        "format_version": 1,
-        "units": {
-            "fid": "Fréchet distance on the named feature network's features",
-            "kid_mean": "MMD² (poly kernel)",
-            "seconds": "s wall-clock",
-            "sample_seconds": "actor s",
-            "feature_seconds": "actor s",
-        },
-        **(extra or {}),
-        "results": rows,
-        "by_task": dict(zip(keys, rows)),
-    }
-    write_text_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")

@@ -268,6 +268,11 @@ def compute_reference(plan: ReferencePlan, extract: FeatureFn) -> ReferenceStats
     features = extract(load_reference_images(plan))
     if features.shape[0] != plan.num_reference:
         raise RuntimeError(f"feature extraction returned {features.shape[0]} rows for {plan.num_reference} images")
+    return cache_reference(plan, features)
+
+
+def cache_reference(plan: ReferencePlan, features: np.ndarray) -> ReferenceStats:
+    """Save a plan's reference features (N, D) to its cache file and return their statistics."""
     return _stats_from_features(plan, features, save_cached(plan, features))
 
 

@@ -13,9 +13,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffscaler.artifacts import AdapterLoadError, read_adapter_file
-from diffscaler.eval import FidEvaluator, format_table, request_for_task, write_fid_json
-from diffscaler.eval.pool import condition_references, format_condition_reference
+from diffscaler import artifacts
+from diffscaler.artifacts import (
+    AdapterLoadError,
+    BackboneLoadError,
+    load_backbone,
+    read_adapter_file,
+    read_adapter_meta,
+    read_backbone_meta,
+)
+from diffscaler.eval.pool import FidEvaluator, ProgressFn, condition_references, format_condition_reference
+from diffscaler.eval.requests import EvalRequest, request_for_task
+from diffscaler.eval.resolve import resolve_request
+from diffscaler.eval.results import EvalResult, format_table, write_fid_json
+from diffscaler.eval.stats import EvalInputError
 from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.finetune import adapter_files, require_adapters
 from diffscaler.stages.inputs import require_targets_and_backbone
@@ -115,9 +126,8 @@ class EvaluateStage(Stage):
             requests += [request_for_task(cfg, t, first[t], label=NO_CONDITION_LABEL, conditioned=False)
                          for t in conditional if t in first]  # fmt: skip
         inputs = eval_inputs(run)
-        with FidEvaluator(str(run.backbone), cfg) as evaluator:
-            generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
-            results = evaluator.evaluate(requests, progress=_ProgressLog(run, generated))
+        generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
+        results, _replaced = self.score(run, requests, progress=_ProgressLog(run, generated))
         extra = {"pipeline_inputs": inputs}
         if conditional:  # fidelity's ceiling (real images vs their own maps) and chance (vs other images' maps)
             extra["condition_reference"] = condition_references(cfg, conditional)
@@ -135,3 +145,40 @@ class EvaluateStage(Stage):
 
     def outputs(self, run: Run) -> dict[str, Any]:
         return {"fid_json": str(run.layout.fid_json)}
+
+    # -- what `ray_jobs.evaluate` calls: adapters it is given instead of the run's fine-tunes --------
+
+    def requests(self, run: Run, adapters: list[str], include_backbone: bool) -> list[EvalRequest]:
+        """A request per adapter that `adapters` names (folders, files, a bank) and, with `include_backbone`, the
+        bare backbone on the pretraining set; the backbone, every adapter, the shards and the feature network
+        checked before any Ray connection (EvalInputError names the problem)."""
+        # here, not at the top: the feature networks import torch-fidelity, which only a scoring process needs
+        from diffscaler.eval.features import FeatureWeightsError, resolve_weights_path
+
+        cfg = run.cfg
+        if not adapters and not include_backbone:
+            raise EvalInputError("nothing to score: give --adapters DIR and/or --include-backbone")
+        try:
+            path = run.backbone
+            meta = load_backbone(path)[1] if path.suffix == ".pt" else read_backbone_meta(path)
+            # absolute paths: the actors' working directory may not be the driver's
+            metas = {str(f.resolve()): read_adapter_meta(f) for f in artifacts.adapter_files(adapters)}
+            requests = [request_for_task(cfg, m["task"], f) for f, m in metas.items()]
+            # a conditional task's adapter is scored with its maps, and again without them (what the map buys)
+            requests += [request_for_task(cfg, m["task"], f, label=NO_CONDITION_LABEL, conditioned=False)
+                         for f, m in metas.items() if m.get("condition_extractor")]  # fmt: skip
+            resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
+        except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
+            raise EvalInputError(str(err)) from None
+        if include_backbone:
+            requests.append(request_for_task(cfg, None))
+        for i, req in enumerate(requests):
+            resolve_request(req, cfg, meta, f"request {i} ({req.task or 'backbone'})")  # adapter fits, shards exist
+        return requests
+
+    def score(self, run: Run, requests: list[EvalRequest], progress: ProgressFn | None = None
+              ) -> tuple[list[EvalResult], int]:  # fmt: skip
+        """Score `requests` on the FID actor pool, joining the cluster first: (results, actor restarts)."""
+        run.connect()
+        with FidEvaluator(str(run.backbone), run.cfg) as evaluator:
+            return evaluator.evaluate(requests, progress=progress), evaluator.actors_replaced

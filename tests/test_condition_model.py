@@ -93,6 +93,26 @@ def test_a_mixed_conditional_and_unconditional_batch_equals_per_task_runs_row_by
     assert torch.equal(model(x, t, y, ids, condition=tokens), mixed)
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["tokens", "every-block"])
+def test_a_batch_sorted_by_task_for_grouped_matmuls_keeps_each_rows_map(blocks):
+    torch.manual_seed(0)
+    model = perturb(DiT(ModelConfig(name="DiT-T/2", input_size=16, num_classes=5)), 0.05).eval()  # 64 tokens
+    bank = AdapterBank.attach(model, COND_TASKS, method="affiner", rank=4, condition_blocks=blocks)
+    randomize(bank)
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    x, t = torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g)
+    ids = torch.tensor([2, 0, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1])
+    y = torch.where(ids == 2, 1, 0)
+    assert bank.groups_batch(x, model.grid_size**2)  # the batch is sorted by task inside the forward
+    cond = maps(n)
+    mixed = model(x, t, y, ids, condition=cond)
+    for task, channels in ((0, 1), (1, 3), (2, 3)):
+        rows = (ids == task).nonzero().flatten()
+        single = model(x[rows], t[rows], y[rows], task, condition=cond[rows, :channels])
+        assert torch.allclose(mixed[rows], single, atol=1e-5), task
+
+
 def test_the_condition_path_trains_its_own_parameters_and_condition_dropout_drops_maps():
     model = backbone()
     bank = AdapterBank.attach(model, COND_TASKS, method="affiner", rank=4, condition_blocks=True)

@@ -9,7 +9,9 @@ Every linear layer is a `TaskLinear`: a plain `nn.Linear` whose forward also tak
 opaque per-sample argument that `DiT.denoise` threads to every linear and the backbone ignores.
 Adapters (`diffscaler.adapters`) swap target layers for wrappers with the same call signature and
 install their own forward, which gives `route` its meaning (task ids) and calls `denoise`: the ids
-reach the wrappers explicitly, without hidden state.
+reach the wrappers explicitly, without hidden state. `denoise` also takes an optional `BlockInjection`,
+one object per forward that may add to the token stream (a task's condition map, a ControlNet's block
+outputs); the backbone calls it without knowing what it adds.
 
 Everything that adds into the residual stream starts at zero (adaLN-Zero gates, final layer), so a
 fresh model outputs exactly zero and every block is the identity.

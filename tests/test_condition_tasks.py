@@ -298,11 +298,19 @@ def test_sample_takes_ready_maps_and_a_folder_per_task(cond_adapters, rgba, tmp_
 
 
 def test_sample_refuses_bad_conditions_before_sampling(cond_adapters, rgba, tmp_path, capsys, monkeypatch):
+    import diffscaler.cli_model as cli_model
     import diffscaler.diffusion.sampling as sampling
 
     backbone, ad = cond_adapters
     calls = []
-    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
+
+    def fake(*_args, **_kwargs):
+        calls.append(1)
+        return np.zeros((1, 16, 16, 3))
+
+    for module in (sampling, cli_model):  # wherever the command looks it up
+        if hasattr(module, "sample_images"):
+            monkeypatch.setattr(module, "sample_images", fake)
     opaque, big = tmp_path / "opaque", tmp_path / "big"
     opaque.mkdir()
     big.mkdir()

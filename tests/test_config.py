@@ -94,7 +94,10 @@ def test_learning_rates_must_be_finite(override, field):
      ("model.input_size=4096", "model.input_size", "tokens"),
      ("finetune.grad_clip=-1", "finetune.grad_clip", ">= 0"),
      ("sweep.grace_period=0", "sweep.grace_period", "at least 1"),
-     ("eval.sampling_steps=5000", "eval.sampling_steps", "num_timesteps")],
+     ("eval.sampling_steps=5000", "eval.sampling_steps", "num_timesteps"),
+     ("finetune.condition_dropout=1", "finetune.condition_dropout", "[0, 1)"),
+     ("finetune.condition_dropout=-0.1", "finetune.condition_dropout", "[0, 1)"),
+     ("adapter.controlnet_blocks=-1", "adapter.controlnet_blocks", ">= 0")],
 )  # fmt: skip
 def test_values_that_cannot_work_are_refused(override, field, words):
     """Each passed validation before and failed later (or never): inf/NaN, negative counts, absurd sizes."""

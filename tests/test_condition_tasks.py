@@ -246,6 +246,7 @@ def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapte
     masks = maps_from_images(rgba, MASK, 16, limit=3)
     assert (mixed["condition"][0::3] == edges).all() and (mixed["condition"][2::3] == masks).all()
     assert (mixed["condition"][1::3] == 0).all()
+    assert (tmp_path / "mixed" / "conditions.png").stat().st_size > 0  # the maps where grid.png has their images
     # image k depends on (seed, k, task, class, map) only: other batch splits (tasks and maps mixed otherwise,
     # one image a batch) give the same images
     for batch in ("1", "2"):

@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true", help="fold the single task's adapter into the weights")
     p.add_argument("--vae", default="", help="latent backbone: decode through this local AutoencoderKL (folder/file)")
     p.add_argument("--vae-config", default="", help="config.json of a single-file --vae")
-    p.add_argument("--out", required=True, help="output folder: samples.npz and grid.png")
+    p.add_argument("--out", required=True, help="output folder: samples.npz, grid.png (and conditions.png)")
     p.set_defaults(func=cmd_sample)
 
 
@@ -204,6 +204,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     # grid: one row per task when several are interleaved
     order = np.argsort(np.array(per_sample_task), kind="stable")
     save_png(image_grid(images[order], ncols=args.num if len(names) > 1 else None), out / "grid.png")
+    if conditions is not None:  # the maps in the same places as their images (black: no map)
+        shown = conditions[0][:, :3] if conditions[0].shape[1] >= 3 else np.repeat(conditions[0][:, :1], 3, axis=1)
+        shown = shown.transpose(0, 2, 3, 1)  # (N, S, S, 3)
+        if shown.shape[1:3] == images.shape[1:3]:
+            save_png(image_grid(shown[order], ncols=args.num if len(names) > 1 else None), out / "conditions.png")
     print(json.dumps({"images": len(labels), "tasks": names, "seconds": round(seconds, 2),
                       "samples": str(out / "samples.npz"), "grid": str(out / "grid.png")}))
     return 0

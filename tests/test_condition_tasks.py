@@ -246,6 +246,7 @@ def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapte
     masks = maps_from_images(rgba, MASK, 16, limit=3)
     assert (mixed["condition"][0::3] == edges).all() and (mixed["condition"][2::3] == masks).all()
     assert (mixed["condition"][1::3] == 0).all()
+    assert (tmp_path / "mixed" / "conditions.png").stat().st_size > 0  # the maps where grid.png has their images
     # image k depends on (seed, k, task, class, map) only: other batch splits (tasks and maps mixed otherwise,
     # one image a batch) give the same images
     for batch in ("1", "2"):
@@ -298,11 +299,19 @@ def test_sample_takes_ready_maps_and_a_folder_per_task(cond_adapters, rgba, tmp_
 
 
 def test_sample_refuses_bad_conditions_before_sampling(cond_adapters, rgba, tmp_path, capsys, monkeypatch):
+    import diffscaler.cli_model as cli_model
     import diffscaler.diffusion.sampling as sampling
 
     backbone, ad = cond_adapters
     calls = []
-    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
+
+    def fake(*_args, **_kwargs):
+        calls.append(1)
+        return np.zeros((1, 16, 16, 3))
+
+    for module in (sampling, cli_model):  # wherever the command looks it up
+        if hasattr(module, "sample_images"):
+            monkeypatch.setattr(module, "sample_images", fake)
     opaque, big = tmp_path / "opaque", tmp_path / "big"
     opaque.mkdir()
     big.mkdir()

@@ -122,3 +122,17 @@ def test_readme_conditional_flow_as_written(ray_local, tmp_path, monkeypatch, ca
     assert ("emoji-edges", "no condition") in labels and "emoji-edges" in fid["condition_reference"]
     edges = next(r for r in fid["results"] if r["task"] == "emoji-edges" and r["conditioned"])
     assert edges["fidelity_metric"] == "edge_f1" and edges["fidelity"] is not None
+    _wait_for_free_cpus(ray_local)
+
+
+def _wait_for_free_cpus(ray, timeout_s: float = 60.0) -> None:
+    """The programs' actors are killed on exit, their CPUs come back a moment later: wait for them, so the
+    session's next test (one that checks two Ray tasks run at once) finds the whole cluster."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0) - 1e-6:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"CPUs still held {timeout_s:.0f} s after the programs ended: "
+                                 f"{ray.available_resources()} of {ray.cluster_resources()}")
+        time.sleep(0.5)

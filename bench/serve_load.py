@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 batches = after["batches"] - before["batches"]
                 tasks_per_batch = (after["batch_tasks"] - before["batch_tasks"]) / max(batches, 1)
                 result["images_per_batch"] = (after["images"] - before["images"]) / max(batches, 1)
-                rows.append((f"mixed batching, {label}", result, f"{tasks_per_batch:.1f} tasks/batch"))
+                note = f"{result['images_per_batch']:.1f} images and {tasks_per_batch:.1f} tasks per batch"
+                rows.append((f"mixed batching, {label}", result, note))
             serve.delete("mixed")
         if "multiplexed" not in skip:
             cfg = load_config(None, common)

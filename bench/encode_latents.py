@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscaler.vae import load_vae, save_tiny_vae
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,8 +36,6 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from PIL import Image
-
-    from diffscaler.vae import load_vae, save_tiny_vae
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     vae_path = args.vae or save_tiny_vae(tmp / "tiny-vae")

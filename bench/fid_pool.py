@@ -22,17 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscaler.adapters import AdapterBank, TaskInfo
+from diffscaler.artifacts import save_adapter, save_backbone
+from diffscaler.config import load_config
+from diffscaler.eval import EvalRequest, FidEvaluator
+from diffscaler.models import build_model
+
 
 def build_throwaway_project(root: Path, model_name: str, num_images: int) -> tuple[str, str, str]:
     """(backbone, adapter, shards dir) of a tiny synthetic project under `root`."""
     import torch
     from PIL import Image
 
-    from diffscaler.adapters import AdapterBank, TaskInfo
-    from diffscaler.artifacts import save_adapter, save_backbone
-    from diffscaler.config import load_config
     from diffscaler.data.writer import make_shards
-    from diffscaler.models import build_model
 
     rng = np.random.RandomState(0)
     src = root / "src" / "bench"
@@ -55,9 +57,6 @@ def build_throwaway_project(root: Path, model_name: str, num_images: int) -> tup
 
 def run(actors: int, args: argparse.Namespace, backbone: str, adapter: str | None, shards: str,
         cache: str) -> dict[str, float]:  # fmt: skip
-    from diffscaler.config import load_config
-    from diffscaler.eval import EvalRequest, FidEvaluator
-
     # The adapter's task must be a configured target (its JSON names it); the shards are given directly.
     task = json.loads(Path(adapter).with_suffix(".json").read_text())["task"] if adapter else None
     cfg = load_config(None, [

@@ -16,6 +16,19 @@ import itertools
 import os
 import time
 
+from diffscaler.config import DiffusionConfig, ModelConfig, PretrainConfig
+from diffscaler.diffusion import GaussianDiffusion
+from diffscaler.models import build_model, model_macs
+from diffscaler.train.deepspeed_setup import (
+    build_optimizer,
+    deepspeed_config,
+    resolve_precision,
+    skip_cpu_shm_allreduce_build,
+    warmup_scheduler,
+)
+from diffscaler.train.ema import EmaWeights
+from diffscaler.train.train_log import device_peak_flops, training_flops_per_image
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pretrain_step", description=__doc__.split("\n")[0])
@@ -37,19 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     import torch
 
-    from diffscaler.config import DiffusionConfig, ModelConfig, PretrainConfig
-    from diffscaler.diffusion import GaussianDiffusion
-    from diffscaler.models import build_model, model_macs
-    from diffscaler.train.deepspeed_setup import (
-        build_optimizer,
-        deepspeed_config,
-        resolve_precision,
-        skip_cpu_shm_allreduce_build,
-        warmup_scheduler,
-    )
-    from diffscaler.train.ema import EmaWeights
     from diffscaler.train.pretrain import train_step
-    from diffscaler.train.train_log import device_peak_flops, training_flops_per_image
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     skip_cpu_shm_allreduce_build()

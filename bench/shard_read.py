@@ -1,28 +1,15 @@
-"""Read-speed benchmark: decoded images per second per CPU core from WebDataset shards.
+"""Read-speed benchmark: decoded images per CPU-second from WebDataset shards (tables: bench/RESULTS.md).
 
     python -m bench.shard_read                         # builds Fashion-MNIST 32x32 shards in a temp dir
-    python -m bench.shard_read --dataset shards/fashion-mnist --ray-data
     python -m bench.shard_read --foreign --images 4000 --no-webdataset   # + 256x256 JPEG, 32x32x4 npy rows
     python -m bench.shard_read --canny --images 4000 --no-webdataset     # + the same images with Canny maps
 
---foreign adds shards written by webdataset.ShardWriter and indexed by `diffscaler shards index`:
-256x256 JPEG (.jpg + .cls) and 32x32x4 float32 latents (.npy + .cls), read by ShardReader through the
-webdataset library, next to what one GPU consumes (bench/RESULTS.md run 1, H100: DiT-S/2 pixel
-training 5,963 images/s, DiT-XL/2 latent training 539 images/s). The PNG rows time the library path
-(Pillow through webdataset's image handler) and the pngcodec batch fast path (ShardReader's default).
-
---canny adds the same Fashion-MNIST images built with `condition: canny` (each sample also holds its
-8-bit grey map `cond.png`, read into "condition" and flipped with its image): what a conditional task
-costs the reader.
-
-Rows: this project's ShardReader (local path, `memory://` and `file://` through fsspec, and with
-DataLoader workers), and for comparison `webdataset.WebDataset` with its own PNG decoding and,
-with --ray-data, Ray Data `read_webdataset` on a local cluster. Every image is fully decoded: to
-a float32 tensor in [-1, 1] (ShardReader) or a uint8 array (the references).
-
-Two per-core figures: wall-clock images/s divided by the processes doing the work, and images
-per CPU-second (this process plus its finished children: DataLoader workers), which stays honest
-when other jobs share the cores. Target: well over 10,000 images/s per core when local.
+Rows: ShardReader (local, fsspec `memory://` and `file://`, DataLoader workers; the library path and the
+pngcodec batch fast path for PNG), shards written by webdataset.ShardWriter and indexed by `shards index`
+(--foreign), conditional shards (--canny), and for comparison `webdataset.WebDataset` and, with
+--ray-data, Ray Data `read_webdataset`. Every image is fully decoded. Two figures: wall-clock images/s
+per working process, and images per CPU-second (this process and its finished children), which stays
+honest when other jobs share the cores; the bar is what one GPU consumes (RESULTS.md, run 1).
 """
 
 from __future__ import annotations
@@ -38,7 +25,10 @@ from pathlib import Path
 
 import fsspec
 
+from diffscaler.config import DataConfig
 from diffscaler.data import ShardReader, load_index, make_shards
+from diffscaler.data.conditions import ConditionSpec
+from diffscaler.data.indexer import index_shards
 
 
 def _cpu_seconds() -> float:
@@ -100,8 +90,6 @@ def _foreign(root: str, kind: str, images: int, per_shard: int) -> str:
     import webdataset as wds
     from PIL import Image
 
-    from diffscaler.data.indexer import index_shards
-
     folder = os.path.join(root, kind)
     os.makedirs(folder)
     rng = np.random.default_rng(0)
@@ -160,9 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append(("ShardReader, fsspec file://", 1, *_measure(_shard_reader(file_url, b, 0, e))))
         if args.canny:
-            from diffscaler.config import DataConfig
-            from diffscaler.data.conditions import ConditionSpec
-
             canny = os.path.join(tmp, "fashion-mnist-canny")
             make_shards(index.source, canny, size=index.image_size, limit=index.num_samples("train"), eval_fraction=0.0,
                         condition=ConditionSpec.from_config("canny", DataConfig()), log=lambda m: None)  # fmt: skip

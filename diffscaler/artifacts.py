@@ -5,6 +5,8 @@
   state dict, loaded with `weights_only=True`) and infers the model config from tensor shapes.
 - Adapter: `<task>.safetensors` + `<task>.json` (task, method, rank, targets, classes, backbone
   hash). Loading onto another backbone, shape or method is a clear `AdapterLoadError`.
+- Adapter bank: `bank.safetensors` + `bank.json`, every task of one method (written and read by
+  `diffscaler.bank_file`; recognised here so a folder's adapters leave the bank out).
 
 Writes are atomic: a temp name, then a rename, JSON last, so a crash never leaves a pair that looks
 complete.
@@ -33,6 +35,8 @@ BACKBONE_FORMAT = "diffscaler-backbone"
 BACKBONE_FORMAT_VERSION = 1
 ADAPTER_FORMAT = "diffscaler-adapter"
 ADAPTER_FORMAT_VERSION = 1
+BANK_FORMAT = "diffscaler-adapter-bank"  # every task's adapter in one file pair: diffscaler.bank_file
+BANK_FORMAT_VERSION = 1
 
 
 class BackboneLoadError(ValueError):
@@ -318,8 +322,6 @@ def read_adapter_meta(file: str | Path) -> dict[str, Any]:
 
 def _bank_tasks(path: Path) -> list[str] | None:
     """The task names of a bank file pair (bank.json / bank.safetensors), or None when `path` is no bank."""
-    from diffscaler.train.finetune_bank import BANK_FORMAT, BANK_FORMAT_VERSION
-
     meta_path = path.with_suffix(".json")
     try:
         fmt = json.loads(meta_path.read_text()).get("format")

@@ -14,6 +14,7 @@ import importlib
 import sys
 
 from diffscaler.config import ConfigError
+from diffscaler.errors import no_space_message
 from diffscaler.runlock import RunFolderError
 
 # Modules with a `register(subparsers)` function; each subcommand sets `func` on its parser.
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffscaler {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, permissions: the file and the reason, not a traceback
-        from diffscaler.errors import no_space_message
-
         print(f"diffscaler {args.command}: error: {no_space_message(err) or err}", file=sys.stderr)
         return 1
 

@@ -13,6 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from diffscaler.artifacts import adapter_files, load_adapters, load_backbone, save_backbone
+from diffscaler.config import DiffusionConfig, ModelConfig, validate_model
+from diffscaler.diffusion.gaussian import GaussianDiffusion
+from diffscaler.diffusion.sampling import plan_samples, sample_images
+from diffscaler.images import image_grid, save_png
+from diffscaler.models.dit import DIT_SIZES, DiT, build_model, model_macs
+from diffscaler.runlock import check_out_dir
+from diffscaler.vae import load_vae
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model-info", help="parameter and FLOP counts of a DiT preset")
@@ -56,8 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_config(args: argparse.Namespace, learn_sigma: bool):
-    from diffscaler.config import ModelConfig, validate_model
-
     cfg = ModelConfig(name=args.model, input_size=args.input_size, in_channels=args.in_channels,
                       num_classes=args.num_classes, learn_sigma=learn_sigma)
     validate_model(cfg)
@@ -66,8 +73,6 @@ def _model_config(args: argparse.Namespace, learn_sigma: bool):
 
 def model_info(cfg) -> dict:
     import torch
-
-    from diffscaler.models.dit import DiT, model_macs
 
     with torch.device("meta"):  # counts without allocating (XL is 675 M parameters)
         model = DiT(cfg)
@@ -82,8 +87,6 @@ def model_info(cfg) -> dict:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from diffscaler.models.dit import DIT_SIZES
-
     learn_sigma = not args.no_learn_sigma
     if args.all:
         names = [f"DiT-{s}/{p}" for s in DIT_SIZES for p in (2, 4, 8) if args.input_size % p == 0]
@@ -104,9 +107,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_init_backbone(args: argparse.Namespace) -> int:
-    from diffscaler.artifacts import save_backbone
-    from diffscaler.models.dit import build_model
-
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out}: a backbone file ends in .safetensors")
@@ -123,21 +123,12 @@ def cmd_init_backbone(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     """A latent backbone's samples are decoded through --vae (its shards' VAE): samples.npz holds images."""
 
-    from diffscaler.artifacts import adapter_files, load_adapters, load_backbone
-    from diffscaler.config import DiffusionConfig
-    from diffscaler.diffusion.gaussian import GaussianDiffusion
-    from diffscaler.diffusion.sampling import plan_samples, sample_images
-    from diffscaler.images import image_grid, save_png
-    from diffscaler.runlock import check_out_dir
-
     if args.num < 1:
         raise ValueError(f"--num must be at least 1, got {args.num}")
     out = check_out_dir(args.out)  # before sampling: a bad --out found afterwards would lose the images
     model, meta = load_backbone(args.backbone)
     vae = None
     if model.config.in_channels != 3 or args.vae:
-        from diffscaler.vae import load_vae
-
         if not args.vae:
             raise ValueError(f"--vae: {args.backbone} is a latent backbone ({model.config.in_channels} channels); "
                              "its samples become images only through the VAE its shards were encoded with")

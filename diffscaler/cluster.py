@@ -1,6 +1,7 @@
 """Which Ray cluster a DiffScaler program joins: the one place that decides.
 
     connect_ray(cfg)   # True when this call connected (the caller then owns ray.shutdown())
+    connect_ray()      # a library call with no experiment config (`shards make --ray`, latent encoding)
 
 Address, in order: `pipeline.ray_address` from the config; `RAY_ADDRESS` (set by `ray job submit`
 and on cluster nodes); otherwise `"local"`, a new local cluster. A bare `ray.init()` would instead
@@ -11,20 +12,23 @@ dead one, where it retries forever).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from diffscaler.config import ExperimentConfig
 
 
-def ray_address(cfg: ExperimentConfig) -> str:
-    return cfg.pipeline.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+def ray_address(cfg: ExperimentConfig | None = None) -> str:
+    configured = cfg.pipeline.ray_address if cfg is not None else ""
+    return configured or os.environ.get("RAY_ADDRESS") or "local"
 
 
-def connect_ray(cfg: ExperimentConfig) -> bool:
-    import ray
+def connect_ray(cfg: ExperimentConfig | None = None, **init_kwargs: Any) -> bool:
+    """Join the cluster unless connected already; `init_kwargs` go to ray.init (log_to_driver=False)."""
+    import ray  # here, not at the top: importing this module keeps Ray out of a driver that needs none
 
     if ray.is_initialized():
         return False
-    ray.init(address=ray_address(cfg))
+    ray.init(address=ray_address(cfg), **init_kwargs)
     return True
 
 

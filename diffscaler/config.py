@@ -36,6 +36,7 @@ BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashio
 # `key:<member>`, a map the user's own WebDataset shards hold (diffscaler/data/conditions.py).
 CONDITION_KINDS = ("canny", "mask")
 CONDITION_KEY_PREFIX = "key:"
+WEBDATASET_PREFIX = "webdataset:"  # a source that is users' own WebDataset shards (a folder, URL or brace pattern)
 CONDITION_MAP_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # a key: member is an image webdataset decodes
 # Bundled sources whose images have no alpha channel: `mask` (the alpha foreground) cannot be computed.
 OPAQUE_SOURCES = ("tiles", "textiles", "fashion-mnist")
@@ -81,10 +82,17 @@ class TaskSpec:
     source: str = ""  # shard-building source: a bundled name or folder:PATH (default: name)
     conditional: bool = False  # one conditioning row per class instead of a single learned row
     condition: str = ""  # spatial condition map per image: "" (none) | canny | mask | key:<member> (e.g. key:depth.png)
+    label_key: str = ""  # webdataset: sources: the label, cls | json:FIELD | none ("" = cls if every sample has one)
+    image_key: str = ""  # webdataset: sources: the image member(s), e.g. jpg or jpg;png ("" = the extensions found)
 
     @property
     def source_name(self) -> str:
         return self.source or self.name
+
+    @property
+    def webdataset(self) -> bool:
+        """Users' own WebDataset shards, indexed (not rebuilt) by the shards stage."""
+        return self.source_name.startswith(WEBDATASET_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -178,7 +186,7 @@ class SweepConfig:
     reduction_factor: int = 2  # ASHA reduction factor
     cpus_per_trial: float = 0.5  # CPU request per trial
     max_concurrent_trials: int = 0  # 0 = from the cluster's resources
-    datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets)
+    datasets: tuple[str, ...] = ()  # tasks swept (empty = all data.targets; see swept_datasets)
     fid_samples: int = 64  # generated images for the final FID of the best trials
     fid_candidates: int = 2  # best trials per dataset (by validation loss) scored by FID (0 = no FID)
     storage_path: str = ""  # Tune storage (local dir, NFS or s3://); empty = <out>/tune
@@ -505,6 +513,28 @@ def validate_condition(task: TaskSpec, prefix: str) -> None:
     )
 
 
+def validate_webdataset_target(task: TaskSpec, prefix: str, data: DataConfig) -> None:
+    """label_key / image_key belong to webdataset: sources; such shards are indexed as they are, so the maps
+    they carry (key:<member>) are their only condition, and pixels are not encoded through data.vae."""
+    if not task.webdataset:
+        _require(not task.label_key and not task.image_key, f"{prefix}.label_key",
+                 "label_key and image_key are for webdataset: sources (a folder's labels are its class folders)")
+        _require(not task.condition.startswith(CONDITION_KEY_PREFIX), f"{prefix}.condition",
+                 f"{task.condition!r} reads a member of your own WebDataset shards: use source: webdataset:DIR")
+        return
+    _require(len(task.source_name) > len(WEBDATASET_PREFIX), f"{prefix}.source",
+             "webdataset: needs the shards, e.g. webdataset:/data/pets-wds or 'webdataset:s3://b/{00000..00099}.tar'")
+    _require(not task.condition or task.condition.startswith(CONDITION_KEY_PREFIX), f"{prefix}.condition",
+             f"{task.condition!r} is computed when shards are built from images; webdataset: shards are indexed "
+             "as they are: give your maps as a member of each sample (key:depth.png)")
+    label = task.label_key
+    _require(label in ("", "cls", "none") or (label.startswith("json:") and len(label) > 5), f"{prefix}.label_key",
+             f"{label!r}: use cls, json:FIELD (a class number or name) or none"
+             + ("; a txt member holds free text (captions), not a class label" if label == "txt" else ""))
+    _require(not data.vae, f"{prefix}.source", "webdataset: shards are indexed as they are, not encoded through "
+             "data.vae: make latent shards with `diffscaler shards make --vae` from a folder:DIR source")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     for section in fields(cfg):
         _finite_numbers(getattr(cfg, section.name), section.name)
@@ -546,6 +576,10 @@ def validate(cfg: ExperimentConfig) -> None:
             f"{t.name!r} must be letters, digits, '_', '.', '-' (it names files)",
         )
         validate_condition(t, f"data.targets[{i}]")
+        validate_webdataset_target(t, f"data.targets[{i}]", data)
+    _require(not data.pretrain_source.startswith(WEBDATASET_PREFIX), "data.pretrain_source",
+             "webdataset: sources are fine-tuning targets only; the pretraining set is built from images (a "
+             "bundled name or folder:DIR)")  # fmt: skip
     _require(data.canny_low >= 0, "data.canny_low", "must be >= 0")
     _require(data.canny_high >= data.canny_low, "data.canny_high", f"must be >= data.canny_low ({data.canny_low})")
     _require(data.canny_blur >= 0 and math.isfinite(data.canny_blur), "data.canny_blur", "must be >= 0 (0 = none)")
@@ -630,8 +664,6 @@ def validate(cfg: ExperimentConfig) -> None:
         _one_of(m, FINETUNE_METHODS, "sweep.methods")
     for lr in s.lrs:
         _require(lr > 0 and math.isfinite(lr), "sweep.lrs", f"{lr!r} is not a positive number")
-    for ds in s.datasets:
-        _require(ds in names, "sweep.datasets", f"{ds!r} is not a task in data.targets {names}")
 
     e = cfg.eval
     _one_of(e.feature_network, FEATURE_NETWORKS, "eval.feature_network")
@@ -701,3 +733,15 @@ def validate(cfg: ExperimentConfig) -> None:
     for st in stages:
         _require(st.isidentifier(), "pipeline.stages", f"{st!r} is not a stage name (e.g. shards, finetune)")
     _require(len(set(stages)) == len(stages), "pipeline.stages", f"repeats a stage: {list(stages)}")
+
+
+def swept_datasets(cfg: ExperimentConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(tasks the sweep searches, sweep.datasets names that are not targets). Only the sweep reads
+    sweep.datasets: names missing from data.targets are skipped, so a config's sweep section keeps working
+    when data.targets is overridden; when none remains the sweep takes the first target."""
+    targets = [t.name for t in cfg.data.targets]
+    if not cfg.sweep.datasets:
+        return tuple(targets), ()
+    kept = tuple(d for d in cfg.sweep.datasets if d in targets)
+    missing = tuple(d for d in cfg.sweep.datasets if d not in targets)
+    return (kept or tuple(targets[:1])), missing

@@ -30,8 +30,16 @@ from typing import Any
 import numpy as np
 
 from diffscaler.adapters import METHOD_PARTS
+from diffscaler.artifacts import is_task_model, load_adapters, load_backbone, read_backbone_meta, read_trained_meta
 from diffscaler.atomic import atomic_path, write_text_atomic
-from diffscaler.config import ExperimentConfig
+from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
+from diffscaler.data import DatasetError, ShardError, dataset_dir, load_index, read_split
+from diffscaler.diffusion import GaussianDiffusion
+from diffscaler.diffusion.sampling import plan_samples, sample_images
+from diffscaler.images import image_grid, save_png
+from diffscaler.models.dit import model_macs
+from diffscaler.train.train_log import read_jsonl
+from diffscaler.vae import VaeError, load_vae
 
 GRID_PER_TASK = 8  # images per task, all tasks in one batch (the mixed-task path costs ~2.5x on CPU)
 GRID_COLUMNS = 8  # columns of a task's grid
@@ -107,8 +115,6 @@ def _overview(inputs: ReportInputs) -> list[str]:
     states = ", ".join(f"{s.name} {s.status}" for s in inputs.stages)
     lines = []
     if inputs.backbone is not None and inputs.backbone.is_file():
-        from diffscaler.artifacts import read_backbone_meta
-
         meta = read_backbone_meta(inputs.backbone)
         m = meta["model"]
         lines.append(f"Backbone `{inputs.backbone}`: {m['name']}, {_input_text(inputs.cfg, m['input_size'])}, "
@@ -212,8 +218,6 @@ def _pct(meta: dict[str, Any]) -> str:
 
 def _method_metas(inputs: ReportInputs) -> dict[tuple[str, str], dict[str, Any]]:
     """{(label, task): adapter (or task-model) description + file_kib} for every evaluated file."""
-    from diffscaler.artifacts import read_trained_meta
-
     out = {}
     for label, tasks in inputs.adapters.items():
         for task, path in tasks.items():
@@ -252,8 +256,6 @@ def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str,
 
 
 def _adapter_meta(path: str) -> dict[str, Any] | None:
-    from diffscaler.artifacts import read_trained_meta
-
     try:
         return read_trained_meta(path)
     except (ValueError, OSError):
@@ -323,8 +325,6 @@ def _enlarge(grid: np.ndarray) -> np.ndarray:
 
 
 def _save_grid(images: np.ndarray, ncols: int, path: Path) -> Path:
-    from diffscaler.images import image_grid, save_png
-
     with atomic_path(path) as tmp:
         save_png(_enlarge(image_grid(images, ncols=ncols)), tmp)
     return path
@@ -346,10 +346,6 @@ def _backbone_macs(inputs: ReportInputs) -> int:
     """Multiply-adds per image of the backbone's forward pass (0 when there is no backbone yet)."""
     if inputs.backbone is None or not Path(inputs.backbone).is_file():
         return 0
-    from diffscaler.artifacts import read_backbone_meta
-    from diffscaler.config import ModelConfig, from_dict
-    from diffscaler.models.dit import model_macs
-
     return model_macs(from_dict(ModelConfig, read_backbone_meta(inputs.backbone)["model"], "backbone.model"))
 
 
@@ -359,10 +355,6 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     if backbone is None or not Path(backbone).is_file():
         return [], [*lines, "_No backbone yet (the pretrain stage has not run)._", ""]
     import torch
-
-    from diffscaler.artifacts import load_adapters, load_backbone
-    from diffscaler.diffusion import GaussianDiffusion
-    from diffscaler.diffusion.sampling import plan_samples, sample_images
 
     cfg = inputs.cfg
     out = Path(inputs.out_dir)
@@ -436,9 +428,6 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
     """Per task, one row per method (real images, the bare backbone, then every method), same seeds."""
     import torch
 
-    from diffscaler.artifacts import is_task_model, load_adapters, load_backbone
-    from diffscaler.diffusion.sampling import sample_images
-
     cfg, out = inputs.cfg, Path(inputs.out_dir)
     backbone, meta = load_backbone(inputs.backbone)
     n_cls = backbone.config.num_classes
@@ -480,8 +469,6 @@ def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
     """`Vae.decode` for a latent backbone (data.vae, checked against its channels), None in pixel space."""
     if model.config.in_channels == 3:
         return None
-    from diffscaler.vae import VaeError, load_vae
-
     if not cfg.data.vae:
         raise VaeError(f"the backbone is a latent one ({model.config.in_channels} channels): set data.vae to "
                        "the VAE its shards were encoded with, so the report can decode its grids")
@@ -495,8 +482,6 @@ def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
 def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | None:
     """The first `count` images of a task's eval split (the encoded images for latent shards), or None
     when its shards cannot be read."""
-    from diffscaler.data import DatasetError, ShardError, dataset_dir, load_index, read_split
-
     try:
         directory = dataset_dir(cfg.data, task)
         latent = load_index(directory).sample_format.latent
@@ -511,29 +496,16 @@ def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | N
 # ------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    try:
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-    except FileNotFoundError:
-        pass
-    return rows
-
-
 def _loss_curves(inputs: ReportInputs) -> Path | None:
     pretrain = []
     if inputs.pretrain_metrics is not None:
-        pretrain = [(r["step"], r["loss"]) for r in _read_jsonl(inputs.pretrain_metrics)
+        pretrain = [(r["step"], r["loss"]) for r in read_jsonl(inputs.pretrain_metrics)
                     if r.get("loss") is not None and "step" in r]  # fmt: skip
     finetune: dict[str, list[tuple[int, float]]] = {}
     logs = inputs.finetune_logs
     if logs is not None and Path(logs).is_dir():
         for log in sorted(Path(logs).glob("*/*.jsonl")):
-            points = [(r["step"], r["loss"]) for r in _read_jsonl(log) if r.get("kind") == "train" and "loss" in r]
+            points = [(r["step"], r["loss"]) for r in read_jsonl(log) if r.get("kind") == "train" and "loss" in r]
             if points:
                 finetune[f"{log.parent.name}/{log.stem}"] = points
     if not pretrain and not finetune:

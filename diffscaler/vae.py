@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffscaler.torchvision_compat import ensure_torchvision_importable
+
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 CONFIG_NAME = "config.json"
 _WHAT_TO_PUT = (
@@ -47,10 +49,8 @@ def import_diffusers() -> types.ModuleType:
 
     diffusers imports torchvision, and the venv's torchvision (PyPI's 0.28.0, a CUDA build) does not import
     beside the CPU torch ("operator torchvision::nms does not exist"); the shim in
-    diffscaler.eval.torchvision_compat, active only where that happens, makes it importable first.
+    diffscaler.torchvision_compat, active only where that happens, makes it importable first.
     """
-    from diffscaler.eval.torchvision_compat import ensure_torchvision_importable
-
     ensure_torchvision_importable()
     import diffusers
 

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 from diffscaler.config import ConfigError, load_config
+from diffscaler.runlock import RunFolderError, run_lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.steps=50")
     args = parser.parse_args(argv)
 
-    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.stages import Run
     from diffscaler.stages.finetune import FinetuneStage
     from diffscaler.train.finetune import FinetuneInputError, format_table

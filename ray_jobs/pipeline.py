@@ -22,6 +22,7 @@ import argparse
 import sys
 
 from diffscaler.config import ConfigError, load_config
+from diffscaler.errors import no_space_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     except OSError as err:  # outside any stage: the run folder's own files (a full disk, permissions)
-        from diffscaler.errors import no_space_message
-
         print(f"ray_jobs.pipeline: error: {no_space_message(err) or err}; see {args.out}/pipeline.json",
               file=sys.stderr)  # fmt: skip
         return 1

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from diffscaler.config import ConfigError, ExperimentConfig, load_config
+from diffscaler.runlock import RunFolderError, run_lock
 
 
 def in_out_folder(cfg: ExperimentConfig, out: str) -> ExperimentConfig:
@@ -47,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from diffscaler.data.index import DatasetError
-    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.stages import Run
     from diffscaler.stages.pretrain import PretrainStage
     from diffscaler.train.pretrain import PretrainError

@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from diffscaler.config import ConfigError, load_config
+from diffscaler.runlock import RunFolderError, run_lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     from contextlib import ExitStack
 
     from diffscaler.data import dataset_dir
-    from diffscaler.runlock import RunFolderError, run_lock
     from diffscaler.stages import Run
     from diffscaler.stages.shards import ShardsStage
 

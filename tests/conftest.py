@@ -53,7 +53,8 @@ def refuse_ray(monkeypatch):
         raise JoinedRay("this input should have been refused before joining Ray")
 
     # Import every module first: one imported after the patch would bind `refuse` as its own connect_ray.
-    names = ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep", "diffscaler.train.finetune")
+    names = ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep", "diffscaler.train.finetune",
+             "diffscaler.data.build", "diffscaler.data.encode", "diffscaler.data.cli")
     modules = [importlib.import_module(name) for name in names]
     monkeypatch.setattr(ray, "init", refuse)
     for module in modules:
@@ -77,9 +78,9 @@ def backbone_and_adapters(tmp_path):
     """A DiT-T/8 backbone, adapters a and b in a fine-tune-style folder (with the bank beside them)."""
     from diffscaler.adapters import AdapterBank, TaskInfo
     from diffscaler.artifacts import save_adapter, save_backbone
+    from diffscaler.bank_file import save_bank
     from diffscaler.config import ModelConfig
     from diffscaler.models import build_model
-    from diffscaler.train.finetune_bank import save_bank
 
     path = tmp_path / "b.safetensors"
     model = build_model(ModelConfig(name="DiT-T/8", input_size=16, num_classes=10), seed=0)

@@ -105,11 +105,11 @@ def test_sample_errors(tmp_path, capsys):
 
 def test_sample_refuses_unknown_tasks_and_an_out_that_is_a_file_before_sampling(backbone_and_adapters, tmp_path,
                                                                               capsys, monkeypatch):  # fmt: skip
-    import diffscaler.diffusion.sampling as sampling
+    import diffscaler.cli_model as cli_model
 
     path, ad = backbone_and_adapters
     calls = []
-    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
+    monkeypatch.setattr(cli_model, "sample_images", lambda *a, **k: calls.append(1) or np.zeros((1, 16, 16, 3)))
     common = ["sample", "--backbone", str(path), "--adapters", str(ad / "a.safetensors"), "--steps", "2"]
     code, _, err = run(capsys, *common, "--task", "a,nosuch", "--out", str(tmp_path / "o"))
     assert code == 2 and "--task: nosuch not among the adapters' tasks ['a']" in err

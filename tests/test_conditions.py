@@ -83,7 +83,7 @@ def stored(folder: Path, split: str = "*") -> dict[str, dict[str, np.ndarray]]:
 
 def test_condition_kinds_and_extractor_fields_are_validated():
     cfg = load_config(None, ["data.targets=[{name: e, source: emoji, condition: canny}, {name: m, source: icons, "
-                             "condition: mask}, {name: d, source: x, condition: key:depth.png}]"])  # fmt: skip
+                             "condition: mask}, {name: d, source: 'webdataset:/x', condition: key:depth.png}]"])
     assert [t.condition for t in cfg.data.targets] == ["canny", "mask", "key:depth.png"]
     assert dataset_condition(cfg.data, "m") == MASK and dataset_condition(cfg.data, "openclipart") is None
     with pytest.raises(ConfigError, match=r"data\.targets\[0\]\.condition: 'sobel' is not a condition kind; allowed: "
@@ -92,7 +92,7 @@ def test_condition_kinds_and_extractor_fields_are_validated():
     with pytest.raises(ConfigError, match=r"condition: mask is the alpha foreground, and source 'tiles' has no alpha"):
         load_config(None, ["data.targets=[{name: t, source: tiles, condition: mask}]"])
     with pytest.raises(ConfigError, match=r"'key:depth\.npy': key:<member> names an image member"):
-        load_config(None, ["data.targets=[{name: d, source: x, condition: 'key:depth.npy'}]"])
+        load_config(None, ["data.targets=[{name: d, source: 'webdataset:/x', condition: 'key:depth.npy'}]"])
     with pytest.raises(ConfigError, match=r"data\.canny_high: must be >= data\.canny_low"):
         load_config(None, ["data.canny_low=300"])
     with pytest.raises(ConfigError, match=r"data\.mask_alpha_threshold: must be in \[1, 255\]"):
@@ -219,7 +219,7 @@ def _png(image: Image.Image) -> bytes:
 
 def test_key_member_maps_are_indexed_cropped_like_the_image_and_read(tmp_path):
     folder = key_shards(tmp_path / "grey")
-    # the README's command (its --eval-shards default leaves no eval split; these shards want one)
+    # the README's command, with the last shard as the eval split
     assert cli_main(["shards", "index", str(folder), "--size", "16", "--condition", "key:depth.png",
                      "--eval-shards", "1"]) == 0  # fmt: skip
     index = load_index(str(folder))
@@ -237,7 +237,7 @@ def test_key_member_maps_are_indexed_cropped_like_the_image_and_read(tmp_path):
     assert torch.equal(batch["condition"], torch.from_numpy(maps.astype(np.float32) / 127.5 - 1))
     # one colour map makes the dataset's maps 3-channel (grey ones read as RGB)
     colour = index_shards(str(key_shards(tmp_path / "colour", colour_at=3)), size=SIZE, condition="key:depth.png",
-                          log=quiet)  # fmt: skip
+                          eval_fraction=0, log=quiet)  # fmt: skip
     assert colour.condition.channels == 3
     assert read_split(colour.url, "train", conditions=True)[2].shape == (10, 3, SIZE, SIZE)
     # maps of 1 and 3 channels, and no map, in one mixed batch: zero channels, zero rows, has_condition
@@ -269,7 +269,7 @@ def test_a_key_map_missing_or_of_another_size_is_named_by_shard_and_key(tmp_path
     assert cli_main(["shards", "index", str(folder), "--size", "16", "--condition", "key:depth.png"]) == 1
     assert "sample 's0002': missing member .depth.png" in capsys.readouterr().err
     # with skip_bad (data.skip_bad_samples, --skip-bad) the two are left out and counted
-    index = index_shards(str(folder), size=SIZE, condition="key:depth.png", skip_bad=True, log=quiet)
+    index = index_shards(str(folder), size=SIZE, condition="key:depth.png", skip_bad=True, eval_fraction=0, log=quiet)
     assert index.num_samples("train") == 8 and len(index.data["skipped_inputs"]) == 2
     assert read_split(str(folder), "train", conditions=True)[2].shape == (8, 1, SIZE, SIZE)
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from diffscaler.config import ConfigError, ExperimentConfig, config_from_json, load_config
+from diffscaler.config import ConfigError, ExperimentConfig, config_from_json, load_config, swept_datasets
 
 
 def test_defaults_validate_and_round_trip_through_json():
@@ -101,6 +101,13 @@ def test_values_that_cannot_work_are_refused(override, field, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert str(err.value).startswith(field + ":") and words in str(err.value)
+
+
+def test_the_readme_targets_override_of_tiny_yaml_validates():
+    """tiny.yaml sweeps [emoji]; the README's own-data override replaces data.targets (issue 27 item 6)."""
+    cfg = load_config("ray_jobs/configs/tiny.yaml", ['data.targets=[{name: mine, source: "folder:/data/mine"}]'])
+    assert [t.name for t in cfg.data.targets] == ["mine"] and cfg.sweep.datasets == ("emoji",)
+    assert swept_datasets(cfg) == (("mine",), ("emoji",))
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from PIL import Image
 from diffscaler.cli import main as cli_main
 from diffscaler.data import DatasetError, ShardError, ShardReader, check_dataset, load_index, read_split
 from diffscaler.data.indexer import index_shards
+from diffscaler.data.samples import iter_samples
 
 SIZE = 16
 
@@ -151,7 +152,7 @@ def test_webp_cls_members_in_either_order_resume_exactly(webp_cls):
 
 
 def test_npy_latents_read_as_stored_with_exact_rank_counts(latents):
-    index = index_shards(str(latents), log=quiet)
+    index = index_shards(str(latents), eval_fraction=0, log=quiet)
     assert index.latent and index.channels == 4 and index.image_size == 8 and index.num_samples("train") == 41
     assert check_dataset(str(latents)).ok
     counts = []
@@ -185,11 +186,11 @@ def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_pat
     with pytest.raises(DatasetError, match="needs --out"):
         index_shards(pattern, log=quiet)
     out = tmp_path / "idx"
-    index_shards(pattern, str(out), label_key="json:label", log=quiet)
+    index_shards(pattern, str(out), label_key="json:label", eval_fraction=0, log=quiet)
     assert [s.url for s in load_index(str(out)).shards("train")][0] == str(jpg_json / "part-000000.tar")
     local = list(ShardReader(str(out), batch_size=5, hflip=False).epoch(0))
     index_shards(f"pipe:cat {jpg_json}/part-{{000000..000004}}.tar", str(tmp_path / "pipe"),
-                 label_key="json:label", log=quiet)  # fmt: skip
+                 label_key="json:label", eval_fraction=0, log=quiet)  # fmt: skip
     piped = list(ShardReader(str(tmp_path / "pipe"), batch_size=5, hflip=False).epoch(0))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, piped)) and len(local) == 10
     import fsspec
@@ -198,7 +199,7 @@ def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_pat
     try:
         for p in sorted(jpg_json.glob("part-00000[0-4].tar")):
             fs.pipe_file(f"/foreign/{p.name}", p.read_bytes())
-        index_shards("memory://foreign", label_key="json:label", log=quiet)
+        index_shards("memory://foreign", label_key="json:label", eval_fraction=0, log=quiet)
         remote = list(ShardReader("memory://foreign", batch_size=5, hflip=False).epoch(0))
         assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, remote))
         assert check_dataset("memory://foreign").ok
@@ -238,7 +239,7 @@ def test_bad_samples_are_named_by_file_and_key_or_left_out(faulty, capsys):
     assert "part-000000.tar: sample 's00" in err and "truncated" in err
     assert "part-000001.tar: sample 's008': unreadable image .jpg" in err
     assert "part-000002.tar: sample 's015': missing member(s)" in err
-    index = index_shards(str(faulty), skip_bad=True, log=quiet)
+    index = index_shards(str(faulty), skip_bad=True, eval_fraction=0, log=quiet)
     assert [s.name for s in index.shards("train")] == ["part-000001.tar", "part-000002.tar"]
     assert [s.num_samples for s in index.shards("train")] == [5, 5] and len(index.data["skipped_inputs"]) == 3
     assert check_dataset(str(faulty)).ok
@@ -249,7 +250,7 @@ def test_bad_samples_are_named_by_file_and_key_or_left_out(faulty, capsys):
 def test_reader_names_a_sample_that_went_bad_after_indexing(webp_cls, tmp_path):
     folder = tmp_path / "icons"
     shutil.copytree(webp_cls, folder)
-    index_shards(str(folder), log=quiet)
+    index_shards(str(folder), eval_fraction=0, log=quiet)
     shard = folder / "part-000002.tar"
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
@@ -322,3 +323,124 @@ def test_index_on_ray_then_pretrain_on_jpg_and_latent_shards(ray_local, jpg_json
     result = run_pretrain(cfg, tmp_path / "out-npy", str(lat))
     model, meta = load_backbone(result.backbone)
     assert result.step == 2 and model.config.in_channels == 4
+
+
+def test_reindexing_with_other_labels_size_or_split_changes_the_data_hash(jpg_json, tmp_path):
+    """Issue 27 item 2: the fine-tune (and pretrain checkpoints, reference statistics) are keyed on
+    DatasetIndex.data_hash; re-indexing the same shard bytes another way must change it."""
+    from diffscaler.config import load_config
+    from diffscaler.train.finetune import resolve_tasks
+
+    out = tmp_path / "pets"
+    unlabelled = index_shards(str(jpg_json), str(out), label_key="none", log=quiet)
+    cfg = load_config(None, [f"data.shards_root={tmp_path}", "data.targets=[{name: pets, conditional: true}]",
+                             f"data.image_size={SIZE}"])  # fmt: skip
+    before = resolve_tasks(cfg)[0]
+    assert before.num_classes == 1 and before.data_hash == unlabelled.data_hash
+    hashes = {unlabelled.data_hash}
+    relabelled = index_shards(str(jpg_json), str(out), label_key="json:label", log=quiet)
+    assert relabelled.content_hash == unlabelled.content_hash  # the same shard bytes, read another way
+    hashes.add(relabelled.data_hash)
+    for kwargs in ({"eval_shards": 2}, {"eval_shards": 2, "size": SIZE // 2}):
+        hashes.add(index_shards(str(jpg_json), str(out), label_key="json:label", log=quiet, **kwargs).data_hash)
+    assert len(hashes) == 4
+    after = resolve_tasks(load_config(None, [f"data.shards_root={tmp_path}", f"data.image_size={SIZE // 2}",
+                                             "data.targets=[{name: pets, conditional: true}]"]))[0]  # fmt: skip
+    assert after.num_classes == 3 and after.data_hash != before.data_hash
+
+
+def test_without_eval_shards_a_per_sample_split_by_key_hash_is_the_default(jpg_json, tmp_path):
+    """Issue 27 item 4: indexed shards get an eval split by default, sample by sample, from the key alone."""
+    from diffscaler.data.index import in_eval_split
+
+    index = index_shards(str(jpg_json), str(tmp_path / "a"), label_key="json:label", log=quiet)
+    assert index.data["eval_split"] == {"by": "key_hash", "fraction": 0.1}
+    n_train, n_eval = index.num_samples("train"), index.num_samples("eval")
+    assert n_train + n_eval == 53 and 1 <= n_eval <= 12
+    assert check_dataset(str(tmp_path / "a")).problems == []
+    keys = {sp: [] for sp in ("train", "eval")}
+    for sp in keys:
+        for shard in index.shards(sp):
+            keys[sp] += [s["__key__"] for s in iter_samples(shard.url) if not shard.skips(s["__key__"])]
+    assert not set(keys["train"]) & set(keys["eval"]) and len(keys["train"]) + len(keys["eval"]) == 53
+    assert all(in_eval_split(k, 0.1) for k in keys["eval"]) and not any(in_eval_split(k, 0.1) for k in keys["train"])
+    images, labels = read_split(str(tmp_path / "a"), "eval")
+    assert len(images) == n_eval and labels.tolist() == [int(k[-9:]) % 3 for k in keys["eval"]]
+    seen = sum(len(b["label"]) for b in ShardReader(str(tmp_path / "a"), "train", batch_size=4, hflip=False).epoch(0))
+    assert seen == n_train // 4 * 4
+    # Same keys, same split, whatever the shards' grouping or order; 0 keeps every sample for training.
+    again = index_shards(str(jpg_json), str(tmp_path / "b"), label_key="json:label", log=quiet)
+    assert again.data["splits"] == index.data["splits"]
+    none = index_shards(str(jpg_json), str(tmp_path / "c"), label_key="json:label", eval_fraction=0, log=quiet)
+    assert none.num_samples("train") == 53 and none.num_samples("eval") == 0
+    with pytest.raises(ValueError, match=r"--eval-fraction must be in \[0, 1\), got 1.0"):
+        index_shards(str(jpg_json), str(tmp_path / "d"), eval_fraction=1.0, log=quiet)
+
+
+def test_webdataset_targets_are_validated_before_anything_runs():
+    from diffscaler.config import ConfigError, load_config
+
+    def targets(spec: str, *more: str):
+        return load_config(None, [f"data.targets=[{spec}]", *more])
+
+    task = targets('{name: pets, source: "webdataset:/data/pets-wds", label_key: "json:label"}').data.targets[0]
+    assert task.webdataset and task.label_key == "json:label"
+    refused = {
+        '{name: p, source: "webdataset:/x", label_key: txt}': r"label_key: 'txt': use cls, json:FIELD .* a txt member "
+                                                             r"holds free text \(captions\), not a class label",
+        '{name: p, source: "webdataset:/x", condition: canny}': r"'canny' is computed when shards are built from "
+                                                                r"images; webdataset: shards are indexed as they are",
+        '{name: p, source: "folder:/x", label_key: cls}': r"label_key and image_key are for webdataset: sources",
+        '{name: p, source: "folder:/x", condition: "key:depth.png"}': r"reads a member of your own WebDataset shards",
+        '{name: p, source: "webdataset:"}': r"webdataset: needs the shards",
+    }  # fmt: skip
+    for spec, words in refused.items():
+        with pytest.raises(ConfigError, match=words):
+            targets(spec)
+    with pytest.raises(ValueError, match=r"--label-key 'txt': .* a txt member holds free text \(captions\)"):
+        index_shards("/nonexistent", label_key="txt", log=quiet)
+    with pytest.raises(ConfigError, match=r"not encoded through data.vae"):
+        targets('{name: p, source: "webdataset:/x"}', "data.vae=/v")
+    with pytest.raises(ConfigError, match=r"data.pretrain_source: webdataset: sources are fine-tuning targets only"):
+        targets("{name: p}", "data.pretrain_source=webdataset:/x")
+
+
+def test_the_shards_stage_indexes_a_webdataset_target_and_reindexes_when_it_changes(jpg_json, tmp_path):
+    """Issue 27 item 3 (and 1, 2 for shards): users' shards are a pipeline target; the shards stage indexes
+    them where they lie, checks them on reruns and re-indexes after a change, naming it."""
+    from diffscaler.config import load_config
+    from diffscaler.stages.base import Run
+    from diffscaler.stages.shards import ShardsStage
+
+    shards = tmp_path / "pets-wds"
+    shutil.copytree(jpg_json, shards, ignore=shutil.ignore_patterns("index.json"))  # an earlier test indexed it
+    spec = f'{{name: pets, source: "webdataset:{shards}", label_key: "none"}}'
+    cfg = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.targets=[{spec}]",
+                             f"data.image_size={SIZE}", "data.pretrain_source=emoji"])  # fmt: skip
+    run = Run.for_program(cfg, "shards", tmp_path / "out")
+    stage = ShardsStage(only=["pets"])
+    stage.preflight(run)
+    assert "no complete build" in stage.check(run).reason
+    stage.run(run)  # one dataset: indexed on the driver, no Ray
+    index = load_index(str(tmp_path / "root" / "pets"))
+    assert index.source == f"webdataset:{shards}" and index.class_names == ["unconditional"]
+    assert index.shards("train")[0].url == str(shards / "part-000000.tar") and not (shards / "index.json").exists()
+    assert index.num_samples("eval") > 0 and stage.check(run).valid and check_dataset(index.url).ok
+    first = index.data_hash
+    # Other labels: re-indexed, and the data a fine-tune is keyed on changes.
+    relabelled = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.image_size={SIZE}",
+                                    f"data.targets=[{spec.replace('none', 'json:label')}]"])  # fmt: skip
+    run2 = Run.for_program(relabelled, "shards", tmp_path / "out")
+    assert "index_options" in stage.check(run2).reason
+    stage.run(run2)
+    index = load_index(str(tmp_path / "root" / "pets"))
+    assert index.class_names == ["0", "1", "2"] and index.data_hash != first and stage.check(run2).valid
+    # A rewritten shard: the stage notices it from its size and mtime, not by reading it.
+    tar = shards / "part-000004.tar"
+    tar.write_bytes(tar.read_bytes() + b"\0" * 512)
+    assert "changed since the build" in stage.check(run2).reason
+    # Missing shards: a clear error before any work.
+    gone = load_config(None, [f"data.shards_root={tmp_path / 'root2'}", f"data.image_size={SIZE}",
+                              f'data.targets=[{{name: q, source: "webdataset:{tmp_path / "nope"}"}}]'])  # fmt: skip
+    with pytest.raises(Exception, match=r"data.targets: dataset 'q'"):
+        ShardsStage(only=["q"]).preflight(Run.for_program(gone, "shards", tmp_path / "out2"))

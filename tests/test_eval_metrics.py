@@ -201,7 +201,7 @@ def test_frechet_distance_with_fewer_samples_than_dimensions():
 def test_reference_stats_are_cached_and_keyed_by_the_dataset_content(tmp_path, effnet):
     from diffscaler.data.index import load_index
     from diffscaler.eval.features import extract_features
-    from diffscaler.eval.stats import EvalInputError, reference_stats
+    from diffscaler.eval.stats import plan_reference, reference_stats
 
     cfg = tiny_config(tmp_path)
     shards = make_dataset(tmp_path / "src" / "dots", tmp_path / "shards" / "dots", n=16, seed=0)
@@ -240,10 +240,10 @@ def test_reference_stats_are_cached_and_keyed_by_the_dataset_content(tmp_path, e
     assert changed.cache_path != first.cache_path
     assert np.abs(changed.mu - first.mu).max() > 1e-4
 
-    # Asking for more reference images than the eval split holds names both numbers.
+    # eval.num_reference is a cap: a smaller eval split gives all its images (issue 27 item 5).
     available = load_index(shards).num_samples("eval")
-    with pytest.raises(EvalInputError, match=rf"eval split has {available} images, fewer than the 50 reference"):
-        reference_stats(shards, cfg, num_reference=50)
+    assert plan_reference(shards, cfg, num_reference=50).num_reference == available
+    assert reference_stats(shards, cfg, num_reference=50).num_reference == available
 
 
 def test_reference_of_a_folder_that_is_not_a_dataset(tmp_path):

@@ -128,9 +128,6 @@ def test_bad_input_is_refused_before_any_work(pool, project, tmp_path):
         pool.evaluate([EvalRequest(task=None, adapter_path=ghost)])
     with pytest.raises(EvalInputError, match="task 'ghost' is not in data.targets"):
         request_for_task(cfg, "ghost", ghost)
-    # More reference images than the eval split holds: both numbers in the message.
-    with pytest.raises(EvalInputError, match=r"eval split has \d+ images, fewer than the 999 reference images"):
-        pool.evaluate([request_for_task(cfg, "dots", project["adapter"], num_reference=999)])
     # An adapter trained on another backbone.
     other = tmp_path / "other" / "backbone.safetensors"
     make_backbone(cfg, other, seed=1)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from diffscaler.artifacts import load_adapters, load_backbone, read_adapter_file
+from diffscaler.bank_file import load_bank
 from diffscaler.config import ConfigError
 from diffscaler.train.finetune import FinetuneInputError, format_table, plan_finetunes, run_finetunes
-from diffscaler.train.finetune_bank import load_bank
 from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
 from tests.support.finetune import IMAGE_SIZE, TWO_TASKS, make_work, tiny_config
 

@@ -20,17 +20,9 @@ import pytest
 from diffscaler.config import ModelConfig, load_config
 from diffscaler.pipeline import PipelineInputError, PipelineStageError, resolve_run_config, run_pipeline
 from diffscaler.stages.manifest import Manifest
-from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, statuses
+from tests.support.pipeline import MICRO_MODEL, manifest, micro_config, save_micro_backbone, statuses
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def save_micro_backbone(path: Path, model_cfg: ModelConfig = MICRO_MODEL) -> Path:
-    from diffscaler.artifacts import save_backbone
-    from diffscaler.models import build_model
-
-    save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
-    return path
 
 
 def mtimes(*paths: Path) -> list[int]:
@@ -112,6 +104,71 @@ def test_shards_built_with_other_parameters_when_shards_stage_is_off(tmp_path):
     msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=5"],
                                     match="other parameters")  # fmt: skip
     assert "limit built=0 config=5" in msg
+
+
+def test_a_changed_folder_target_is_rebuilt_and_the_reason_names_the_change(tmp_path):
+    """Issue 27 item 1: deleting a class folder and adding another must not leave 'built as configured'."""
+    import shutil
+
+    from diffscaler.data import build_all, load_index
+    from diffscaler.stages.base import Run
+    from diffscaler.stages.shards import ShardsStage
+
+    cfg_path = micro_config(tmp_path, ["shards"])
+    mine = tmp_path / "mine"
+    shutil.copytree(tmp_path / "src" / "pre", mine)  # classes a, b, c
+    override = f'data.targets=[{{name: mine, source: "folder:{mine}", conditional: true}}]'
+    cfg = resolve_run_config(load_config(cfg_path, [override]), tmp_path / "out")
+    build_all(cfg.data, ["mine"], parallel=False)
+    run = Run.for_program(cfg, "shards", tmp_path / "out")
+    assert ShardsStage(only=["mine"]).check(run).valid
+    assert load_index(str(tmp_path / "out" / "shards" / "mine")).class_names == ["a", "b", "c"]
+
+    shutil.rmtree(mine / "c")
+    shutil.copytree(mine / "b", mine / "d")
+    check = ShardsStage(only=["mine"]).check(run)
+    assert not check.valid
+    assert f"the files of folder:{mine} changed since the build" in check.reason
+    assert "36 files then, 36 now" in check.reason
+    # The pipeline without the shards stage refuses the stale shards, naming the change.
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",
+                                    [override, f"pipeline.backbone={backbone}"], match="changed since the build")
+    assert "add 'shards' to pipeline.stages" in msg
+    ShardsStage(only=["mine"]).run(run)  # one dataset: build_all builds it on the driver, no Ray
+    assert load_index(str(tmp_path / "out" / "shards" / "mine")).class_names == ["a", "b", "d"]
+    assert ShardsStage(only=["mine"]).check(run).valid
+    # A rewritten file (same name, other size) is a change too.
+    (mine / "a" / "0.png").write_bytes((mine / "b" / "1.png").read_bytes() + b"\0")
+    assert not ShardsStage(only=["mine"]).check(run).valid
+
+
+def test_split_sizes_are_checked_before_any_stage(tmp_path):
+    """Issue 27 item 5: counts are known from the catalog (or the index) before anything runs."""
+    from diffscaler.data import build_all
+    from diffscaler.data.build import dataset_parameters, planned_counts
+    from diffscaler.data.writer import is_up_to_date
+
+    backbone = save_micro_backbone(tmp_path / "b.safetensors")
+    cfg_path = micro_config(tmp_path, ["shards", "finetune"])
+    # 12 images per target, eval_fraction 0.25: 9 train, 3 eval - from the folder, nothing built yet
+    msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}",
+                                    "finetune.batch_size=16"], match="fewer train images than one batch")  # fmt: skip
+    assert "task 'red': 9 train and 3 eval images" in msg and "finetune.batch_size 16" in msg
+    assert not (tmp_path / "out" / "shards").exists()
+    sweep = micro_config(tmp_path, ["shards", "sweep"])
+    msg = run_expecting_input_error(sweep, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.eval_fraction=0",
+                                    "sweep.datasets=[blue]"], match="need an eval split")  # fmt: skip
+    assert "task 'blue': 12 train and 0 eval images" in msg
+    # Built shards are counted from their index.
+    cfg = resolve_run_config(load_config(cfg_path, ["data.limit=6", "data.eval_fraction=0.1"]), tmp_path / "out")
+    build_all(cfg.data, ["red", "blue"], parallel=False)
+    assert planned_counts(cfg.data, "red") == {"train": 5, "eval": 1} and is_up_to_date(
+        str(tmp_path / "out" / "shards" / "red"), dataset_parameters(cfg.data, "red"))
+    evaluate = micro_config(tmp_path, ["evaluate"])
+    msg = run_expecting_input_error(evaluate, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=6",
+                                    "data.eval_fraction=0.1"], match="at least 2 reference images")  # fmt: skip
+    assert "5 train and 1 eval images" in msg
 
 
 def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path):

@@ -28,20 +28,20 @@ def two_threads():
 def test_grids_are_sampled_on_one_thread_only_for_a_tiny_backbone(model, size, threads, tmp_path, monkeypatch,
                                                                   two_threads):  # fmt: skip
     """The report used to force one thread whatever the model: half the wall time of a DiT-XL/2 run."""
-    import diffscaler.diffusion.sampling as sampling
+    import diffscaler.report as report
 
     cfg = load_config(None, [f"model.name={model}", f"model.input_size={size}", f"data.image_size={size}",
                              "diffusion.sampling_steps=1"])  # fmt: skip
     backbone = tmp_path / "backbone.safetensors"
     save_backbone(build_model(cfg.model, seed=0), backbone)
     seen: list[int] = []
-    real = sampling.sample_images
+    real = report.sample_images
 
     def counting_threads(*args, **kwargs):  # the real sampler, noting the threads it runs on
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "sample_images", counting_threads)
+    monkeypatch.setattr(report, "sample_images", counting_threads)
     write_report(ReportInputs(cfg, tmp_path, backbone=backbone))
     assert seen == [threads] and torch.get_num_threads() == 2  # and the process's setting is back
 

@@ -142,7 +142,7 @@ PROGRAMS = {
     "ray_jobs.pipeline": lambda cfg, out: ["--config", cfg, "--out", out],
     "ray_jobs.pretrain": lambda cfg, out: ["--config", cfg, "--out", out],
     "ray_jobs.finetune": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
-    "tune.sweep": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
+    "ray_jobs.sweep": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
     "ray_jobs.evaluate": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--include-backbone",
                                            "--out", out],
 }  # fmt: skip

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from diffscaler.artifacts import load_adapters, load_backbone, read_adapter_file
-from diffscaler.config import ConfigError
+from diffscaler.config import ConfigError, swept_datasets
 from diffscaler.data import make_shards
 from diffscaler.train.finetune import FinetuneInputError
 from diffscaler.train.sweep import plan_sweep, run_sweep
@@ -40,8 +40,12 @@ def test_bad_search_spaces_fail_before_any_trial(work):
         sweep_config(work, "sweep.ranks=[]")
     with pytest.raises(ConfigError, match=r"need 0 < lr_min <= lr_max, got \[0.1, 0.001\]"):
         sweep_config(work, "sweep.lr_min=0.1", "sweep.lr_max=0.001")
-    with pytest.raises(ConfigError, match=r"sweep.datasets: 'nope' is not a task"):
-        sweep_config(work, "sweep.datasets=[nope]")
+    # sweep.datasets matters to the sweep only: a name missing from data.targets is skipped, and with none
+    # left the first target is swept (a config's sweep section survives a data.targets override).
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[nope]")) == (("ta",), ("nope",))
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[tb,nope]")) == (("tb",), ("nope",))
+    assert swept_datasets(sweep_config(work, "sweep.datasets=[]")) == (("ta", "tb"), ())
+    assert [t.name for t in plan_sweep(sweep_config(work, "sweep.datasets=[nope]"), work.backbone).tasks] == ["ta"]
     no_eval = work.root / "no-eval-shards"
     make_shards(f"folder:{work.root / 'images' / 'tb'}", str(no_eval / "tb"), size=16, samples_per_shard=8,
                 eval_fraction=0.0, log=lambda m: None)  # fmt: skip
@@ -90,7 +94,7 @@ def test_asha_sweep_of_four_trials_names_a_best_trial_and_resumes(ray_local, wor
 
 @pytest.mark.ray
 def test_a_trial_no_node_can_hold_is_an_error_not_a_hang(ray_local, work, tmp_path, capsys):
-    from tune.sweep import main
+    from ray_jobs.sweep import main
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
@@ -123,7 +127,7 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
     )  # fmt: skip
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "tune.sweep", "--config", str(config), "--backbone", str(work.backbone),
+    cmd = [sys.executable, "-m", "ray_jobs.sweep", "--config", str(config), "--backbone", str(work.backbone),
            "--out", str(out), "--no-fid"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     try:
@@ -151,3 +155,18 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
         resumed += reports[-1]["iterations_since_restore"] < reports[-1]["training_iteration"] == 6
     assert resumed >= 1
     assert result.best["ta"]["steps"] == 12
+
+
+def test_python_m_tune_sweep_still_runs_the_sweep_program():
+    """The program moved to ray_jobs/sweep.py; `python -m tune.sweep` (older scripts) runs the same main."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import ray_jobs.sweep
+    import tune.sweep
+
+    assert tune.sweep.main is ray_jobs.sweep.main
+    out = subprocess.run([sys.executable, "-m", "tune.sweep", "--help"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert "--backbone" in out and "ray_jobs.sweep" in out

@@ -1,6 +1,6 @@
 """Build every dataset a config names - the pretraining set and each target task - optionally in parallel.
 
-    build_all(cfg.data)                       # Ray tasks, one per dataset (ray.init() if needed)
+    build_all(cfg.data)                       # Ray tasks, one per dataset (joins a cluster if none: diffscaler.cluster)
     build_all(cfg.data, ["emoji"], parallel=False)
     dataset_dir(cfg.data, "emoji")            # -> "<shards_root>/emoji", where readers look
 
@@ -16,12 +16,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from diffscaler.config import DataConfig
+from diffscaler.cluster import connect_ray
+from diffscaler.config import WEBDATASET_PREFIX, DataConfig, TaskSpec
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source
-from diffscaler.data.index import DatasetError, DatasetIndex, load_index
-from diffscaler.data.sources import dataset_name
-from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source
+from diffscaler.data.encode import encode_shards, latent_parameters
+from diffscaler.data.index import SPLITS, DatasetError, DatasetIndex, load_index
+from diffscaler.data.indexer import index_shards, shard_urls, shards_fingerprint
+from diffscaler.data.sources import dataset_name, select_balanced, split_train_eval
+from diffscaler.data.writer import build_parameters, is_up_to_date, make_shards, open_source, tool_version
+from diffscaler.vae import configured_vae_hash
 
 
 def dataset_jobs(data: DataConfig) -> dict[str, str]:
@@ -45,22 +49,41 @@ def pretrain_dataset_dir(data: DataConfig) -> str:
     return dataset_dir(data, dataset_name(data.pretrain_source))
 
 
+def dataset_task(data: DataConfig, name: str) -> TaskSpec | None:
+    """The target task a dataset belongs to (None for the pretraining set)."""
+    return next((t for t in data.targets if t.name == name), None)
+
+
 def dataset_condition(data: DataConfig, name: str) -> ConditionSpec | None:
     """The condition map a dataset's shards carry: its task's (TaskSpec.condition), none for the pretraining set."""
-    task = next((t for t in data.targets if t.name == name), None)
+    task = dataset_task(data, name)
     return ConditionSpec.from_config(task.condition, data) if task is not None else None
 
 
-def _parameters(data: DataConfig, source: str, condition: ConditionSpec | None = None) -> dict:
-    """The index fields a current build of `source` records (latent builds: with data.vae's hash)."""
+def dataset_parameters(data: DataConfig, name: str) -> dict:
+    """The index fields a current build of dataset `name` records: shards made from its source (latent
+    builds: with data.vae's hash), or for a webdataset: target the options its shards are indexed with."""
+    source = dataset_jobs(data)[name]
+    task = dataset_task(data, name)
+    if task is not None and task.webdataset:
+        return webdataset_parameters(data, task)
+    condition = dataset_condition(data, name)
     if data.vae:
-        from diffscaler.data.encode import latent_parameters
-        from diffscaler.vae import configured_vae_hash
-
         return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
                                  data.seed, configured_vae_hash(data.vae, data.vae_config), condition)  # fmt: skip
     return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed,
                             condition)  # fmt: skip
+
+
+def webdataset_parameters(data: DataConfig, task: TaskSpec) -> dict:
+    """What an index of users' shards is made with: their files, and the options `shards index` takes
+    (the size is the backbone's data.image_size; the eval split is per sample, data.eval_fraction)."""
+    options = {"label_key": task.label_key, "image_key": task.image_key, "size": data.image_size,
+               "eval_fraction": data.eval_fraction, "condition": task.condition,
+               "skip_bad": data.skip_bad_samples}  # fmt: skip
+    return {"source": task.source_name, "index_options": options,
+            "source_files": shards_fingerprint(task.source_name[len(WEBDATASET_PREFIX) :]),
+            "tool": tool_version()}  # fmt: skip
 
 
 def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force: bool = False) -> None:
@@ -74,10 +97,13 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
     for name in names or jobs:
         source = jobs[name]
         condition = dataset_condition(data, name)
-        params = _parameters(data, source, condition)
-        if not force and is_up_to_date(dataset_dir(data, name), params):
-            continue  # built as configured: its source is not read again
+        task = dataset_task(data, name)
         try:
+            if not force and is_up_to_date(dataset_dir(data, name), dataset_parameters(data, name)):
+                continue  # built as configured: its source is not read again
+            if task is not None and task.webdataset:
+                shard_urls(source[len(WEBDATASET_PREFIX) :])  # the shards are there (each is read when indexed)
+                continue
             src, catalog = open_source(source)
             check_condition_source(condition, source, src, catalog)  # a mask needs alpha: refused before any build
         except (ValueError, FileNotFoundError) as err:  # DatasetError, SourceMissingError, ConditionError included
@@ -89,13 +115,17 @@ def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force
 def _build_one(data: DataConfig, name: str, source: str, force: bool) -> DatasetIndex:
     out = dataset_dir(data, name)
     condition = dataset_condition(data, name)
-    params = _parameters(data, source, condition)
+    params = dataset_parameters(data, name)
     if not force and is_up_to_date(out, params):
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
+    task = dataset_task(data, name)
+    if task is not None and task.webdataset:  # users' shards stay where they are: index.json goes to `out`
+        o = params["index_options"]
+        return index_shards(source[len(WEBDATASET_PREFIX) :], out, image_key=o["image_key"], label_key=o["label_key"],
+                            size=o["size"], eval_fraction=o["eval_fraction"], skip_bad=o["skip_bad"],
+                            condition=o["condition"], record=params)  # fmt: skip
     if data.vae:
-        from diffscaler.data.encode import encode_shards
-
         return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
                              samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
                              limit=data.limit, seed=data.seed, actors=data.encode_actors,
@@ -114,6 +144,22 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
     )
 
 
+def planned_counts(data: DataConfig, name: str) -> dict[str, int] | None:
+    """{"train": n, "eval": m} that dataset `name` holds, known before any stage runs: from its index when it is
+    built as configured, else from its source's catalog, limit and split (inputs that turn out undecodable
+    when built may lower them); None for WebDataset shards not indexed yet (counted by the shards stage)."""
+    folder = dataset_dir(data, name)
+    if is_up_to_date(folder, dataset_parameters(data, name)):
+        index = load_index(folder)
+        return {split: index.num_samples(split) for split in SPLITS}
+    task = dataset_task(data, name)
+    if task is not None and task.webdataset:
+        return None
+    _, catalog = open_source(dataset_jobs(data)[name])
+    train, evals = split_train_eval(select_balanced(catalog, data.limit, data.seed), data.eval_fraction, data.seed)
+    return {"train": len(train), "eval": len(evals)}
+
+
 def build_all(
     data: DataConfig, names: Sequence[str] | None = None, *, parallel: bool = True, force: bool = False
 ) -> dict[str, DatasetIndex]:
@@ -130,6 +176,7 @@ def build_all(
         return {n: _build_one(data, n, jobs[n], force) for n in chosen}
     import ray
 
+    connect_ray()  # not Ray's implicit init, which joins whatever cluster /tmp/ray names
     # One CPU each: decoding is single-threaded Pillow/zlib work; Ray packs as many as the cluster has.
     remote = ray.remote(num_cpus=1, max_retries=0)(_build_one)
     refs = [remote.remote(data, n, jobs[n], force) for n in chosen]

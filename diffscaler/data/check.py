@@ -98,13 +98,13 @@ def _check_shard(
             key = sample["__key__"]
             members = {k: v for k, v in sample.items() if not k.startswith("__")}
             sample_digest(hasher, key, members)
-            report.num_samples += 1
+            report.num_samples += not (shard.skips(key) and key not in shard.excluded_keys)  # not the other split's
             where = f"{url}: sample {key!r}"
             if ordered and key <= previous:
                 report.problems.append(f"{where}: key not in ascending order (after {previous!r})")
             previous = key
-            if key in shard.excluded_keys:
-                continue  # known bad, left out by `shards index --skip-bad`
+            if shard.skips(key):
+                continue  # known bad, left out by `shards index --skip-bad`, or of the other split
             found += 1
             try:
                 label = fmt.label(sample)

@@ -9,7 +9,8 @@
                                          # --condition: each sample also holds its map (cond.png)
     diffscaler shards check DIR          # exit status 0 = valid, 1 = problems (each names file + key)
     diffscaler shards index URL_OR_DIR [--out DIR] [--image-key jpg] [--label-key cls|json:FIELD|none]
-                            [--size N] [--eval-shards K] [--skip-bad] [--ray] [--condition key:MEMBER]
+                            [--size N] [--eval-shards K | --eval-fraction F] [--skip-bad] [--ray]
+                            [--condition key:MEMBER]
                                          # WebDataset shards made by other tools -> index.json (exit 1 on
                                          # bad samples, each named by file + key, unless --skip-bad)
 
@@ -22,13 +23,17 @@ import argparse
 import sys
 from dataclasses import replace
 
+from diffscaler.cluster import connect_ray
 from diffscaler.config import CONDITION_KINDS, ConfigError, DataConfig, ExperimentConfig, TaskSpec
 from diffscaler.data.check import check_dataset
 from diffscaler.data.conditions import ConditionSpec
+from diffscaler.data.encode import encode_shards
 from diffscaler.data.index import SPLITS, DatasetError
 from diffscaler.data.indexer import index_shards
 from diffscaler.data.sources import BUNDLED_SOURCES
 from diffscaler.data.writer import make_shards
+from diffscaler.runlock import run_lock
+from diffscaler.vae import VaeError
 
 _DEFAULTS = DataConfig()
 
@@ -60,17 +65,12 @@ def _make(args: argparse.Namespace) -> int:
     condition = _condition(args)  # a bad --condition is refused before the lock creates anything
     if "://" in args.out:  # a bucket has no flock
         return _make_here(args, condition)
-    from diffscaler.runlock import run_lock
-
     with run_lock(args.out, "diffscaler shards make"):  # as every program: a second writer would mix up the shards
         return _make_here(args, condition)
 
 
 def _make_here(args: argparse.Namespace, condition: ConditionSpec | None) -> int:
     if args.vae:
-        from diffscaler.data.encode import encode_shards
-        from diffscaler.vae import VaeError
-
         try:
             index = encode_shards(args.source, args.out, args.vae, vae_config=args.vae_config or None,
                                   size=args.size, samples_per_shard=args.samples_per_shard,
@@ -116,14 +116,11 @@ def _check(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     if args.ray:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
+        connect_ray(log_to_driver=False)
     try:
         index = index_shards(args.source, args.out or None, image_key=args.image_key, label_key=args.label_key,
-                             size=args.size, eval_shards=args.eval_shards, skip_bad=args.skip_bad,
-                             parallel=args.ray, condition=args.condition)  # fmt: skip
+                             size=args.size, eval_shards=args.eval_shards, eval_fraction=args.eval_fraction,
+                             skip_bad=args.skip_bad, parallel=args.ray, condition=args.condition)  # fmt: skip
     except (DatasetError, ValueError) as err:
         print(f"problem: {err}", file=sys.stderr)
         return 1
@@ -172,6 +169,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--label-key", default="", help="cls | json:FIELD | none (default: cls if every sample has one)")
     index.add_argument("--size", type=int, default=0, help="resize images to N x N (default: keep; one size needed)")
     index.add_argument("--eval-shards", type=int, default=0, help="last K shards are the eval split (unless named)")
+    index.add_argument("--eval-fraction", type=float, default=0.1,
+                       help="without eval shards: this share of samples, chosen by key hash (0 = no eval split)")
     index.add_argument("--skip-bad", action="store_true", help="leave out bad samples (listed in the index)")
     index.add_argument("--ray", action="store_true", help="scan on Ray, one task per shard")
     index.add_argument("--condition", default="", help="key:MEMBER: each sample's condition map (e.g. key:depth.png)")

@@ -2,37 +2,16 @@
 WebDataset shards (`key:<member>`), stored beside the image, and re-extracted from generated images.
 
     spec = ConditionSpec.from_config("canny", cfg.data)      # kind + extractor parameters (data.canny_*)
-    rgb, alpha = prepare_image_alpha(image, 32)              # diffscaler.data.sources: the shard's pixels
     cond = spec.compute(rgb, alpha)                          # uint8 (32, 32) in {0, 255} -> member cond.png
     spec.extract(generated_rgb)                              # the task's extractor on an RGB image (fidelity)
-    maps_to_unit(maps)                                       # uint8 (N, C, S, S) -> float32 in [-1, 1]
 
-Kinds (TaskSpec.condition; config validation names the allowed forms):
-- `canny`: OpenCV's Canny on the shard's RGB pixels (cv2.Canny on a 3-channel image takes, per pixel, the
-  channel with the largest gradient, so edges between colours of equal brightness count), L2 gradient
-  magnitude of the 3x3 Sobel, hysteresis thresholds `data.canny_low` / `data.canny_high` (defaults 100 / 200),
-  after an optional Gaussian blur of sigma `data.canny_blur` px (default 0: at 16-32 px a blur erases the
-  small parts a map should show). The defaults were chosen by looking at emoji and icon maps at 16 and
-  32 px: 50 / 100 marks shading as edges, 200 / 400 drops outlines. Edge pixels are 255, others 0.
-- `mask`: the foreground of the image's alpha channel, the alpha going through the same centre crop and
-  Lanczos resample as the pixels (`prepare_image_alpha`): 255 where alpha >= `data.mask_alpha_threshold`
-  (default 32: every visibly drawn pixel, as the RGB extractor below sees them). A source without alpha
-  (tiles, textiles, fashion-mnist; a folder whose images have none) is refused before any work, naming
-  the source. A generated RGB image has no alpha, so the `mask` extractor for RGB images (`extract`,
-  used for the generated images AND for the real-image ceiling, so both are scored alike) is the
-  foreground against the white background the shards composite on: a pixel is background when every
-  channel is within `data.mask_white_threshold` (default 24) of 255 and it connects to the image border
-  through such pixels (4-connectivity), so white inside an outline (an eye, a highlight) stays foreground.
-- `key:<member>`: a map the user's shards already hold (`depth.png`, `seg.png`, made by any tool),
-  decoded with Pillow like the image: grey maps (8 or 16 bit) give 1 channel, colour and palette maps 3;
-  a map must have its image's size and is then cropped and resized exactly like it (Lanczos; palette
-  maps, which are label maps, nearest-neighbour). There is no extractor for it here (fidelity: n/a).
-
-Storage: computed maps are the 8-bit grey PNG member `cond.png` (CONDITION_MEMBER) of each sample; a
-`key:` map stays in the user's member. index.json records the build parameter
-`"condition": {"kind", "params"}` (null for an unconditional dataset; a changed condition rebuilds) and
-`members.condition` / `members.condition_channels` (which member, 1 or 3 channels). For latent (VAE)
-shards the map stays at pixel resolution (8x the latent side), it is not encoded.
+Computed maps are the 8-bit grey member `cond.png`, at pixel resolution also in latent shards; a `key:`
+map stays in the user's member (grey: 1 channel, colour or palette: 3), cropped and resized like its
+image, and has no extractor here. `canny` thresholds default to 100 / 200 with no blur: chosen by eye on
+emoji and icons at 16-32 px, where 50 / 100 marks shading and a blur erases small parts. `mask` is the
+alpha's foreground (a source without alpha is refused before any work); a generated image has no alpha,
+so its mask, and the real-image ceiling's, is everything but the near-white region reaching the border.
+index.json records the condition (diffscaler.data.index).
 """
 
 from __future__ import annotations
@@ -46,6 +25,8 @@ import numpy as np
 from PIL import Image
 
 from diffscaler.config import CONDITION_KEY_PREFIX, CONDITION_KINDS, OPAQUE_SOURCES, DataConfig
+from diffscaler.data.pngcodec import encode_png
+from diffscaler.data.sources import centre_square, prepare_image_alpha
 
 CONDITION_MEMBER = "cond.png"  # computed maps (canny, mask): 8-bit grey PNG beside the image
 _ALPHA_PROBE = 8  # images of a source probed for an alpha channel before a `mask` build
@@ -131,7 +112,8 @@ class ConditionSpec:
 
 
 def canny_edges(rgb: np.ndarray, low: float, high: float, blur: float = 0.0) -> np.ndarray:
-    """OpenCV Canny edges of an RGB image (L2 gradient; Gaussian blur of sigma `blur` px first if > 0)."""
+    """OpenCV Canny edges of an RGB image (L2 gradient; Gaussian blur of sigma `blur` px first if > 0). On 3
+    channels cv2 takes each pixel's strongest channel: edges between colours of equal brightness count."""
     image = np.ascontiguousarray(rgb, dtype=np.uint8)
     if blur > 0:
         image = cv2.GaussianBlur(image, (0, 0), blur)
@@ -144,7 +126,9 @@ def alpha_mask(alpha: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def foreground_mask(rgb: np.ndarray, white_threshold: int) -> np.ndarray:
-    """The mask extractor for RGB images: everything but the near-white region connected to the border."""
+    """The mask extractor for RGB images: everything but the near-white region connected to the border
+    (4-connectivity), so white inside an outline (an eye, a highlight) stays foreground. Used alike for
+    generated images and the real-image ceiling, so both are scored the same way."""
     near_white = (np.asarray(rgb) >= 255 - white_threshold).all(axis=-1).astype(np.uint8)  # (H, W)
     _count, labels = cv2.connectedComponents(near_white, connectivity=4)  # label 0 = not near-white
     edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
@@ -159,8 +143,6 @@ def foreground_mask(rgb: np.ndarray, white_threshold: int) -> np.ndarray:
 
 def encode_map(cond: np.ndarray) -> bytes:
     """uint8 (S, S) -> the cond.png member (deterministic 8-bit grey PNG)."""
-    from diffscaler.data.pngcodec import encode_png
-
     return encode_png(np.ascontiguousarray(cond, dtype=np.uint8))
 
 
@@ -209,8 +191,6 @@ def to_map_mode(image: Image.Image, channels: int) -> Image.Image:
 def prepare_map(image: Image.Image, size: int, channels: int) -> np.ndarray:
     """A map image -> uint8 (channels, size, size), cropped and resized as prepare_image does the image
     (centre square, Lanczos; nearest for palette label maps)."""
-    from diffscaler.data.sources import centre_square
-
     if image.size != (size, size):
         resample = Image.Resampling.NEAREST if image.mode == "P" else Image.Resampling.LANCZOS
         image = image.resize((size, size), resample, box=centre_square(*image.size), reducing_gap=3.0)
@@ -256,6 +236,4 @@ def check_condition_source(spec: ConditionSpec | None, source: str, src: Any, ca
 
 def has_alpha(image: Image.Image) -> bool:
     """Whether prepare_image_alpha finds transparency in this image (RGBA, LA, PA, or a transparency key)."""
-    from diffscaler.data.sources import prepare_image_alpha
-
     return prepare_image_alpha(image, 1)[1] is not None

@@ -1,34 +1,14 @@
 """Latent shards: images encoded once through a VAE, on Ray (`shards make --vae PATH`).
 
-    diffscaler shards make --source folder:/data/cub/images --out shards/birds --vae /data/sd-vae-ft-ema --size 256
     encode_shards("folder:/data/cub", "shards/birds", "/data/sd-vae-ft-ema", size=256, actors=4, gpus_per_actor=1)
 
-The catalog, class-balanced subset and train/eval split are those of `make_shards` (same seed, same
-images). Each image is prepared as for pixel shards (size x size RGB, centre crop) and encoded by a
-Ray Data `map_batches` over an actor pool (each actor holds the VAE: a GPU each where asked, CPU
-otherwise); the driver writes the tars in order. Ray Data's progress bar shows the encoding; a log
-line every `progress_every` images (also inside a large shard) and one per written shard give images/s.
-
-A sample holds
-    npy       fp16 (C, h, w): the VAE posterior's mean of the image, times the VAE's scaling factor
-    flip.npy  fp16 (C, h, w): the same for the horizontally flipped image
-    png       the size x size image that was encoded (FID reference statistics come from these)
-    cond.png  with a condition (canny, mask): its map at pixel resolution (size x size, not encoded)
-    cls, json as in pixel shards
-
-Horizontal flips survive pre-encoding by encoding both flips: a flipped latent is not the latent of
-the flipped image (the VAE is not flip-equivariant), and the reader's hflip then picks `flip.npy`
-instead of mirroring `npy`. We store the posterior mean, not a sample: SD's VAE has a posterior std
-around 1e-2 of the latent's (sampling at training time would need the std stored too, doubling the
-size, for noise the diffusion loss drowns); the mean is also what decoding for the report reads.
-
-index.json is format_version 2 with `members` {"image": "npy", "flip": "flip.npy", "pixels": "png",
-"label": "cls", "channels": C} and `latent` {"shape", "image_size", "dtype", "vae": identity} where the
-identity holds the VAE's config and weights hashes, `hash` and `scaling_factor` (diffscaler.vae).
-
-Resume: each finished shard gets `<shard>.done.json` (its index entry and the hash of the plan that
-made it); a rerun with the same parameters keeps those shards and encodes only the others. The
-sidecars are removed once index.json is written.
+Same catalog, subset and split as `make_shards`; a Ray Data `map_batches` over an actor pool (each actor
+holds the VAE) encodes, the driver writes the tars in order. A sample holds `npy` and `flip.npy` (fp16
+(C, h, w): the posterior mean times the VAE's scaling factor, of the image and of its mirror image, since
+the VAE is not flip-equivariant and the reader's hflip must pick a true latent), `png` (the encoded
+image: FID references come from it), `cond.png` with a condition (pixel resolution), `cls`, `json`.
+The mean, not a sample: the posterior's std is ~1e-2 of the latent's, noise the diffusion loss drowns.
+A finished shard leaves `<shard>.done.json` (its entry, its plan's hash): a rerun encodes only the others.
 """
 
 from __future__ import annotations
@@ -43,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from diffscaler.cluster import connect_ray
 from diffscaler.data import storage
 from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source, encode_map
 from diffscaler.data.index import (
@@ -63,6 +44,7 @@ from diffscaler.data.pngcodec import encode_png
 from diffscaler.data.sources import get_source, prepare_image_alpha, select_balanced, split_train_eval
 from diffscaler.data.tarformat import RawSample, write_tar
 from diffscaler.data.writer import _SHARD_FILE, build_parameters, condition_members, open_source
+from diffscaler.vae import load_vae, vae_identity
 
 FLIP_MEMBER = "flip.npy"
 PIXELS_MEMBER = "png"
@@ -88,8 +70,6 @@ class LatentEncoder:
     def __init__(self, source: str, vae_path: str, vae_config: str | None, size: int, threads: int = 0,
                  condition: ConditionSpec | None = None):  # fmt: skip
         import torch
-
-        from diffscaler.vae import load_vae
 
         if threads > 0:
             torch.set_num_threads(threads)
@@ -142,11 +122,9 @@ def encode_shards(
     progress_every: int = 500,
 ) -> DatasetIndex:
     """Encode `source` through the VAE at `vae_path` into latent shards + index.json at `out` (on Ray:
-    `ray.init()` if no cluster is connected); with `condition`, each sample also holds its map (cond.png,
+    diffscaler.cluster joins one if none is connected); with `condition`, each sample also holds its map (cond.png,
     at pixel resolution). Raises VaeError (bad VAE), DatasetError (empty source, a condition the source
     cannot give, an undecodable input unless `skip_bad`), SourceMissingError."""
-    from diffscaler.vae import vae_identity
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if size < 1 or samples_per_shard < 1 or batch_size < 1 or actors < 1 or progress_every < 1:
         raise ValueError(f"--size, --samples-per-shard, batch size, actors and progress_every must be >= 1, got "
@@ -272,8 +250,7 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     `on_row()` as each encoded image arrives."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    connect_ray(log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))

@@ -1,44 +1,18 @@
 """`index.json`: what a shard folder holds. Written last, so a folder without it is not a dataset.
 
-Format (version 1), keys sorted, no timestamps (reruns are byte-identical):
+Version 1 (`diffscaler shards make`), keys sorted and no timestamps (reruns are byte-identical): format,
+format_version, tool, the build parameters (source, source_detail, image_size, samples_per_shard,
+eval_fraction, limit, seed), class_names, num_samples, skipped_inputs, per split {num_samples,
+class_counts, shards: [{name, num_samples, sha256}]}, and content_hash. A shard's sha256 hashes its
+samples' contents (key, then each member's extension and bytes, in order), content_hash the shard
+hashes of all splits in order; `diffscaler shards check` verifies both.
 
-    {
-      "format": "diffscaler-shards", "format_version": 1, "tool": "diffscaler 0.1.0",
-      "source": "emoji", "source_detail": "/usr/share/fonts/...",
-      "image_size": 32, "samples_per_shard": 1000, "eval_fraction": 0.1, "limit": 0, "seed": 0,
-      "class_names": ["emoji"], "num_samples": 1922,
-      "splits": {"train": {"num_samples": 1730, "class_counts": [1730],
-                           "shards": [{"name": "train-000000.tar", "num_samples": 1000,
-                                       "sha256": "..."}, ...]},
-                 "eval": {...}},
-      "skipped_inputs": [],
-      "content_hash": "sha256:..."
-    }
-
-A shard's `sha256` hashes its samples' contents (key, then each member's extension and bytes, in
-order); `content_hash` hashes the shard hashes of all splits in order. Both are checked by
-`diffscaler shards check`.
-
-Version 2 is what `diffscaler shards index` writes for WebDataset shards made by other tools; it adds
-
-    "members": {"image": "jpg", "label": "json:label", "label_values": "index", "channels": 3,
-                "resize": false},
-    shard entries may carry "url" (where the tar is, when not beside index.json) and "excluded_keys"
-    (samples found undecodable when indexing, left out: num_samples counts the others),
-
-and a version-1 index reads as members {"image": "png", "label": "cls"}. Readers take version 1 and 2.
-Latent shards made through a VAE (`shards make --vae`, diffscaler.data.encode) are version 2 with
-members "flip" (the flipped image's latent) and "pixels" (the encoded image), and a "latent" block:
-shape, image_size (pixels), dtype and the VAE's identity ("vae": hash, config/weights hashes, scaling).
-
-A dataset with a spatial condition (diffscaler.data.conditions) records, in either version,
-
-    "condition": {"kind": "canny", "params": {"blur": 0.0, "high": 200.0, "low": 100.0}},
-    "members": {..., "condition": "cond.png", "condition_channels": 1},
-
-(`condition` is null, or absent in indexes of earlier versions, for an unconditional dataset; a `key:`
-condition names the user's own member, e.g. {"kind": "key:depth.png", "params": {}} and members.condition
-"depth.png"). The maps are at pixel resolution: image_size, or latent.image_size for VAE latent shards.
+Version 2 (`diffscaler shards index` over other tools' WebDatasets, and latent shards) adds `members`
+(image and label members, label values, channels, resize); shard entries may carry `url` and
+`excluded_keys`. A version-1 index reads as members {"image": "png", "label": "cls"}. Latent shards
+(diffscaler.data.encode) add members flip and pixels and a `latent` block (shape, pixel image_size,
+dtype, the VAE's identity). Either version may record `condition` ({kind, params}; null or absent when
+unconditional) with members.condition and condition_channels; maps are at pixel resolution.
 """
 
 from __future__ import annotations
@@ -88,6 +62,19 @@ class ShardInfo:
     sha256: str  # content hash of its samples
     first_sample: int  # position of its first sample within the split
     excluded_keys: frozenset[str] = frozenset()  # samples left out when indexing (not in num_samples)
+    split: str = "train"  # the split this entry belongs to
+    key_split_fraction: float = 0.0  # > 0: the shard serves both splits, a sample's key hash says which
+
+    def skips(self, key: str) -> bool:
+        """True for a sample this split does not read: excluded when indexing, or of the other split."""
+        if key in self.excluded_keys:
+            return True
+        return self.key_split_fraction > 0 and in_eval_split(key, self.key_split_fraction) != (self.split == "eval")
+
+
+def in_eval_split(key: str, fraction: float) -> bool:
+    """The per-sample split of indexed shards: deterministic in the key alone (not its shard or position)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") < fraction * 2**64
 
 
 @dataclass(frozen=True)
@@ -163,6 +150,21 @@ class DatasetIndex:
     def content_hash(self) -> str:
         return str(self.data["content_hash"])
 
+    @property
+    def data_hash(self) -> str:
+        """What a reader gets from this folder: the shards' content plus every index field that changes how
+        they are read (members such as the image and label keys, size and resize, classes, condition, the
+        splits with their shards and excluded samples). Fine-tunes, pretraining checkpoints and reference
+        statistics are keyed on it: re-indexing the same shards with other labels changes it, not content_hash."""
+        read = {k: self.data.get(k) for k in ("content_hash", "members", "image_size", "class_names", "condition",
+                                              "latent", "eval_split")}  # fmt: skip
+        read["splits"] = {
+            split: [[e["name"], e.get("url", ""), e["num_samples"], sorted(e.get("excluded_keys", []))]
+                    for e in self._split(split)["shards"]]  # fmt: skip
+            for split in SPLITS
+        }
+        return "sha256:" + hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()
+
     def backbone_mismatch(self, in_channels: int, input_size: int, vae_hash: str = "") -> str:
         """Why a backbone taking in_channels x input_size x input_size inputs cannot train on (or be scored
         against) these shards, or "" when it can; `vae_hash` (a configured VAE's) must equal the shards' VAE."""
@@ -188,13 +190,20 @@ class DatasetIndex:
     def num_samples(self, split: str) -> int:
         return int(self._split(split)["num_samples"])
 
+    @property
+    def key_split_fraction(self) -> float:
+        """The eval share of a per-sample split (index.json "eval_split": {"by": "key_hash", ...}), else 0."""
+        rule = self.data.get("eval_split") or {}
+        return float(rule.get("fraction", 0.0)) if rule.get("by") == "key_hash" else 0.0
+
     def shards(self, split: str) -> list[ShardInfo]:
         out, first = [], 0
         for entry in self._split(split)["shards"]:
             n = int(entry["num_samples"])
             url = entry.get("url") or storage.join(self.url, entry["name"])
             excluded = frozenset(entry.get("excluded_keys", ()))
-            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded))
+            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded, split,
+                                 self.key_split_fraction))  # fmt: skip
             first += n
         return out
 

@@ -1,32 +1,15 @@
 """`diffscaler shards index`: make WebDataset shards written by other tools a dataset here.
 
-    diffscaler shards index /data/pets-wds                   # every *.tar in the folder; index.json beside them
     diffscaler shards index 's3://bucket/laion/{00000..00099}.tar' --out shards/laion --label-key none
-    diffscaler shards index shards/cifar-wds --label-key json:label --eval-shards 1 --ray
     index_shards("/data/pets-wds", parallel=True)              # -> DatasetIndex (one Ray task per shard)
 
-Each shard is read once, through the webdataset library (diffscaler.data.samples), and every image or
-latent decoded: the index (format_version 2, see diffscaler.data.index) records per-shard sample counts
-and content hashes, the classes seen, the image size, and which members hold image and label, so the
-readers, `shards check`, pretrain, fine-tune, sweep and evaluate use the folder like our own shards.
-
-Choices, each recorded in index.json:
-- image member (`--image-key`, `;` for alternatives such as `jpg;png`): by default the image
-  extensions found (png, jpg, jpeg, webp), or `npy` for latents (float (C, H, W) or (H, W, C)).
-- label (`--label-key`): `cls` (the default when every sample has one), `json:FIELD` (dotted path; an
-  int is the class number, a string a class name, classes sorted), or `none` (unconditional, class 0).
-- image size: all images one square size, or `--size N` to resize them (short side, centre crop).
-- eval split: shards whose names say eval/val/valid/validation/test, else the last `--eval-shards`.
-- condition (`--condition key:<member>`, e.g. key:depth.png): a spatial condition map each sample holds
-  in that member (made by any tool). Every map is decoded: it must have its image's size (it is then
-  cropped and resized like the image); grey maps give 1 channel, colour or palette maps 3 (one colour
-  map makes the dataset's maps 3-channel). A sample without the member, or with a map that does not
-  decode or fit, is a bad sample named by shard and key (left out and counted with `--skip-bad`).
-
-Bad input - a truncated or corrupt tar, an undecodable image, a sample without its image or label -
-is a DatasetError listing each fault by file and key, and no index is written; with `--skip-bad`
-such samples (and unreadable shards) are left out, recorded in the index's `skipped_inputs`, and the
-readers step over them.
+Each shard is read once through the webdataset library and every image (or npy latent) decoded, so the
+index (format_version 2, diffscaler.data.index) can record counts, content hashes, classes, the image
+size and which members hold image, label and condition map: every stage then uses the folder like our
+own shards. Defaults: the image extensions found, `cls` labels when every sample has one (`json:FIELD`:
+ints are class numbers, strings class names), shards named eval/val/test as the eval split. Bad input is
+a DatasetError listing each fault by file and key, and no index is written; with `--skip-bad` the
+samples are left out and recorded in `skipped_inputs`.
 """
 
 from __future__ import annotations
@@ -53,6 +36,7 @@ from diffscaler.data.index import (
     DatasetIndex,
     combine_hashes,
     encode_index,
+    in_eval_split,
     load_index,
     sample_digest,
 )
@@ -67,6 +51,7 @@ from diffscaler.data.samples import (
     raw_label,
     url_scheme,
 )
+from diffscaler.data.writer import tool_version
 
 _EVAL_NAME = re.compile(r"(?:^|[-_./])(?:eval|val|valid|validation|test)(?:[-_.]|\d|$)", re.IGNORECASE)
 _MAX_LISTED = 20  # faults listed in a DatasetError (all are counted)
@@ -160,6 +145,29 @@ def shard_urls(source: str) -> tuple[list[str], str | None]:
     return urls, None
 
 
+def shards_fingerprint(source: str) -> dict[str, object] | str:
+    """Names, sizes and modification times of the shards `source` names (like a folder source's
+    fingerprint): an index built by the shards stage records it, so rewritten or added shards re-index.
+    "unavailable" when they cannot be listed (the index is then trusted as it is)."""
+    try:
+        urls, _ = shard_urls(source)
+    except (DatasetError, OSError):
+        return "unavailable"
+    hasher = hashlib.sha256()
+    for url in urls:
+        if url_scheme(url) == "pipe":
+            hasher.update(f"{url}\n".encode())  # a command: nothing to stat
+            continue
+        fs, path = storage.filesystem(url)
+        try:
+            info = fs.info(path)
+        except OSError:
+            return "unavailable"
+        mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", "")))
+        hasher.update(f"{url}\t{info.get('size')}\t{mtime}\n".encode())
+    return {"files": len(urls), "names_sizes_mtimes": "sha256:" + hasher.hexdigest()}
+
+
 def _shard_name(url: str) -> str:
     return re.split(r"[/\s]", url.rstrip("/"))[-1] or url
 
@@ -192,21 +200,20 @@ def index_shards(
     label_key: str = "",
     size: int = 0,
     eval_shards: int = 0,
+    eval_fraction: float = 0.1,
     skip_bad: bool = False,
     parallel: bool = False,
     condition: str = "",
+    record: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> DatasetIndex:
-    """Scan the shards of `source`, write `<out>/index.json` (out defaults to the shards' folder).
+    """Scan the shards of `source`, write `<out>/index.json` (out defaults to the shards' folder);
+    `record` adds top-level fields (the shards stage's build parameters).
 
     label_key: "" = auto (cls if every sample has one, else none), "cls", "json:FIELD" or "none".
     condition: "" or key:<member>, the member holding each sample's condition map.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    urls, folder = shard_urls(source)
-    out = out or folder
-    if out is None:
-        raise DatasetError(f"{source}: a shard pattern needs --out, the folder that gets index.json")
     image_keys = tuple(k.lower() for k in image_key.split(";") if k)
     for ext in image_keys:
         if ext not in (*IMAGE_EXTENSIONS, LATENT_EXTENSION):
@@ -214,10 +221,17 @@ def index_shards(
     if image_keys and LATENT_EXTENSION in image_keys and len(image_keys) > 1:
         raise ValueError("--image-key npy (latents) cannot be mixed with image extensions")
     if label_key and label_key not in ("cls", "none") and not label_key.startswith("json:"):
-        raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD or none")
+        why = "; a txt member holds free text (captions), not a class label" if label_key == "txt" else ""
+        raise ValueError(f"--label-key {label_key!r}: use cls, json:FIELD (a class number or name) or none{why}")
     if size < 0 or eval_shards < 0:
         raise ValueError(f"--size and --eval-shards must be >= 0, got {size}, {eval_shards}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     condition_key = _condition_key(condition)
+    urls, folder = shard_urls(source)
+    out = out or folder
+    if out is None:
+        raise DatasetError(f"{source}: a shard pattern needs --out, the folder that gets index.json")
     names = [_shard_name(u) for u in urls]
     if len(set(names)) != len(names):
         raise DatasetError(f"{source}: shard names repeat ({[n for n, c in Counter(names).items() if c > 1][:3]})")
@@ -290,25 +304,34 @@ def index_shards(
         eval_at = set(range(len(urls) - eval_shards, len(urls)))
     else:
         eval_at = set()
+    # Without eval shards, a per-sample split by key hash (in_eval_split): each shard serves both splits.
+    key_split = eval_fraction if not eval_at else 0.0
     fmt_labels = {s.url: s.labels for s in scans}
     splits: dict[str, Any] = {split: {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []}
                               for split in SPLITS}  # fmt: skip
     for i, s in enumerate(scans):
         if s.error:
             continue  # left out whole (skip_bad)
-        split = splits["eval" if i in eval_at else "train"]
         good = [k for k in s.keys if k not in s.bad]
-        for k in good:
-            value = fmt_labels[s.url].get(k) if wanted_label else 0
-            label = class_names.index(str(value)) if label_values == "name" else int(value)
-            split["class_counts"][label] += 1
-        entry: dict[str, Any] = {"name": s.name, "num_samples": len(good), "sha256": s.sha256}
-        if s.url != storage.join(out, s.name):
-            entry["url"] = s.url
-        if s.bad:
-            entry["excluded_keys"] = sorted(s.bad)
-        split["shards"].append(entry)
-        split["num_samples"] += len(good)
+        if key_split:
+            parts = {sp: [k for k in good if in_eval_split(k, key_split) == (sp == "eval")] for sp in SPLITS}
+        else:
+            parts = {"eval" if i in eval_at else "train": good}
+        for split_name, keys in parts.items():
+            if key_split and not keys:
+                continue
+            split = splits[split_name]
+            for k in keys:
+                value = fmt_labels[s.url].get(k) if wanted_label else 0
+                label = class_names.index(str(value)) if label_values == "name" else int(value)
+                split["class_counts"][label] += 1
+            entry: dict[str, Any] = {"name": s.name, "num_samples": len(keys), "sha256": s.sha256}
+            if s.url != storage.join(out, s.name):
+                entry["url"] = s.url
+            if s.bad:
+                entry["excluded_keys"] = sorted(s.bad)
+            split["shards"].append(entry)
+            split["num_samples"] += len(keys)
     if splits["train"]["num_samples"] == 0:
         raise DatasetError(f"{source}: no usable training sample")
     members = {
@@ -333,10 +356,12 @@ def index_shards(
         "members": members,
         "condition": {"kind": condition, "params": {}} if condition_key else None,
         "splits": splits,
+        "eval_split": {"by": "key_hash", "fraction": key_split} if key_split else {"by": "shard"},
         "skipped_inputs": [
             {"ref": f"{url}: sample {key!r}" if key else url, "reason": reason} for url, key, reason in faults
         ],  # fmt: skip
         "content_hash": combine_hashes([e["sha256"] for sp in SPLITS for e in splits[sp]["shards"]]),
+        **(record or {}),
     }
     storage.write_bytes_atomic(storage.join(out, INDEX_NAME), encode_index(index))
     counts = ", ".join(f"{sp} {splits[sp]['num_samples']}" for sp in SPLITS)
@@ -364,6 +389,4 @@ def _ext_rank(ext: str) -> int:
 
 
 def _tool() -> str:
-    from diffscaler.data.writer import tool_version
-
     return tool_version()

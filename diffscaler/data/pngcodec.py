@@ -1,8 +1,8 @@
 """Deterministic PNG encoding and a fast batch decoder for the shards' small RGB images (and the 8-bit
 grey condition maps beside them, `cond.png`).
 
-Why not Pillow: on the 2-core machine Pillow decodes a 32x32 PNG at 6-8k images/s (per-file plugin
-dispatch costs more than the pixels), under the 10k/s/core the reader must beat. The shards' PNGs are
+Why not Pillow: for images this small its per-file plugin dispatch costs more than the pixels, and the
+reader fell short of what one GPU needs per CPU core (bench/RESULTS.md, "Shard reading"). The shards' PNGs are
 written here with one filter type for every row (None, Sub or Up, whichever compresses smallest);
 those three filters undo with a wrapping cumulative sum, so a whole batch decodes with a few numpy
 calls after one `zlib.decompress` per image. The files are ordinary PNGs (any decoder reads them);
@@ -145,7 +145,7 @@ def _unfilter(raw: np.ndarray, bpp: int = 3) -> np.ndarray | None:
     out = rows.copy()
     kinds = ftypes[:, 0]
     # A running sum, one vectorised add per column or row (numpy's cumsum along a middle axis is
-    # ~10x slower here); uint8 additions wrap mod 256 exactly as PNG filters do.
+    # much slower here); uint8 additions wrap mod 256 exactly as PNG filters do.
     sub = np.flatnonzero(kinds == _FILTER_SUB)
     if len(sub):
         b, h, wc = out[sub].shape

@@ -1,68 +1,16 @@
 """Readers that feed training and evaluation from a shard folder (local path or fsspec URL).
 
-    reader = ShardReader("shards/openclipart", "train", batch_size=16, rank=r, world_size=w, seed=0,
-                         hflip=True, task_id=0, skip_bad=False, loader_workers=2, shuffle_buffer=1000)
-    reader.batches_per_epoch            # same on every rank, from index.json counts alone
-    for batch in reader.epoch(3): ...   # dicts, see below
+    reader = ShardReader("shards/openclipart", "train", batch_size=16, rank=r, world_size=w, seed=0)
     for batch in reader.stream(start_step=k): ...   # infinite; step k = epoch k // n, batch k % n
-    reader.skipped, reader.skipped_messages          # bad samples dropped (skip_bad=True only)
-    reader.skipped_files                             # {shard url: bad samples dropped from it}
-
     mixed = MixedTaskReader.from_dirs([("shards/emoji", 0), ("shards/icons", 1)], batch_size=32)
-    for batch in mixed.stream(start_step=0): ...     # each batch holds every task, with task ids
-
     images, labels = read_split("shards/emoji", "eval")   # uint8 (N, H, W, 3), int64 (N,): FID refs
 
-A batch is {"image": float32 (B, 3, H, W) in [-1, 1], "label": int64 (B,), "task_id": int64 (B,)};
-for latent (npy) shards "image" is float32 (B, C, H, W) as stored. A conditional dataset's batches (its
-index.json records a condition, diffscaler.data.conditions) add "condition": float32 (B, C_cond, S, S)
-in [-1, 1] (S the pixel side: for latent shards 8x the latent side; C_cond 1 or 3) and "has_condition":
-bool (B,). The map is flipped with its image: mirrored where a pixel image is mirrored, and where the
-stored latent of the mirrored image (flip.npy) is picked. A MixedTaskReader's batch has these two keys
-as soon as one of its tasks is conditional: rows of unconditional tasks get zeros and has_condition
-False, and maps of fewer channels than the widest task's are padded with zero channels.
-`read_split(..., conditions=True)` also returns the split's maps (uint8 (N, C_cond, S, S)): the maps
-evaluation samples with.
-
-How samples are assigned (a pure function of seed, epoch, rank, world_size, batch_size and
-shuffle_buffer - never of loader_workers or timing):
-1. Each epoch the split's shards are put in a seeded order (the same on every rank); the samples,
-   concatenated in that order, form the epoch's global sequence of N samples.
-2. Rank r takes the contiguous range [r * (N // W), r * (N // W) + n * B) of it, where
-   n = (N // W) // B = `batches_per_epoch`. Ranks are disjoint and all get exactly n full batches:
-   no rank runs out early and hangs a collective. Up to W * B samples per epoch are left out (the
-   tail of each rank's range); since the shard order changes every epoch, different ones each time.
-3. A rank's range is cut into chunks of ceil(shuffle_buffer / B) batches; each chunk is an exact
-   seeded permutation (a windowed shuffle) and gives consecutive batches. Horizontal flips are
-   drawn per batch from (seed, epoch, rank, batch index).
-4. With `loader_workers` = K > 0, chunks go round-robin to K DataLoader worker processes and the
-   main process puts the batches back in step order, so K changes speed, never the batches.
-   `stream()` keeps its workers across epochs (no restart at epoch boundaries); `epoch()` starts
-   them per call.
-Resuming at step k therefore yields exactly the batches an uninterrupted run yields from step k;
-skipped batches are never decoded (a chunk's samples are read as bytes, only its batches from step k
-on are decoded).
-
-Reading goes through the webdataset library (diffscaler.data.samples: its tar iteration, URL
-handlers and decoders), so any WebDataset a `diffscaler shards index` has indexed is read like our
-own shards: png/jpg/webp images or npy latents, labels from cls, a json field or none, index.json's
-`members` say which. A rank reads only the shards its range touches, each from its start up to the
-range's end (WebDataset tars are streams; the samples before the range are read, not decoded).
-
-Why not `wds.split_by_node` + `split_by_worker` or Ray Data `read_webdataset`: both split whole
-shards, so ranks get unequal sample counts whenever shards do not divide evenly (and a rank with no
-shard hangs the others); neither can resume mid-epoch at an exact batch. Speeds: bench/RESULTS.md
-(bench/shard_read.py).
-The shards remain plain WebDataset tars: `wds.WebDataset` and Ray Data read them as they are.
-Inside Ray Train pass `rank=ray.train.get_context().get_world_rank()` and `world_size` explicitly:
-nothing here reads RANK / WORLD_SIZE from the environment, so tests need no Ray.
-
-Bad input: a truncated or corrupt tar, a missing shard, a sample without its image or label member,
-an undecodable image, a label outside the index's classes, or a shard holding fewer samples than
-index.json says raise ShardError naming the file and sample key. With `skip_bad=True` such samples
-are dropped instead, counted in `reader.skipped` and logged with file and key; the batch is
-filled up with the chunk's next good samples, so every batch keeps batch_size rows (a few samples
-are then seen twice that epoch). A chunk without enough good samples to fill a batch still raises.
+Batches are a pure function of (seed, epoch, rank, world_size, batch_size, shuffle_buffer), never of
+loader workers or timing (`epoch_chunks`), so a resumed run sees exactly the batches an uninterrupted one
+would. Why not `wds.split_by_node` or Ray Data `read_webdataset`: both split whole shards, so ranks get
+unequal counts when shards do not divide evenly (a rank with none hangs the collective), and neither
+resumes mid-epoch. Reading itself goes through the webdataset library (diffscaler.data.samples), so any
+WebDataset `diffscaler shards index` has indexed reads like our own. Speeds: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -138,7 +86,14 @@ def epoch_chunks(
     shuffle_buffer: int,
     shuffle: bool = True,
 ) -> list[Chunk]:
-    """The rank's chunks for one epoch (see the module docstring); identical on every machine."""
+    """The rank's chunks for one epoch; identical on every machine.
+
+    The split's shards, in a seeded order per epoch, form one sequence of N samples. Rank r takes
+    [r * (N // W), r * (N // W) + n * B) with n = (N // W) // B: every rank gets exactly n full batches
+    (up to W * B tail samples left out, different ones each epoch). That range is cut into chunks of
+    ceil(shuffle_buffer / B) batches, each an exact seeded permutation; flips are drawn per batch from
+    (seed, epoch, rank, batch). Loader workers take chunks round-robin and the main process restores step
+    order; resuming at step k decodes nothing before it."""
     total = sum(shard_counts)
     per_rank = total // world_size
     num_batches = per_rank // batch_size
@@ -167,9 +122,9 @@ def epoch_chunks(
 class _ChunkDecoder:
     """Turns chunks into decoded batches; runs in the main process or in DataLoader workers."""
 
-    def __init__(self, shard_urls, shard_counts, excluded, fmt: SampleFormat, batch_size, seed, rank, hflip,
+    def __init__(self, shard_urls, shard_counts, skips, fmt: SampleFormat, batch_size, seed, rank, hflip,
                  task_id, skip_bad, fast_png):  # fmt: skip
-        self.shard_urls, self.shard_counts, self.excluded = list(shard_urls), list(shard_counts), list(excluded)
+        self.shard_urls, self.shard_counts, self.skips = list(shard_urls), list(shard_counts), list(skips)
         self.fmt, self.fast_png = fmt, fast_png and fmt.image_keys[0] == "png"
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.hflip, self.task_id, self.skip_bad = hflip, task_id, skip_bad
@@ -179,7 +134,7 @@ class _ChunkDecoder:
     def _segment_items(self, segment: Segment) -> list[Any]:
         """The segment's samples (raw member bytes, not decoded); _Bad for each one that cannot be read."""
         url = self.shard_urls[segment.shard]
-        excluded = self.excluded[segment.shard]
+        skips = self.skips[segment.shard]  # ShardInfo.skips: excluded when indexing, or of the other split
         want = segment.hi - segment.lo
         items: list[Any] = []
         position = 0
@@ -189,8 +144,8 @@ class _ChunkDecoder:
                 if position >= segment.hi:
                     break
                 last_key = sample["__key__"]
-                if last_key in excluded:
-                    continue  # left out by `shards index --skip-bad`: not counted in index.json
+                if skips(last_key):
+                    continue  # not counted in this split's index.json entry
                 if position >= segment.lo:
                     items.append(sample)
                 position += 1
@@ -387,7 +342,15 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
 
 
 class ShardReader:
-    """One split of one shard folder, for one rank of `world_size`; see the module docstring."""
+    """One split of one shard folder, for one rank of `world_size` (pass Ray Train's rank explicitly:
+    nothing here reads RANK / WORLD_SIZE).
+
+    A batch is {"image": float32 (B, 3, H, W) in [-1, 1] (latent shards: (B, C, H, W) as stored),
+    "label": int64 (B,), "task_id": int64 (B,)}; a conditional dataset adds "condition" float32
+    (B, C_cond, S, S) in [-1, 1] at pixel side S, flipped with its image, and "has_condition" bool (B,).
+    Bad samples (corrupt tar, missing member, undecodable image, unknown label, short shard) raise
+    ShardError naming file and key; with `skip_bad` they are dropped, counted in `skipped` and the batch
+    is filled from the chunk's next good samples."""
 
     def __init__(
         self,
@@ -451,7 +414,7 @@ class ShardReader:
             self.batches_per_epoch,
         )
         self._decoder = _ChunkDecoder(
-            [s.url for s in shards], self.shard_counts, [s.excluded_keys for s in shards], self.index.sample_format,
+            [s.url for s in shards], self.shard_counts, [s.skips for s in shards], self.index.sample_format,
             batch_size, seed, rank, hflip, task_id, skip_bad, fast_png,
         )  # fmt: skip
         self.skipped = 0  # bad samples dropped so far (skip_bad=True)
@@ -521,7 +484,8 @@ class MixedTaskReader:
     """Several datasets in every batch, each sample carrying its task id (mixed-task fine-tuning).
 
     Each task's reader keeps its own epochs and seed; step k concatenates step k of every reader,
-    so resuming at step k is exact here too.
+    so resuming at step k is exact here too. With one conditional task the batch has "condition" and
+    "has_condition": other tasks' rows get zeros and False, narrower maps zero channels.
     """
 
     def __init__(self, readers: Sequence[ShardReader]):
@@ -614,7 +578,7 @@ def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels:
             break
         found = 0
         for sample in iter_samples(shard.url, check_end=False):
-            if sample["__key__"] in shard.excluded_keys:
+            if shard.skips(sample["__key__"]):
                 continue
             found += 1
             try:

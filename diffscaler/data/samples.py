@@ -32,6 +32,8 @@ import webdataset as wds
 from webdataset import autodecode, tariterators
 
 from diffscaler.data import storage
+from diffscaler.data.conditions import ConditionError, decode_map, prepare_map
+from diffscaler.data.sources import prepare_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")  # decoded to RGB by webdataset's image handler
 LATENT_EXTENSION = "npy"  # a float (C, H, W) or (H, W, C) array, e.g. VAE latents
@@ -198,8 +200,6 @@ class SampleFormat:
                 raise SampleError(f"image is {image.shape}, index says ({size}, {size}, 3)")
             from PIL import Image
 
-            from diffscaler.data.sources import prepare_image
-
             image = prepare_image(Image.fromarray(image), size)
         return image
 
@@ -218,8 +218,6 @@ class SampleFormat:
         """The condition map, uint8 (C, S, S). `source_hw`: the (height, width) of the sample's image as
         stored (before any resize); a map of another size is a SampleError, else it is cropped and resized
         like the image."""
-        from diffscaler.data.conditions import ConditionError, decode_map, prepare_map
-
         key = self.condition_key
         if key not in sample:
             raise SampleError(f"missing member .{key} (the condition map)")

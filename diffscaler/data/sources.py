@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from diffscaler.config import BUNDLED_SOURCES  # defined once, where config validation reads it
+from diffscaler.data import storage
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -416,22 +417,36 @@ class FolderSource:
         return self.root + (f" ({self.install_hint})" if self.install_hint else "")
 
     def _fs(self):
-        from diffscaler.data import storage
-
         return storage.filesystem(self.root)
 
-    def catalog(self) -> Catalog:
+    def _image_files(self) -> dict[str, dict]:
+        """{path relative to the root: fsspec info} of every image file, sorted by path."""
         fs, root = self._fs()
         root = root.rstrip("/")
         if not fs.isdir(root):
             if self.install_hint:
                 raise SourceMissingError(f"source {self.name!r} needs {self.root}: install {self.install_hint}")
             raise FileNotFoundError(f"folder source {self.root}: not a folder")
-        rel = sorted(
-            p[len(root) + 1 :]
-            for p in fs.find(root)
+        found = fs.find(root, detail=True)
+        return {
+            p[len(root) + 1 :]: found[p]
+            for p in sorted(found)
             if p.lower().endswith(IMAGE_EXTENSIONS) and not p[len(root) + 1 :].startswith(".")
-        )
+        }
+
+    def fingerprint(self) -> dict[str, object]:
+        """What the folder holds, as names, sizes and modification times of its image files: a build
+        records it, so a rerun notices files added, removed, renamed or rewritten (not their pixels)."""
+        hasher = hashlib.sha256()
+        files = self._image_files()
+        for rel, info in files.items():
+            mtime = info.get("mtime", info.get("LastModified", info.get("last_modified", "")))
+            hasher.update(f"{rel}\t{info.get('size')}\t{mtime}\n".encode())
+        return {"files": len(files), "names_sizes_mtimes": "sha256:" + hasher.hexdigest()}
+
+    def catalog(self) -> Catalog:
+        root = self._fs()[1].rstrip("/")
+        rel = list(self._image_files())
         nested = [r for r in rel if "/" in r]
         flat = [r for r in rel if "/" not in r]
         if nested and flat:
@@ -493,3 +508,18 @@ def dataset_name(spec: str) -> str:
         base = spec[len(FOLDER_PREFIX) :].rstrip("/").rsplit("/", 1)[-1]
         return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "folder"
     return spec
+
+
+UNLISTABLE = "unavailable"  # a folder that cannot be listed now: its existing build is trusted, not rebuilt
+
+
+def source_fingerprint(spec: str) -> dict[str, object] | str | None:
+    """A folder source's fingerprint (FolderSource.fingerprint), UNLISTABLE when the folder is gone (shards
+    built from it stay usable); None for the bundled package sources, whose files change with their package."""
+    source = get_source(spec)
+    if not isinstance(source, FolderSource):
+        return None
+    try:
+        return source.fingerprint()
+    except (FileNotFoundError, SourceMissingError):
+        return UNLISTABLE

@@ -43,11 +43,13 @@ from diffscaler.data.index import (
 )
 from diffscaler.data.pngcodec import encode_png
 from diffscaler.data.sources import (
+    UNLISTABLE,
     ImageSource,
     SourceItem,
     get_source,
     prepare_image_alpha,
     select_balanced,
+    source_fingerprint,
     split_train_eval,
 )
 from diffscaler.data.tarformat import RawSample, write_tar
@@ -131,10 +133,12 @@ def build_parameters(
     condition: ConditionSpec | None = None,
 ) -> dict[str, Any]:
     """The inputs that determine a build; equal parameters + same tool version = same shards. The
-    condition is null for an unconditional build (an index of earlier versions has none: the same)."""
+    condition is null for an unconditional build (an index of earlier versions has none: the same);
+    `source_files` fingerprints a folder source's files (null for bundled packages)."""
     return {
         "condition": condition.record() if condition is not None else None,
         "source": source,
+        "source_files": source_fingerprint(source),
         "image_size": size,
         "samples_per_shard": samples_per_shard,
         "eval_fraction": eval_fraction,
@@ -153,11 +157,29 @@ def condition_members(condition: ConditionSpec | None) -> dict[str, Any]:
 
 def is_up_to_date(out: str, params: dict[str, Any]) -> bool:
     """True when `out` holds a complete build (index present) made with exactly these parameters."""
+    return not build_changes(out, params)
+
+
+def build_changes(out: str, params: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """What differs between the build at `out` and these parameters (but `ignore`), in words ([] = up to date)."""
     try:
         index = load_index(out)
     except DatasetError:
-        return False
-    return all(index.data.get(k) == v for k, v in params.items())
+        return ["no complete build"]
+    changes = []
+    for key, wanted in params.items():
+        built = index.data.get(key)
+        if built == wanted or key in ignore or (key == "source_files" and wanted == UNLISTABLE):
+            continue
+        if key == "source_files" and isinstance(built, dict) and isinstance(wanted, dict):
+            then, now = built.get("files"), wanted.get("files")
+            changes.append(
+                f"the files of {params['source']} changed since the build (names, sizes or mtimes of its images; "
+                f"{then} files then, {now} now)"
+            )
+        else:
+            changes.append(f"{key} built={built!r} config={wanted!r}")
+    return changes
 
 
 def open_source(source: str):
@@ -198,6 +220,7 @@ def make_shards(
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 = all), got {limit}")
+    params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition)  # before reading
     src, catalog = open_source(source)
     try:
         check_condition_source(condition, source, src, catalog)  # before anything is written
@@ -250,7 +273,7 @@ def make_shards(
     index = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        **build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition),
+        **params,
         **condition_members(condition),
         "source_detail": src.detail,
         "class_names": list(catalog.class_names),

@@ -6,9 +6,9 @@
 
     python -m ray_jobs.evaluate --config ray_jobs/configs/tiny.yaml --backbone FILE --adapters DIR --out DIR2
 
-Modules: torchvision_compat (the only path to torch_fidelity), features (feature networks registered
-with torch-fidelity), stats (reference-statistics cache, FID/KID), pool (`FidEvaluator`), fidelity
-(condition fidelity of spatially conditioned tasks: edge F1, mask IoU, ceiling and mismatched rows).
+Modules: features (feature networks registered with torch-fidelity), stats (reference-statistics cache,
+FID/KID), pool (`FidEvaluator`), fidelity (condition fidelity of spatially conditioned tasks: edge F1,
+mask IoU, ceiling and mismatched rows). torch-fidelity is imported only through diffscaler.torchvision_compat.
 Importing this package is cheap: names load on first use (torch, Ray and torch-fidelity are heavy).
 """
 

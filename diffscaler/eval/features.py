@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffscaler.eval.torchvision_compat import import_torch_fidelity
+from diffscaler.torchvision_compat import import_torch_fidelity
 
 import_torch_fidelity()  # noqa: E402  (torchvision shim first; the imports below pull torchvision in)
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase  # noqa: E402
@@ -111,7 +111,8 @@ def resolve_weights_path(network: str, weights_path: str = "") -> str:
 
 
 def _fuse_batchnorm(net: torch.nn.Module) -> None:
-    """Fold every eval-mode BatchNorm into the convolution before it (same function, ~15% less CPU time)."""
+    """Fold every eval-mode BatchNorm into the convolution before it: the same function, less CPU time
+    (bench/feature_extract.py; bench/RESULTS.md)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
@@ -146,7 +147,7 @@ class FeatureExtractorEfficientNetLite0(FeatureExtractorBase):
             )
         net.eval()
         _fuse_batchnorm(net)
-        # NHWC runs the depthwise convolutions ~1.3x faster on CPU (measured on the 2-core machine).
+        # NHWC runs the depthwise convolutions faster on CPU (bench/feature_extract.py; bench/RESULTS.md).
         self.net = net.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()

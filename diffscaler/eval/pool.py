@@ -43,8 +43,19 @@ from typing import Any
 
 import numpy as np
 
+from diffscaler.adapters.bank import AdapterLoadError
+from diffscaler.artifacts import (
+    TASK_MODEL_KEY,
+    BackboneLoadError,
+    load_adapters,
+    load_backbone,
+    read_backbone_meta,
+    read_trained_meta,
+)
 from diffscaler.atomic import write_text_atomic
 from diffscaler.config import ExperimentConfig, config_from_json
+from diffscaler.diffusion.gaussian import GaussianDiffusion
+from diffscaler.diffusion.sampling import sample_images
 from diffscaler.errors import last_error_line
 from diffscaler.eval.stats import (
     EvalInputError,
@@ -60,6 +71,7 @@ from diffscaler.eval.stats import (
     plan_reference,
     save_cached,
 )
+from diffscaler.vae import VaeError, cached_vae_identity
 
 MAX_ATTEMPTS = 2  # a job is tried at most twice (one retry), on a fresh actor after a death
 
@@ -136,8 +148,6 @@ class FidWorker:
     def __init__(self, backbone_path: str, cfg_dict: dict[str, Any]):
         import torch
 
-        from diffscaler.artifacts import load_backbone
-        from diffscaler.diffusion.gaussian import GaussianDiffusion
         from diffscaler.eval.features import build_feature_extractor
 
         cfg = config_from_json(cfg_dict)
@@ -163,8 +173,6 @@ class FidWorker:
     def _model_for(self, adapter_path: str | None, task_model: bool = False):
         if not adapter_path:
             return self.backbone
-        from diffscaler.artifacts import load_adapters, load_backbone
-
         st = os.stat(adapter_path)
         key = f"{os.path.abspath(adapter_path)}|{st.st_size}|{st.st_mtime_ns}"
         if self._adapted is None or self._adapted[0] != key:
@@ -181,7 +189,6 @@ class FidWorker:
         """Samples [start, start + count) of one request -> features (count, D) float32."""
         import torch
 
-        from diffscaler.diffusion.sampling import sample_images
         from diffscaler.eval.features import extract_features
 
         t0 = time.perf_counter()
@@ -287,8 +294,6 @@ def pixel_side(model: dict[str, Any], cfg: ExperimentConfig) -> int:
     """Side of the images a backbone's samples become: its input for pixels, times data.vae's downsampling."""
     if model["in_channels"] == 3:
         return int(model["input_size"])
-    from diffscaler.vae import cached_vae_identity
-
     return int(model["input_size"]) * int(cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)["downsample"])
 
 
@@ -299,8 +304,6 @@ def _check_vae(model: dict[str, Any], cfg: ExperimentConfig, where: str) -> str:
     if not cfg.data.vae:
         raise EvalInputError(f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
                              "images: set data.vae=PATH (the VAE its shards were encoded with)")  # fmt: skip
-    from diffscaler.vae import VaeError, cached_vae_identity
-
     try:
         ident = cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)
     except VaeError as err:
@@ -321,8 +324,6 @@ def _check_shards_vae(shards: str, vae_hash: str, where: str) -> None:
 
 
 def _resolve(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str) -> _Resolved:
-    from diffscaler.adapters.bank import AdapterLoadError
-    from diffscaler.artifacts import TASK_MODEL_KEY, read_trained_meta
     from diffscaler.data.build import dataset_dir, pretrain_dataset_dir
 
     model = backbone_meta["model"]
@@ -424,7 +425,6 @@ class FidEvaluator:
     ):
         import ray
 
-        from diffscaler.artifacts import BackboneLoadError, read_backbone_meta
         from diffscaler.eval.features import FeatureWeightsError, resolve_weights_path
 
         if not ray.is_initialized():

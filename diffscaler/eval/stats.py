@@ -36,7 +36,9 @@ import torch
 
 from diffscaler.atomic import atomic_path
 from diffscaler.config import ExperimentConfig
-from diffscaler.eval.torchvision_compat import import_torch_fidelity
+from diffscaler.data.index import DatasetError, load_index
+from diffscaler.data.reader import read_split
+from diffscaler.torchvision_compat import import_torch_fidelity
 
 STATS_FORMAT = "diffscaler-fid-reference"
 STATS_FORMAT_VERSION = 1
@@ -170,7 +172,6 @@ def plan_reference(
 ) -> ReferencePlan:
     """Check the dataset and the requested count; EvalInputError names the folder and the numbers.
     `split` defaults to eval.reference_split."""
-    from diffscaler.data.index import DatasetError, load_index
     from diffscaler.eval.features import FEATURE_LAYER, resolve_weights_path, weights_file_hash
 
     try:
@@ -184,19 +185,15 @@ def plan_reference(
         raise EvalInputError(f"num_reference must be >= 0 (0 = the whole split), got {want}")
     if available < 2:
         raise EvalInputError(f"{shards_dir}: {split} split has {available} image(s); FID needs at least 2 references")
-    if want > available:
-        raise EvalInputError(
-            f"{shards_dir}: {split} split has {available} images, fewer than the {want} reference images requested "
-            f"(eval.num_reference={want}; use 0 for all, or rebuild the shards with a larger data.eval_fraction)"
-        )
+    # eval.num_reference is a cap (at most that many): a smaller split gives all it has, and the plan says so.
     network = cfg.eval.feature_network
     weights = resolve_weights_path(network, cfg.eval.feature_weights_path)
     return ReferencePlan(
         dataset=str(shards_dir),
         dataset_name=os.path.basename(str(shards_dir).rstrip("/")) or "dataset",
-        dataset_hash=index.content_hash,
+        dataset_hash=index.data_hash,
         available=available,
-        num_reference=want or available,
+        num_reference=min(want, available) if want else available,
         image_size=image_size or cfg.model.input_size,
         feature_network=network,
         feature_layer=FEATURE_LAYER[network],
@@ -208,8 +205,6 @@ def plan_reference(
 
 def load_reference_images(plan: ReferencePlan) -> np.ndarray:
     """The first `num_reference` images of the plan's split, uint8 (N, S, S, 3) at the plan's image size."""
-    from diffscaler.data.reader import read_split
-
     # pixels: latent shards made through a VAE give the original images, never decoded reconstructions
     images, _labels = read_split(plan.dataset, plan.split, limit=plan.num_reference, pixels=True)
     return resize_images(images, plan.image_size)

@@ -3,7 +3,7 @@
 State-dict keys follow facebookresearch/DiT (`x_embedder.proj`, `t_embedder.mlp.0/2`,
 `y_embedder.embedding_table`, `blocks.N.attn.qkv`, `blocks.N.attn.proj`, `blocks.N.mlp.fc1/fc2`,
 `blocks.N.adaLN_modulation.1`, `final_layer.adaLN_modulation.1`, `final_layer.linear`, `pos_embed`),
-so public checkpoints load as they are (see `diffscaler.models.dit_checkpoint`).
+so public checkpoints load as they are (see `diffscaler.artifacts.load_public_dit`).
 
 Every linear layer is a `TaskLinear`: a plain `nn.Linear` whose forward also takes `route`, one
 opaque per-sample argument that `DiT.denoise` threads to every linear and the backbone ignores.

@@ -61,7 +61,7 @@ def eval_inputs(run: Run) -> dict[str, Any]:
 
 class _ProgressLog:
     """A line each time another tenth of the generated images is scored: a long evaluation (the
-    comparison's 40 rows, an hour on 2 CPU cores) shows where it is."""
+    comparison's 40 rows; its wall time is in bench/QUALITY.md) shows where it is."""
 
     def __init__(self, run: Run, total_images: int):
         self.run, self.total = run, max(1, total_images)

@@ -4,14 +4,15 @@ uses for what an earlier stage would have made (datasets built as configured, a 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from diffscaler.artifacts import BackboneLoadError, check_model_matches, load_public_dit, read_backbone_meta
-from diffscaler.config import ConfigError, ModelConfig, from_dict
+from diffscaler.config import WEBDATASET_PREFIX, ConfigError, ModelConfig, from_dict, swept_datasets
 from diffscaler.data import DatasetError, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import _parameters, dataset_condition
+from diffscaler.data.build import dataset_parameters, planned_counts
+from diffscaler.data.writer import build_changes
 from diffscaler.stages.base import InputError, Run
 from diffscaler.vae import VaeError, cached_vae_identity
 
@@ -19,6 +20,7 @@ from diffscaler.vae import VaeError, cached_vae_identity
 def check_run_inputs(run: Run) -> None:
     """What every run checks, whichever stages it selects."""
     check_latent_space(run)
+    check_split_sizes(run)
     try:
         check_given_backbone(run)
     except (BackboneLoadError, ConfigError) as err:
@@ -26,6 +28,38 @@ def check_run_inputs(run: Run) -> None:
     e = run.cfg.eval
     if e.feature_weights_path and not Path(e.feature_weights_path).is_file():
         raise InputError(f"eval.feature_weights_path: file not found: {e.feature_weights_path}")
+
+
+def check_split_sizes(run: Run) -> None:
+    """Counts are known before any stage (catalog x limit x split, or the index): every target's train
+    split holds a fine-tune batch, a swept target has an eval split, an evaluated one two references.
+    (eval.num_reference is a cap, not a count to meet: a smaller split gives all it has.)"""
+    selected = set(run.selected)
+    if not selected & {"finetune", "sweep", "evaluate"}:
+        return
+    cfg = run.cfg
+    ft, targets = cfg.finetune, cfg.data.targets
+    batch = math.ceil(ft.batch_size / len(targets)) if ft.mixed and targets else ft.batch_size
+    swept = swept_datasets(cfg)[0] if "sweep" in selected else ()
+    for task in targets:
+        try:
+            counts = planned_counts(cfg.data, task.name)
+        except (ValueError, OSError):
+            continue  # a missing or unknown source: the shards stage's preflight names it
+        if counts is None:
+            continue
+        where = (f"task {task.name!r}: {counts['train']} train and {counts['eval']} eval images ({task.source_name}, "
+                 f"data.eval_fraction {cfg.data.eval_fraction}, data.limit {cfg.data.limit})")  # fmt: skip
+        if selected & {"finetune", "sweep"} and counts["train"] < batch:
+            raise InputError(f"{where}: fewer train images than one batch of finetune.batch_size {ft.batch_size}"
+                             f"{' (mixed)' if ft.mixed else ''}; lower finetune.batch_size or add images")  # fmt: skip
+        if task.name in swept and counts["eval"] < 1:
+            raise InputError(f"{where}: the sweep's validation loss and FID need an eval split; "
+                             "set data.eval_fraction > 0")  # fmt: skip
+        split = cfg.eval.reference_split
+        if "evaluate" in selected and counts[split] < 2:
+            raise InputError(f"{where}: FID needs at least 2 reference images in the {split} split "
+                             "(eval.reference_split); add images or change data.eval_fraction")  # fmt: skip
 
 
 def check_latent_space(run: Run) -> None:
@@ -90,34 +124,32 @@ def require_backbone(run: Run) -> None:
         raise InputError(str(err)) from None
 
 
-def build_parameters(run: Run, source: str, name: str = "") -> dict[str, Any]:
-    """What a dataset's index records about its build (with data.vae: latent shards of that VAE; with the
-    condition map of the task named `name`)."""
-    return _parameters(run.cfg.data, source, dataset_condition(run.cfg.data, name))
-
-
 def require_built(run: Run, names: Iterable[str]) -> None:
     """In a run without 'shards', the datasets a stage reads must already be built as data.* asks."""
     if "shards" in run.selected:
         return
     try:
-        jobs = dataset_jobs(run.cfg.data)
+        dataset_jobs(run.cfg.data)  # clashing names
     except ValueError as err:
         raise InputError(str(err)) from None
     for name in names:
         folder = dataset_dir(run.cfg.data, name)
         try:
-            index = load_index(folder)
+            load_index(folder)
         except DatasetError as err:
             raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
                              "or point data.shards_root at built shards") from None  # fmt: skip
-        wanted = build_parameters(run, jobs[name], name)
-        diff = {k: (index.data.get(k), v) for k, v in wanted.items() if k != "tool" and index.data.get(k) != v}
-        if diff:
+        changes = build_changes(folder, dataset_parameters(run.cfg.data, name), ignore=("tool",))
+        if changes:
+            built = str(load_index(folder).data.get("source", ""))
+            task = next((t for t in run.cfg.data.targets if t.name == name), None)
+            fix = "add 'shards' to pipeline.stages to rebuild it"
+            if built.startswith(WEBDATASET_PREFIX) and task is not None and not task.webdataset:
+                fix = f"these are indexed WebDataset shards: declare the target with source: {built!r}"
             raise InputError(
                 f"dataset {name!r} at {folder} was built with other parameters than data.* asks for: "
-                + ", ".join(f"{k} built={a!r} config={b!r}" for k, (a, b) in diff.items())
-                + "; add 'shards' to pipeline.stages to rebuild it"
+                + ", ".join(changes)
+                + f"; {fix}"
             )
 
 

@@ -39,10 +39,11 @@ class PretrainStage(Stage):
         try:
             found = resume_checkpoint(storage.join(p.storage_path, p.run_name))  # the one Ray resumes from
             if found is not None:
-                shards_hash = None
+                index = None
                 if "shards" not in run.selected:  # require_built above: the index is there
-                    shards_hash = load_index(pretrain_dataset_dir(run.cfg.data)).content_hash
-                pretrain_lib.check_resumable(found[1], run.cfg, found[0], shards_hash)
+                    index = load_index(pretrain_dataset_dir(run.cfg.data))
+                pretrain_lib.check_resumable(found[1], run.cfg, found[0], index and index.content_hash,
+                                             index and index.data_hash)  # fmt: skip
         except (BackboneLoadError, ConfigError) as err:
             raise InputError(str(err)) from None
 
@@ -66,8 +67,10 @@ class PretrainStage(Stage):
         if prov.get("step") != cfg.pretrain.steps:
             return StageCheck(False, f"{path} was trained {prov.get('step')} steps, pretrain.steps is "
                                      f"{cfg.pretrain.steps}")  # fmt: skip
-        shards_hash = load_index(pretrain_dataset_dir(cfg.data)).content_hash
-        if prov.get("shards", {}).get("content_hash") != shards_hash:
+        index = load_index(pretrain_dataset_dir(cfg.data))
+        if (prov.get("shards", {}).get("content_hash"), prov.get("shards", {}).get("data_hash")) != (
+            index.content_hash, index.data_hash
+        ):
             return StageCheck(False, f"{path} was trained on other shards than {pretrain_dataset_dir(cfg.data)}")
         return StageCheck(True, f"{path} valid ({prov.get('step')} steps, hash {meta['content_hash'][:19]}...)")
 

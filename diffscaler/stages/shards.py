@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffscaler.data import build_all, check_dataset, dataset_dir, dataset_jobs, load_index
-from diffscaler.data.build import check_sources
+from diffscaler.data.build import check_sources, dataset_parameters
 from diffscaler.data.sources import dataset_name
-from diffscaler.data.writer import is_up_to_date
+from diffscaler.data.writer import build_changes
 from diffscaler.stages.base import InputError, Run, Stage, StageCheck
-from diffscaler.stages.inputs import build_parameters
 
 
 class ShardsStage(Stage):
@@ -41,12 +40,12 @@ class ShardsStage(Stage):
 
     def state(self, run: Run) -> dict[str, str]:
         """{dataset: "" if built as configured and `shards check` passes, else what is wrong}."""
-        jobs = dataset_jobs(run.cfg.data)
         state = {}
         for name in self.names(run):
             folder = dataset_dir(run.cfg.data, name)
-            if not is_up_to_date(folder, build_parameters(run, jobs[name], name)):
-                state[name] = "missing or built with other parameters"
+            changes = build_changes(folder, dataset_parameters(run.cfg.data, name))
+            if changes:
+                state[name] = "rebuild: " + "; ".join(changes)
                 continue
             report = check_dataset(folder)
             state[name] = "" if report.ok else f"shards check failed: {report.problems[0]}"

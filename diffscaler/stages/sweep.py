@@ -76,7 +76,7 @@ class SweepStage(Stage):
 
     def search(self, run: Run, *, adapter_dir: str | Path | None = None, storage_path: str | None = None,
                run_fid: bool = True) -> SweepResult:  # fmt: skip
-        """Tune (resuming a cut-off experiment), FID on the best trials, outputs (tune.sweep calls this)."""
+        """Tune (resuming a cut-off experiment), FID on the best trials, outputs (ray_jobs.sweep calls this)."""
         return run_sweep(run.cfg, run.backbone, run.layout.sweep_dir, adapter_dir=adapter_dir,
                          storage_path=storage_path, run_fid=run_fid, log=run.log)  # fmt: skip
 

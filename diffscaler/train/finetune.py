@@ -16,7 +16,7 @@ interleaved shards, every sample carrying its task id (the bank's mixed-batch pa
 Output layout (DIR = --out):
     DIR/<task>.safetensors + .json       the first method of finetune.methods (the default: affiner)
     DIR/<method>/<task>.safetensors ...  every further method
-    DIR/bank.safetensors + bank.json     all tasks of the first method in one file (finetune_bank.py);
+    DIR/bank.safetensors + bank.json     all tasks of the first method in one file (bank_file.py);
                                          DIR/<method>/bank.* for the others
     DIR/logs/<method>/<task>.jsonl       loss log of each run (mixed runs: logs/<method>/mixed.jsonl)
     DIR/summary.json                     one row per (task, method): status, reason, parameters, loss, time
@@ -55,12 +55,12 @@ from diffscaler.artifacts import (
     read_trained_meta,
 )
 from diffscaler.atomic import write_text_atomic
+from diffscaler.bank_file import save_bank
 from diffscaler.cluster import connect_ray, node_shapes
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.errors import last_error_line
 from diffscaler.models.dit import parse_preset
-from diffscaler.train.finetune_bank import save_bank
 from diffscaler.train.finetune_loop import LOSS_UNIT, AdapterRun, AdapterRunSpec, TaskData
 
 SUMMARY_FORMAT = "diffscaler-finetune-summary"
@@ -154,7 +154,7 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
         if index.num_samples("train") < 1:
             raise FinetuneInputError(f"task {name!r}: the train split at {folder} is empty")
         out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.content_hash))  # fmt: skip
+                            index.data_hash))  # fmt: skip
     return out
 
 

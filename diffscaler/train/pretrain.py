@@ -1,42 +1,18 @@
 """Backbone pretraining: Ray Train `TorchTrainer` workers, each one DeepSpeed ZeRO rank.
 
-    python -m ray_jobs.pretrain --config ray_jobs/configs/tiny.yaml --out runs/pretrain
     python -m ray_jobs.pretrain --config ray_jobs/configs/tiny.yaml --out runs/pretrain pretrain.zero_stage=3
-    ray job submit --working-dir . -- python -m ray_jobs.pretrain --config ray_jobs/configs/gpu.yaml \
-        --out /shared/runs/pretrain pipeline.ray_address=auto
-
     result = run_pretrain(cfg, "runs/pretrain")      # library form; connects to Ray if needed
 
-What happens:
-1. The driver checks everything that can be checked before a worker starts (`plan_run`,
-   `check_cluster`): the config, the shards (size, channels, classes, enough samples per rank), a
-   writable output folder and storage path, GPUs in the cluster when asked for, a resumable latest
-   checkpoint. Bad input raises `ConfigError` / `DatasetError` naming the field or file.
-2. `pretrain_worker` runs on `pretrain.num_workers` workers: DeepSpeed (config generated from
-   `pretrain.*`; ZeRO 2 by default), fp32 EMA, the step-indexed shard stream, and every
-   `checkpoint_every` steps a checkpoint that every rank contributes its DeepSpeed shard to
-   (`pretrain_checkpoint` describes the folder). `ray.train.report` is called at checkpoints only:
-   each call waits on Ray Train's controller poll.
-3. Resume: rerun with the same `pretrain.storage_path` and `pretrain.run_name`; Ray hands the workers
-   the latest checkpoint and the run continues at its step, on the same data position and RNG
-   states. A worker that dies is restarted the same way, up to `pretrain.max_failures` times.
-   `check_resumable` proves the checkpoint is this run's: the same model config, shards content
-   hash, seeds, lr, warm-up, batch and ZeRO layout, else it refuses naming each difference; raising
-   `pretrain.steps` continues the run.
-4. The driver exports `OUT/backbone.safetensors` + `backbone.json` (EMA weights unless told
-   otherwise) from the final checkpoint and copies its `metrics.jsonl` to `OUT`.
-
-Multi-node clusters: `pretrain.storage_path` must be shared by all nodes (NFS or `s3://...`), as
-Ray Train requires. Rank 0 writes live logs (`metrics.jsonl`, TensorBoard, sample grids) to `OUT`;
-when `OUT` is not on rank 0's machine or a shared folder, the final backbone and metrics still
-arrive there, since the driver takes them from the checkpoint in storage.
-
-A non-finite loss, or a non-finite gradient norm (DeepSpeed then skips the update, so a diverged run
-would otherwise go on with a huge finite loss and frozen weights), stops the run: every rank sees the
-same all-reduced values and raises `NonFiniteLossError` with the step; no checkpoint is written after
-it, so the last good one stays the latest. A marker in the run folder makes Ray's automatic restarts
-of that launch fail at once instead of replaying the same divergence; a new launch (say with a lower
-`pretrain.lr`) resumes from the last good checkpoint.
+The driver checks all it can before a worker starts (`plan_run`, `check_cluster`: config, shards, output
+and storage folders, GPUs, a resumable checkpoint), runs `pretrain_worker` on `pretrain.num_workers`
+workers (DeepSpeed from `pretrain.*`, fp32 EMA, the step-indexed shard stream, a checkpoint every
+`checkpoint_every` steps to which each rank adds its shard; `ray.train.report` only then, since each call
+waits on the controller), and exports `OUT/backbone.safetensors` (EMA weights) and `metrics.jsonl` from
+the final checkpoint, so they arrive even when OUT is not on rank 0's machine. Rerunning with the same
+storage_path and run_name resumes at the same step, data position and RNG states, once
+`check_resumable` has proved the checkpoint is this run's; multi-node storage must be shared (NFS, s3).
+A non-finite loss or gradient norm stops every rank at the same step, before any checkpoint, and a marker
+stops Ray's restarts from replaying the divergence: a new launch (a lower lr) resumes from the last good one.
 """
 
 from __future__ import annotations
@@ -62,23 +38,51 @@ from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
 from diffscaler.data.build import pretrain_dataset_dir
 from diffscaler.data.index import DatasetError, load_index
-from diffscaler.train.deepspeed_setup import micro_batch_size, resolve_precision
+from diffscaler.data.reader import ShardReader
+from diffscaler.data.tarformat import ShardError
+from diffscaler.diffusion import GaussianDiffusion
+from diffscaler.diffusion.sampling import sample_images
+from diffscaler.images import image_grid, save_png
+from diffscaler.models import DiT, build_model, model_macs
+from diffscaler.train.deepspeed_setup import (
+    build_optimizer,
+    deepspeed_config,
+    micro_batch_size,
+    resolve_precision,
+    skip_cpu_shm_allreduce_build,
+    warmup_scheduler,
+)
+from diffscaler.train.ema import EmaWeights
 from diffscaler.train.pretrain_checkpoint import (
     EMA_FILE,
     METRICS_FILE,
     SAMPLES_FILE,
     STATE_FILE,
     TrainerState,
+    capture_rng,
     checkpoint_dir_name,
     deepspeed_tag,
     export_backbone,
+    load_ema_state,
     read_skipped,
     read_state,
+    restore_rng,
     resume_checkpoint,
     rng_file,
     skipped_file,
+    write_json,
 )
-from diffscaler.train.train_log import follow_progress, interactive, read_jsonl, say
+from diffscaler.train.train_log import (
+    EventLog,
+    MetricsLog,
+    device_peak_flops,
+    follow_progress,
+    interactive,
+    read_jsonl,
+    say,
+    training_flops_per_image,
+)
+from diffscaler.vae import VaeError, configured_vae_hash
 
 CHECKPOINTS_KEPT = 3  # Ray deletes older checkpoint folders of a run
 NAN_MARKER = "nonfinite_loss.json"  # in the run folder; stops automatic restarts of a diverged launch
@@ -114,6 +118,7 @@ class PretrainPlan:
     run_dir: str  # storage_path/run_name: this run's checkpoints and markers
     launch_id: str  # unique per run_pretrain call (tells restarts of this launch from a new launch)
     shards_hash: str  # content hash of the shards (recorded in checkpoints and the backbone)
+    shards_data_hash: str  # what is read from them (DatasetIndex.data_hash): labels, size, splits too
     num_samples: int  # training samples in the shards
     class_names: tuple[str, ...]  # class names of the shards (sample grid rows)
     print_lines: bool  # rank 0 prints a line per logged step (False when the driver shows a bar)
@@ -136,7 +141,8 @@ def check_writable(path_or_url: str, field_name: str) -> None:
         raise ConfigError(f"{field_name}: cannot write to {path_or_url!r}: {err}") from None
 
 
-def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None) -> None:
+def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None,
+                    data_hash: str | None = None) -> None:  # fmt: skip
     """A checkpoint continues only *its own* run: the settings that shaped its DeepSpeed files, its
     weights and its data order, the same model, the same shards (`shards_hash`, when known) and the
     same seeds and schedule. Raises ConfigError naming every difference."""
@@ -154,6 +160,8 @@ def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shar
         same[f"model.{key}"] = (state.model.get(key), model.get(key))
     if shards_hash is not None:
         same["shards (content hash)"] = (state.shards.get("content_hash"), shards_hash)
+    if data_hash is not None:  # the same shards read with other labels, size or split are other data
+        same["shards (labels, size, splits: data hash)"] = (state.shards.get("data_hash"), data_hash)
     # Seeds and schedule, from the checkpoint's whole config (absent in checkpoints of older code).
     # lr and warm-up may change only when resuming the last good checkpoint of a run that stopped on
     # a non-finite loss: that is the documented way on from a divergence.
@@ -204,8 +212,6 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
         kind = "npy latents" if index.latent else "RGB images"
         raise ConfigError(f"model.in_channels: {m.in_channels}, but {shards} holds {kind} ({index.channels} channels)")
     if index.latent and cfg.data.vae:  # as the fine-tunes refuse them: latents of another VAE than data.vae
-        from diffscaler.vae import VaeError, configured_vae_hash
-
         try:
             want = configured_vae_hash(cfg.data.vae, cfg.data.vae_config)
         except VaeError as err:
@@ -232,7 +238,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
     run_dir = storage.join(store, p.run_name)
     found = resume_checkpoint(run_dir)  # the one Ray hands the workers (its snapshot), not the highest folder
     if found is not None:
-        check_resumable(found[1], cfg, found[0], index.content_hash)
+        check_resumable(found[1], cfg, found[0], index.content_hash, index.data_hash)
     return PretrainPlan(
         out_dir=out,
         shards_dir=shards,
@@ -240,6 +246,7 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
         run_dir=run_dir,
         launch_id=uuid.uuid4().hex,
         shards_hash=index.content_hash,
+        shards_data_hash=index.data_hash,
         num_samples=train,
         class_names=tuple(index.class_names),
         print_lines=not interactive(),
@@ -440,9 +447,6 @@ class GridSampler:
     """Rank 0: sample grids from the EMA weights (fixed seeds, a few classes) with a plain DiT."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, class_names: tuple[str, ...], bf16: bool):
-        from diffscaler.diffusion import GaussianDiffusion
-        from diffscaler.models import DiT
-
         self.cfg, self.device = cfg, device
         self.model = DiT(cfg.model).to(device).eval()
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
@@ -452,9 +456,6 @@ class GridSampler:
         self.autocast = torch.bfloat16 if bf16 else None
 
     def grid(self, ema_state: dict[str, torch.Tensor]):
-        from diffscaler.diffusion.sampling import sample_images
-        from diffscaler.images import image_grid
-
         self.model.load_state_dict(ema_state, strict=False)  # parameters; buffers are the model's own
         labels = [c for c in self.classes for _ in range(SAMPLE_GRID_PER_CLASS)]
         d = self.cfg.diffusion
@@ -541,17 +542,6 @@ class RankTrainer:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if p.use_gpu else "cpu")
         import deepspeed
 
-        from diffscaler.diffusion import GaussianDiffusion
-        from diffscaler.models import build_model, model_macs
-        from diffscaler.train.deepspeed_setup import (
-            build_optimizer,
-            deepspeed_config,
-            skip_cpu_shm_allreduce_build,
-            warmup_scheduler,
-        )
-        from diffscaler.train.ema import EmaWeights
-        from diffscaler.train.train_log import device_peak_flops, training_flops_per_image
-
         self.cfg, self.p, self.plan, self.rank, self.world = cfg, p, plan, rank, world
         deepspeed.utils.logger.setLevel(logging.WARNING)
         skip_cpu_shm_allreduce_build()
@@ -594,10 +584,8 @@ class RankTrainer:
 
     def restore(self, ckpt_dir: str, where: str) -> None:
         """Continue from a checkpoint folder: DeepSpeed shards, EMA, RNG, step, data position."""
-        from diffscaler.train.pretrain_checkpoint import load_ema_state, restore_rng
-
         state = read_state(ckpt_dir)
-        check_resumable(state, self.cfg, where, self.plan.shards_hash)
+        check_resumable(state, self.cfg, where, self.plan.shards_hash, self.plan.shards_data_hash)
         # The schedule is rebuilt from this config (not loaded): after a divergence the lr may change.
         path, _ = self.engine.load_checkpoint(ckpt_dir, tag=state.deepspeed_tag, load_lr_scheduler_states=False)
         if path is None:
@@ -613,8 +601,6 @@ class RankTrainer:
         self.resumed_from = where
 
     def train(self) -> None:
-        from diffscaler.data.tarformat import ShardError
-
         try:
             self._train()
         except (ShardError, DatasetError) as err:
@@ -622,8 +608,6 @@ class RankTrainer:
 
     def _train(self) -> None:
         import torch.distributed as dist
-
-        from diffscaler.data.reader import ShardReader
 
         p, data = self.p, self.cfg.data
         self.reader = reader = ShardReader(self.plan.shards_dir, "train", micro_batch_size(p), rank=self.rank,
@@ -667,8 +651,6 @@ class RankTrainer:
     # -- rank 0's sinks ----------------------------------------------------------------------------
 
     def _open_logs(self) -> None:
-        from diffscaler.train.train_log import EventLog, MetricsLog
-
         self.log = self.events = None
         if self.rank != 0:
             return
@@ -713,8 +695,6 @@ class RankTrainer:
         ema_state = ema.full_state() if (ema.partitioned or self.rank == 0) else {}  # collective under ZeRO-3
         grid = self.sampler.grid(ema_state) if (self.sampler is not None and is_sample) else None
         if grid is not None:
-            from diffscaler.images import save_png
-
             path = Path(self.plan.out_dir) / "samples" / f"step{self.step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_png(grid, path)
@@ -728,7 +708,8 @@ class RankTrainer:
             ema_decay=p.ema_decay, world_size=self.world, zero_stage=p.zero_stage, precision=self.precision,
             global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
             deepspeed_tag=deepspeed_tag(self.step), run_name=p.run_name, model=asdict(self.cfg.model),
-            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "num_samples": plan.num_samples,
+            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "data_hash": plan.shards_data_hash,
+                    "num_samples": plan.num_samples,
                     "class_names": list(plan.class_names)},
             config=self.cfg.to_dict(),
         )  # fmt: skip
@@ -746,8 +727,6 @@ class RankTrainer:
         import ray.train
         from safetensors.torch import save_file
 
-        from diffscaler.train.pretrain_checkpoint import capture_rng, write_json
-
         with tempfile.TemporaryDirectory(prefix="diffscaler-ckpt-") as tmp:
             self.engine.save_checkpoint(tmp, tag=state.deepspeed_tag)  # collective: each rank its ZeRO shard
             write_json(Path(tmp, rng_file(self.rank)), capture_rng())
@@ -757,8 +736,6 @@ class RankTrainer:
                 with_umask_mode(Path(tmp, EMA_FILE))  # safetensors writes 0600
                 shutil.copyfile(self.log.path, Path(tmp, METRICS_FILE))
                 if grid is not None:
-                    from diffscaler.images import save_png
-
                     save_png(grid, Path(tmp, SAMPLES_FILE))
                 Path(tmp, STATE_FILE).write_text(state.to_json())  # last: marks the folder complete
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -1,41 +1,17 @@
 """The sweep: Ray Tune over adapter rank and learning rate per dataset, ASHA on a validation loss, FID last.
 
-    python -m tune.sweep --config ray_jobs/configs/tiny.yaml --backbone runs/pretrain/backbone.safetensors \
+    python -m ray_jobs.sweep --config ray_jobs/configs/tiny.yaml --backbone runs/pretrain/backbone.safetensors \
         --out runs/sweep [sweep.num_samples=8 sweep.max_steps=200 ...]
-    ray job submit --working-dir . -- python -m tune.sweep --config ... --backbone ... --out /shared/sweep
-
     result = run_sweep(cfg, "runs/pretrain/backbone.safetensors", "runs/sweep")
 
-Per dataset (cfg.sweep.datasets, default every data.targets task) one `Tuner` runs a function
-trainable (`sweep_trial`, wrapped in `tune.with_resources`: cfg.sweep.cpus_per_trial CPUs, one GPU
-with finetune.use_gpu) over `rank ~ choice(sweep.ranks)` and `lr ~ loguniform(lr_min, lr_max)`.
-Each trial trains the adapter with the fine-tune loop (finetune_loop.AdapterRun) and, every
-sweep.rung_steps steps, reports the validation diffusion loss of the eval split - fixed, evenly
-spread timesteps and fixed noise, so trials compare - with a checkpoint (adapter + AdamW state, as
-safetensors). ASHA stops the worse trials at those rungs. Datasets get their own Tuner because
-losses of different datasets do not compare (one ASHA over all would stop the harder dataset).
-
-Afterwards the best trials of each dataset (lowest validation loss, sweep.fid_candidates of them) are
-scored by FID on the eval pool (diffscaler.eval.FidEvaluator, sweep.fid_samples generated images
-against the eval split) after Tune has released its trial resources; the lowest FID wins.
-
-Outputs (DIR = --out):
-    DIR/trials.csv       every trial: dataset, trial id, rank, lr, val loss, steps, status, FID where computed
-    DIR/best.json        the best configuration per dataset: how it was chosen, its backbone hash and the
-                         sweep fingerprint (search space) it belongs to
-    DIR/candidates/<dataset>/<trial id>/<dataset>.safetensors   the FID-scored adapters
-    ADAPTERS/<dataset>.safetensors + .json   the winner, copied (ADAPTERS defaults to DIR/adapters)
-    STORAGE/sweep-<dataset>-<fingerprint>/   Tune's experiment (STORAGE: sweep.storage_path, else DIR/tune)
-
-Resume: the experiment name is fixed by the dataset and a fingerprint of the sweep settings, so
-rerunning the same command restores an interrupted sweep (`Tuner.restore`: finished trials are
-kept, unfinished ones continue from their last rung checkpoint); a changed search space starts a
-new experiment.
-
-Resources: trials run `max_concurrent_trials` at a time (sweep.max_concurrent_trials, or when 0
-what the cluster holds: floor(CPUs / cpus_per_trial), GPUs likewise); the Tune driver takes no
-resources; the FID actors start only after the trials end and are capped to what fits. A trial or
-actor request no node can hold raises `FinetuneInputError` up front instead of hanging forever.
+One `Tuner` per dataset (losses of different datasets do not compare: one ASHA over all would stop the
+harder one) runs `sweep_trial` over rank and a log-uniform lr: the fine-tune loop, reporting every
+sweep.rung_steps the eval split's diffusion loss at fixed timesteps and noise (so trials compare) with
+a safetensors checkpoint. Then the best candidates are scored by FID on the eval actor pool, once Tune
+has released its resources, and the lowest wins: DIR/trials.csv, DIR/best.json, the winner copied to
+ADAPTERS/<dataset>.safetensors. The experiment name is the dataset plus a fingerprint of the search
+space, so rerunning restores an interrupted sweep (`Tuner.restore`) and a changed space starts anew. A
+request no node can hold raises `FinetuneInputError` up front instead of staying PENDING forever.
 """
 
 from __future__ import annotations
@@ -59,9 +35,10 @@ from ray.tune.search import BasicVariantGenerator
 
 from diffscaler.atomic import atomic_path, copy_file_atomic, write_text_atomic
 from diffscaler.cluster import connect_ray, max_cluster_resources
-from diffscaler.config import ExperimentConfig
+from diffscaler.config import ExperimentConfig, swept_datasets
 from diffscaler.data import load_index
 from diffscaler.errors import last_error_line
+from diffscaler.eval import EvalRequest, FidEvaluator
 from diffscaler.train.finetune import (
     FinetuneInputError,
     backbone_model_config,
@@ -173,7 +150,11 @@ def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None =
         )
     if s.fid_samples < 2:
         raise FinetuneInputError(f"sweep.fid_samples {s.fid_samples}: FID needs at least 2 generated images")
-    tasks = resolve_tasks(cfg, s.datasets or None, image_size=model_cfg.input_size,
+    swept, missing = swept_datasets(cfg)
+    if missing:
+        skipped = f"sweep: sweep.datasets {list(missing)} not in data.targets, skipped; sweeping {list(swept)}"
+        print(skipped, file=sys.stderr)
+    tasks = resolve_tasks(cfg, swept, image_size=model_cfg.input_size,
                           in_channels=model_cfg.in_channels)
     for t in tasks:
         index = load_index(t.dataset_dir)
@@ -450,8 +431,6 @@ def _score_fid(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, rows: lis
                log: Callable[[str], None]) -> None:  # fmt: skip
     """FID of the best sweep.fid_candidates trials; a score already computed for the same checkpoint and
     evaluation settings (candidates/<dataset>/<trial>/fid.json) is reused, so a rerun costs nothing."""
-    from diffscaler.eval import EvalRequest, FidEvaluator
-
     ranked = sorted((r for r in rows if r.checkpoint and math.isfinite(r.val_loss)), key=_val_key)
     todo: list[tuple[TrialRow, Path, dict[str, Any]]] = []
     for r in ranked[: cfg.sweep.fid_candidates]:

@@ -147,3 +147,12 @@ def check_full_run(out: Path) -> None:
         assert part in report, part
     for png in ("samples_red.png", "samples_blue.png", "samples_mixed.png", "samples_backbone.png", "loss_curves.png"):
         assert (out / png).stat().st_size > 0
+
+
+def save_micro_backbone(path: Path, model_cfg=MICRO_MODEL) -> Path:
+    """A random micro backbone file (pipeline.backbone) for runs without the pretrain stage."""
+    from diffscaler.artifacts import save_backbone
+    from diffscaler.models import build_model
+
+    save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from PIL import Image
 
 from diffscaler.config import load_config
 from diffscaler.data import make_shards
+from diffscaler.train.train_log import read_jsonl  # re-exported: the tests read metrics as the report does
 
 TINY = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs" / "tiny.yaml"
 COLORS = [(220, 30, 30), (20, 150, 40), (30, 60, 220), (210, 170, 0)]
@@ -54,10 +54,6 @@ def make_pretrain_shards(root: Path, colors=COLORS) -> str:
     out = str(root / "shards")
     make_shards(f"folder:{root / 'src'}", out, size=32, samples_per_shard=12, eval_fraction=0.0, log=lambda m: None)
     return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def events(out: Path, kind: str) -> list[dict]:

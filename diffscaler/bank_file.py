@@ -21,11 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffscaler.adapters import AdapterBank, AdapterLoadError, TaskInfo
-from diffscaler.artifacts import read_adapter_file, read_format_json, write_file_pair
+from diffscaler.artifacts import BANK_FORMAT, BANK_FORMAT_VERSION, read_adapter_file, read_format_json, write_file_pair
 from diffscaler.models.dit import DiT
 
-BANK_FORMAT = "diffscaler-adapter-bank"
-BANK_FORMAT_VERSION = 1
 BANK_STEM = "bank"
 
 

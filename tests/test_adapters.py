@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from diffscaler.adapters import AdapterBank, TaskInfo
-from diffscaler.config import ADAPTER_METHODS
+from diffscaler.config import ADAPTER_METHODS, ModelConfig
+from diffscaler.models import DiT
 from tests.support.models import TASKS, backbone, inputs, randomize
 
 
@@ -154,3 +155,29 @@ def test_the_backbone_knows_nothing_of_its_adapters(method):
     assert "task_embedder.rows" in model.state_dict()
     with pytest.raises(ValueError, match="already has adapters"):
         AdapterBank.attach(model, TASKS, method=method, rank=4)
+
+
+def test_sampling_a_bank_of_many_slots_folds_only_the_tasks_in_the_batch(monkeypatch):
+    """Without grad, a mixed batch groups when its own tasks fit (P * width <= N * tokens), however many slots
+    the bank has (serving's max_resident_tasks), and equals each task's own single-task run."""
+    import diffscaler.adapters.layers as layers
+
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(name="DiT-T/2", input_size=16, num_classes=5))
+    bank = AdapterBank.attach(model, [TaskInfo(f"t{i}") for i in range(16)], rank=2)
+    randomize(bank)
+    model.eval()
+    calls = []
+    original = layers.grouped_scaled_linear
+    monkeypatch.setattr(layers, "grouped_scaled_linear", lambda *a: calls.append(a[2].shape[0]) or original(*a))
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(12, 3, 16, 16, generator=g), torch.randint(0, 1000, (12,), generator=g)
+    y, ids = torch.zeros(12, dtype=torch.long), torch.tensor([3, 11, 3, 7, 11, 3, 7, 7, 3, 11, 7, 3])
+    with torch.no_grad():
+        mixed = model(x, t, y, task_ids=ids)
+        assert calls and set(calls) == {3}  # 3 folded copies of 16 slots (16 * 192 > 12 * 64 would not group)
+        calls.clear()
+        for task in (3, 7, 11):
+            rows = ids == task
+            single = model(x[rows], t[rows], y[rows], task_ids=task)
+            torch.testing.assert_close(mixed[rows], single, rtol=1e-4, atol=1e-4)

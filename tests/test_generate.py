@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,15 @@ def test_bad_input_is_refused_before_ray(models, tmp_path, refuse_ray, capsys):
     assert main(["--config", str(cfg), "--backbone", str(backbone), "--adapters", str(adapters),
                  "--out", str(tmp_path / "shards")]) == 2
     assert "not a generated set" in capsys.readouterr().err
+
+
+def test_an_out_folder_in_use_is_refused_naming_its_holder(models, tmp_path, refuse_ray, capsys):
+    from diffscaler.runlock import run_lock
+    from ray_jobs.generate import main
+
+    backbone, adapters = models
+    with run_lock(tmp_path / "o", "another generate"):
+        tiny = str(Path(__file__).resolve().parents[1] / "ray_jobs/configs/tiny.yaml")
+        assert main(["--config", tiny, "--backbone", str(backbone), "--adapters",
+                     str(adapters), "--out", str(tmp_path / "o"), "generate.images_per_task=2"]) == 2
+    assert "is in use by another generate" in capsys.readouterr().err

@@ -189,3 +189,26 @@ def test_a_killed_replica_is_replaced_and_later_requests_succeed(server):
         time.sleep(1)
     assert ok, "no successful request within 240 s of killing the replica"
     assert live_actor_pids("ServeReplica:diffscaler:TaskServer") != [pid]
+
+
+def test_diffscaler_serve_refuses_bad_input_before_ray(tmp_path, refuse_ray, capsys):
+    import socket
+
+    from diffscaler.cli import main
+
+    backbone, adapters = setup_models(tmp_path)
+    other = tmp_path / "other.safetensors"
+    make_backbone(other, seed=4)
+    assert main(["serve", "--backbone", str(other), "--adapters", str(adapters)]) == 2
+    err = capsys.readouterr().err
+    assert "no adapter fits the backbone" in err and "only works on the backbone it was trained on" in err
+    assert main(["serve", "--backbone", str(backbone), "--adapters", str(tmp_path / "none")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--backbone", str(backbone), "--adapters", str(adapters), f"serve.port={port}"]) == 2
+    assert f"serve.port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", "--backbone", str(backbone), "--adapters", str(adapters), "serve.max_batch_size=0"]) == 2
+    assert "serve.max_batch_size" in capsys.readouterr().err

@@ -132,13 +132,15 @@ class AdapterBank:
             if isinstance(layer, ScaleShiftLinear):
                 layer.lean_backward = enabled
 
-    def groups_batch(self, x: torch.Tensor, tokens: int) -> bool:
+    def groups_batch(self, x: torch.Tensor, tokens: int, num_present: int | None = None) -> bool:
         """Whether `forward` sorts the mixed batch `x` (N, C, H, W) by task: a method with a scale, and
         at least the token-width layers would run grouped (see ScaleShiftLinear._group_offsets). Otherwise
-        the batch keeps its order (and each sample's bits do not depend on the other tasks' ids)."""
+        the batch keeps its order (and each sample's bits do not depend on the other tasks' ids).
+        `num_present`: without grad, only the tasks in the batch are folded (a bank of many slots, serving)."""
         if not self.group_mixed_batches or self.method not in ("affiner", "difffit"):
             return False
-        fits = len(self.tasks) * self.model.hidden_size <= x.shape[0] * tokens
+        folded = num_present if num_present is not None else len(self.tasks)
+        fits = folded * self.model.hidden_size <= x.shape[0] * tokens
         return fits and grouping_supported(x.device, compute_dtype(x))
 
     # -- construction -----------------------------------------------------------------------------
@@ -268,12 +270,20 @@ class AdapterBank:
                              + (" (and their mask is inside them: no condition_mask)" if condition_mask is not None
                                 else ""))
         order = None
-        if isinstance(task_ids, torch.Tensor) and self.groups_batch(x, model.grid_size**2):
+        counts = present = None
+        if isinstance(task_ids, torch.Tensor) and not torch.is_grad_enabled():
+            # sampling folds only the tasks in the batch: a bank of many slots (serving) still groups
+            counts = torch.bincount(task_ids, minlength=len(self.tasks))
+            present = counts.nonzero().flatten()
+        if isinstance(task_ids, torch.Tensor) and self.groups_batch(
+            x, model.grid_size**2, None if present is None else len(present)
+        ):
             # Sort the batch by task once here (every op in the model is per sample), so the adapters
             # see each task's samples as one run of rows; the output is put back in the caller's order.
             order = torch.argsort(task_ids, stable=True)
             x, t, y, ids = x[order], t[order], y[order], task_ids[order]
-            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(self.tasks)))
+            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(self.tasks)) if counts is None else counts,
+                                  present)
             condition = None if condition is None else condition.take(order)
         label_emb = self.task_embedder(y, task_ids, model.y_embedder)  # (N, D)
         out = model.denoise(x, t, label_emb, task_ids, self._injection(condition))  # (N, C_out, H, W)

@@ -236,14 +236,26 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
             return None
         return groups.offsets(length)
 
-    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _present_offsets(self, x: torch.Tensor, groups: TaskGroups) -> torch.Tensor | None:
+        """`_group_offsets` counting only the P tasks present (P folded copies: P * in <= N * L)."""
+        if self.scale is None or x.dim() != 3 or groups.present is None:
+            return None
+        n, length, in_f = x.shape
+        if len(groups.present) * in_f > n * length or not grouping_supported(x.device, compute_dtype(x)):
+            return None
+        return groups.present_offsets(length)
+
+    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
+                         task_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Sampling a batch sorted by task: (1 + a_t) folded into each task's weight copy, one grouped
-        matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output."""
+        matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output.
+        `task_scale` (P, out): the scales of the tasks `offsets` delimit (default: every task's)."""
         w, b = self.base.weight, self.base.bias
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x3 = x.to(dtype)  # (N, L, in)
-            y = grouped_scaled_linear(x3, w, self.scale, offsets, dtype)  # (N, L, out)
+            scales = self.scale if task_scale is None else task_scale
+            y = grouped_scaled_linear(x3, w, scales, offsets, dtype)  # (N, L, out)
             c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
             relu_h = up_scaled = None
             if self.relu_branch:
@@ -255,6 +267,10 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
         groups = task_ids if isinstance(task_ids, TaskGroups) else None
         ids = groups.ids if groups is not None else task_ids
         w, b = self.base.weight, self.base.bias
+        if groups is not None and groups.present is not None and not torch.is_grad_enabled() and not self._lean():
+            present = self._present_offsets(x, groups)  # sampling: fold only the tasks in the batch
+            if present is not None:
+                return self._forward_grouped(x, ids, present, self.scale[groups.present])
         offsets = self._group_offsets(x, groups)
         if self._lean():
             return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *self._branch_args(ids),

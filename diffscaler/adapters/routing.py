@@ -59,10 +59,16 @@ class TaskGroups:
 
     ids: torch.Tensor  # (N,) task id per sample, ascending
     counts: torch.Tensor  # (T,) samples of each task (T = tasks in the bank, empty ones included)
+    present: torch.Tensor | None = None  # (P,) ascending ids of the tasks in the batch (sampling: only they fold)
 
     def offsets(self, rows_per_sample: int) -> torch.Tensor:
         """(T,) int32 end row of each task's run in an (N * rows_per_sample, D) view."""
         return (torch.cumsum(self.counts, 0) * rows_per_sample).to(torch.int32)
+
+    def present_offsets(self, rows_per_sample: int) -> torch.Tensor:
+        """(P,) int32 end row of each present task's run: `offsets` without the empty tasks."""
+        assert self.present is not None
+        return (torch.cumsum(self.counts[self.present], 0) * rows_per_sample).to(torch.int32)
 
 
 # (N,) long per sample; one int for a single-task batch; TaskGroups (a sorted mixed batch); or None

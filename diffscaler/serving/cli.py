@@ -66,12 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from diffscaler.cluster import ray_address
+    from diffscaler.cluster import connect_ray
     from diffscaler.serving.app import build_app
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_address(cfg))  # "local" (a new cluster) unless pipeline.ray_address / RAY_ADDRESS
+    started = connect_ray(cfg)  # "local" (a new cluster) unless pipeline.ray_address / RAY_ADDRESS
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -259,9 +259,10 @@ def _generated_shards(rows: list[dict[str, Any]], cfg: ExperimentConfig, backbon
     """(shard, its rows in order) as each shard's images complete (in plan order)."""
     import ray
 
+    from diffscaler.cluster import connect_ray
+
     g = cfg.generate
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    connect_ray(cfg, log_to_driver=False)  # the caller's cluster when connected (ray_jobs.generate joins first)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
     columns = [{k: r[k] for k in ("shard", "pos", "task", "cls", "index")} for r in rows]

@@ -157,6 +157,9 @@ class FinetuneConfig:
     methods: tuple[str, ...] = ("affiner",)  # methods run per task (comparison-table rows); + scratch
     method_lrs: dict[str, float] = field(default_factory=dict)  # per-method lr, e.g. {full: 1.0e-4} (else lr)
     extra_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # more seeds, e.g. {affiner: [1]}
+    method_ranks: dict[str, int] = field(default_factory=dict)  # per-method rank, e.g. {lora: 2} (else adapter.rank)
+    # per-method wrapped linears, e.g. {lora: [qkv, proj]} (else adapter.targets)
+    method_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lr_from_sweep: bool = False  # the pipeline takes each method's lr from the sweep's best.json (sweep first)
     steps: int = 200  # optimizer steps per task
     batch_size: int = 32  # images per step
@@ -628,6 +631,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for m, seeds in f.extra_seeds.items():
         _require(m in f.methods, "finetune.extra_seeds", f"{m!r} is not one of finetune.methods {list(f.methods)}")
         _require(all(x >= 0 for x in seeds), f"finetune.extra_seeds.{m}", f"seeds must be >= 0, got {list(seeds)}")
+    for m, r in f.method_ranks.items():
+        _one_of(m, ADAPTER_METHODS, "finetune.method_ranks")
+        _require(isinstance(r, int) and 1 <= r <= MAX_RANK, f"finetune.method_ranks.{m}", f"must be in [1, {MAX_RANK}]")
+    for m, ts in f.method_targets.items():
+        _one_of(m, ADAPTER_METHODS, "finetune.method_targets")
+        _require(m != "full", "finetune.method_targets.full", "full fine-tuning trains every linear: no targets")
+        _require(len(ts) > 0, f"finetune.method_targets.{m}", f"must name at least one of {list(ADAPTER_TARGETS)}")
+        for t in ts:
+            _one_of(t, ADAPTER_TARGETS, f"finetune.method_targets.{m}")
+        _require(len(set(ts)) == len(ts), f"finetune.method_targets.{m}", "has duplicates")
     for m, lr in f.method_lrs.items():
         _one_of(m, FINETUNE_METHODS, "finetune.method_lrs")
         _require(lr > 0 and math.isfinite(lr), f"finetune.method_lrs.{m}", "must be a positive number")

@@ -32,6 +32,7 @@ import numpy as np
 from diffscaler.adapters import METHOD_PARTS
 from diffscaler.atomic import atomic_path, write_text_atomic
 from diffscaler.config import ExperimentConfig
+from diffscaler.seed_spread import seed_spread_section
 from diffscaler.train.train_log import read_jsonl
 
 GRID_PER_TASK = 8  # images per task, all tasks in one batch (the mixed-task path costs ~2.5x on CPU)
@@ -191,6 +192,7 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
                      f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
                      f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |")  # fmt: skip
     lines += ["", *_averages(rows, metas, inputs)]
+    lines += seed_spread_section(rows, inputs.cfg.finetune.methods)
     return [*lines, ""]
 
 

@@ -186,3 +186,41 @@ def test_the_report_shows_the_seed_section(work, tmp_path):
     text = "\n".join(_fid_section(ReportInputs(cfg, tmp_path, adapters={"affiner": {}}, fid_json=fid_json)))
     assert "Over seeds: mean ± std" in text and "| ta | 10.5 ± 0.7 (n=2) | 21.0 ± 1.4 (n=2) |" in text
     assert "| ta | win / ? |" not in text and "| ta | win / tie |" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The block on the micro pipeline: matched ranks and layers, three seeds each, the seed section
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_matched_block_on_the_micro_pipeline(ray_local, tmp_path):
+    from diffscaler.pipeline import run_pipeline
+    from tests.support.pipeline import micro_config
+
+    stages = ["shards", "pretrain", "finetune", "evaluate", "report"]
+    finetune = {
+        "methods": ["affiner", "lora"],
+        "method_ranks": {"affiner": 1, "lora": 2},
+        "method_targets": {"affiner": ["qkv", "fc1"], "lora": ["qkv", "proj", "fc1"]},
+        "extra_seeds": {"affiner": [1, 2], "lora": [1, 2]},
+    }
+    cfg = load_config(micro_config(tmp_path, stages, finetune=finetune, serve={"max_steps": 100}))
+    out = tmp_path / "run"
+    run_pipeline(cfg, out)
+    manifest = json.loads((out / "pipeline.json").read_text())
+    assert manifest["status"] == "done", manifest["error"]
+    adapters = manifest["stages"]["finetune"]["outputs"]["adapters"]
+    assert set(adapters) == {"affiner", "lora", "affiner seed 1", "affiner seed 2", "lora seed 1", "lora seed 2"}
+    for label, tasks in adapters.items():
+        method = label.split()[0]
+        for path in tasks.values():
+            meta = read_trained_meta(path)
+            assert meta["rank"] == finetune["method_ranks"][method]
+            assert meta["targets"] == finetune["method_targets"][method]
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Over seeds") :]
+    for task in ("red", "blue"):
+        assert section.count(f"| {task} |") == 3  # FID, KID, the verdict table
+    assert section.count("(n=3)") == 8  # 2 tasks x 2 methods x (FID, KID)
+    assert "**affiner against each method**" in section

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from diffscaler.adapters.bank import AdapterBank, TaskInfo
-from diffscaler.config import ExperimentConfig
+from diffscaler.config import ExperimentConfig, ModelConfig
 from diffscaler.models.dit import build_model
 
 
@@ -68,3 +68,21 @@ def format_shares(rows: list[ShareRow], title: str = "") -> str:
     if rows:
         lines.append(f"\nbackbone: {rows[0].backbone:,} parameters")
     return "\n".join(lines)
+
+
+def unet_shares(model: ModelConfig, name: str = "UNet-T") -> list[ShareRow]:
+    """The U-Net baseline's methods (diffscaler.adapters.conv) at `model`'s size, classes and channels."""
+    from dataclasses import replace
+
+    from diffscaler.adapters.conv import CONV_METHODS, ConvBank
+    from diffscaler.config import validate_model
+    from diffscaler.models.unet import build_unet
+
+    config = replace(model, arch="unet", name=name)
+    validate_model(config)
+    rows = []
+    for method in CONV_METHODS:
+        bank = ConvBank.attach(build_unet(config, seed=0), [TaskInfo("task")], method=method)
+        layers = ("all convs and linears",)
+        rows.append(ShareRow(method, 0, layers, bank.trainable_parameters_per_task(0), bank.backbone_parameters()))
+    return rows

@@ -224,3 +224,13 @@ def test_matched_block_on_the_micro_pipeline(ray_local, tmp_path):
         assert section.count(f"| {task} |") == 3  # FID, KID, the verdict table
     assert section.count("(n=3)") == 8  # 2 tasks x 2 methods x (FID, KID)
     assert "**affiner against each method**" in section
+
+
+def test_the_shares_bench_prints_dit_and_unet_tables(capsys):
+    from bench.param_shares import main
+
+    assert main(["--config", MATCHED, "--unet", "UNet-T"]) == 0
+    out = capsys.readouterr().out
+    assert "| affiner | 1 | qkv, proj, fc1, fc2 |" in out and "| lora | 2 |" in out
+    assert "UNet-T (diffusers UNet2DModel)" in out and "| difffit | - | all convs and linears |" in out
+    assert main(["--config", MATCHED, "--unet", "UNet-X"]) == 2

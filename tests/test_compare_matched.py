@@ -205,7 +205,7 @@ def test_matched_block_on_the_micro_pipeline(ray_local, tmp_path):
         "method_targets": {"affiner": ["qkv", "fc1"], "lora": ["qkv", "proj", "fc1"]},
         "extra_seeds": {"affiner": [1, 2], "lora": [1, 2]},
     }
-    cfg = load_config(micro_config(tmp_path, stages, finetune=finetune, serve={"max_steps": 100}))
+    cfg = load_config(micro_config(tmp_path, stages, finetune=finetune))
     out = tmp_path / "run"
     run_pipeline(cfg, out)
     manifest = json.loads((out / "pipeline.json").read_text())

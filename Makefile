@@ -15,7 +15,7 @@ PIP_CAP := $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constra
 UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) $(PIP_CAP)
 PYTEST_ARGS ?=
 
-.PHONY: setup datasets demo compare compare-matched test lint bench lock clean-venv
+.PHONY: setup datasets demo compare compare-matched compare-matched-train compare-matched-eval test lint bench lock clean-venv
 setup: $(STAMP) datasets
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -44,9 +44,18 @@ compare: setup
 
 # Issue 24: every method at about 0.5-1 % of the backbone (shares printed first, counted on real banks),
 # beside full fine-tuning, three seeds each; mean ± std over seeds in the report. See bench/QUALITY.md.
+# Longer than 90 min on 2 cores: also as two parts, each resuming what the other left (same run folder).
+MATCHED := --config ray_jobs/configs/compare-matched.yaml --out runs/compare-matched
 compare-matched: setup
-	$(BIN)/python -m bench.param_shares --config ray_jobs/configs/compare-matched.yaml
-	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare-matched.yaml --out runs/compare-matched
+	$(BIN)/python -m bench.param_shares --config ray_jobs/configs/compare-matched.yaml --unet UNet-T
+	$(BIN)/python -m ray_jobs.pipeline $(MATCHED)
+
+compare-matched-train: setup
+	$(BIN)/python -m bench.param_shares --config ray_jobs/configs/compare-matched.yaml --unet UNet-T
+	$(BIN)/python -m ray_jobs.pipeline $(MATCHED) 'pipeline.stages=[shards, pretrain, sweep, finetune]'
+
+compare-matched-eval: setup
+	$(BIN)/python -m ray_jobs.pipeline $(MATCHED) 'pipeline.stages=[evaluate, report]'
 
 test: setup
 	$(BIN)/ruff check .

@@ -76,7 +76,7 @@ def unet_shares(model: ModelConfig, name: str = "UNet-T") -> list[ShareRow]:
 
     from diffscaler.adapters.conv import CONV_METHODS, ConvBank
     from diffscaler.config import validate_model
-    from diffscaler.models.unet import build_unet
+    from diffscaler.unet import build_unet
 
     config = replace(model, arch="unet", name=name)
     validate_model(config)

@@ -14,7 +14,7 @@ from diffscaler.adapters.conv import CONV_METHODS, ConvBank
 from diffscaler.config import ConfigError, ModelConfig, load_config, validate_model
 from diffscaler.diffusion.gaussian import GaussianDiffusion
 from diffscaler.models.dit import build_model
-from diffscaler.models.unet import build_unet
+from diffscaler.unet import build_unet
 
 MICRO = ModelConfig(arch="unet", name="UNet-T", input_size=16, num_classes=3)
 TASKS = [TaskInfo("a"), TaskInfo("b", num_classes=2, conditional=True)]

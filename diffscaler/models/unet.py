@@ -1,14 +1,16 @@
 """The CNN baseline: diffusers' `UNet2DModel` (the pinned diffusers, not a hand-written U-Net),
 class-conditional through its class embedding, behind the DiT's call `model(x, t, y) -> eps`.
 
-    model = build_unet(ModelConfig(arch="unet", name="UNet-T", input_size=32, num_classes=22))
+    model = diffscaler.unet.build_unet(ModelConfig(arch="unet", name="UNet-T", input_size=32, num_classes=22))
     eps = model(x, t, y)     # x (N, C, H, W), t (N,), y (N,) labels (-1 = the null row) -> (N, C_out, H, W)
 
 `UNet-T` (block channels 32/64/128, two ResNet layers per level, attention at 16 and 8 px for a 32 px
 input) is about the size of DiT-T/4 (`python -m bench.param_shares` prints both). The class table has
 one extra null row, the target of label dropout (classifier-free guidance), as the DiT's has.
 
-Per-task adapters over it (bias, scale, full): `diffscaler.adapters.conv`.
+Per-task adapters over it (bias, scale, full): `diffscaler.adapters.conv`. This core module takes diffusers'
+class as an argument: importing diffusers needs the torchvision shim (`diffscaler.vae.import_diffusers`), which
+lies above the pure-torch core, so `diffscaler.unet.build_unet` passes it in.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from torch import nn
 
 from diffscaler.config import ModelConfig, validate_model
-from diffscaler.vae import import_diffusers
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ HEAD_DIM = 32
 class ClassUNet(nn.Module):
     """A class-conditional UNet2DModel with the DiT's forward signature and label conventions."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, unet_class: type[nn.Module]):
+        """`unet_class`: diffusers' UNet2DModel (diffscaler.unet.build_unet imports it)."""
         super().__init__()
         validate_model(config)
         if config.arch != "unet":
@@ -50,7 +52,7 @@ class ClassUNet(nn.Module):
         self.config = config
         size = UNET_SIZES[config.name]
         out_channels = config.in_channels * (2 if config.learn_sigma else 1)
-        self.unet = import_diffusers().UNet2DModel(
+        self.unet = unet_class(
             sample_size=config.input_size,
             in_channels=config.in_channels,
             out_channels=out_channels,
@@ -93,12 +95,3 @@ class ClassUNet(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-def build_unet(config: ModelConfig, seed: int | None = None) -> ClassUNet:
-    """A ClassUNet with diffusers' initialisation (seeded when `seed` is given)."""
-    if seed is None:
-        return ClassUNet(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ClassUNet(config)

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
 
 
 MODEL_NAME_PATTERN = re.compile(r"^DiT-(T|S|B|L|XL)/(2|4|8)$")
+MODEL_ARCHS = ("dit", "unet")  # model.arch: the DiT, or diffusers' UNet2DModel (the paper's CNN baseline)
+UNET_NAMES = ("UNet-T", "UNet-S")  # U-Net size presets (diffscaler.models.unet.UNET_SIZES)
+UNET_DOWNSAMPLE = 4  # the presets' three resolution levels halve the input twice
+# The methods a U-Net takes: bias and scale act on convolution channels; the Affiner's and LoRA's rank-r
+# branches are defined on the DiT's linears (diffscaler.adapters.conv refuses them).
+UNET_METHODS = ("full", "difffit", "bitfit", "scratch")
 # controlnet: the spatial-control baseline (a trainable copy of the first blocks fed with the map; see
 # diffscaler.adapters.condition); on a task without a condition map it trains only the task's rows.
 ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full", "controlnet")
@@ -51,12 +57,13 @@ OPAQUE_SOURCES = ("tiles", "textiles", "fashion-mnist")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "DiT-T/4"  # size/patch preset: DiT-{T,S,B,L,XL}/{2,4,8}
+    name: str = "DiT-T/4"  # size/patch preset: DiT-{T,S,B,L,XL}/{2,4,8}; with arch unet: UNet-{T,S}
     input_size: int = 32  # square input side in pixels (or latent cells)
     in_channels: int = 3  # 3 for pixel space, 4 for VAE latents
     num_classes: int = 22  # backbone classes; the label table has one extra null row for CFG
     learn_sigma: bool = False  # predict the variance too (doubles output channels, hybrid loss)
     class_dropout_prob: float = 0.1  # label dropout to the null row during training (for CFG)
+    arch: str = "dit"  # dit | unet (diffusers' UNet2DModel, class-conditional: the CNN baseline)
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,9 @@ class FinetuneConfig:
     methods: tuple[str, ...] = ("affiner",)  # methods run per task (comparison-table rows); + scratch
     method_lrs: dict[str, float] = field(default_factory=dict)  # per-method lr, e.g. {full: 1.0e-4} (else lr)
     extra_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)  # more seeds, e.g. {affiner: [1]}
+    method_ranks: dict[str, int] = field(default_factory=dict)  # per-method rank, e.g. {lora: 2} (else adapter.rank)
+    # per-method wrapped linears, e.g. {lora: [qkv, proj]} (else adapter.targets)
+    method_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     lr_from_sweep: bool = False  # the pipeline takes each method's lr from the sweep's best.json (sweep first)
     steps: int = 200  # optimizer steps per task
     batch_size: int = 32  # images per step
@@ -467,6 +477,14 @@ def _resource(value: float, field_path: str, *, gpu: bool = False, positive: boo
 
 
 def validate_model(m: ModelConfig, prefix: str = "model") -> None:
+    _one_of(m.arch, MODEL_ARCHS, f"{prefix}.arch")
+    if m.arch == "unet":
+        _one_of(m.name, UNET_NAMES, f"{prefix}.name")
+        side = 0 < m.input_size <= MAX_IMAGE_SIDE and m.input_size % UNET_DOWNSAMPLE == 0
+        _require(side, f"{prefix}.input_size", f"{m.input_size} must be a multiple of {UNET_DOWNSAMPLE} in "
+                 f"[{UNET_DOWNSAMPLE}, {MAX_IMAGE_SIDE}] (the U-Net halves it twice)")
+        _model_common(m, prefix)
+        return
     match = MODEL_NAME_PATTERN.match(m.name)
     _require(
         match is not None,
@@ -483,6 +501,10 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     tokens = (m.input_size // patch) ** 2
     _require(tokens <= MAX_TOKENS, f"{prefix}.input_size", f"{m.input_size} gives {tokens} tokens with patch {patch} "
              f"(at most {MAX_TOKENS}); input_size counts latent cells for a VAE backbone, not pixels")  # fmt: skip
+    _model_common(m, prefix)
+
+
+def _model_common(m: ModelConfig, prefix: str) -> None:
     _require(0 < m.in_channels <= MAX_CHANNELS, f"{prefix}.in_channels", f"must be in [1, {MAX_CHANNELS}]")
     _require(1 <= m.num_classes <= MAX_CLASSES, f"{prefix}.num_classes", f"must be in [1, {MAX_CLASSES}]")
     _require(0.0 <= m.class_dropout_prob < 1.0, f"{prefix}.class_dropout_prob", "must be in [0, 1)")
@@ -628,12 +650,29 @@ def validate(cfg: ExperimentConfig) -> None:
     )
 
     f = cfg.finetune
+    if cfg.model.arch == "unet":
+        for m in f.methods:
+            _require(m in UNET_METHODS, "finetune.methods", f"{m!r} does not apply to a U-Net (model.arch unet); "
+                     f"its methods: {list(UNET_METHODS)} (bias and scale act on convolution channels)")
+        _require(False, "model.arch", "'unet' builds (diffscaler.models.unet) and takes adapters "
+                 "(diffscaler.adapters.conv), but the pipeline's stages (pretrain, finetune, evaluate) run the DiT "
+                 "only so far (issue 24)")
     _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
     for m in f.methods:
         _one_of(m, FINETUNE_METHODS, "finetune.methods")
     for m, seeds in f.extra_seeds.items():
         _require(m in f.methods, "finetune.extra_seeds", f"{m!r} is not one of finetune.methods {list(f.methods)}")
         _require(all(x >= 0 for x in seeds), f"finetune.extra_seeds.{m}", f"seeds must be >= 0, got {list(seeds)}")
+    for m, r in f.method_ranks.items():
+        _one_of(m, ADAPTER_METHODS, "finetune.method_ranks")
+        _require(isinstance(r, int) and 1 <= r <= MAX_RANK, f"finetune.method_ranks.{m}", f"must be in [1, {MAX_RANK}]")
+    for m, ts in f.method_targets.items():
+        _one_of(m, ADAPTER_METHODS, "finetune.method_targets")
+        _require(m != "full", "finetune.method_targets.full", "full fine-tuning trains every linear: no targets")
+        _require(len(ts) > 0, f"finetune.method_targets.{m}", f"must name at least one of {list(ADAPTER_TARGETS)}")
+        for t in ts:
+            _one_of(t, ADAPTER_TARGETS, f"finetune.method_targets.{m}")
+        _require(len(set(ts)) == len(ts), f"finetune.method_targets.{m}", "has duplicates")
     for m, lr in f.method_lrs.items():
         _one_of(m, FINETUNE_METHODS, "finetune.method_lrs")
         _require(lr > 0 and math.isfinite(lr), f"finetune.method_lrs.{m}", "must be a positive number")

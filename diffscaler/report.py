@@ -38,6 +38,7 @@ from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.sampling import plan_samples, sample_images
 from diffscaler.images import image_grid, save_png
 from diffscaler.models.dit import model_macs
+from diffscaler.seed_spread import seed_spread_section
 from diffscaler.train.train_log import read_jsonl
 from diffscaler.vae import VaeError, load_vae
 
@@ -195,7 +196,9 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
                      f"{_fidelity_cell(r)} | {_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
                      f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
                      f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |")  # fmt: skip
-    lines += ["", *_averages(rows, metas, inputs), *_condition_section(doc)]
+    lines += ["", *_averages(rows, metas, inputs)]
+    lines += seed_spread_section(rows, inputs.cfg.finetune.methods)
+    lines += _condition_section(doc)
     return [*lines, ""]
 
 

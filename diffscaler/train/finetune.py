@@ -57,7 +57,7 @@ from diffscaler.artifacts import (
 from diffscaler.atomic import write_text_atomic
 from diffscaler.bank_file import save_bank
 from diffscaler.cluster import connect_ray, node_shapes
-from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
+from diffscaler.config import AdapterConfig, ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, dataset_dir, load_index
 from diffscaler.errors import last_error_line
 from diffscaler.models.dit import parse_preset
@@ -105,6 +105,19 @@ def uses_rank(method: str) -> bool:
 def method_lr(cfg: ExperimentConfig, method: str) -> float:
     """The learning rate a method fine-tunes with: finetune.method_lrs[method], else finetune.lr."""
     return cfg.finetune.method_lrs.get(method, cfg.finetune.lr)
+
+
+def method_adapter(cfg: ExperimentConfig, method: str) -> AdapterConfig:
+    """The adapter settings a method fine-tunes with: finetune.method_ranks / method_targets over adapter.*
+    (a parameter-matched comparison gives each method its own rank and wrapped layers)."""
+    ft, a = cfg.finetune, cfg.adapter
+    return replace(a, rank=ft.method_ranks.get(method, a.rank), targets=tuple(ft.method_targets.get(method, a.targets)))
+
+
+def method_config(cfg: ExperimentConfig, method: str) -> ExperimentConfig:
+    """`cfg` with adapter.* set to the method's own settings (method_adapter): what its runs and files record."""
+    adapter = method_adapter(cfg, method)
+    return cfg if adapter == cfg.adapter else replace(cfg, adapter=adapter)
 
 
 def check_rank(model: ModelConfig, rank: int, method: str, where: str) -> None:
@@ -345,7 +358,8 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     model_cfg, backbone_hash = backbone_model_config(backbone)
     ft = cfg.finetune
     for method in ft.methods:
-        check_rank(model_cfg, cfg.adapter.rank, method, "adapter.rank")
+        where = f"finetune.method_ranks.{method}" if method in ft.method_ranks else "adapter.rank"
+        check_rank(model_cfg, method_adapter(cfg, method).rank, method, where)
     if len(set(ft.methods)) != len(ft.methods):
         raise FinetuneInputError(f"finetune.methods repeats a method: {list(ft.methods)}")
     tasks = resolve_tasks(cfg, image_size=model_cfg.input_size, in_channels=model_cfg.in_channels)
@@ -370,12 +384,13 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
     jobs: list[FinetuneJob] = []
     reused: list[FinetuneRow] = []
     for variant in finetune_variants(cfg):
-        method, vcfg = variant.method, variant.config(cfg)
+        method, vcfg = variant.method, method_config(variant.config(cfg), variant.method)
+        rank = vcfg.adapter.rank
         mdir = variant.out_dir(out, ft.methods)
         groups = [tasks] if ft.mixed else [[t] for t in tasks]
         for group in groups:
             lr = method_lr(cfg, method)
-            fp = fingerprint(vcfg, method, cfg.adapter.rank, group, backbone_hash, lr=lr)
+            fp = fingerprint(vcfg, method, rank, group, backbone_hash, lr=lr)
             metas = [None if force else reusable_adapter(mdir / f"{t.name}.safetensors", backbone_hash, fp)
                      for t in group]  # fmt: skip
             if all(m is not None for m in metas):
@@ -384,7 +399,7 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
                 continue
             name = "mixed" if ft.mixed else group[0].name
             log_path = str(logs / (variant.subdir or method) / f"{name}.jsonl")
-            spec = AdapterRunSpec(tuple(group), method, cfg.adapter.rank, lr, ft.steps,
+            spec = AdapterRunSpec(tuple(group), method, rank, lr, ft.steps,
                                   str(Path(backbone).resolve()), vcfg.to_dict(), log_path)  # fmt: skip
             jobs.append(FinetuneJob(f"{variant.label}/{name}", method, spec, str(mdir), fp, variant.label))
     return FinetunePlan(jobs, reused, backbone_hash, tasks)

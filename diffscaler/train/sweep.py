@@ -45,6 +45,7 @@ from diffscaler.train.finetune import (
     check_fits,
     check_rank,
     fingerprint,
+    method_config,
     resolve_tasks,
     uses_rank,
 )
@@ -129,7 +130,10 @@ def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None =
     s = cfg.sweep
     model_cfg, backbone_hash = backbone_model_config(backbone)
     method = method or cfg.adapter.method
-    if uses_rank(method):
+    if uses_rank(method) and method in cfg.finetune.method_ranks:
+        ranks = (cfg.finetune.method_ranks[method],)  # a rank fixed per method (a parameter-matched run): lr only
+        check_rank(model_cfg, ranks[0], method, f"finetune.method_ranks.{method}")
+    elif uses_rank(method):
         if not s.ranks:
             raise FinetuneInputError("sweep.ranks is empty: the search space needs at least one rank")
         bad = [r for r in s.ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
@@ -380,8 +384,9 @@ def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experi
                   log: Callable[[str], None]) -> list[TrialRow]:  # fmt: skip
     """One Tuner over `task` whose experiment lives at `experiment` (storage/name): restored if it exists."""
     s = cfg.sweep
+    experiment = method_config(cfg, plan.method).to_dict()  # the method's own rank and wrapped layers
     setup = {"task": vars(task) | {"class_names": list(task.class_names)}, "method": plan.method,
-             "backbone": plan.backbone, "experiment": cfg.to_dict(), "max_steps": s.max_steps,
+             "backbone": plan.backbone, "experiment": experiment, "max_steps": s.max_steps,
              "rung_steps": s.rung_steps}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), trial_resources(cfg))
     storage, _, name = experiment.rpartition("/")

@@ -96,6 +96,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
             "sampling_steps": 2,
             "kid_subset_size": 3,
         },  # fmt: skip
+        "serve": {"max_steps": 100},  # within diffusion.num_timesteps (its default, 250, is not)
         "pipeline": {"stages": stages},
     }
     for name, values in sections.items():

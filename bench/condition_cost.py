@@ -118,8 +118,9 @@ def measure(spec: Spec, device: torch.device, steps: int, warmup: int, repeats: 
     mixed_ids = torch.arange(n) % 4  # edges, plain, depth, plain2, ...
 
     def call(model: DiT, ids, **kw):
-        return lambda: generate(model, diffusion, labels=labels, indices=range(n), seed=0, task_ids=ids,
-                                steps=steps, **kw)
+        return lambda: generate(
+            model, diffusion, labels=labels, indices=range(n), seed=0, task_ids=ids, steps=steps, **kw
+        )
 
     model, _ = build(spec, "affiner", device)
     off = torch.zeros(n, dtype=torch.bool)
@@ -138,8 +139,9 @@ def measure(spec: Spec, device: torch.device, steps: int, warmup: int, repeats: 
     for _ in range(repeats):
         for phase, fn in phases.items():
             times.setdefault(phase, []).extend(time_calls(lambda fn=fn: fn(), lambda: (), device, warmup, 1, clock)[1])
-    return {phase: statistics.median(ts) for phase, ts in times.items()} | {"_spread": {
-        phase: (max(ts) - min(ts)) / statistics.median(ts) for phase, ts in times.items()}}
+    return {phase: statistics.median(ts) for phase, ts in times.items()} | {
+        "_spread": {phase: (max(ts) - min(ts)) / statistics.median(ts) for phase, ts in times.items()}
+    }
 
 
 def report(results: dict[str, dict], shares: dict[str, dict], batch: dict[str, int], steps: int) -> str:
@@ -149,15 +151,17 @@ def report(results: dict[str, dict], shares: dict[str, dict], batch: dict[str, i
             if phase.startswith("_"):
                 continue
             per = 1e3 * s / batch[label] / steps
-            lines.append(f"{label:<44} {phase:<12} {batch[label]:>5} {s:>8.3f} {per:>14.3f} "
-                         f"{100 * res['_spread'][phase]:>8.1f}")
+            lines.append(
+                f"{label:<44} {phase:<12} {batch[label]:>5} {s:>8.3f} {per:>14.3f} {100 * res['_spread'][phase]:>8.1f}"
+            )
     for label, res in results.items():
         lines.append(f"\n{label}")
         for num, den, what in RATIOS:
             value = res.get(num, math.nan) / res.get(den, math.nan)
             lines.append(f"  {what:<66} {'-' if math.isnan(value) else f'{value:.3f}x'}")
-    lines.append(f"\n{'trainable parameters per task':<44} {'backbone':>12} {'cond path':>18} {'Affiner':>18} "
-                 f"{'ControlNet':>18}")
+    lines.append(
+        f"\n{'trainable parameters per task':<44} {'backbone':>12} {'cond path':>18} {'Affiner':>18} {'ControlNet':>18}"
+    )
     for label, sh in shares.items():
         b = sh["backbone"]
         cells = [f"{sh[k]:>9,} {100 * sh[k] / b:>6.2f} %" for k in ("cond path", "Affiner", "ControlNet")]
@@ -167,25 +171,39 @@ def report(results: dict[str, dict], shares: dict[str, dict], batch: dict[str, i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", default=None,
-                        help=f"NAME:SIZE:CHANNELS:MAP_SIZE:BATCH, repeatable (default {' '.join(CPU_DEFAULT_MODELS)})")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help=f"NAME:SIZE:CHANNELS:MAP_SIZE:BATCH, repeatable (default {' '.join(CPU_DEFAULT_MODELS)})",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps per sampling call (eval.sampling_steps)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--cpu-clock", choices=("wall", "process"), default="wall",
-                        help="CPU timing: wall time, or this process's CPU time (steadier on a shared machine)")
+    parser.add_argument(
+        "--cpu-clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="CPU timing: wall time, or this process's CPU time (steadier on a shared machine)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_spec(m) for m in (args.model or CPU_DEFAULT_MODELS)]
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
-    print(f"== condition cost on {where} | torch {torch.__version__} | fp32 eager | {args.steps} DDIM steps per call "
-          f"| median of {args.repeats} interleaved rounds" + (f" | {args.cpu_clock} clock" if device.type == "cpu"
-                                                             else ""), flush=True)
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"== condition cost on {where} | torch {torch.__version__} | fp32 eager | {args.steps} DDIM steps per call "
+        f"| median of {args.repeats} interleaved rounds"
+        + (f" | {args.cpu_clock} clock" if device.type == "cpu" else ""),
+        flush=True,
+    )
     results = {s.label(): measure(s, device, args.steps, args.warmup, args.repeats, args.cpu_clock) for s in specs}
     share_specs = specs + [parse_spec(m) for m in SHARE_MODELS if m.split(":")[0] not in {s.name for s in specs}]
     shares = {s.label(): parameter_shares(s) for s in share_specs}

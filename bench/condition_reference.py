@@ -41,20 +41,32 @@ def main(argv: list[str] | None = None) -> int:
                 spec = ConditionSpec.from_config(kind, data)
                 out = os.path.join(tmp, f"{source}-{kind}-{size}")
                 # eval_fraction just under 1: (almost) every image in the eval split, as evaluation reads it
-                make_shards(source, out, size=size, limit=args.images, eval_fraction=0.99, seed=args.seed,
-                            condition=spec, log=lambda m: None)  # fmt: skip
+                make_shards(
+                    source,
+                    out,
+                    size=size,
+                    limit=args.images,
+                    eval_fraction=0.99,
+                    seed=args.seed,
+                    condition=spec,
+                    log=lambda m: None,
+                )
                 images, _labels, maps = read_split(out, "eval", conditions=True)
                 ref = reference_rows(spec, images, maps, seed=args.seed)
                 rows.append((source, kind, size, len(images), ref["ceiling"], ref["mismatched"], (maps > 127).mean()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"\ncondition fidelity reference rows: eval split of {args.images} images per source, seed {args.seed}, "
-          f"extractor defaults of DataConfig (canny {data.canny_low:g}/{data.canny_high:g}, blur {data.canny_blur:g}; "
-          f"mask alpha >= {data.mask_alpha_threshold}, RGB white within {data.mask_white_threshold})")  # fmt: skip
+    print(
+        f"\ncondition fidelity reference rows: eval split of {args.images} images per source, seed {args.seed}, "
+        f"extractor defaults of DataConfig (canny {data.canny_low:g}/{data.canny_high:g}, blur {data.canny_blur:g}; "
+        f"mask alpha >= {data.mask_alpha_threshold}, RGB white within {data.mask_white_threshold})"
+    )
     print(f"{'source':<8} {'kind':<6} {'px':>3} {'n':>5} {'metric':<9} {'ceiling':>15} {'mismatched':>15} {'on':>6}")
     for source, kind, size, n, ceiling, chance, on in rows:
-        print(f"{source:<8} {kind:<6} {size:>3} {n:>5} {ceiling.metric:<9} {ceiling.mean:>7.3f} ± {ceiling.std:.3f} "
-              f"{chance.mean:>7.3f} ± {chance.std:.3f} {on:>6.1%}")  # fmt: skip
+        print(
+            f"{source:<8} {kind:<6} {size:>3} {n:>5} {ceiling.metric:<9} {ceiling.mean:>7.3f} ± {ceiling.std:.3f} "
+            f"{chance.mean:>7.3f} ± {chance.std:.3f} {on:>6.1%}"
+        )
     return 0
 
 

@@ -58,8 +58,15 @@ def main() -> None:
         vae.encode(np.concatenate([pixels, pixels[:, :, ::-1]]))
         n += len(pixels)
     s = time.perf_counter() - t0
-    rows.append({"row": "Vae.encode, both flips, 1 thread", "images": n, "seconds": round(s, 2),
-                 "images_per_s": round(n / s, 1), "vae_load_s": round(load_s, 1)})  # fmt: skip
+    rows.append(
+        {
+            "row": "Vae.encode, both flips, 1 thread",
+            "images": n,
+            "seconds": round(s, 2),
+            "images_per_s": round(n / s, 1),
+            "vae_load_s": round(load_s, 1),
+        }
+    )
     if not args.no_ray:
         import ray
 
@@ -68,15 +75,29 @@ def main() -> None:
         ray.init(address="local", num_cpus=max(2, args.actors), include_dashboard=False, log_to_driver=False)
         try:
             t0 = time.perf_counter()
-            encode_shards(f"folder:{folder}", str(tmp / "shards"), vae_path, size=args.size,
-                          samples_per_shard=max(1, args.images // 4), eval_fraction=0.0, batch_size=args.batch_size,
-                          actors=args.actors, gpus_per_actor=args.gpus_per_actor, log=lambda m: None)  # fmt: skip
+            encode_shards(
+                f"folder:{folder}",
+                str(tmp / "shards"),
+                vae_path,
+                size=args.size,
+                samples_per_shard=max(1, args.images // 4),
+                eval_fraction=0.0,
+                batch_size=args.batch_size,
+                actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor,
+                log=lambda m: None,
+            )
             s = time.perf_counter() - t0
         finally:
             ray.shutdown()
-        rows.append({"row": f"encode_shards on Ray, {args.actors} actor(s), incl. actor start-up",
-                     "images": args.images,
-                     "seconds": round(s, 2), "images_per_s": round(args.images / s, 1)})  # fmt: skip
+        rows.append(
+            {
+                "row": f"encode_shards on Ray, {args.actors} actor(s), incl. actor start-up",
+                "images": args.images,
+                "seconds": round(s, 2),
+                "images_per_s": round(args.images / s, 1),
+            }
+        )
     load = os.getloadavg()[0]
     for r in rows:
         print(json.dumps({**r, "size": args.size, "load_avg_1min": round(load, 1)}))

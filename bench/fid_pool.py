@@ -55,15 +55,24 @@ def build_throwaway_project(root: Path, model_name: str, num_images: int) -> tup
     return str(root / "bb" / "backbone.safetensors"), str(adapter), str(shards)
 
 
-def run(actors: int, args: argparse.Namespace, backbone: str, adapter: str | None, shards: str,
-        cache: str) -> dict[str, float]:  # fmt: skip
+def run(
+    actors: int, args: argparse.Namespace, backbone: str, adapter: str | None, shards: str, cache: str
+) -> dict[str, float]:
     # The adapter's task must be a configured target (its JSON names it); the shards are given directly.
     task = json.loads(Path(adapter).with_suffix(".json").read_text())["task"] if adapter else None
-    cfg = load_config(None, [
-        f"data.targets=[{task or 'none'}]", f"eval.cache_dir={cache}",
-        f"eval.num_actors={actors}", f"eval.cpus_per_actor={args.cpus_per_actor}", f"eval.batch_size={args.batch_size}",
-        f"eval.sampling_steps={args.steps}", "eval.kid_subset_size=50", f"eval.num_reference={args.num_reference}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.targets=[{task or 'none'}]",
+            f"eval.cache_dir={cache}",
+            f"eval.num_actors={actors}",
+            f"eval.cpus_per_actor={args.cpus_per_actor}",
+            f"eval.batch_size={args.batch_size}",
+            f"eval.sampling_steps={args.steps}",
+            "eval.kid_subset_size=50",
+            f"eval.num_reference={args.num_reference}",
+        ],
+    )
     request = EvalRequest(task=task, adapter_path=adapter, shards_dir=shards, num_samples=args.samples)
     stamps: list[float] = []
 
@@ -80,13 +89,18 @@ def run(actors: int, args: argparse.Namespace, backbone: str, adapter: str | Non
         total = time.perf_counter() - t0
     pool_s = stamps[-1] - stamps[0]
     return {
-        "actors": actors, "images": result.num_generated, "pool_s": pool_s,
+        "actors": actors,
+        "images": result.num_generated,
+        "pool_s": pool_s,
         "images_per_s": result.num_generated / pool_s,
-        "metric_s": total - pool_s, "sample_ms": 1000 * result.sample_seconds / result.num_generated,
-        "feature_ms": 1000 * result.feature_seconds / result.num_generated, "fid": result.fid or float("nan"),
+        "metric_s": total - pool_s,
+        "sample_ms": 1000 * result.sample_seconds / result.num_generated,
+        "feature_ms": 1000 * result.feature_seconds / result.num_generated,
+        "fid": result.fid or float("nan"),
         "parallelism": (result.sample_seconds + result.feature_seconds) / pool_s,
-        "network": result.feature_network, "reference": result.num_reference,
-    }  # fmt: skip
+        "network": result.feature_network,
+        "reference": result.num_reference,
+    }
 
 
 def main() -> None:

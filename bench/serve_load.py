@@ -115,8 +115,16 @@ def multiplexed_app(backbone: str, adapters: str, cfg_json: str, max_models: int
             task = serve.get_multiplexed_model_id()
             seeds = [image_seed(seed, task, 0, 0) for seed, _steps in items]
             # one task per batch: the int task id takes the bank's single-task path (plain matmuls)
-            x = generate(model, diffusion, labels=torch.zeros(len(items), dtype=torch.long),
-                         indices=range(len(items)), seed=0, task_ids=0, steps=items[0][1], sample_seeds=seeds)
+            x = generate(
+                model,
+                diffusion,
+                labels=torch.zeros(len(items), dtype=torch.long),
+                indices=range(len(items)),
+                seed=0,
+                task_ids=0,
+                steps=items[0][1],
+                sample_seeds=seeds,
+            )
             return list(to_uint8(x))
 
         @api.post("/v1/generate")
@@ -223,9 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         port = 8000 + os.getpid() % 1000
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        common = [f"serve.max_batch_size={args.batch}", f"serve.batch_wait_s={args.wait}", "serve.max_steps=1000",
-                  f"serve.threads={args.threads}", "serve.cpus_per_replica=1", "serve.max_ongoing_requests=256",
-                  "serve.max_queued_requests=1024", "serve.max_images_per_request=64"]
+        common = [
+            f"serve.max_batch_size={args.batch}",
+            f"serve.batch_wait_s={args.wait}",
+            "serve.max_steps=1000",
+            f"serve.threads={args.threads}",
+            "serve.cpus_per_replica=1",
+            "serve.max_ongoing_requests=256",
+            "serve.max_queued_requests=1024",
+            "serve.max_images_per_request=64",
+        ]
         rng = np.random.default_rng(0)
         rows: list[tuple[str, dict[str, float], str]] = []
 
@@ -274,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                 hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
                 page_ins = after["page_ins"] - before["page_ins"]
                 page_s = (after["page_in_seconds"] - before["page_in_seconds"]) / max(page_ins, 1)
-                note = (f"hit rate {hits / max(hits + misses, 1):.2f}, {page_ins} page-ins of "
-                        f"{page_s * 1e3:.2f} ms, deploy {load_s:.0f} s")
+                note = (
+                    f"hit rate {hits / max(hits + misses, 1):.2f}, {page_ins} page-ins of "
+                    f"{page_s * 1e3:.2f} ms, deploy {load_s:.0f} s"
+                )
                 rows.append((f"{args.zipf_tasks} tasks Zipf({args.zipf_s}), {label}", result, note))
                 serve.delete("zipf")
         serve.shutdown()
@@ -283,25 +300,49 @@ def main(argv: list[str] | None = None) -> int:
             from diffscaler.serving.generate import generate_set
 
             for actors in (1, 2):
-                cfg = load_config(None, [f"generate.images_per_task={args.gen_images}",
-                                         f"generate.sampling_steps={args.steps}", f"generate.batch_size={args.batch}",
-                                         f"generate.num_actors={actors}", "generate.cpus_per_actor=1",
-                                         f"generate.samples_per_shard={args.batch}",  # a shard per batch
-                                         "generate.tasks=[t0000, t0001, t0002, t0003]"])
+                cfg = load_config(
+                    None,
+                    [
+                        f"generate.images_per_task={args.gen_images}",
+                        f"generate.sampling_steps={args.steps}",
+                        f"generate.batch_size={args.batch}",
+                        f"generate.num_actors={actors}",
+                        "generate.cpus_per_actor=1",
+                        f"generate.samples_per_shard={args.batch}",  # a shard per batch
+                        "generate.tasks=[t0000, t0001, t0002, t0003]",
+                    ],
+                )
                 out = root / f"gen{actors}"
                 shard_times: list[float] = []
                 t0 = time.perf_counter()
-                index = generate_set(cfg, str(backbone), str(folder64), str(out), log=lambda _m: None,
-                                     on_shard=lambda _d, _t, times=shard_times: times.append(time.perf_counter()))
+                index = generate_set(
+                    cfg,
+                    str(backbone),
+                    str(folder64),
+                    str(out),
+                    log=lambda _m: None,
+                    on_shard=lambda _d, _t, times=shard_times: times.append(time.perf_counter()),
+                )
                 wall = time.perf_counter() - t0
                 # after the first shard: without Ray Data's and the actors' start-up
                 steady = (index["num_samples"] - args.batch) / max(shard_times[-1] - shard_times[0], 1e-9)
-                rows.append((f"generation job, {actors} actor(s)", {"images_s": index["num_samples"] / wall,
-                             "p50_s": float("nan"), "p99_s": float("nan"), "wall_s": wall},
-                             f"{index['num_samples']} images of 4 tasks in {wall:.1f} s (start-up included); "
-                             f"{steady:.2f} images/s after the first shard"))
-        print(f"\n{args.requests} requests x 1 image, concurrency {args.concurrency}, max_batch_size {args.batch}, "
-              f"batch_wait_s {args.wait}, {args.steps} DDIM steps, DiT-T/2 16x16 px, affiner rank {args.rank}\n")
+                rows.append(
+                    (
+                        f"generation job, {actors} actor(s)",
+                        {
+                            "images_s": index["num_samples"] / wall,
+                            "p50_s": float("nan"),
+                            "p99_s": float("nan"),
+                            "wall_s": wall,
+                        },
+                        f"{index['num_samples']} images of 4 tasks in {wall:.1f} s (start-up included); "
+                        f"{steady:.2f} images/s after the first shard",
+                    )
+                )
+        print(
+            f"\n{args.requests} requests x 1 image, concurrency {args.concurrency}, max_batch_size {args.batch}, "
+            f"batch_wait_s {args.wait}, {args.steps} DDIM steps, DiT-T/2 16x16 px, affiner rank {args.rank}\n"
+        )
         print("| scenario | images/s | p50 latency (s) | p99 latency (s) | notes |")
         print("|---|---|---|---|---|")
         one = next((r for n, r, _ in rows if n.endswith("1 task")), None)

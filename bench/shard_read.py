@@ -103,8 +103,9 @@ def _foreign(root: str, kind: str, images: int, per_shard: int) -> str:
                 Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
                 sink.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "cls": i % 10})
             else:
-                sink.write({"__key__": f"{i:09d}", "npy": rng.standard_normal((4, 32, 32)).astype(np.float32),
-                            "cls": i % 10})  # fmt: skip
+                sink.write(
+                    {"__key__": f"{i:09d}", "npy": rng.standard_normal((4, 32, 32)).astype(np.float32), "cls": i % 10}
+                )
     index_shards(folder, log=lambda m: None)
     return folder
 
@@ -149,8 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("ShardReader, fsspec file://", 1, *_measure(_shard_reader(file_url, b, 0, e))))
         if args.canny:
             canny = os.path.join(tmp, "fashion-mnist-canny")
-            make_shards(index.source, canny, size=index.image_size, limit=index.num_samples("train"), eval_fraction=0.0,
-                        condition=ConditionSpec.from_config("canny", DataConfig()), log=lambda m: None)  # fmt: skip
+            make_shards(
+                index.source,
+                canny,
+                size=index.image_size,
+                limit=index.num_samples("train"),
+                eval_fraction=0.0,
+                condition=ConditionSpec.from_config("canny", DataConfig()),
+                log=lambda m: None,
+            )
             canny_row = _measure(_shard_reader(canny, b, 0, e))
             rows.append(("ShardReader, local path, + canny maps (fast path)", 1, *canny_row))
         workers_row = _measure(_shard_reader(dataset, b, args.workers, e))
@@ -165,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
 
         foreign_rows = []
         if args.foreign:
-            for kind, what, gpu in (("jpg256", "256x256 JPEG", GPU_LATENT_IMAGES_S),
-                                    ("npy32", "32x32x4 npy latents", GPU_LATENT_IMAGES_S)):  # fmt: skip
+            for kind, what, gpu in (
+                ("jpg256", "256x256 JPEG", GPU_LATENT_IMAGES_S),
+                ("npy32", "32x32x4 npy latents", GPU_LATENT_IMAGES_S),
+            ):
                 folder = _foreign(tmp, kind, args.foreign_images, 500)
                 fb = 32 if kind == "jpg256" else b
-                foreign_rows.append((f"ShardReader, {what}, batch {fb}", 1, *_measure(_shard_reader(folder, fb, 0, 1)),
-                                     gpu))  # fmt: skip
+                foreign_rows.append(
+                    (f"ShardReader, {what}, batch {fb}", 1, *_measure(_shard_reader(folder, fb, 0, 1)), gpu)
+                )
 
         print(
             f"\nshard read speed: {index.image_size}x{index.image_size} PNG, batch {b}, {index.num_samples('train')} "
@@ -186,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for what, procs, images, wall, cpu, gpu in foreign_rows:
             per_cpu = images / cpu
-            print(f"{what:<50} {procs:>5} {images:>7} {wall:>7.2f} {images / wall:>9.0f} {images / wall:>8.0f} "
-                  f"{per_cpu:>8.0f}   GPU bar {gpu} images/s = {gpu / 2:.0f} /CPU-s on 2 cores")  # fmt: skip
+            print(
+                f"{what:<50} {procs:>5} {images:>7} {wall:>7.2f} {images / wall:>9.0f} {images / wall:>8.0f} "
+                f"{per_cpu:>8.0f}   GPU bar {gpu} images/s = {gpu / 2:.0f} /CPU-s on 2 cores"
+            )
         return 0
     finally:
         if memory.exists("/shard-read-bench"):

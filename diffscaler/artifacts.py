@@ -63,8 +63,9 @@ def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def write_file_pair(tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any],
-                    st_meta: dict[str, str]) -> None:
+def write_file_pair(
+    tensors: dict[str, torch.Tensor], st_path: Path, meta: dict[str, Any], st_meta: dict[str, str]
+) -> None:
     """Write `X.safetensors` + `X.json` atomically: both written under temp names, then renamed, the JSON last."""
     from safetensors import SafetensorError
 
@@ -88,8 +89,10 @@ def check_safetensors(path: Path, error: type[ValueError]) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError) as err:
-        raise error(f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
-                    "that did not finish; copy or write it again") from None  # fmt: skip
+        raise error(
+            f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
+            "that did not finish; copy or write it again"
+        ) from None
 
 
 def _read_tensors(path: Path, error: type[ValueError]) -> dict[str, torch.Tensor]:
@@ -98,8 +101,10 @@ def _read_tensors(path: Path, error: type[ValueError]) -> dict[str, torch.Tensor
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise error(f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
-                    "that did not finish; copy or write it again") from None  # fmt: skip
+        raise error(
+            f"{path}: not a readable safetensors file ({err}): it is truncated or corrupt, e.g. a copy "
+            "that did not finish; copy or write it again"
+        ) from None
 
 
 def read_format_json(path: Path, fmt: str, version: int, what: str, error: type[ValueError]) -> dict[str, Any]:
@@ -121,8 +126,12 @@ def read_format_json(path: Path, fmt: str, version: int, what: str, error: type[
 # ------------------------------------------------------------------------------------------------
 
 
-def save_backbone(model: DiT | dict[str, torch.Tensor], path: str | Path, config: ModelConfig | None = None,
-                  provenance: dict[str, Any] | None = None) -> str:
+def save_backbone(
+    model: DiT | dict[str, torch.Tensor],
+    path: str | Path,
+    config: ModelConfig | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> str:
     """Write `path` (.safetensors) and the JSON beside it; returns the content hash."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -158,8 +167,9 @@ def read_backbone_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_hash: bool = True,
-                  num_classes: int | None = None) -> tuple[DiT, dict[str, Any]]:
+def load_backbone(
+    path: str | Path, expect: ModelConfig | None = None, verify_hash: bool = True, num_classes: int | None = None
+) -> tuple[DiT, dict[str, Any]]:
     """Load a backbone file (ours, or a public DiT `.pt`). Returns (model, meta with `content_hash`).
 
     `expect` (a model config) makes a mismatch in size, patch, input or channels a clear error.
@@ -175,8 +185,10 @@ def load_backbone(path: str | Path, expect: ModelConfig | None = None, verify_ha
     if verify_hash:
         digest = content_hash(state)
         if digest != meta["content_hash"]:
-            raise BackboneLoadError(f"{path}: content hash {digest} does not match its JSON "
-                                    f"({meta['content_hash']}); the file is corrupt or was replaced")
+            raise BackboneLoadError(
+                f"{path}: content hash {digest} does not match its JSON "
+                f"({meta['content_hash']}); the file is corrupt or was replaced"
+            )
     model = DiT(config)
     _load_state(model, state, str(path))
     return model, meta
@@ -186,8 +198,10 @@ def check_model_matches(actual: ModelConfig, expected: ModelConfig, where: str) 
     keys = ("name", "input_size", "in_channels", "learn_sigma")
     diff = {k: (getattr(actual, k), getattr(expected, k)) for k in keys if getattr(actual, k) != getattr(expected, k)}
     if diff:
-        raise BackboneLoadError(f"{where}: backbone does not match the model config: "
-                                + ", ".join(f"{k} file={a!r} config={b!r}" for k, (a, b) in diff.items()))
+        raise BackboneLoadError(
+            f"{where}: backbone does not match the model config: "
+            + ", ".join(f"{k} file={a!r} config={b!r}" for k, (a, b) in diff.items())
+        )
 
 
 def _load_state(model: DiT, state: dict[str, torch.Tensor], where: str) -> None:
@@ -195,12 +209,14 @@ def _load_state(model: DiT, state: dict[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise BackboneLoadError(f"{where}: keys do not match {model.config.name}: missing {missing[:4]}, "
-                                f"unexpected {unexpected[:4]}")
+        raise BackboneLoadError(
+            f"{where}: keys do not match {model.config.name}: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise BackboneLoadError(f"{where}: {k} has shape {tuple(v.shape)}, {model.config.name} needs "
-                                    f"{tuple(own[k].shape)}")
+            raise BackboneLoadError(
+                f"{where}: {k} has shape {tuple(v.shape)}, {model.config.name} needs {tuple(own[k].shape)}"
+            )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -219,8 +235,14 @@ def infer_dit_config(state: dict[str, torch.Tensor], class_dropout_prob: float =
         raise BackboneLoadError(f"no DiT preset has depth {depth} and width {hidden}")
     grid = int(round(num_tokens**0.5))
     learn_sigma = out_dim == patch * patch * in_ch * 2
-    return ModelConfig(name=f"DiT-{size}/{patch}", input_size=grid * patch, in_channels=in_ch,
-                       num_classes=num_classes, learn_sigma=learn_sigma, class_dropout_prob=class_dropout_prob)
+    return ModelConfig(
+        name=f"DiT-{size}/{patch}",
+        input_size=grid * patch,
+        in_channels=in_ch,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        class_dropout_prob=class_dropout_prob,
+    )
 
 
 def _torch_load_plain(path: Path) -> Any:
@@ -240,11 +262,13 @@ def _torch_load_plain(path: Path) -> Any:
         # module x is blocked" (a pickle that calls os.system, say)
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(err))
         why = f"it holds a pickled {found.group(1)} object" if found else "it is not a readable torch file"
-        raise BackboneLoadError(f"{path}: not a plain state dict ({why}); DiffScaler loads tensors only, "
-                                "never arbitrary pickled objects") from None  # fmt: skip
+        raise BackboneLoadError(
+            f"{path}: not a plain state dict ({why}); DiffScaler loads tensors only, never arbitrary pickled objects"
+        ) from None
     except (RuntimeError, EOFError) as err:  # a truncated or foreign zip archive
-        raise BackboneLoadError(f"{path}: not a plain state dict (not a readable torch file: "
-                                f"{str(err).splitlines()[0]})") from None  # fmt: skip
+        raise BackboneLoadError(
+            f"{path}: not a plain state dict (not a readable torch file: {str(err).splitlines()[0]})"
+        ) from None
 
 
 def load_public_dit(path: str | Path, expect: ModelConfig | None = None) -> tuple[DiT, dict[str, Any]]:
@@ -263,8 +287,12 @@ def load_public_dit(path: str | Path, expect: ModelConfig | None = None) -> tupl
     model = DiT(config)
     _load_state(model, {k: v.float() for k, v in state.items()}, str(path))
     digest = content_hash(backbone_state(model))
-    return model, {"format": "facebookresearch-dit", "model": asdict(config), "content_hash": digest,
-                   "provenance": {"source": str(path)}}
+    return model, {
+        "format": "facebookresearch-dit",
+        "model": asdict(config),
+        "content_hash": digest,
+        "provenance": {"source": str(path)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,14 +318,22 @@ def condition_meta(bank: AdapterBank, info: TaskInfo) -> dict[str, Any] | None:
 def task_info_from_meta(meta: dict[str, Any]) -> TaskInfo:
     """The TaskInfo an adapter's (or a bank manifest's task) JSON describes, its condition included."""
     cond = meta.get("condition") or {}
-    return TaskInfo(meta["task"], meta["num_classes"], meta["conditional"], meta["rank"],
-                    tuple(meta.get("class_names", ())), condition=cond.get("kind", ""),
-                    condition_channels=int(cond.get("channels", 0)), condition_size=int(cond.get("size", 0)),
-                    condition_extractor=dict(cond.get("extractor", {})))
+    return TaskInfo(
+        meta["task"],
+        meta["num_classes"],
+        meta["conditional"],
+        meta["rank"],
+        tuple(meta.get("class_names", ())),
+        condition=cond.get("kind", ""),
+        condition_channels=int(cond.get("channels", 0)),
+        condition_size=int(cond.get("size", 0)),
+        condition_extractor=dict(cond.get("extractor", {})),
+    )
 
 
-def save_adapter(bank: AdapterBank, task: str | int, out_dir: str | Path, backbone_hash: str,
-                 extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+def save_adapter(
+    bank: AdapterBank, task: str | int, out_dir: str | Path, backbone_hash: str, extra: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
     """Write `<task>.safetensors` + `<task>.json` for one task of `bank` (a conditional task's condition
     path and its `condition` record included: kind, channels, size, TaskInfo.condition_extractor)."""
     info = bank.tasks[task if isinstance(task, int) else bank.task_index(task)]
@@ -389,8 +425,9 @@ def adapter_files(paths: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(out))  # once each: `DIR/*.safetensors` names the bank and its files too
 
 
-def _check_adapter_fits(meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig,
-                        backbone_hash: str | None) -> None:
+def _check_adapter_fits(
+    meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig, backbone_hash: str | None
+) -> None:
     if backbone_hash is not None and meta.get("backbone_hash") != backbone_hash:
         raise AdapterLoadError(
             f"{file}: trained on backbone {meta.get('backbone_hash')!r}, but the loaded backbone is "
@@ -400,8 +437,10 @@ def _check_adapter_fits(meta: dict[str, Any], file: str | Path, model_cfg: Model
     keys = ("name", "input_size", "in_channels", "learn_sigma")
     diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
     if diff:
-        raise AdapterLoadError(f"{file}: model config differs from the backbone's: "
-                               + ", ".join(f"{k} adapter={a!r} backbone={b!r}" for k, (a, b) in diff.items()))
+        raise AdapterLoadError(
+            f"{file}: model config differs from the backbone's: "
+            + ", ".join(f"{k} adapter={a!r} backbone={b!r}" for k, (a, b) in diff.items())
+        )
 
 
 def check_condition_fits(meta: dict[str, Any], file: str | Path, model_cfg: ModelConfig) -> None:
@@ -417,8 +456,9 @@ def check_condition_fits(meta: dict[str, Any], file: str | Path, model_cfg: Mode
         raise AdapterLoadError(f"{file}: its condition path ({cond.get('kind')}) cannot run here: {err}") from None
     depth = parse_preset(model_cfg.name)[0].depth
     if meta.get("method") == "controlnet" and not 1 <= int(cond.get("controlnet_blocks", 0)) <= depth:
-        raise AdapterLoadError(f"{file}: its ControlNet copies {cond.get('controlnet_blocks')} blocks; "
-                               f"{model_cfg.name} has {depth}")
+        raise AdapterLoadError(
+            f"{file}: its ControlNet copies {cond.get('controlnet_blocks')} blocks; {model_cfg.name} has {depth}"
+        )
 
 
 def attach_described(model: DiT, metas: Sequence[dict[str, Any]], names: Sequence[str]) -> AdapterBank:
@@ -434,9 +474,15 @@ def attach_described(model: DiT, metas: Sequence[dict[str, Any]], names: Sequenc
             )
     tasks = [task_info_from_meta(m) for m in metas]
     first = conds[0][1] if conds else {}
-    return AdapterBank.attach(model, tasks, method=metas[0]["method"], rank=max(t.rank for t in tasks),
-                              targets=tuple(metas[0]["targets"]), condition_blocks=bool(first.get("blocks")),
-                              controlnet_blocks=int(first.get("controlnet_blocks") or 0))
+    return AdapterBank.attach(
+        model,
+        tasks,
+        method=metas[0]["method"],
+        rank=max(t.rank for t in tasks),
+        targets=tuple(metas[0]["targets"]),
+        condition_blocks=bool(first.get("blocks")),
+        controlnet_blocks=int(first.get("controlnet_blocks") or 0),
+    )
 
 
 def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | None) -> AdapterBank:
@@ -475,16 +521,30 @@ def load_adapters(model: DiT, files: Sequence[str | Path], backbone_hash: str | 
 TASK_MODEL_KEY = "task_model"  # backbone.json provenance key that marks a file as one task's own model
 
 
-def save_task_model(model: DiT, info: TaskInfo, out_dir: str | Path, backbone_hash: str, backbone_params: int,
-                    extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+def save_task_model(
+    model: DiT,
+    info: TaskInfo,
+    out_dir: str | Path,
+    backbone_hash: str,
+    backbone_params: int,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write `<task>.safetensors` + `.json` in the backbone format, with the adapter-like description of
     the task (method, classes, the backbone it is compared against) under provenance[TASK_MODEL_KEY]."""
     described = {
-        "task": info.name, "method": "scratch", "rank": 0, "targets": [], "conditional": info.conditional,
-        "num_classes": info.num_classes, "class_names": list(info.class_names), "backbone_hash": backbone_hash,
-        "model": asdict(model.config), "trainable_params": model.num_parameters(trainable_only=True),
-        "backbone_params": backbone_params, **(extra or {}),
-    }  # fmt: skip
+        "task": info.name,
+        "method": "scratch",
+        "rank": 0,
+        "targets": [],
+        "conditional": info.conditional,
+        "num_classes": info.num_classes,
+        "class_names": list(info.class_names),
+        "backbone_hash": backbone_hash,
+        "model": asdict(model.config),
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "backbone_params": backbone_params,
+        **(extra or {}),
+    }
     path = Path(out_dir) / f"{info.name}.safetensors"
     save_backbone(model, path, provenance={TASK_MODEL_KEY: described})
     return path

@@ -1,10 +1,10 @@
 """The `diffscaler` command line. Each subpackage registers its own subcommands.
 
-    diffscaler model-info --model DiT-XL/2 --input-size 32 --in-channels 4 --json
-    diffscaler init-backbone --model DiT-T/4 --input-size 32 --in-channels 3 --num-classes 10 --out FILE
-    diffscaler sample --backbone FILE [--adapters A.safetensors ...] --task a,b --num 16 --out DIR
-    diffscaler shards make --source emoji --out shards/emoji
-    diffscaler shards check shards/emoji
+diffscaler model-info --model DiT-XL/2 --input-size 32 --in-channels 4 --json
+diffscaler init-backbone --model DiT-T/4 --input-size 32 --in-channels 3 --num-classes 10 --out FILE
+diffscaler sample --backbone FILE [--adapters A.safetensors ...] --task a,b --num 16 --out DIR
+diffscaler shards make --source emoji --out shards/emoji
+diffscaler shards check shards/emoji
 """
 
 from __future__ import annotations

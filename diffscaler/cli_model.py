@@ -46,25 +46,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="sample images from a backbone, optionally with task adapters")
     p.add_argument("--backbone", required=True, help="backbone .safetensors (or a public DiT .pt)")
-    p.add_argument("--adapters", nargs="*", default=[],
-                   help="<task>.safetensors files, adapter folders or a bank.json (one bank)")
+    p.add_argument(
+        "--adapters", nargs="*", default=[], help="<task>.safetensors files, adapter folders or a bank.json (one bank)"
+    )
     p.add_argument("--task", default="", help="task name(s), comma-separated; interleaved in shared batches")
-    p.add_argument("--class", dest="class_label", type=int, default=None,
-                   help="class label (default: cycle over classes of a conditional model)")
+    p.add_argument(
+        "--class",
+        dest="class_label",
+        type=int,
+        default=None,
+        help="class label (default: cycle over classes of a conditional model)",
+    )
     p.add_argument("--num", type=int, default=16, help="images per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--condition", action="append", default=[], metavar="[TASK=]DIR",
-                   help="a folder of images: each conditional task extracts its maps from them with its own "
-                        "extractor (the adapter records it); TASK=DIR gives one task its own folder; repeatable")
-    p.add_argument("--condition-maps", action="append", default=[], metavar="[TASK=]DIR",
-                   help="a folder of ready condition maps (the task's channels, its images' size); repeatable")
-    p.add_argument("--condition-scale", type=float, default=1.0,
-                   help="guidance on the condition map (1 = none), independent of --cfg-scale")
-    p.add_argument("--unconditioned", action="store_true",
-                   help="sample conditional tasks given no --condition without a map (what the map buys)")
+    p.add_argument(
+        "--condition",
+        action="append",
+        default=[],
+        metavar="[TASK=]DIR",
+        help="a folder of images: each conditional task extracts its maps from them with its own "
+        "extractor (the adapter records it); TASK=DIR gives one task its own folder; repeatable",
+    )
+    p.add_argument(
+        "--condition-maps",
+        action="append",
+        default=[],
+        metavar="[TASK=]DIR",
+        help="a folder of ready condition maps (the task's channels, its images' size); repeatable",
+    )
+    p.add_argument(
+        "--condition-scale",
+        type=float,
+        default=1.0,
+        help="guidance on the condition map (1 = none), independent of --cfg-scale",
+    )
+    p.add_argument(
+        "--unconditioned",
+        action="store_true",
+        help="sample conditional tasks given no --condition without a map (what the map buys)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--merge", action="store_true", help="fold the single task's adapter into the weights")
     p.add_argument("--vae", default="", help="latent backbone: decode through this local AutoencoderKL (folder/file)")
@@ -74,8 +97,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_config(args: argparse.Namespace, learn_sigma: bool):
-    cfg = ModelConfig(name=args.model, input_size=args.input_size, in_channels=args.in_channels,
-                      num_classes=args.num_classes, learn_sigma=learn_sigma)
+    cfg = ModelConfig(
+        name=args.model,
+        input_size=args.input_size,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+        learn_sigma=learn_sigma,
+    )
     validate_model(cfg)
     return cfg
 
@@ -110,8 +138,10 @@ def cmd_model_info(args: argparse.Namespace) -> int:
         return 0
     print(f"{'model':<10} {'input':>9} {'params (M)':>11} {'GFLOPs (MACs/img)':>18}")
     for r in rows:
-        print(f"{r['model']:<10} {r['input_size']:>4}x{r['in_channels']:<4} {r['params'] / 1e6:>11.2f} "
-              f"{r['gflops_per_forward']:>18.2f}")
+        print(
+            f"{r['model']:<10} {r['input_size']:>4}x{r['in_channels']:<4} {r['params'] / 1e6:>11.2f} "
+            f"{r['gflops_per_forward']:>18.2f}"
+        )
     return 0
 
 
@@ -141,12 +171,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     vae = None
     if model.config.in_channels != 3 or args.vae:
         if not args.vae:
-            raise ValueError(f"--vae: {args.backbone} is a latent backbone ({model.config.in_channels} channels); "
-                             "its samples become images only through the VAE its shards were encoded with")
+            raise ValueError(
+                f"--vae: {args.backbone} is a latent backbone ({model.config.in_channels} channels); "
+                "its samples become images only through the VAE its shards were encoded with"
+            )
         vae = load_vae(args.vae, args.vae_config or None)
         if vae.latent_channels != model.config.in_channels:
-            raise ValueError(f"--vae {args.vae}: makes {vae.latent_channels}-channel latents, the backbone "
-                             f"{args.backbone} takes {model.config.in_channels}")  # fmt: skip
+            raise ValueError(
+                f"--vae {args.vae}: makes {vae.latent_channels}-channel latents, the backbone "
+                f"{args.backbone} takes {model.config.in_channels}"
+            )
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma)
     if args.steps < 1 or args.steps > diffusion.num_timesteps:
         raise ValueError(f"--steps must be in [1, {diffusion.num_timesteps}], got {args.steps}")
@@ -161,16 +195,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
         names = names or [t.name for t in bank.tasks]
         unknown = [n for n in names if n not in {t.name for t in bank.tasks}]
         if unknown:
-            raise ValueError(f"--task: {', '.join(unknown)} not among the adapters' tasks "
-                             f"{[t.name for t in bank.tasks]}")  # fmt: skip
+            raise ValueError(
+                f"--task: {', '.join(unknown)} not among the adapters' tasks {[t.name for t in bank.tasks]}"
+            )
         idx = [bank.task_index(n) for n in names]
         counts = [bank.tasks[i].num_classes for i in idx]
         per_sample_task, labels = plan_samples(names, args.num, counts, args.class_label)
         task_ids = [idx[t] for t in per_sample_task]
         for i, lab in zip(task_ids, labels, strict=True):
             if not 0 <= lab < bank.tasks[i].num_classes:
-                raise ValueError(f"--class {lab} is out of range for task {bank.tasks[i].name!r} "
-                                 f"({bank.tasks[i].num_classes} class(es))")
+                raise ValueError(
+                    f"--class {lab} is out of range for task {bank.tasks[i].name!r} "
+                    f"({bank.tasks[i].num_classes} class(es))"
+                )
         metas = {m["task"]: m for m in (read_adapter_meta(f) for f in files)}
         # Every map is read and checked here, before any sampling.
         conditions = sample_conditions(args, names, metas, per_sample_task)
@@ -191,16 +228,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if conditions is not None:
         from diffscaler.data.conditions import maps_to_unit
 
-        extra = dict(conditions=torch.from_numpy(maps_to_unit(conditions[0])),  # (N, C_cond, S, S) in [-1, 1]
-                     condition_mask=torch.from_numpy(conditions[1]), condition_scale=args.condition_scale)
-    images = sample_images(model, diffusion, num=len(labels), seed=args.seed, labels=labels, task_ids=task_ids,
-                           batch_size=args.batch_size, steps=args.steps, sampler=args.sampler,
-                           cfg_scale=args.cfg_scale, decode=vae.decode if vae is not None else None, **extra)
+        extra = dict(
+            conditions=torch.from_numpy(maps_to_unit(conditions[0])),  # (N, C_cond, S, S) in [-1, 1]
+            condition_mask=torch.from_numpy(conditions[1]),
+            condition_scale=args.condition_scale,
+        )
+    images = sample_images(
+        model,
+        diffusion,
+        num=len(labels),
+        seed=args.seed,
+        labels=labels,
+        task_ids=task_ids,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg_scale,
+        decode=vae.decode if vae is not None else None,
+        **extra,
+    )
     seconds = time.perf_counter() - t0
     task_of = np.array([names[t] for t in per_sample_task])
     maps = {} if conditions is None else {"condition": conditions[0], "has_condition": conditions[1]}
-    np.savez(out / "samples.npz", images=images, task=task_of, label=np.array(labels, dtype=np.int64),
-             index=np.arange(len(labels), dtype=np.int64), **maps)
+    np.savez(
+        out / "samples.npz",
+        images=images,
+        task=task_of,
+        label=np.array(labels, dtype=np.int64),
+        index=np.arange(len(labels), dtype=np.int64),
+        **maps,
+    )
     # grid: one row per task when several are interleaved
     order = np.argsort(np.array(per_sample_task), kind="stable")
     save_png(image_grid(images[order], ncols=args.num if len(names) > 1 else None), out / "grid.png")
@@ -209,8 +266,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         shown = shown.transpose(0, 2, 3, 1)  # (N, S, S, 3)
         if shown.shape[1:3] == images.shape[1:3]:
             save_png(image_grid(shown[order], ncols=args.num if len(names) > 1 else None), out / "conditions.png")
-    print(json.dumps({"images": len(labels), "tasks": names, "seconds": round(seconds, 2),
-                      "samples": str(out / "samples.npz"), "grid": str(out / "grid.png")}))
+    print(
+        json.dumps(
+            {
+                "images": len(labels),
+                "tasks": names,
+                "seconds": round(seconds, 2),
+                "samples": str(out / "samples.npz"),
+                "grid": str(out / "grid.png"),
+            }
+        )
+    )
     return 0
 
 
@@ -227,8 +293,9 @@ def _condition_dirs(values: list[str], flag: str, names: list[str]) -> dict[str,
     return out
 
 
-def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[str, dict],
-                      per_sample_task: list[int]) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+def sample_conditions(
+    args: argparse.Namespace, names: list[str], metas: dict[str, dict], per_sample_task: list[int]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(maps uint8 (N, C, S, S), has_condition bool (N,)) for the planned samples, None when no task takes a
     map. Sample k of a task takes that task's map k mod its number of maps; rows of unconditional (or
     --unconditioned) tasks get zeros. Errors name the task, folder or file before anything is sampled."""
@@ -262,18 +329,21 @@ def sample_conditions(args: argparse.Namespace, names: list[str], metas: dict[st
         own = [(flag, d[name]) for flag, d in (("--condition", images), ("--condition-maps", ready)) if name in d]
         if len(own) > 1:
             raise ValueError(f"task {name!r}: both --condition and --condition-maps name a folder for it")
-        given = own or [(flag, d[""]) for flag, d in (("--condition", images), ("--condition-maps", ready))
-                        if "" in d]  # fmt: skip
+        given = own or [(flag, d[""]) for flag, d in (("--condition", images), ("--condition-maps", ready)) if "" in d]
         if len(given) > 1:
-            raise ValueError(f"task {name!r}: both --condition and --condition-maps give every task a folder; "
-                             f"name one per task ({name}=DIR)")  # fmt: skip
+            raise ValueError(
+                f"task {name!r}: both --condition and --condition-maps give every task a folder; "
+                f"name one per task ({name}=DIR)"
+            )
         if not given:
             if args.unconditioned:
                 per_task[name] = None
                 continue
-            raise ValueError(f"task {name!r} is conditioned on {record['kind']} maps: give --condition DIR (images "
-                             "to extract its maps from), --condition-maps DIR (ready maps), or --unconditioned to "
-                             "sample it without a map")  # fmt: skip
+            raise ValueError(
+                f"task {name!r} is conditioned on {record['kind']} maps: give --condition DIR (images "
+                "to extract its maps from), --condition-maps DIR (ready maps), or --unconditioned to "
+                "sample it without a map"
+            )
         flag, folder = given[0]
         what = f"{flag} {folder} (task {name!r})"
         try:

@@ -333,7 +333,7 @@ def _coerce(value: Any, annotation: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         key_type, value_type = get_args(annotation)
-        return {_coerce(k, key_type, f"{path}") : _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
+        return {_coerce(k, key_type, f"{path}"): _coerce(v, value_type, f"{path}.{k}") for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -410,9 +410,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> ExperimentConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Load YAML (or JSON) at `path`, apply `key=value` overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -481,8 +479,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
     if m.arch == "unet":
         _one_of(m.name, UNET_NAMES, f"{prefix}.name")
         side = 0 < m.input_size <= MAX_IMAGE_SIDE and m.input_size % UNET_DOWNSAMPLE == 0
-        _require(side, f"{prefix}.input_size", f"{m.input_size} must be a multiple of {UNET_DOWNSAMPLE} in "
-                 f"[{UNET_DOWNSAMPLE}, {MAX_IMAGE_SIDE}] (the U-Net halves it twice)")
+        _require(
+            side,
+            f"{prefix}.input_size",
+            f"{m.input_size} must be a multiple of {UNET_DOWNSAMPLE} in "
+            f"[{UNET_DOWNSAMPLE}, {MAX_IMAGE_SIDE}] (the U-Net halves it twice)",
+        )
         _model_common(m, prefix)
         return
     match = MODEL_NAME_PATTERN.match(m.name)
@@ -499,8 +501,12 @@ def validate_model(m: ModelConfig, prefix: str = "model") -> None:
         f"{m.input_size} is not divisible by the patch size {patch} of {m.name}",
     )
     tokens = (m.input_size // patch) ** 2
-    _require(tokens <= MAX_TOKENS, f"{prefix}.input_size", f"{m.input_size} gives {tokens} tokens with patch {patch} "
-             f"(at most {MAX_TOKENS}); input_size counts latent cells for a VAE backbone, not pixels")  # fmt: skip
+    _require(
+        tokens <= MAX_TOKENS,
+        f"{prefix}.input_size",
+        f"{m.input_size} gives {tokens} tokens with patch {patch} "
+        f"(at most {MAX_TOKENS}); input_size counts latent cells for a VAE backbone, not pixels",
+    )
     _model_common(m, prefix)
 
 
@@ -544,22 +550,41 @@ def validate_webdataset_target(task: TaskSpec, prefix: str, data: DataConfig) ->
     """label_key / image_key belong to webdataset: sources; such shards are indexed as they are, so the maps
     they carry (key:<member>) are their only condition, and pixels are not encoded through data.vae."""
     if not task.webdataset:
-        _require(not task.label_key and not task.image_key, f"{prefix}.label_key",
-                 "label_key and image_key are for webdataset: sources (a folder's labels are its class folders)")
-        _require(not task.condition.startswith(CONDITION_KEY_PREFIX), f"{prefix}.condition",
-                 f"{task.condition!r} reads a member of your own WebDataset shards: use source: webdataset:DIR")
+        _require(
+            not task.label_key and not task.image_key,
+            f"{prefix}.label_key",
+            "label_key and image_key are for webdataset: sources (a folder's labels are its class folders)",
+        )
+        _require(
+            not task.condition.startswith(CONDITION_KEY_PREFIX),
+            f"{prefix}.condition",
+            f"{task.condition!r} reads a member of your own WebDataset shards: use source: webdataset:DIR",
+        )
         return
-    _require(len(task.source_name) > len(WEBDATASET_PREFIX), f"{prefix}.source",
-             "webdataset: needs the shards, e.g. webdataset:/data/pets-wds or 'webdataset:s3://b/{00000..00099}.tar'")
-    _require(not task.condition or task.condition.startswith(CONDITION_KEY_PREFIX), f"{prefix}.condition",
-             f"{task.condition!r} is computed when shards are built from images; webdataset: shards are indexed "
-             "as they are: give your maps as a member of each sample (key:depth.png)")
+    _require(
+        len(task.source_name) > len(WEBDATASET_PREFIX),
+        f"{prefix}.source",
+        "webdataset: needs the shards, e.g. webdataset:/data/pets-wds or 'webdataset:s3://b/{00000..00099}.tar'",
+    )
+    _require(
+        not task.condition or task.condition.startswith(CONDITION_KEY_PREFIX),
+        f"{prefix}.condition",
+        f"{task.condition!r} is computed when shards are built from images; webdataset: shards are indexed "
+        "as they are: give your maps as a member of each sample (key:depth.png)",
+    )
     label = task.label_key
-    _require(label in ("", "cls", "none") or (label.startswith("json:") and len(label) > 5), f"{prefix}.label_key",
-             f"{label!r}: use cls, json:FIELD (a class number or name) or none"
-             + ("; a txt member holds free text (captions), not a class label" if label == "txt" else ""))
-    _require(not data.vae, f"{prefix}.source", "webdataset: shards are indexed as they are, not encoded through "
-             "data.vae: make latent shards with `diffscaler shards make --vae` from a folder:DIR source")
+    _require(
+        label in ("", "cls", "none") or (label.startswith("json:") and len(label) > 5),
+        f"{prefix}.label_key",
+        f"{label!r}: use cls, json:FIELD (a class number or name) or none"
+        + ("; a txt member holds free text (captions), not a class label" if label == "txt" else ""),
+    )
+    _require(
+        not data.vae,
+        f"{prefix}.source",
+        "webdataset: shards are indexed as they are, not encoded through "
+        "data.vae: make latent shards with `diffscaler shards make --vae` from a folder:DIR source",
+    )
 
 
 def validate(cfg: ExperimentConfig) -> None:
@@ -605,9 +630,12 @@ def validate(cfg: ExperimentConfig) -> None:
         )
         validate_condition(t, f"data.targets[{i}]")
         validate_webdataset_target(t, f"data.targets[{i}]", data)
-    _require(not data.pretrain_source.startswith(WEBDATASET_PREFIX), "data.pretrain_source",
-             "webdataset: sources are fine-tuning targets only; the pretraining set is built from images (a "
-             "bundled name or folder:DIR)")  # fmt: skip
+    _require(
+        not data.pretrain_source.startswith(WEBDATASET_PREFIX),
+        "data.pretrain_source",
+        "webdataset: sources are fine-tuning targets only; the pretraining set is built from images (a "
+        "bundled name or folder:DIR)",
+    )
     _require(data.canny_low >= 0, "data.canny_low", "must be >= 0")
     _require(data.canny_high >= data.canny_low, "data.canny_high", f"must be >= data.canny_low ({data.canny_low})")
     _require(data.canny_blur >= 0 and math.isfinite(data.canny_blur), "data.canny_blur", "must be >= 0 (0 = none)")
@@ -652,11 +680,19 @@ def validate(cfg: ExperimentConfig) -> None:
     f = cfg.finetune
     if cfg.model.arch == "unet":
         for m in f.methods:
-            _require(m in UNET_METHODS, "finetune.methods", f"{m!r} does not apply to a U-Net (model.arch unet); "
-                     f"its methods: {list(UNET_METHODS)} (bias and scale act on convolution channels)")
-        _require(False, "model.arch", "'unet' builds (diffscaler.models.unet) and takes adapters "
-                 "(diffscaler.adapters.conv), but the pipeline's stages (pretrain, finetune, evaluate) run the DiT "
-                 "only so far (issue 24)")
+            _require(
+                m in UNET_METHODS,
+                "finetune.methods",
+                f"{m!r} does not apply to a U-Net (model.arch unet); "
+                f"its methods: {list(UNET_METHODS)} (bias and scale act on convolution channels)",
+            )
+        _require(
+            False,
+            "model.arch",
+            "'unet' builds (diffscaler.models.unet) and takes adapters "
+            "(diffscaler.adapters.conv), but the pipeline's stages (pretrain, finetune, evaluate) run the DiT "
+            "only so far (issue 24)",
+        )
     _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
     for m in f.methods:
         _one_of(m, FINETUNE_METHODS, "finetune.methods")
@@ -685,8 +721,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.log_every >= 1, "finetune.log_every", "must be at least 1")
     _require(f.seed >= 0, "finetune.seed", "must be >= 0")
     _require(f.val_samples >= 1, "finetune.val_samples", "must be at least 1")
-    _require(0.0 <= f.condition_dropout < 1.0, "finetune.condition_dropout",
-             "must be in [0, 1): the share of a conditional task's images trained without their map")
+    _require(
+        0.0 <= f.condition_dropout < 1.0,
+        "finetune.condition_dropout",
+        "must be in [0, 1): the share of a conditional task's images trained without their map",
+    )
     _one_of(f.compile, ("auto", "off", "inductor", "aot_eager"), "finetune.compile")
 
     s = cfg.sweep
@@ -728,8 +767,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(e.kid_subset_size >= 2, "eval.kid_subset_size", "must be at least 2 (KID compares pairs within a subset)")
     _require(e.seed >= 0, "eval.seed", "must be >= 0")
     _require(e.batch_size >= 1, "eval.batch_size", "must be at least 1")
-    _require(1 <= e.sampling_steps <= d.num_timesteps, "eval.sampling_steps",
-             f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]")  # fmt: skip
+    _require(
+        1 <= e.sampling_steps <= d.num_timesteps,
+        "eval.sampling_steps",
+        f"must be in [1, diffusion.num_timesteps={d.num_timesteps}]",
+    )
 
     g = cfg.generate
     for i, t in enumerate(g.tasks):

@@ -16,7 +16,9 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for k in range(n):
         r, col = divmod(k, ncols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[
+            k
+        ]
     return grid
 
 

@@ -23,8 +23,16 @@ from diffscaler.stages.base import InputError as PipelineInputError
 from diffscaler.stages.inputs import check_run_inputs
 from diffscaler.stages.manifest import Manifest, now
 
-__all__ = ["Pipeline", "PipelineInputError", "PipelineStageError", "RunLayout", "StageCheck", "resolve_run_config",
-           "run_pipeline", "stage_order"]  # fmt: skip
+__all__ = [
+    "Pipeline",
+    "PipelineInputError",
+    "PipelineStageError",
+    "RunLayout",
+    "StageCheck",
+    "resolve_run_config",
+    "run_pipeline",
+    "stage_order",
+]
 
 
 class PipelineStageError(RuntimeError):
@@ -38,8 +46,15 @@ class PipelineStageError(RuntimeError):
 class Pipeline:
     """One run folder, one resolved config, the registered stages. `preflight()` then `run()`."""
 
-    def __init__(self, cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (),
-                 log: Callable[[str], None] | None = None, stages: Sequence[Stage] = STAGES):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        out_dir: str | Path,
+        *,
+        force: Sequence[str] = (),
+        log: Callable[[str], None] | None = None,
+        stages: Sequence[Stage] = STAGES,
+    ):
         self.stages = {s.name: s for s in stages}  # the registry is the one list of stage names (config has none)
         for what, names in (("force", force), ("pipeline.stages", cfg.pipeline.stages)):
             if unknown := [s for s in names if s not in self.stages]:
@@ -58,8 +73,10 @@ class Pipeline:
         """Every check that needs no stage to run; raises PipelineInputError naming the problem."""
         stages = list(self.cfg.pipeline.stages)  # known and distinct (checked in __init__ and by config)
         if stages and stages != list(self.selected):
-            raise PipelineInputError(f"pipeline.stages {stages} is out of order; stages run as {list(self.order)}, "
-                                     f"write them in that order: {list(self.selected)}")  # fmt: skip
+            raise PipelineInputError(
+                f"pipeline.stages {stages} is out of order; stages run as {list(self.order)}, "
+                f"write them in that order: {list(self.selected)}"
+            )
         check_run_inputs(self.ctx)
         for name in self.selected:
             self.stages[name].preflight(self.ctx)
@@ -159,8 +176,9 @@ class Pipeline:
             self._unsaved = True
 
 
-def run_pipeline(cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (),
-                 log: Callable[[str], None] | None = None) -> Manifest:  # fmt: skip
+def run_pipeline(
+    cfg: ExperimentConfig, out_dir: str | Path, *, force: Sequence[str] = (), log: Callable[[str], None] | None = None
+) -> Manifest:
     """Run the selected stages of `cfg.pipeline.stages` into `out_dir`; returns the manifest.
 
     Raises PipelineInputError (before any stage), PipelineStageError (a stage failed; the manifest

@@ -98,9 +98,13 @@ def write_report(inputs: ReportInputs) -> list[Path]:
         md += [f"![loss curves]({curves.name})", "", f"Loss: {LOSS_UNIT}; x axis: optimizer steps.", ""]
     else:
         md += ["_No loss logs yet (pretrain / finetune have not run)._", ""]
-    md += ["## Config", "", f"The resolved config is `{out / 'config.json'}`. Model {cfg.model.name}, "
-           f"{_input_text(cfg, cfg.model.input_size)}, tasks: "
-           + ", ".join(f"`{t.name}`" for t in cfg.data.targets) + ".", ""]  # fmt: skip
+    md += [
+        "## Config",
+        "",
+        f"The resolved config is `{out / 'config.json'}`. Model {cfg.model.name}, "
+        f"{_input_text(cfg, cfg.model.input_size)}, tasks: " + ", ".join(f"`{t.name}`" for t in cfg.data.targets) + ".",
+        "",
+    ]
     report = out / "report.md"
     write_text_atomic(report, "\n".join(md).rstrip() + "\n")
     return [report, *images]
@@ -118,9 +122,11 @@ def _overview(inputs: ReportInputs) -> list[str]:
     if inputs.backbone is not None and inputs.backbone.is_file():
         meta = read_backbone_meta(inputs.backbone)
         m = meta["model"]
-        lines.append(f"Backbone `{inputs.backbone}`: {m['name']}, {_input_text(inputs.cfg, m['input_size'])}, "
-                     f"{m['num_classes']} classes, {meta.get('num_parameters', 0):,} parameters, "
-                     f"hash `{meta['content_hash'][:23]}...`.")  # fmt: skip
+        lines.append(
+            f"Backbone `{inputs.backbone}`: {m['name']}, {_input_text(inputs.cfg, m['input_size'])}, "
+            f"{m['num_classes']} classes, {meta.get('num_parameters', 0):,} parameters, "
+            f"hash `{meta['content_hash'][:23]}...`."
+        )
     if states:
         lines.append(f"Stages: {states}. Stage time in this run: {total:.1f} s.")
     return [*lines, ""] if lines else []
@@ -173,29 +179,38 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
         f"Feature network: **{', '.join(nets)}**; {', '.join(map(str, gens))} generated images per task and method, "
         f"against {refs[0]}{'-' + str(refs[-1]) if len(refs) > 1 else ''} real images of the task's "
         f"{'/'.join(split)} split. Lower FID/KID is better. "
-        + ("Scores on EfficientNet-Lite0 features rank runs against each other; they are not comparable with "
-           "published (Inception) FID. " if "efficientnet-lite0" in nets else "")
+        + (
+            "Scores on EfficientNet-Lite0 features rank runs against each other; they are not comparable with "
+            "published (Inception) FID. "
+            if "efficientnet-lite0" in nets
+            else ""
+        )
         + "How to read them: **floor (real)** scores the task's real images of the other split against the same "
-          "reference - as good as a generator can get at these counts; **no adapter** scores the pretrained "
-          "backbone's own samples - what the fine-tune starts from. **Task accuracy** is the share of the images "
-          "that a nearest-centroid classifier on the same features, fitted on every target's reference images, "
-          "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
-    )  # fmt: skip
+        "reference - as good as a generator can get at these counts; **no adapter** scores the pretrained "
+        "backbone's own samples - what the fine-tune starts from. **Task accuracy** is the share of the images "
+        "that a nearest-centroid classifier on the same features, fitted on every target's reference images, "
+        "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
+    )
     metas = _method_metas(inputs)
-    lines += ["", "| task | method | lr | FID | KID (mean ± std) | task acc. | condition fidelity | trainable params | "
-              "% of backbone | file (KiB) | train img/s | train wall (s) | status |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines += [
+        "",
+        "| task | method | lr | FID | KID (mean ± std) | task acc. | condition fidelity | trainable params | "
+        "% of backbone | file (KiB) | train img/s | train wall (s) | status |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
     for r in sorted(rows, key=lambda r: (str(r["task"]), order.get(r["label"], len(order)), r["label"])):
         m = metas.get((r["label"], r["task"]), {})
         ft = m.get("finetune", {})
         status = r["status"] if r["status"] == "ok" else f"failed: {_cell(r.get('error', ''), 80)}"
         name = r["label"] or r["method"] or "-"
-        lines.append(f"| {r['task'] or '(backbone)'} | {name} | {_fmt_opt(ft.get('lr'), '.2g')} | "
-                     f"{_fmt_opt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt_opt(r.get('task_accuracy'), '.2f')} | "
-                     f"{_fidelity_cell(r)} | {_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
-                     f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
-                     f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |")  # fmt: skip
+        lines.append(
+            f"| {r['task'] or '(backbone)'} | {name} | {_fmt_opt(ft.get('lr'), '.2g')} | "
+            f"{_fmt_opt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt_opt(r.get('task_accuracy'), '.2f')} | "
+            f"{_fidelity_cell(r)} | {_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
+            f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
+            f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |"
+        )
     lines += ["", *_averages(rows, metas, inputs)]
     lines += seed_spread_section(rows, inputs.cfg.finetune.methods)
     lines += _condition_section(doc)
@@ -215,24 +230,33 @@ def _condition_section(doc: dict[str, Any]) -> list[str]:
     tasks = sorted({r["task"] for r in rows} | set(refs))
     if not tasks:
         return []
-    out = ["### Condition fidelity", "",
-           "Do generated images follow their maps? The task's extractor is run again on each generated image and "
-           "compared with the map it was sampled with (maps of the reference split's images): **edge F1** with a "
-           "1-pixel tolerance for `canny`, **IoU** of the foregrounds for `mask` (a `key:` map has no extractor "
-           "here: FID only). **ceiling**: real images against their own maps (what the extractor reaches at this "
-           "resolution); **mismatched maps**: real images against other images' maps (chance); **no condition**: "
-           "the same adapter sampled without a map (what the map buys).", "",
-           "| task | condition | row | fidelity | ± std | images |", "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    out = [
+        "### Condition fidelity",
+        "",
+        "Do generated images follow their maps? The task's extractor is run again on each generated image and "
+        "compared with the map it was sampled with (maps of the reference split's images): **edge F1** with a "
+        "1-pixel tolerance for `canny`, **IoU** of the foregrounds for `mask` (a `key:` map has no extractor "
+        "here: FID only). **ceiling**: real images against their own maps (what the extractor reaches at this "
+        "resolution); **mismatched maps**: real images against other images' maps (chance); **no condition**: "
+        "the same adapter sampled without a map (what the map buys).",
+        "",
+        "| task | condition | row | fidelity | ± std | images |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for task in tasks:
         ref = refs.get(task, {})
         for r in (r for r in rows if r["task"] == task):
-            out.append(f"| {task} | {r['condition']} | {r['label'] or r['method']} | "
-                       f"{_fmt_opt(r.get('fidelity'), '.3f')} | {_fmt_opt(r.get('fidelity_std'), '.3f')} | "
-                       f"{r['num_generated']} |")  # fmt: skip
+            out.append(
+                f"| {task} | {r['condition']} | {r['label'] or r['method']} | "
+                f"{_fmt_opt(r.get('fidelity'), '.3f')} | {_fmt_opt(r.get('fidelity_std'), '.3f')} | "
+                f"{r['num_generated']} |"
+            )
         for key, name in (("ceiling", "ceiling (real, own maps)"), ("mismatched", "mismatched maps (chance)")):
             if key in ref:
-                out.append(f"| {task} | {ref['condition']} | {name} | {ref[key]['mean']:.3f} | {ref[key]['std']:.3f} | "
-                           f"{ref[key]['n']} |")  # fmt: skip
+                out.append(
+                    f"| {task} | {ref['condition']} | {name} | {ref[key]['mean']:.3f} | {ref[key]['std']:.3f} | "
+                    f"{ref[key]['n']} |"
+                )
     return [*out, ""]
 
 
@@ -266,8 +290,9 @@ def _method_metas(inputs: ReportInputs) -> dict[tuple[str, str], dict[str, Any]]
     return out
 
 
-def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str, Any]],
-              inputs: ReportInputs) -> list[str]:  # fmt: skip
+def _averages(
+    rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str, Any]], inputs: ReportInputs
+) -> list[str]:
     """Per method, the mean over the tasks it was scored on (as the DiffFit and DiffScaler papers report)."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -276,19 +301,27 @@ def _averages(rows: list[dict[str, Any]], metas: dict[tuple[str, str], dict[str,
     if not by_label:
         return []
     order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
-    out = ["**Averages over the tasks** (mean of the per-task scores; KID ± is the mean of the per-task stds):", "",
-           "| method | tasks | mean FID | mean KID | mean task acc. | mean % of backbone |",
-           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = [
+        "**Averages over the tasks** (mean of the per-task scores; KID ± is the mean of the per-task stds):",
+        "",
+        "| method | tasks | mean FID | mean KID | mean task acc. | mean % of backbone |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for label in sorted(by_label, key=lambda k: (order.get(k, len(order)), k)):
         rs = by_label[label]
         accs = [r["task_accuracy"] for r in rs if r.get("task_accuracy") is not None]
-        pcts = [100.0 * m["trainable_params"] / m["backbone_params"] for r in rs
-                if (m := metas.get((label, r["task"]), {})).get("backbone_params")]  # fmt: skip
+        pcts = [
+            100.0 * m["trainable_params"] / m["backbone_params"]
+            for r in rs
+            if (m := metas.get((label, r["task"]), {})).get("backbone_params")
+        ]
         acc = f"{np.mean(accs):.2f}" if accs else "-"
         pct = f"{np.mean(pcts):.2f} %" if pcts else "-"
-        out.append(f"| {label} | {len(rs)} | {np.mean([r['fid'] for r in rs]):.2f} | "
-                   f"{np.mean([r['kid_mean'] for r in rs]):.4f} ± {np.mean([r['kid_std'] for r in rs]):.4f} | "
-                   f"{acc} | {pct} |")  # fmt: skip
+        out.append(
+            f"| {label} | {len(rs)} | {np.mean([r['fid'] for r in rs]):.2f} | "
+            f"{np.mean([r['kid_mean'] for r in rs]):.4f} ± {np.mean([r['kid_std'] for r in rs]):.4f} | "
+            f"{acc} | {pct} |"
+        )
     return [*out, ""]
 
 
@@ -320,25 +353,40 @@ def _params_section(inputs: ReportInputs) -> list[str]:
         sizes = [Path(p).stat().st_size for p in tasks.values() if Path(p).is_file()]
         ranks = sorted({m.get("rank", 0) for m in metas})
         rank = "/".join(map(str, ranks)) if "down" in METHOD_PARTS.get(metas[0].get("method", ""), ()) else "-"
-        rows.append(f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
-                    f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |")  # fmt: skip
+        rows.append(
+            f"| {method} | {rank} | {min(per_task):,} - {max(per_task):,} | {pct:.3f} % | "
+            f"{backbone:,} | {len(metas)} | {sum(sizes) / max(len(sizes), 1) / 1024:.1f} |"
+        )
         for m in metas:  # the spatial condition's share, apart (it is part of the task's count above)
             if cond := _condition(m):
                 c = int(m.get("condition_params", 0))
-                cond_rows.append(f"| {m['task']} | {method} | {cond['kind']} | {c:,} | "
-                                 f"{m['trainable_params'] - c:,} | {m['trainable_params']:,} | "
-                                 f"{100.0 * c / backbone if backbone else math.nan:.3f} % |")  # fmt: skip
+                cond_rows.append(
+                    f"| {m['task']} | {method} | {cond['kind']} | {c:,} | "
+                    f"{m['trainable_params'] - c:,} | {m['trainable_params']:,} | "
+                    f"{100.0 * c / backbone if backbone else math.nan:.3f} % |"
+                )
     if not rows:
         return [*lines, "_No adapters yet (the finetune stage has not run)._", ""]
-    lines += ["Per task: the parameters one task's adapter trains (its own conditioning rows and, for a "
-              "conditional task, its condition path included); the backbone stays frozen.", "",
-              "| method | rank | trainable params per task | mean % of backbone | backbone params | tasks | "
-              "adapter file (KiB, mean) |", "|---|---:|---:|---:|---:|---:|---:|", *rows]  # fmt: skip
+    lines += [
+        "Per task: the parameters one task's adapter trains (its own conditioning rows and, for a "
+        "conditional task, its condition path included); the backbone stays frozen.",
+        "",
+        "| method | rank | trainable params per task | mean % of backbone | backbone params | tasks | "
+        "adapter file (KiB, mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
     if cond_rows:
-        lines += ["", "Conditional tasks: the condition path (the map's embedding; for controlnet the trainable "
-                  "block copies) apart from the rest of the adapter.", "",
-                  "| task | method | condition | condition path params | rest of the adapter | total | condition "
-                  "path % of backbone |", "|---|---|---|---:|---:|---:|---:|", *cond_rows]  # fmt: skip
+        lines += [
+            "",
+            "Conditional tasks: the condition path (the map's embedding; for controlnet the trainable "
+            "block copies) apart from the rest of the adapter.",
+            "",
+            "| task | method | condition | condition path params | rest of the adapter | total | condition "
+            "path % of backbone |",
+            "|---|---|---|---:|---:|---:|---:|",
+            *cond_rows,
+        ]
     return [*lines, ""]
 
 
@@ -415,8 +463,9 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     out = Path(inputs.out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     steps = cfg.diffusion.sampling_steps  # the "quick look" setting; eval.sampling_steps is for FID
-    settings = dict(steps=steps, sampler=cfg.diffusion.sampler, cfg_scale=cfg.diffusion.cfg_scale,
-                    eta=cfg.diffusion.ddim_eta)  # fmt: skip
+    settings = dict(
+        steps=steps, sampler=cfg.diffusion.sampler, cfg_scale=cfg.diffusion.cfg_scale, eta=cfg.diffusion.ddim_eta
+    )
     files: list[Path] = []
 
     model, meta = load_backbone(backbone)
@@ -430,15 +479,23 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     classes = [round(i * (n_cls - 1) / max(rows - 1, 1)) for i in range(rows)]
     labels = [c for c in classes for _ in range(BACKBONE_GRID_PER_CLASS)]
     with torch.no_grad():
-        imgs = sample_images(model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels,
-                             batch_size=len(labels), **settings)  # fmt: skip
+        imgs = sample_images(
+            model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels, batch_size=len(labels), **settings
+        )
     files.append(_save_grid(imgs, BACKBONE_GRID_PER_CLASS, out / "samples_backbone.png"))
-    lines += [f"Backbone alone, class-conditional: one row per class ({', '.join(map(str, classes))}), "
-              f"{settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.", "",
-              "![backbone samples](samples_backbone.png)", ""]  # fmt: skip
+    lines += [
+        f"Backbone alone, class-conditional: one row per class ({', '.join(map(str, classes))}), "
+        f"{settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.",
+        "",
+        "![backbone samples](samples_backbone.png)",
+        "",
+    ]
     if decode is not None:
-        lines += [f"Latent backbone: every grid is sampled in latent space and decoded through `{cfg.data.vae}`; "
-                  "the real images are the ones that were encoded.", ""]  # fmt: skip
+        lines += [
+            f"Latent backbone: every grid is sampled in latent space and decoded through `{cfg.data.vae}`; "
+            "the real images are the ones that were encoded.",
+            "",
+        ]
 
     method, task_files = next(iter(inputs.adapters.items()), (None, {}))
     present = {t: p for t, p in task_files.items() if Path(p).is_file()}
@@ -460,16 +517,30 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
         from diffscaler.data.conditions import batch_maps, maps_to_unit
 
         maps, has = batch_maps([None if real_maps[n] is None else real_maps[n][1] for n in names], per_sample_task)
-        extra = dict(conditions=torch.from_numpy(maps_to_unit(maps)), condition_mask=torch.from_numpy(has),
-                     condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)))  # fmt: skip
+        extra = dict(
+            conditions=torch.from_numpy(maps_to_unit(maps)),
+            condition_mask=torch.from_numpy(has),
+            condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)),
+        )
     with torch.no_grad():
-        imgs = sample_images(model, diffusion, num=len(labels), seed=SAMPLE_SEED, labels=labels,
-                             task_ids=per_sample_task, batch_size=len(labels), **settings, **extra)  # fmt: skip
+        imgs = sample_images(
+            model,
+            diffusion,
+            num=len(labels),
+            seed=SAMPLE_SEED,
+            labels=labels,
+            task_ids=per_sample_task,
+            batch_size=len(labels),
+            **settings,
+            **extra,
+        )
     task_of = np.array(per_sample_task)
-    lines += [f"With the **{method}** adapters: {len(labels)} images of {len(names)} tasks sampled in a single "
-              f"batch, every image with its own task's adapter ({GRID_PER_TASK} per task; conditional tasks "
-              f"cycle through their classes), {settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.",
-              ""]  # fmt: skip
+    lines += [
+        f"With the **{method}** adapters: {len(labels)} images of {len(names)} tasks sampled in a single "
+        f"batch, every image with its own task's adapter ({GRID_PER_TASK} per task; conditional tasks "
+        f"cycle through their classes), {settings['sampler']} with {steps} steps, seed {SAMPLE_SEED}.",
+        "",
+    ]
     for i, name in enumerate(names):
         files.append(_save_grid(imgs[task_of == i], GRID_COLUMNS, out / f"samples_{name}.png"))
         lines += [f"**{name}** (generated)", "", f"![{name}](samples_{name}.png)", ""]
@@ -477,17 +548,25 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
             real, maps = real_maps[name]
             kind = _condition(metas[name])["kind"]
             files.append(_condition_grid(maps, imgs[task_of == i], real, out / f"condition_{name}.png"))
-            lines += [f"{name}, conditioned on **{kind}** maps: one row per image, columns map | generated | real "
-                      "(the generated image was sampled with the map of the real image beside it):", "",
-                      f"![{name} map, generated, real](condition_{name}.png)", ""]  # fmt: skip
+            lines += [
+                f"{name}, conditioned on **{kind}** maps: one row per image, columns map | generated | real "
+                "(the generated image was sampled with the map of the real image beside it):",
+                "",
+                f"![{name} map, generated, real](condition_{name}.png)",
+                "",
+            ]
         real = _real_images(cfg, name, GRID_COLUMNS)
         if real is not None:
             files.append(_save_grid(real, GRID_COLUMNS, out / f"real_{name}.png"))
             lines += [f"{name}, real images of its eval split:", "", f"![{name} real](real_{name}.png)", ""]
     order = np.argsort(task_of, kind="stable")  # one row per task
     files.append(_save_grid(imgs[order], GRID_PER_TASK, out / "samples_mixed.png"))
-    lines += [f"**The whole mixed batch**, one row per task ({', '.join(names)}):", "",
-              "![mixed batch](samples_mixed.png)", ""]  # fmt: skip
+    lines += [
+        f"**The whole mixed batch**, one row per task ({', '.join(names)}):",
+        "",
+        "![mixed batch](samples_mixed.png)",
+        "",
+    ]
     if len(inputs.adapters) > 1:
         method_files, method_lines = _method_grids(inputs, diffusion, settings, device)
         files += method_files
@@ -495,8 +574,9 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
     return files, lines
 
 
-def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any],
-                  device: Any) -> tuple[list[Path], list[str]]:  # fmt: skip
+def _method_grids(
+    inputs: ReportInputs, diffusion: Any, settings: dict[str, Any], device: Any
+) -> tuple[list[Path], list[str]]:
     """Per task, one row per method (real images, the bare backbone, then every method), same seeds."""
     import torch
 
@@ -510,8 +590,14 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
             rows.setdefault(t.name, {})["real"] = real
         with torch.no_grad():
             rows.setdefault(t.name, {})["no adapter"] = sample_images(
-                backbone.to(device).eval(), diffusion, num=GRID_COLUMNS, seed=SAMPLE_SEED,
-                labels=[k % n_cls for k in range(GRID_COLUMNS)], batch_size=GRID_COLUMNS, **settings)  # fmt: skip
+                backbone.to(device).eval(),
+                diffusion,
+                num=GRID_COLUMNS,
+                seed=SAMPLE_SEED,
+                labels=[k % n_cls for k in range(GRID_COLUMNS)],
+                batch_size=GRID_COLUMNS,
+                **settings,
+            )
     for label, tasks in inputs.adapters.items():
         present = {t: p for t, p in tasks.items() if Path(p).is_file()}
         for task, path in present.items():
@@ -525,12 +611,28 @@ def _method_grids(inputs: ReportInputs, diffusion: Any, settings: dict[str, Any]
             extra = _grid_conditions(cfg, task, path, ids is not None)
             with torch.no_grad():
                 rows.setdefault(task, {})[label] = sample_images(
-                    model.to(device).eval(), diffusion, num=GRID_COLUMNS, seed=SAMPLE_SEED, labels=[0] * GRID_COLUMNS,
-                    task_ids=ids, batch_size=GRID_COLUMNS, **settings, **extra)  # fmt: skip
-    files, lines = [], ["### Every method side by side", "",
-                        "Per task, one row each, top to bottom: " + ", ".join(["real images", "no adapter",
-                        *inputs.adapters]) + f" (same seeds in every row, {settings['sampler']} "
-                        f"{settings['steps']} steps).", ""]  # fmt: skip
+                    model.to(device).eval(),
+                    diffusion,
+                    num=GRID_COLUMNS,
+                    seed=SAMPLE_SEED,
+                    labels=[0] * GRID_COLUMNS,
+                    task_ids=ids,
+                    batch_size=GRID_COLUMNS,
+                    **settings,
+                    **extra,
+                )
+    files, lines = (
+        [],
+        [
+            "### Every method side by side",
+            "",
+            "Per task, one row each, top to bottom: "
+            + ", ".join(["real images", "no adapter", *inputs.adapters])
+            + f" (same seeds in every row, {settings['sampler']} "
+            f"{settings['steps']} steps).",
+            "",
+        ],
+    )
     for task, by_row in rows.items():
         grid = np.concatenate(list(by_row.values()))
         files.append(_save_grid(grid, GRID_COLUMNS, out / f"methods_{task}.png"))
@@ -548,8 +650,11 @@ def _grid_conditions(cfg: ExperimentConfig, task: str, path: str, adapter: bool)
 
     from diffscaler.data.conditions import maps_to_unit
 
-    return dict(conditions=torch.from_numpy(maps_to_unit(real[1])), condition_mask=torch.ones(GRID_COLUMNS, dtype=bool),
-                condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)))  # fmt: skip
+    return dict(
+        conditions=torch.from_numpy(maps_to_unit(real[1])),
+        condition_mask=torch.ones(GRID_COLUMNS, dtype=bool),
+        condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)),
+    )
 
 
 def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
@@ -557,12 +662,16 @@ def _grid_decoder(cfg: ExperimentConfig, model: Any, device: Any) -> Any:
     if model.config.in_channels == 3:
         return None
     if not cfg.data.vae:
-        raise VaeError(f"the backbone is a latent one ({model.config.in_channels} channels): set data.vae to "
-                       "the VAE its shards were encoded with, so the report can decode its grids")
+        raise VaeError(
+            f"the backbone is a latent one ({model.config.in_channels} channels): set data.vae to "
+            "the VAE its shards were encoded with, so the report can decode its grids"
+        )
     vae = load_vae(cfg.data.vae, cfg.data.vae_config or None, device=str(device))
     if vae.latent_channels != model.config.in_channels:
-        raise VaeError(f"data.vae {cfg.data.vae} has {vae.latent_channels} latent channels, the backbone "
-                       f"{model.config.in_channels}")
+        raise VaeError(
+            f"data.vae {cfg.data.vae} has {vae.latent_channels} latent channels, the backbone "
+            f"{model.config.in_channels}"
+        )
     return vae.decode
 
 
@@ -614,8 +723,11 @@ def _real_images(cfg: ExperimentConfig, task: str, count: int) -> np.ndarray | N
 def _loss_curves(inputs: ReportInputs) -> Path | None:
     pretrain = []
     if inputs.pretrain_metrics is not None:
-        pretrain = [(r["step"], r["loss"]) for r in read_jsonl(inputs.pretrain_metrics)
-                    if r.get("loss") is not None and "step" in r]  # fmt: skip
+        pretrain = [
+            (r["step"], r["loss"])
+            for r in read_jsonl(inputs.pretrain_metrics)
+            if r.get("loss") is not None and "step" in r
+        ]
     finetune: dict[str, list[tuple[int, float]]] = {}
     logs = inputs.finetune_logs
     if logs is not None and Path(logs).is_dir():

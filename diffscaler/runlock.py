@@ -99,8 +99,9 @@ def _flock(fd: int) -> bool | None:
 class RunLock:
     """Holds DIR/.lock from `acquire()` (or `with`) to `release()`; see the module docstring."""
 
-    def __init__(self, out_dir: str | Path, program: str = "", *, flag: str = "--out",
-                 log: Callable[[str], None] | None = None):  # fmt: skip
+    def __init__(
+        self, out_dir: str | Path, program: str = "", *, flag: str = "--out", log: Callable[[str], None] | None = None
+    ):
         self.out_dir, self.flag = out_dir, flag
         self.program = program or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -116,8 +117,12 @@ class RunLock:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise RunFolderError(f"{self.flag} {self.out_dir}: cannot create the folder: {err}") from None
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "program": self.program,
-              "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "program": self.program,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         try:
             self._fd = _acquire(self.path, me, self.out_dir, self.flag, self.log)
         except RunFolderError:
@@ -188,8 +193,9 @@ def _held_nearby(root: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def run_lock(out_dir: str | Path, program: str = "", *, flag: str = "--out",
-             log: Callable[[str], None] | None = None) -> RunLock:  # fmt: skip
+def run_lock(
+    out_dir: str | Path, program: str = "", *, flag: str = "--out", log: Callable[[str], None] | None = None
+) -> RunLock:
     """`with run_lock(DIR, "ray_jobs.x"):` holds DIR/.lock for the block (RunFolderError if it cannot)."""
     return RunLock(out_dir, program, flag=flag, log=log)
 

@@ -83,8 +83,11 @@ def _read_config(path: Path, where: str) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise VaeError(f"{path}: not a readable JSON config ({err}); {_WHAT_TO_PUT}") from None
-    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" \
-            or "latent_channels" not in config:  # fmt: skip
+    if (
+        not isinstance(config, dict)
+        or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL"
+        or "latent_channels" not in config
+    ):
         name = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
         raise VaeError(f"{path}: not an AutoencoderKL config (class {name!r}, needs latent_channels); {_WHAT_TO_PUT}")
     return config
@@ -128,8 +131,10 @@ class Vae:
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % self.downsample:
-            raise VaeError(f"{self.path}: image size {image_size} is not a multiple of the VAE's downsampling "
-                           f"factor {self.downsample}")  # fmt: skip
+            raise VaeError(
+                f"{self.path}: image size {image_size} is not a multiple of the VAE's downsampling "
+                f"factor {self.downsample}"
+            )
         return self.latent_channels, image_size // self.downsample, image_size // self.downsample
 
     @staticmethod
@@ -175,8 +180,10 @@ def resolve_vae_files(path: str | os.PathLike, config: str | os.PathLike | None 
     if config is None:
         beside = p.with_name(CONFIG_NAME)
         if not beside.is_file():
-            raise VaeError(f"VAE {where}: a single weights file needs its config.json (none given, none at "
-                           f"{beside}); {_WHAT_TO_PUT}")  # fmt: skip
+            raise VaeError(
+                f"VAE {where}: a single weights file needs its config.json (none given, none at "
+                f"{beside}); {_WHAT_TO_PUT}"
+            )
         config = beside
     return Path(config), p
 
@@ -195,9 +202,9 @@ def vae_identity(path: str | os.PathLike, config: str | os.PathLike | None = Non
         "latent_channels": int(cfg["latent_channels"]),
         "downsample": 2 ** (len(cfg.get("block_out_channels", [64])) - 1),
     }
-    identity["hash"] = "sha256:" + hashlib.sha256(
-        f"{identity['config_sha256']}\n{identity['weights_sha256']}".encode()
-    ).hexdigest()
+    identity["hash"] = (
+        "sha256:" + hashlib.sha256(f"{identity['config_sha256']}\n{identity['weights_sha256']}".encode()).hexdigest()
+    )
     return identity
 
 
@@ -243,14 +250,17 @@ def _build(cfg: dict[str, Any], weights: Path, where: str):
         try:
             state = convert_ldm_vae_checkpoint(state, dict(model.config))
         except Exception as err:
-            raise VaeError(f"VAE {where}: {weights} holds no AutoencoderKL weights ({type(err).__name__}: {err}); "
-                           f"{_WHAT_TO_PUT}") from None  # fmt: skip
+            raise VaeError(
+                f"VAE {where}: {weights} holds no AutoencoderKL weights ({type(err).__name__}: {err}); {_WHAT_TO_PUT}"
+            ) from None
     missing = sorted(set(own) - set(state))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"shape of {wrong[:3]} differs from the config"
-        raise VaeError(f"VAE {where}: {weights} does not match its config ({len(missing)} missing, {len(wrong)} "
-                       f"mis-shaped tensors: {detail}); {_WHAT_TO_PUT}")  # fmt: skip
+        raise VaeError(
+            f"VAE {where}: {weights} does not match its config ({len(missing)} missing, {len(wrong)} "
+            f"mis-shaped tensors: {detail}); {_WHAT_TO_PUT}"
+        )
     model.load_state_dict({k: state[k] for k in own})
     return model
 
@@ -263,8 +273,10 @@ def _read_weights(weights: Path, where: str) -> dict[str, torch.Tensor]:
             return load_file(str(weights))
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise VaeError(f"VAE {where}: {weights} is not a readable weights file ({type(err).__name__}: "
-                       f"{str(err)[:200]}); {_WHAT_TO_PUT}") from None  # fmt: skip
+        raise VaeError(
+            f"VAE {where}: {weights} is not a readable weights file ({type(err).__name__}: "
+            f"{str(err)[:200]}); {_WHAT_TO_PUT}"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VaeError(f"VAE {where}: {weights} is not a state dict of tensors; {_WHAT_TO_PUT}")
@@ -275,9 +287,11 @@ def check_latent_backbone(vae: Vae, in_channels: int, input_size: int, image_siz
     """A backbone that takes this VAE's latents of `image_size` images, else VaeError naming both."""
     shape = vae.latent_shape(image_size)
     if (in_channels, input_size, input_size) != shape:
-        raise VaeError(f"{where}: the backbone takes {in_channels}x{input_size}x{input_size} inputs, the VAE "
-                       f"{vae.path} makes {shape[0]}x{shape[1]}x{shape[2]} latents of {image_size}x{image_size} "
-                       "images")  # fmt: skip
+        raise VaeError(
+            f"{where}: the backbone takes {in_channels}x{input_size}x{input_size} inputs, the VAE "
+            f"{vae.path} makes {shape[0]}x{shape[1]}x{shape[2]} latents of {image_size}x{image_size} "
+            "images"
+        )
 
 
 def tiny_vae_config(latent_channels: int = 4) -> dict[str, Any]:

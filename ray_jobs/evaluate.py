@@ -86,11 +86,19 @@ def _evaluate(args: argparse.Namespace, run: Run) -> int:
         run.disconnect()
     conditional = sorted({r.task for r in results if r.condition and r.task})
     references = condition_references(run.cfg, conditional)  # fidelity's ceiling and chance rows
-    write_fid_json(results, run.layout.fid_json, extra={
-        "backbone": args.backbone, "adapters": args.adapters, "config": run.cfg.to_dict(),
-        "total_seconds": round(time.perf_counter() - t0, 3), "num_actors": run.cfg.eval.num_actors,
-        "actors_replaced": replaced, **({"condition_reference": references} if conditional else {}),
-    })  # fmt: skip
+    write_fid_json(
+        results,
+        run.layout.fid_json,
+        extra={
+            "backbone": args.backbone,
+            "adapters": args.adapters,
+            "config": run.cfg.to_dict(),
+            "total_seconds": round(time.perf_counter() - t0, 3),
+            "num_actors": run.cfg.eval.num_actors,
+            "actors_replaced": replaced,
+            **({"condition_reference": references} if conditional else {}),
+        },
+    )
     print(format_table(results))
     for line in format_condition_reference(references):
         print(line)

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.finetune: config error: {err}", file=sys.stderr)
         return 2
     try:  # Ray is started (or joined) only once the input checks pass and something is left to train
-        run = Run.for_program(cfg, "finetune", args.out, backbone=args.backbone, force=args.force,
-                              adapters_dir=args.out)  # fmt: skip
+        run = Run.for_program(
+            cfg, "finetune", args.out, backbone=args.backbone, force=args.force, adapters_dir=args.out
+        )
         with run_lock(args.out, "ray_jobs.finetune"):  # one run per --out: a second would mix up the files
             summary = FinetuneStage().train(run)  # the pipeline's finetune stage, without its failure rule
     except (ConfigError, FinetuneInputError, RunFolderError) as err:

@@ -48,16 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_jobs.pipeline: error: {err}", file=sys.stderr)
         return 2
     except PipelineStageError as err:
-        print(f"ray_jobs.pipeline: {err}\nrerun the same command to continue; see {args.out}/pipeline.json",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ray_jobs.pipeline: {err}\nrerun the same command to continue; see {args.out}/pipeline.json",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print(f"ray_jobs.pipeline: interrupted; finished stages are kept, rerun to continue ({args.out}/pipeline.json)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ray_jobs.pipeline: interrupted; finished stages are kept, rerun to continue ({args.out}/pipeline.json)",
+            file=sys.stderr,
+        )
         return 130
     except OSError as err:  # outside any stage: the run folder's own files (a full disk, permissions)
-        print(f"ray_jobs.pipeline: error: {no_space_message(err) or err}; see {args.out}/pipeline.json",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"ray_jobs.pipeline: error: {no_space_message(err) or err}; see {args.out}/pipeline.json", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     skipped = ""
     if result.skipped_samples:  # data.skip_bad_samples=true dropped some: say so where it is read
-        skipped = (f"; {result.skipped_samples} bad sample(s) skipped in {len(result.skipped_files or {})} "
-                   "shard(s), listed in backbone.json")  # fmt: skip
+        skipped = (
+            f"; {result.skipped_samples} bad sample(s) skipped in {len(result.skipped_files or {})} "
+            "shard(s), listed in backbone.json"
+        )
     print(
         f"pretrain: backbone {result.backbone} ({result.weights} weights, step {result.step}, "
         f"{result.content_hash}); metrics {result.metrics}; {result.wall_s:.1f} s{skipped}"

@@ -42,17 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run = Run.for_program(cfg, "sweep", args.out, backbone=args.backbone, sweep_dir=args.out)
         with run_lock(args.out, "ray_jobs.sweep"):  # one sweep per --out: a second would mix up the files
-            result = SweepStage().search(run, adapter_dir=args.adapters, storage_path=args.storage,
-                                         run_fid=not args.no_fid)  # fmt: skip
+            result = SweepStage().search(
+                run, adapter_dir=args.adapters, storage_path=args.storage, run_fid=not args.no_fid
+            )
     except (ConfigError, FinetuneInputError, EvalInputError, RunFolderError) as err:
         print(f"ray_jobs.sweep: error: {err}", file=sys.stderr)
         return 2
     print(f"trials: {result.out_dir}/trials.csv ({len(result.trials)} trials); best: {result.out_dir}/best.json")
     for dataset, best in result.best.items():
-        fid = f"FID {best['fid']:.2f} ({best['fid_feature_network']}, {best['fid_samples']} samples)" if best["fid"] \
-            is not None else "no FID"  # fmt: skip
-        print(f"{dataset}: rank {best['rank']}, lr {best['lr']:.3g}, val loss {best['val_loss']:.4f}, {fid} "
-              f"-> {best['adapter']}")  # fmt: skip
+        fid = (
+            f"FID {best['fid']:.2f} ({best['fid_feature_network']}, {best['fid_samples']} samples)"
+            if best["fid"] is not None
+            else "no FID"
+        )
+        print(
+            f"{dataset}: rank {best['rank']}, lr {best['lr']:.3g}, val loss {best['val_loss']:.4f}, {fid} "
+            f"-> {best['adapter']}"
+        )
     datasets = {t.dataset for t in result.trials}
     return 0 if datasets <= set(result.best) else 1
 

@@ -53,8 +53,15 @@ def refuse_ray(monkeypatch):
         raise JoinedRay("this input should have been refused before joining Ray")
 
     # Import every module first: one imported after the patch would bind `refuse` as its own connect_ray.
-    names = ("diffscaler.cluster", "diffscaler.train.pretrain", "diffscaler.train.sweep", "diffscaler.train.finetune",
-             "diffscaler.data.build", "diffscaler.data.encode", "diffscaler.data.cli")
+    names = (
+        "diffscaler.cluster",
+        "diffscaler.train.pretrain",
+        "diffscaler.train.sweep",
+        "diffscaler.train.finetune",
+        "diffscaler.data.build",
+        "diffscaler.data.encode",
+        "diffscaler.data.cli",
+    )
     modules = [importlib.import_module(name) for name in names]
     monkeypatch.setattr(ray, "init", refuse)
     for module in modules:

@@ -77,8 +77,10 @@ def test_trainable_counts_and_ranks():
     d, blocks = model.hidden_size, len(model.blocks)
     per_block_out = 3 * d + d + 4 * d + d + 6 * d  # qkv, proj, fc1, fc2, adaLN outputs
     per_block_in = d + d + d + 4 * d + d
+
     def expect(r):
         return 2 * blocks * per_block_out + blocks * r * (per_block_in + per_block_out) + 5 * blocks + d
+
     assert bank.trainable_parameters_per_task("a") == expect(2)
     assert bank.trainable_parameters_per_task("b") == expect(4)
     assert bank.trainable_parameters_per_task("b") / bank.backbone_parameters() < 0.1
@@ -133,9 +135,14 @@ def test_merged_model_refuses_other_tasks_instead_of_silently_using_the_merged_o
     assert model(x, t, y, torch.zeros(6, dtype=torch.long)).shape == x.shape
 
 
-FAMILIES = {"affiner": {"ScaleShiftLinear"}, "difffit": {"ScaleShiftLinear"}, "bitfit": {"ScaleShiftLinear"},
-            "lora": {"LowRankLinear"}, "full": {"DeltaLinear"},
-            "controlnet": set()}  # wraps no layer: its block copies are a conditional task's condition path
+FAMILIES = {
+    "affiner": {"ScaleShiftLinear"},
+    "difffit": {"ScaleShiftLinear"},
+    "bitfit": {"ScaleShiftLinear"},
+    "lora": {"LowRankLinear"},
+    "full": {"DeltaLinear"},
+    "controlnet": set(),
+}  # wraps no layer: its block copies are a conditional task's condition path
 
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)

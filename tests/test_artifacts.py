@@ -55,10 +55,20 @@ def test_public_dit_checkpoint_layout_round_trips(tmp_path):
     assert model.config.name == "DiT-T/2" and model.config.learn_sigma and model.config.num_classes == 7
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), model.state_dict().values(), strict=True))
     keys = set(ref.state_dict())
-    for k in ("x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight",
-              "y_embedder.embedding_table.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight",
-              "blocks.1.mlp.fc1.weight", "blocks.1.mlp.fc2.weight", "blocks.1.adaLN_modulation.1.weight",
-              "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight", "pos_embed"):
+    for k in (
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.2.weight",
+        "y_embedder.embedding_table.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.attn.proj.weight",
+        "blocks.1.mlp.fc1.weight",
+        "blocks.1.mlp.fc2.weight",
+        "blocks.1.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.linear.weight",
+        "pos_embed",
+    ):
         assert k in keys
 
 
@@ -83,9 +93,11 @@ def test_reference_training_checkpoint_loads_its_ema_weights_under_weights_only(
 def test_a_pickle_that_is_not_a_plain_state_dict_is_refused_without_torch_advice(tmp_path):
     from fractions import Fraction
 
-    for name, write in [("object.pt", lambda p: torch.save({"ema": {"w": torch.ones(1)}, "x": Fraction(1, 3)}, p)),
-                        ("corrupt.pt", lambda p: p.write_bytes(b"\x80\x02garbage" * 8)),
-                        ("truncated.pt", lambda p: p.write_bytes(_torch_bytes()[:200]))]:  # fmt: skip
+    for name, write in [
+        ("object.pt", lambda p: torch.save({"ema": {"w": torch.ones(1)}, "x": Fraction(1, 3)}, p)),
+        ("corrupt.pt", lambda p: p.write_bytes(b"\x80\x02garbage" * 8)),
+        ("truncated.pt", lambda p: p.write_bytes(_torch_bytes()[:200])),
+    ]:
         path = tmp_path / name
         write(path)
         with pytest.raises(BackboneLoadError, match="not a plain state dict") as err:
@@ -157,8 +169,12 @@ def test_weight_files_get_the_umask_mode_like_their_json(tmp_path, umask):
         save_adapter(bank, TASKS[0].name, tmp_path / "adapters", "sha256:x")
     finally:
         os.umask(old)
-    files = [tmp_path / "backbone.safetensors", tmp_path / "backbone.json",
-             tmp_path / "adapters" / f"{TASKS[0].name}.safetensors", tmp_path / "adapters" / f"{TASKS[0].name}.json"]
+    files = [
+        tmp_path / "backbone.safetensors",
+        tmp_path / "backbone.json",
+        tmp_path / "adapters" / f"{TASKS[0].name}.safetensors",
+        tmp_path / "adapters" / f"{TASKS[0].name}.json",
+    ]
     assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}
 
 

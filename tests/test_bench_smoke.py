@@ -77,8 +77,9 @@ def test_adapter_cost_prints_the_ratios(capsys, one_thread):
 
 
 def test_condition_cost_prints_the_ratios_and_the_parameter_shares(capsys, one_thread):
-    code = condition_cost.main(["--model", "DiT-T/8:16:3:32:4", "--steps", "1", "--warmup", "0", "--repeats", "1",
-                                "--cpu-clock", "process"])
+    code = condition_cost.main(
+        ["--model", "DiT-T/8:16:3:32:4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--cpu-clock", "process"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     for _, _, what in condition_cost.RATIOS:  # every ratio printed with a number

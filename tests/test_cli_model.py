@@ -103,8 +103,9 @@ def test_sample_errors(tmp_path, capsys):
     assert code == 2 and "not found" in err
 
 
-def test_sample_refuses_unknown_tasks_and_an_out_that_is_a_file_before_sampling(backbone_and_adapters, tmp_path,
-                                                                              capsys, monkeypatch):  # fmt: skip
+def test_sample_refuses_unknown_tasks_and_an_out_that_is_a_file_before_sampling(
+    backbone_and_adapters, tmp_path, capsys, monkeypatch
+):
     import diffscaler.cli_model as cli_model
 
     path, ad = backbone_and_adapters
@@ -140,7 +141,19 @@ def test_adapters_are_taken_as_folder_files_or_bank(backbone_and_adapters, capsy
 
 def test_sample_takes_an_adapter_folder(backbone_and_adapters, tmp_path, capsys):
     path, ad = backbone_and_adapters
-    code, out, err = run(capsys, "sample", "--backbone", str(path), "--adapters", str(ad), "--num", "1", "--steps",
-                         "2", "--out", str(tmp_path / "o"))  # fmt: skip
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backbone",
+        str(path),
+        "--adapters",
+        str(ad),
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 0, err
     assert json.loads(out)["tasks"] == ["a", "b"]

@@ -44,8 +44,10 @@ def test_head_is_cpu_only_and_gpu_workers_scale_from_zero(cluster):
 
 
 def test_one_on_demand_and_one_spot_type(cluster):
-    markets = {name: node["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
-               for name, node in worker_types(cluster).items()}  # fmt: skip
+    markets = {
+        name: node["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand")
+        for name, node in worker_types(cluster).items()
+    }
     assert "on-demand" in markets.values(), f"pretraining needs an on-demand type: {markets}"
     assert "spot" in markets.values(), f"fine-tunes / sweeps / eval run on a spot type: {markets}"
 

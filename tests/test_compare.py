@@ -26,13 +26,25 @@ from tests.support.finetune import make_work, tiny_config
 
 
 def test_per_method_lrs_seeds_and_lr_grid_parse_and_bad_values_name_the_field():
-    cfg = load_config(None, ["finetune.methods=[affiner, full, scratch]", "finetune.method_lrs={full: 1.0e-4}",
-                             "finetune.extra_seeds={affiner: [1, 2]}", "sweep.lrs=[1.0e-3, 1.0e-2]"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "finetune.methods=[affiner, full, scratch]",
+            "finetune.method_lrs={full: 1.0e-4}",
+            "finetune.extra_seeds={affiner: [1, 2]}",
+            "sweep.lrs=[1.0e-3, 1.0e-2]",
+        ],
+    )
     assert method_lr(cfg, "full") == 1e-4 and method_lr(cfg, "affiner") == cfg.finetune.lr
     assert cfg.sweep.lrs == (1e-3, 1e-2)
     labels = [(v.label, v.seed, v.subdir) for v in finetune_variants(cfg)]
-    assert labels == [("affiner", 0, ""), ("full", 0, ""), ("scratch", 0, ""),
-                      ("affiner seed 1", 1, "affiner-seed1"), ("affiner seed 2", 2, "affiner-seed2")]  # fmt: skip
+    assert labels == [
+        ("affiner", 0, ""),
+        ("full", 0, ""),
+        ("scratch", 0, ""),
+        ("affiner seed 1", 1, "affiner-seed1"),
+        ("affiner seed 2", 2, "affiner-seed2"),
+    ]
     bad = {
         "finetune.method_lrs={nosuch: 1.0e-3}": "finetune.method_lrs",
         "finetune.method_lrs={full: -1.0}": "finetune.method_lrs.full",
@@ -95,8 +107,13 @@ def test_scratch_has_no_mixed_form(work, tmp_path):
 
 
 def test_extra_seeds_and_method_lrs_give_their_own_runs_folders_and_fingerprints(work, tmp_path):
-    cfg = tiny_config(work.shards, "[{name: tb}]", "finetune.methods=[affiner, full]",
-                      "finetune.method_lrs={full: 1.0e-4}", "finetune.extra_seeds={affiner: [7]}")  # fmt: skip
+    cfg = tiny_config(
+        work.shards,
+        "[{name: tb}]",
+        "finetune.methods=[affiner, full]",
+        "finetune.method_lrs={full: 1.0e-4}",
+        "finetune.extra_seeds={affiner: [7]}",
+    )
     plan = plan_finetunes(cfg, work.backbone, tmp_path)
     jobs = {j.key: j for j in plan.jobs}
     assert set(jobs) == {"affiner/tb", "full/tb", "affiner seed 7/tb"}
@@ -120,9 +137,21 @@ def test_nearest_centroid_accuracy():
 
 
 def _fid_row(task, label, method, fid, kid, acc, source="generated"):
-    return {"task": task, "label": label, "method": method, "fid": fid, "kid_mean": kid, "kid_std": 0.01,
-            "task_accuracy": acc, "status": "ok", "feature_network": "efficientnet-lite0", "num_generated": 16,
-            "num_reference": 40, "source": source, "reference_split": "train"}  # fmt: skip
+    return {
+        "task": task,
+        "label": label,
+        "method": method,
+        "fid": fid,
+        "kid_mean": kid,
+        "kid_std": 0.01,
+        "task_accuracy": acc,
+        "status": "ok",
+        "feature_network": "efficientnet-lite0",
+        "num_generated": 16,
+        "num_reference": 40,
+        "source": source,
+        "reference_split": "train",
+    }
 
 
 def test_report_table_has_reference_rows_task_accuracy_and_averages(work, tmp_path):
@@ -131,9 +160,11 @@ def test_report_table_has_reference_rows_task_accuracy_and_averages(work, tmp_pa
     cfg = tiny_config(work.shards, "[{name: ta}, {name: tb}]")
     rows = []
     for task, base in (("ta", 100.0), ("tb", 50.0)):
-        rows += [_fid_row(task, "floor (real)", "real", base / 10, 0.001, 0.9, "real"),
-                 _fid_row(task, "no adapter", "", base * 3, 0.5, 0.1),
-                 _fid_row(task, "affiner", "affiner", base, 0.1, 0.8)]  # fmt: skip
+        rows += [
+            _fid_row(task, "floor (real)", "real", base / 10, 0.001, 0.9, "real"),
+            _fid_row(task, "no adapter", "", base * 3, 0.5, 0.1),
+            _fid_row(task, "affiner", "affiner", base, 0.1, 0.8),
+        ]
     fid_json = tmp_path / "fid.json"
     fid_json.write_text(json.dumps({"results": rows}))
     text = "\n".join(_fid_section(ReportInputs(cfg, tmp_path, adapters={"affiner": {}}, fid_json=fid_json)))
@@ -157,12 +188,22 @@ def test_comparison_flow_on_the_micro_pipeline(ray_local, tmp_path):
     from tests.support.pipeline import micro_config
 
     stages = ["shards", "pretrain", "sweep", "finetune", "evaluate", "report"]
-    cfg = load_config(micro_config(
-        tmp_path, stages,
-        finetune={"methods": ["affiner", "scratch"], "lr_from_sweep": True, "extra_seeds": {"affiner": [1]}},
-        sweep={"methods": ["affiner", "scratch"], "lrs": [1.0e-3, 1.0e-2], "ranks": [2], "num_samples": 1,
-               "max_steps": 2, "rung_steps": 2, "fid_candidates": 0},
-    ))  # fmt: skip
+    cfg = load_config(
+        micro_config(
+            tmp_path,
+            stages,
+            finetune={"methods": ["affiner", "scratch"], "lr_from_sweep": True, "extra_seeds": {"affiner": [1]}},
+            sweep={
+                "methods": ["affiner", "scratch"],
+                "lrs": [1.0e-3, 1.0e-2],
+                "ranks": [2],
+                "num_samples": 1,
+                "max_steps": 2,
+                "rung_steps": 2,
+                "fid_candidates": 0,
+            },
+        )
+    )
     out = tmp_path / "run"
     run_pipeline(cfg, out)
     manifest = json.loads((out / "pipeline.json").read_text())
@@ -172,8 +213,11 @@ def test_comparison_flow_on_the_micro_pipeline(ray_local, tmp_path):
     best = json.loads((out / "sweep" / "best.json").read_text())
     swept = {m: rows["red"]["lr"] for m, rows in best["methods"].items()}
     assert set(swept) == {"affiner", "scratch"} and all(lr in (1e-3, 1e-2) for lr in swept.values())
-    for label, folder in (("affiner", out / "adapters"), ("scratch", out / "adapters" / "scratch"),
-                          ("affiner seed 1", out / "adapters" / "affiner-seed1")):  # fmt: skip
+    for label, folder in (
+        ("affiner", out / "adapters"),
+        ("scratch", out / "adapters" / "scratch"),
+        ("affiner seed 1", out / "adapters" / "affiner-seed1"),
+    ):
         for task in ("red", "blue"):
             meta = read_trained_meta(folder / f"{task}.safetensors")
             assert meta["finetune"]["lr"] == swept[label.split()[0]], (label, task)
@@ -181,13 +225,22 @@ def test_comparison_flow_on_the_micro_pipeline(ray_local, tmp_path):
 
     fid = json.loads((out / "fid.json").read_text())
     labels = {(r["task"], r["label"]) for r in fid["results"]}
-    assert labels == {(t, lab) for t in ("red", "blue")
-                      for lab in ("affiner", "scratch", "affiner seed 1", "floor (real)", "no adapter")}  # fmt: skip
+    assert labels == {
+        (t, lab)
+        for t in ("red", "blue")
+        for lab in ("affiner", "scratch", "affiner seed 1", "floor (real)", "no adapter")
+    }
     for r in fid["results"]:
         assert r["status"] == "ok" and r["fid"] is not None and 0.0 <= r["task_accuracy"] <= 1.0, r
     report = (out / "report.md").read_text()
-    for part in ("| red | floor (real) |", "| blue | no adapter |", "| red | scratch |", "Averages over the tasks",
-                 "methods_red.png", "task acc."):  # fmt: skip
+    for part in (
+        "| red | floor (real) |",
+        "| blue | no adapter |",
+        "| red | scratch |",
+        "Averages over the tasks",
+        "methods_red.png",
+        "task acc.",
+    ):
         assert part in report, part
     assert (out / "methods_blue.png").stat().st_size > 0
 

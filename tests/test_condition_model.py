@@ -32,9 +32,17 @@ def latent_backbone() -> DiT:
 
 def latent_tasks(factor=4):
     side = 16 * factor  # the map stays at pixel resolution: a VAE's factor times the latent side
-    return [TaskInfo(t.name, t.num_classes, t.conditional, condition=t.condition,
-                     condition_channels=t.condition_channels, condition_size=side if t.condition else 0)
-            for t in COND_TASKS]
+    return [
+        TaskInfo(
+            t.name,
+            t.num_classes,
+            t.conditional,
+            condition=t.condition,
+            condition_channels=t.condition_channels,
+            condition_size=side if t.condition else 0,
+        )
+        for t in COND_TASKS
+    ]
 
 
 @pytest.mark.parametrize("method", ADAPTER_METHODS)
@@ -56,8 +64,10 @@ def test_an_untrained_conditional_task_is_the_backbone_whatever_the_map(method, 
     for seed in (5, 6):  # whatever the map: bit for bit the output without one
         m = maps(side=side, seed=seed) * (seed - 5)  # an all-zero map and a random one
         assert torch.equal(model(x, t, null, ids, condition=m), off), method
-        assert torch.equal(model(x[:2], t[:2], null[:2], 0, condition=m[:2, :1]), model(
-            x[:2], t[:2], null[:2], 0, condition_mask=torch.zeros(2, dtype=torch.bool)))
+        assert torch.equal(
+            model(x[:2], t[:2], null[:2], 0, condition=m[:2, :1]),
+            model(x[:2], t[:2], null[:2], 0, condition_mask=torch.zeros(2, dtype=torch.bool)),
+        )
     assert torch.allclose(off, ref, atol=1e-6)  # and the bank at init is the backbone (the tests of test_adapters)
     if method in ("lora", "controlnet"):  # no folded scale: exactly the backbone
         assert torch.equal(model(x, t, null, 0, condition=maps(side=side)[:, :1]), ref)
@@ -141,8 +151,9 @@ def test_the_condition_path_trains_its_own_parameters_and_condition_dropout_drop
     assert all(a != b for a, b in zip(as_none, as_full, strict=True))
     model.eval()  # no dropout in eval mode
     bank.condition_dropout = 0.99
-    assert torch.equal(model(x, t, torch.zeros_like(y), ids, condition=maps()[:, :1]), full.detach()) or \
-        torch.allclose(model(x, t, torch.zeros_like(y), ids, condition=maps()[:, :1]), full, atol=1e-6)
+    assert torch.equal(model(x, t, torch.zeros_like(y), ids, condition=maps()[:, :1]), full.detach()) or torch.allclose(
+        model(x, t, torch.zeros_like(y), ids, condition=maps()[:, :1]), full, atol=1e-6
+    )
 
 
 def test_controlnet_copies_the_first_blocks_and_leaves_the_frozen_ones_alone():
@@ -152,8 +163,7 @@ def test_controlnet_copies_the_first_blocks_and_leaves_the_frozen_ones_alone():
     branch = bank.condition_path["0"]
     assert len(branch.blocks) == 2 and bank.controlnet_blocks == 2
     for i in range(2):
-        for (k, a), b in zip(branch.blocks[i].state_dict().items(), model.blocks[i].state_dict().values(),
-                             strict=True):
+        for (k, a), b in zip(branch.blocks[i].state_dict().items(), model.blocks[i].state_dict().values(), strict=True):
             assert torch.equal(a, b), k
     assert not bank.layers and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     d = model.hidden_size
@@ -175,8 +185,9 @@ def test_condition_parameter_counts():
     assert bank.condition_parameters_per_task("edges") == d * 1 * 64 + d + (depth - 1) * d
     assert bank.condition_parameters_per_task("depth") == d * 3 * 64 + d + (depth - 1) * d
     plain = AdapterBank.attach(backbone(), [EDGES, PLAIN, DEPTH], method="affiner", rank=4)
-    assert bank.trainable_parameters_per_task("edges") == (plain.trainable_parameters_per_task("edges")
-                                                           + (depth - 1) * d)
+    assert bank.trainable_parameters_per_task("edges") == (
+        plain.trainable_parameters_per_task("edges") + (depth - 1) * d
+    )
     assert plain.trainable_parameters_per_task("plain") + d * 64 + d == plain.trainable_parameters_per_task("edges")
 
 
@@ -277,8 +288,9 @@ def test_bad_condition_inputs_get_clear_errors():
     plain = model(x[:1], t[:1], y[:1], 1)
     assert torch.equal(model(x[:1], t[:1], y[:1], 1, condition=torch.full((1, 7, 3, 3), 99.0)), plain)
     with pytest.raises(ValueError, match="different sides"):
-        AdapterBank.attach(backbone(), [EDGES, TaskInfo("m", condition="mask", condition_channels=1,
-                                                        condition_size=32)])
+        AdapterBank.attach(
+            backbone(), [EDGES, TaskInfo("m", condition="mask", condition_channels=1, condition_size=32)]
+        )
     with pytest.raises(ValueError, match="power of two"):
         AdapterBank.attach(backbone(), [TaskInfo("m", condition="mask", condition_channels=1, condition_size=24)])
     with pytest.raises(ValueError, match="kind and channels together"):
@@ -286,8 +298,15 @@ def test_bad_condition_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="blocks to copy"):
         AdapterBank.attach(backbone(), [EDGES], method="controlnet", controlnet_blocks=7)
     with pytest.raises(ValueError, match="condition map needs task ids"):
-        generate(backbone(), GaussianDiffusion(), labels=torch.zeros(2, dtype=torch.long), indices=range(2),
-                 seed=0, steps=1, condition=maps(2))
+        generate(
+            backbone(),
+            GaussianDiffusion(),
+            labels=torch.zeros(2, dtype=torch.long),
+            indices=range(2),
+            seed=0,
+            steps=1,
+            condition=maps(2),
+        )
 
 
 @pytest.mark.parametrize("method", ["affiner", "controlnet"])
@@ -303,8 +322,14 @@ def test_a_conditional_adapter_round_trips_with_its_condition_path_and_record(tm
     meta = read_adapter_meta(files[0])
     assert meta["format_version"] == 2 and read_adapter_meta(files[1])["format_version"] == 1
     assert meta["condition"] == {
-        "kind": "canny", "channels": 1, "size": 16, "blocks": True, "controlnet_blocks": bank.controlnet_blocks,
-        "extractor": {"kind": "canny", "low": 100}, "params": bank.condition_parameters_per_task("edges")}
+        "kind": "canny",
+        "channels": 1,
+        "size": 16,
+        "blocks": True,
+        "controlnet_blocks": bank.controlnet_blocks,
+        "extractor": {"kind": "canny", "low": 100},
+        "params": bank.condition_parameters_per_task("edges"),
+    }
     assert read_adapter_meta(files[1])["condition"] is None
     loaded = load_adapters(backbone().eval(), files, "sha256:x")
     assert loaded.tasks[0].condition_extractor == {"kind": "canny", "low": 100}

@@ -33,8 +33,15 @@ def test_maps_from_images_are_the_shards_maps(rgba: Path, tmp_path):
 
     for spec in (CANNY, MASK):
         out = tmp_path / spec.kind
-        make_shards(f"folder:{rgba}", str(out), size=16, samples_per_shard=64, eval_fraction=0.0, condition=spec,
-                    log=lambda *_: None)  # fmt: skip
+        make_shards(
+            f"folder:{rgba}",
+            str(out),
+            size=16,
+            samples_per_shard=64,
+            eval_fraction=0.0,
+            condition=spec,
+            log=lambda *_: None,
+        )
         from_shards = read_split(str(out), "train", conditions=True)[2]  # (N, 1, 16, 16), split order
         mine = maps_from_images(rgba, spec_from_record({**spec.record(), "channels": 1, "size": 16}), 16)
         assert mine.shape == (12, 1, 16, 16) and mine.dtype == np.uint8
@@ -116,8 +123,15 @@ def cond_shards(rgba, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cond-shards")
     out = {}
     for name, spec in (("mask", MASK), ("canny", CANNY), ("plain", None)):
-        make_shards(f"folder:{rgba}", str(root / name), size=16, samples_per_shard=8, eval_fraction=0.25,
-                    condition=spec, log=_quiet)  # fmt: skip
+        make_shards(
+            f"folder:{rgba}",
+            str(root / name),
+            size=16,
+            samples_per_shard=8,
+            eval_fraction=0.25,
+            condition=spec,
+            log=_quiet,
+        )
         out[name] = root / name
     return out
 
@@ -137,8 +151,9 @@ def _run(tasks, backbone: Path, steps: int = 2, **finetune):
     from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
 
     cfg = ExperimentConfig()
-    cfg = replace(cfg, finetune=replace(cfg.finetune, batch_size=4, **finetune),
-                  data=replace(cfg.data, shuffle_buffer=4))  # fmt: skip
+    cfg = replace(
+        cfg, finetune=replace(cfg.finetune, batch_size=4, **finetune), data=replace(cfg.data, shuffle_buffer=4)
+    )
     return AdapterRun(AdapterRunSpec(tuple(tasks), "affiner", 2, 1e-2, steps, str(backbone), cfg.to_dict()))
 
 
@@ -170,8 +185,11 @@ def test_a_conditional_fine_tune_trains_its_condition_path_and_records_its_extra
 
 def test_mixed_fine_tune_of_conditional_and_unconditional_tasks(cond_shards, tmp_path):
     backbone = _backbone(tmp_path / "b.safetensors")
-    tasks = [_task("edges", cond_shards["canny"]), _task("plain", cond_shards["plain"]),
-             _task("mask", cond_shards["mask"])]  # fmt: skip
+    tasks = [
+        _task("edges", cond_shards["canny"]),
+        _task("plain", cond_shards["plain"]),
+        _task("mask", cond_shards["mask"]),
+    ]
     run = _run(tasks, backbone, steps=2)
     run.train_until(2)
     val = run.validation_loss()
@@ -187,8 +205,17 @@ def test_a_latent_backbone_fine_tunes_with_pixel_resolution_maps(ray_local, rgba
     from diffscaler.vae import save_tiny_vae
 
     vae = save_tiny_vae(tmp_path / "vae")
-    encode_shards(f"folder:{rgba}", str(tmp_path / "latents"), str(vae), size=16, samples_per_shard=8,
-                  eval_fraction=0.25, batch_size=4, condition=MASK, log=_quiet)  # fmt: skip
+    encode_shards(
+        f"folder:{rgba}",
+        str(tmp_path / "latents"),
+        str(vae),
+        size=16,
+        samples_per_shard=8,
+        eval_fraction=0.25,
+        batch_size=4,
+        condition=MASK,
+        log=_quiet,
+    )
     backbone = _backbone(tmp_path / "b.safetensors", name="DiT-T/2", input_size=8, in_channels=4)
     task = _task("latent-mask", tmp_path / "latents")
     assert task.condition["size"] == 16  # the map stays at pixel resolution: 2x the latent side
@@ -229,15 +256,41 @@ def cond_adapters(tmp_path_factory) -> tuple[Path, Path]:
 def _sample(capsys, backbone: Path, adapters: Path, out: Path, *argv: str) -> tuple[int, str]:
     from diffscaler.cli import main
 
-    code = main(["sample", "--backbone", str(backbone), "--adapters", str(adapters), "--steps", "2", "--seed", "3",
-                 "--out", str(out), *argv])  # fmt: skip
+    code = main(
+        [
+            "sample",
+            "--backbone",
+            str(backbone),
+            "--adapters",
+            str(adapters),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            *argv,
+        ]
+    )
     return code, capsys.readouterr().err
 
 
 def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapters, rgba, tmp_path, capsys):
     backbone, ad = cond_adapters
-    code, err = _sample(capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition",
-                        str(rgba), "--num", "3", "--batch-size", "9")  # fmt: skip
+    code, err = _sample(
+        capsys,
+        backbone,
+        ad,
+        tmp_path / "mixed",
+        "--task",
+        "edges,plain,mask",
+        "--condition",
+        str(rgba),
+        "--num",
+        "3",
+        "--batch-size",
+        "9",
+    )
     assert code == 0, err
     mixed = np.load(tmp_path / "mixed" / "samples.npz")
     assert list(mixed["task"]) == ["edges", "plain", "mask"] * 3
@@ -250,18 +303,43 @@ def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapte
     # image k depends on (seed, k, task, class, map) only: other batch splits (tasks and maps mixed otherwise,
     # one image a batch) give the same images
     for batch in ("1", "2"):
-        code, err = _sample(capsys, backbone, ad, tmp_path / batch, "--task", "edges,plain,mask", "--condition",
-                            str(rgba), "--num", "3", "--batch-size", batch)  # fmt: skip
+        code, err = _sample(
+            capsys,
+            backbone,
+            ad,
+            tmp_path / batch,
+            "--task",
+            "edges,plain,mask",
+            "--condition",
+            str(rgba),
+            "--num",
+            "3",
+            "--batch-size",
+            batch,
+        )
         assert code == 0, err
         again = np.load(tmp_path / batch / "samples.npz")
         assert np.abs(again["images"].astype(int) - mixed["images"].astype(int)).max() <= 1, batch
         assert (again["condition"] == mixed["condition"]).all()
-    code, err = _sample(capsys, backbone, ad, tmp_path / "scaled", "--task", "edges", "--num", "2", "--condition",
-                        str(rgba), "--condition-scale", "3")  # fmt: skip
+    code, err = _sample(
+        capsys,
+        backbone,
+        ad,
+        tmp_path / "scaled",
+        "--task",
+        "edges",
+        "--num",
+        "2",
+        "--condition",
+        str(rgba),
+        "--condition-scale",
+        "3",
+    )
     assert code == 0, err
     scaled = np.load(tmp_path / "scaled" / "samples.npz")["images"]
-    code, err = _sample(capsys, backbone, ad, tmp_path / "unscaled", "--task", "edges", "--num", "2", "--condition",
-                        str(rgba))  # fmt: skip
+    code, err = _sample(
+        capsys, backbone, ad, tmp_path / "unscaled", "--task", "edges", "--num", "2", "--condition", str(rgba)
+    )
     assert code == 0, err
     unscaled = np.load(tmp_path / "unscaled" / "samples.npz")["images"]
     assert np.abs(scaled.astype(int) - unscaled.astype(int)).max() > 1  # guidance on the map changes them
@@ -269,13 +347,15 @@ def test_sample_mixed_conditional_and_unconditional_tasks_row_by_row(cond_adapte
 
 def test_sample_unconditioned_changes_only_the_conditional_rows(cond_adapters, rgba, tmp_path, capsys):
     backbone, ad = cond_adapters
-    code, err = _sample(capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition",
-                        str(rgba), "--num", "3")  # fmt: skip
+    code, err = _sample(
+        capsys, backbone, ad, tmp_path / "mixed", "--task", "edges,plain,mask", "--condition", str(rgba), "--num", "3"
+    )
     assert code == 0, err
     mixed = np.load(tmp_path / "mixed" / "samples.npz")
     # the map reaches the image; unconditional rows do not change when the others lose their maps
-    code, err = _sample(capsys, backbone, ad, tmp_path / "bare", "--task", "edges,plain,mask", "--num", "3",
-                        "--unconditioned")  # fmt: skip
+    code, err = _sample(
+        capsys, backbone, ad, tmp_path / "bare", "--task", "edges,plain,mask", "--num", "3", "--unconditioned"
+    )
     assert code == 0, err
     bare = np.load(tmp_path / "bare" / "samples.npz")
     assert not bare["has_condition"].any()
@@ -290,8 +370,20 @@ def test_sample_takes_ready_maps_and_a_folder_per_task(cond_adapters, rgba, tmp_
     edges = maps_from_images(rgba, CANNY, 16, limit=2)
     for k, m in enumerate(edges):
         Image.fromarray(m[0], "L").save(ready / f"{k}.png")
-    code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "edges,mask", "--num", "2",
-                        "--condition-maps", f"edges={ready}", "--condition", f"mask={rgba}")  # fmt: skip
+    code, err = _sample(
+        capsys,
+        backbone,
+        ad,
+        tmp_path / "o",
+        "--task",
+        "edges,mask",
+        "--num",
+        "2",
+        "--condition-maps",
+        f"edges={ready}",
+        "--condition",
+        f"mask={rgba}",
+    )
     assert code == 0, err
     out = np.load(tmp_path / "o" / "samples.npz")
     assert (out["condition"][0::2] == edges).all()

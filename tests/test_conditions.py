@@ -50,8 +50,9 @@ def rgba(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def canny_shards(rgba, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("canny") / "ds"
-    make_shards(f"folder:{rgba}", str(out), size=SIZE, samples_per_shard=4, eval_fraction=0.25, condition=CANNY,
-                log=quiet)  # fmt: skip
+    make_shards(
+        f"folder:{rgba}", str(out), size=SIZE, samples_per_shard=4, eval_fraction=0.25, condition=CANNY, log=quiet
+    )
     return out
 
 
@@ -66,12 +67,20 @@ def stored(folder: Path, split: str = "*") -> dict[str, dict[str, np.ndarray]]:
 
 
 def test_condition_kinds_and_extractor_fields_are_validated():
-    cfg = load_config(None, ["data.targets=[{name: e, source: emoji, condition: canny}, {name: m, source: icons, "
-                             "condition: mask}, {name: d, source: 'webdataset:/x', condition: key:depth.png}]"])
+    cfg = load_config(
+        None,
+        [
+            "data.targets=[{name: e, source: emoji, condition: canny}, {name: m, source: icons, "
+            "condition: mask}, {name: d, source: 'webdataset:/x', condition: key:depth.png}]"
+        ],
+    )
     assert [t.condition for t in cfg.data.targets] == ["canny", "mask", "key:depth.png"]
     assert dataset_condition(cfg.data, "m") == MASK and dataset_condition(cfg.data, "openclipart") is None
-    with pytest.raises(ConfigError, match=r"data\.targets\[0\]\.condition: 'sobel' is not a condition kind; allowed: "
-                                          r"canny, mask, key:<member>"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.targets\[0\]\.condition: 'sobel' is not a condition kind; allowed: "
+        r"canny, mask, key:<member>",
+    ):
         load_config(None, ["data.targets=[{name: e, source: emoji, condition: sobel}]"])
     with pytest.raises(ConfigError, match=r"condition: mask is the alpha foreground, and source 'tiles' has no alpha"):
         load_config(None, ["data.targets=[{name: t, source: tiles, condition: mask}]"])
@@ -88,8 +97,11 @@ def test_grey_map_png_round_trip_fast_decoder_and_pillow():
     from diffscaler.data.pngcodec import decode_png_batch
 
     rng = np.random.default_rng(0)
-    maps = [rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8), np.zeros((SIZE, SIZE), np.uint8),
-            np.kron(rng.integers(0, 2, (4, 4)), np.full((4, 4), 255)).astype(np.uint8)]  # fmt: skip
+    maps = [
+        rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8),
+        np.zeros((SIZE, SIZE), np.uint8),
+        np.kron(rng.integers(0, 2, (4, 4)), np.full((4, 4), 255)).astype(np.uint8),
+    ]
     blobs = [encode_map(m) for m in maps]  # each row filter (none / sub / up) is chosen by one of these
     assert all(Image.open(io.BytesIO(b)).mode == "L" for b in blobs)
     assert (decode_png_batch(blobs, grey=True) == np.stack(maps)).all()
@@ -97,8 +109,9 @@ def test_grey_map_png_round_trip_fast_decoder_and_pillow():
 
 
 def test_mask_is_the_alpha_through_the_same_crop_and_resize(rgba, tmp_path):
-    index = make_shards(f"folder:{rgba}", str(tmp_path / "m16"), size=SIZE, samples_per_shard=5, condition=MASK,
-                        log=quiet)  # fmt: skip
+    index = make_shards(
+        f"folder:{rgba}", str(tmp_path / "m16"), size=SIZE, samples_per_shard=5, condition=MASK, log=quiet
+    )
     assert index.data["condition"] == {"kind": "mask", "params": {"alpha_threshold": 32, "white_threshold": 24}}
     assert index.data["members"] == {"condition": CONDITION_MEMBER, "condition_channels": 1}
     assert index.condition == MASK and check_dataset(index.url).problems == []
@@ -110,11 +123,13 @@ def test_mask_is_the_alpha_through_the_same_crop_and_resize(rgba, tmp_path):
         assert (item["cond.png"] == np.where(alpha >= 32, 255, 0)).all(), ref
         assert (item["png"][alpha == 0] == 255).all()  # the image composited on white where the map is 0
     # 20x16 -> 8: the alpha resampled exactly as Pillow resamples it alone (same box, Lanczos, reducing gap)
-    small = make_shards(f"folder:{rgba}", str(tmp_path / "m8"), size=8, samples_per_shard=5, condition=MASK,
-                        log=quiet)  # fmt: skip
+    small = make_shards(f"folder:{rgba}", str(tmp_path / "m8"), size=8, samples_per_shard=5, condition=MASK, log=quiet)
     for ref, item in stored(Path(small.url)).items():
-        alpha = Image.open(rgba / ref).getchannel("A").resize((8, 8), Image.Resampling.LANCZOS, box=(2, 0, 18, 16),
-                                                              reducing_gap=3.0)  # fmt: skip
+        alpha = (
+            Image.open(rgba / ref)
+            .getchannel("A")
+            .resize((8, 8), Image.Resampling.LANCZOS, box=(2, 0, 18, 16), reducing_gap=3.0)
+        )
         assert (item["cond.png"] == np.where(np.asarray(alpha) >= 32, 255, 0)).all(), ref
 
 
@@ -138,8 +153,12 @@ def test_canny_maps_are_stored_read_and_flipped_with_their_images(canny_shards):
     for image, cond in zip(batch["image"], batch["condition"]):
         pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
         edge = np.where(cond[0].numpy() > 0, 255, 0)
-        match = [(k, f) for k, item in train.items() for f in (False, True)
-                 if (pixels == (item["png"][:, ::-1] if f else item["png"])).all()]  # fmt: skip
+        match = [
+            (k, f)
+            for k, item in train.items()
+            for f in (False, True)
+            if (pixels == (item["png"][:, ::-1] if f else item["png"])).all()
+        ]
         assert len(match) == 1
         key, flipped = match[0]
         flips += flipped
@@ -204,8 +223,10 @@ def _png(image: Image.Image) -> bytes:
 def test_key_member_maps_are_indexed_cropped_like_the_image_and_read(tmp_path):
     folder = key_shards(tmp_path / "grey")
     # the README's command, with the last shard as the eval split
-    assert cli_main(["shards", "index", str(folder), "--size", "16", "--condition", "key:depth.png",
-                     "--eval-shards", "1"]) == 0  # fmt: skip
+    assert (
+        cli_main(["shards", "index", str(folder), "--size", "16", "--condition", "key:depth.png", "--eval-shards", "1"])
+        == 0
+    )
     index = load_index(str(folder))
     assert index.data["condition"] == {"kind": "key:depth.png", "params": {}}
     assert index.data["members"]["condition"] == "depth.png" and index.condition.channels == 1
@@ -220,14 +241,23 @@ def test_key_member_maps_are_indexed_cropped_like_the_image_and_read(tmp_path):
     batch = next(ShardReader(str(folder), "train", batch_size=5, hflip=False, shuffle=False).epoch(0))
     assert torch.equal(batch["condition"], torch.from_numpy(maps.astype(np.float32) / 127.5 - 1))
     # one colour map makes the dataset's maps 3-channel (grey ones read as RGB)
-    colour = index_shards(str(key_shards(tmp_path / "colour", colour_at=3)), size=SIZE, condition="key:depth.png",
-                          eval_fraction=0, log=quiet)  # fmt: skip
+    colour = index_shards(
+        str(key_shards(tmp_path / "colour", colour_at=3)),
+        size=SIZE,
+        condition="key:depth.png",
+        eval_fraction=0,
+        log=quiet,
+    )
     assert colour.condition.channels == 3
     assert read_split(colour.url, "train", conditions=True)[2].shape == (10, 3, SIZE, SIZE)
     # maps of 1 and 3 channels, and no map, in one mixed batch: zero channels, zero rows, has_condition
-    mixed = MixedTaskReader([ShardReader(str(folder), "train", 2, hflip=False, task_id=0),
-                             ShardReader(colour.url, "train", 2, hflip=False, task_id=1),
-                             ShardReader(str(_plain(tmp_path)), "train", 2, task_id=2)])  # fmt: skip
+    mixed = MixedTaskReader(
+        [
+            ShardReader(str(folder), "train", 2, hflip=False, task_id=0),
+            ShardReader(colour.url, "train", 2, hflip=False, task_id=1),
+            ShardReader(str(_plain(tmp_path)), "train", 2, task_id=2),
+        ]
+    )
     b = next(mixed.stream())
     assert b["condition"].shape == (6, 3, SIZE, SIZE) and b["has_condition"].tolist() == [True] * 4 + [False] * 2
     assert (b["condition"][:2, 1:] == 0).all() and (b["condition"][4:] == 0).all()
@@ -263,18 +293,26 @@ def test_mask_on_a_source_without_alpha_is_refused_before_any_work(tmp_path, cap
     out = tmp_path / "ds"
     make_shards(f"folder:{opaque}", str(out), size=8, log=quiet)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(DatasetError, match=rf"source 'folder:{opaque}': condition mask is the alpha foreground, and "
-                                           rf"source 'folder:{opaque}' has no alpha channel"):  # fmt: skip
+    with pytest.raises(
+        DatasetError,
+        match=rf"source 'folder:{opaque}': condition mask is the alpha foreground, and "
+        rf"source 'folder:{opaque}' has no alpha channel",
+    ):
         make_shards(f"folder:{opaque}", str(out), size=8, condition=MASK, log=quiet)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written is lost
     task = TaskSpec("mine", f"folder:{opaque}", condition="mask")
     data = DataConfig(shards_root=str(tmp_path / "root"), targets=(task,))
-    with pytest.raises(DatasetError, match=r"data\.targets: dataset 'mine' \(condition mask\): condition mask is the "
-                                           r"alpha foreground"):  # fmt: skip
+    with pytest.raises(
+        DatasetError,
+        match=r"data\.targets: dataset 'mine' \(condition mask\): condition mask is the "
+        r"alpha foreground",
+    ):
         check_sources(data, ["mine"])
     assert not (tmp_path / "root").exists()
-    assert cli_main(["shards", "make", "--source", "fashion-mnist", "--out", str(tmp_path / "f"), "--condition",
-                     "mask"]) == 2  # fmt: skip
+    assert (
+        cli_main(["shards", "make", "--source", "fashion-mnist", "--out", str(tmp_path / "f"), "--condition", "mask"])
+        == 2
+    )
     assert "--condition: mask is the alpha foreground, and source 'fashion-mnist'" in capsys.readouterr().err
     # a key: map is read from WebDataset shards: an image source cannot give it
     data = DataConfig(targets=(TaskSpec("mine", f"folder:{opaque}", condition="key:depth.png"),))
@@ -297,8 +335,25 @@ def test_a_changed_condition_rebuilds_and_old_unconditional_indexes_stay_valid(c
 def test_readme_shards_make_with_a_condition(tmp_path, capsys):
     out = tmp_path / "shards" / "emoji-edges"
     # as the README writes it, with --out in a temp folder
-    assert cli_main(["shards", "make", "--source", "emoji", "--out", str(out), "--size", "16", "--limit", "40",
-                     "--condition", "canny"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "shards",
+                "make",
+                "--source",
+                "emoji",
+                "--out",
+                str(out),
+                "--size",
+                "16",
+                "--limit",
+                "40",
+                "--condition",
+                "canny",
+            ]
+        )
+        == 0
+    )
     index = load_index(str(out))
     assert index.condition == CANNY and check_dataset(str(out)).problems == []
 
@@ -310,17 +365,40 @@ def test_latent_shards_carry_the_map_at_pixel_resolution(ray_local, rgba, tmp_pa
 
     vae = save_tiny_vae(tmp_path / "vae")
     out = tmp_path / "latents"
-    index = encode_shards(f"folder:{rgba}", str(out), str(vae), size=SIZE, samples_per_shard=4, eval_fraction=0.25,
-                          batch_size=4, condition=MASK, log=quiet)  # fmt: skip
+    index = encode_shards(
+        f"folder:{rgba}",
+        str(out),
+        str(vae),
+        size=SIZE,
+        samples_per_shard=4,
+        eval_fraction=0.25,
+        batch_size=4,
+        condition=MASK,
+        log=quiet,
+    )
     assert index.latent and index.image_size == SIZE // 2 and index.condition == MASK
     assert index.data["members"]["condition"] == CONDITION_MEMBER and check_dataset(str(out)).problems == []
-    pixel = make_shards(f"folder:{rgba}", str(tmp_path / "pixels"), size=SIZE, samples_per_shard=4,
-                        eval_fraction=0.25, condition=MASK, log=quiet)  # fmt: skip
-    by_id = lambda folder: {json.loads(s["json"])["id"]: s for sh in sorted(Path(folder).glob("train-*.tar"))  # noqa: E731
-                            for s in iter_samples(str(sh))}  # fmt: skip
+    pixel = make_shards(
+        f"folder:{rgba}",
+        str(tmp_path / "pixels"),
+        size=SIZE,
+        samples_per_shard=4,
+        eval_fraction=0.25,
+        condition=MASK,
+        log=quiet,
+    )
+
+    def by_id(folder):
+        return {
+            json.loads(s["json"])["id"]: s
+            for sh in sorted(Path(folder).glob("train-*.tar"))
+            for s in iter_samples(str(sh))
+        }
+
     latent_samples, pixel_samples = by_id(out), by_id(pixel.url)
     assert {k: s[CONDITION_MEMBER] for k, s in latent_samples.items()} == {
-        k: s[CONDITION_MEMBER] for k, s in pixel_samples.items()}  # the same maps, not encoded
+        k: s[CONDITION_MEMBER] for k, s in pixel_samples.items()
+    }  # the same maps, not encoded
     # the reader: where the stored latent of the mirrored image is picked, the map is mirrored in pixel space
     reader = ShardReader(str(out), "train", batch_size=9, seed=1, hflip=True, shuffle_buffer=9)
     batch = next(reader.epoch(0))
@@ -348,24 +426,33 @@ def test_pipeline_refuses_a_mask_without_alpha_before_ray_and_names_a_changed_co
     refused = r"data\.targets: dataset 'red' \(condition mask\): condition mask is the alpha foreground, and source"
     refused += rf" '{red}' has no alpha"
     with pytest.raises(PipelineInputError, match=refused):
-        run_pipeline(load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: mask}}]"]),
-                     tmp_path / "out")  # fmt: skip
+        run_pipeline(
+            load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: mask}}]"]), tmp_path / "out"
+        )
     assert not (tmp_path / "out" / "pipeline.json").exists()
     # built without a map, configured with canny, shards stage off: the changed condition is named
     cfg_path = micro_config(tmp_path, ["finetune"])
     build_all(resolve_run_config(load_config(cfg_path), tmp_path / "out").data, ["red"], parallel=False)
-    with pytest.raises(PipelineInputError, match=r"dataset 'red' .* was built with other parameters .*condition "
-                                                 r"built=None config=\{'kind': 'canny'"):  # fmt: skip
-        run_pipeline(load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: canny}}]"]),
-                     tmp_path / "out")  # fmt: skip
+    with pytest.raises(
+        PipelineInputError,
+        match=r"dataset 'red' .* was built with other parameters .*condition "
+        r"built=None config=\{'kind': 'canny'",
+    ):
+        run_pipeline(
+            load_config(cfg_path, [f"data.targets=[{{name: red, source: '{red}', condition: canny}}]"]),
+            tmp_path / "out",
+        )
 
 
 def test_maps_given_for_a_task_must_fit_its_channels_and_size():
     from diffscaler.data.conditions import ConditionError, check_map_shape
 
     check_map_shape(np.zeros((2, 1, SIZE, SIZE), np.uint8), 1, SIZE, "--condition-maps DIR")
-    with pytest.raises(ConditionError, match=r"--condition-maps DIR: condition maps are \(2, 3, 16, 16\), the task "
-                                             r"takes \(N, 1, 16, 16\)"):  # fmt: skip
+    with pytest.raises(
+        ConditionError,
+        match=r"--condition-maps DIR: condition maps are \(2, 3, 16, 16\), the task "
+        r"takes \(N, 1, 16, 16\)",
+    ):
         check_map_shape(np.zeros((2, 3, SIZE, SIZE), np.uint8), 1, SIZE, "--condition-maps DIR")
     with pytest.raises(ConditionError, match=r"maps are \(2, 1, 8, 8\), the task takes \(N, 1, 16, 16\)"):
         check_map_shape(np.zeros((2, 1, 8, 8), np.uint8), 1, SIZE, "maps")

@@ -71,9 +71,13 @@ def test_saved_json_is_plain_json(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "field"),
-    [("pretrain.lr=.inf", "pretrain.lr"), ("pretrain.lr=.nan", "pretrain.lr"), ("finetune.lr=.inf", "finetune.lr"),
-     ("sweep.lr_max=.inf", "sweep.lr_max")],
-)  # fmt: skip
+    [
+        ("pretrain.lr=.inf", "pretrain.lr"),
+        ("pretrain.lr=.nan", "pretrain.lr"),
+        ("finetune.lr=.inf", "finetune.lr"),
+        ("sweep.lr_max=.inf", "sweep.lr_max"),
+    ],
+)
 def test_learning_rates_must_be_finite(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, [override])
@@ -81,24 +85,26 @@ def test_learning_rates_must_be_finite(override, field):
 
 @pytest.mark.parametrize(
     ("override", "field", "words"),
-    [("diffusion.cfg_scale=.inf", "diffusion.cfg_scale", "not a finite number"),
-     ("adapter.branch_scale_init=.nan", "adapter.branch_scale_init", "not a finite number"),
-     ("finetune.method_lrs={lora: .nan}", "finetune.method_lrs.lora", "not a finite number"),
-     ("pretrain.weight_decay=-1", "pretrain.weight_decay", ">= 0"),
-     ("data.encode_gpus_per_actor=.inf", "data.encode_gpus_per_actor", "not a finite number"),
-     ("eval.cpus_per_actor=-1", "eval.cpus_per_actor", "positive"),
-     ("eval.gpus_per_actor=-1", "eval.gpus_per_actor", ">= 0"),
-     ("eval.gpus_per_actor=1.5", "eval.gpus_per_actor", "whole"),
-     ("eval.kid_subset_size=0", "eval.kid_subset_size", "at least 2"),
-     ("data.image_size=100000", "data.image_size", "8192"),
-     ("model.input_size=4096", "model.input_size", "tokens"),
-     ("finetune.grad_clip=-1", "finetune.grad_clip", ">= 0"),
-     ("sweep.grace_period=0", "sweep.grace_period", "at least 1"),
-     ("eval.sampling_steps=5000", "eval.sampling_steps", "num_timesteps"),
-     ("finetune.condition_dropout=1", "finetune.condition_dropout", "[0, 1)"),
-     ("finetune.condition_dropout=-0.1", "finetune.condition_dropout", "[0, 1)"),
-     ("adapter.controlnet_blocks=-1", "adapter.controlnet_blocks", ">= 0")],
-)  # fmt: skip
+    [
+        ("diffusion.cfg_scale=.inf", "diffusion.cfg_scale", "not a finite number"),
+        ("adapter.branch_scale_init=.nan", "adapter.branch_scale_init", "not a finite number"),
+        ("finetune.method_lrs={lora: .nan}", "finetune.method_lrs.lora", "not a finite number"),
+        ("pretrain.weight_decay=-1", "pretrain.weight_decay", ">= 0"),
+        ("data.encode_gpus_per_actor=.inf", "data.encode_gpus_per_actor", "not a finite number"),
+        ("eval.cpus_per_actor=-1", "eval.cpus_per_actor", "positive"),
+        ("eval.gpus_per_actor=-1", "eval.gpus_per_actor", ">= 0"),
+        ("eval.gpus_per_actor=1.5", "eval.gpus_per_actor", "whole"),
+        ("eval.kid_subset_size=0", "eval.kid_subset_size", "at least 2"),
+        ("data.image_size=100000", "data.image_size", "8192"),
+        ("model.input_size=4096", "model.input_size", "tokens"),
+        ("finetune.grad_clip=-1", "finetune.grad_clip", ">= 0"),
+        ("sweep.grace_period=0", "sweep.grace_period", "at least 1"),
+        ("eval.sampling_steps=5000", "eval.sampling_steps", "num_timesteps"),
+        ("finetune.condition_dropout=1", "finetune.condition_dropout", "[0, 1)"),
+        ("finetune.condition_dropout=-0.1", "finetune.condition_dropout", "[0, 1)"),
+        ("adapter.controlnet_blocks=-1", "adapter.controlnet_blocks", ">= 0"),
+    ],
+)
 def test_values_that_cannot_work_are_refused(override, field, words):
     """Each passed validation before and failed later (or never): inf/NaN, negative counts, absurd sizes."""
     with pytest.raises(ConfigError) as err:

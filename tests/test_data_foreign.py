@@ -46,8 +46,10 @@ def write_wds(folder: Path, samples: list[dict], per_shard: int, prefix: str = "
 
 def noise(rng, n: int, shape=(SIZE, SIZE, 3)) -> list[np.ndarray]:
     # Blocky noise: survives JPEG well enough that every decoded sample is still unique.
-    return [np.kron(rng.integers(0, 256, (shape[0] // 4, shape[1] // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
-            for _ in range(n)]  # fmt: skip
+    return [
+        np.kron(rng.integers(0, 256, (shape[0] // 4, shape[1] // 4, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +58,14 @@ def jpg_json(tmp_path_factory) -> Path:
     in shards of 10 (the last one short)."""
     rng = np.random.default_rng(0)
     samples = [
-        {"__key__": f"crawl.v2/part{i // 20}/{i:09d}", "jpg": encoded(im, "JPEG"),
-         "json": {"label": i % 3, "url": f"http://x/{i}.jpg"}, "txt": f"caption {i}"}
+        {
+            "__key__": f"crawl.v2/part{i // 20}/{i:09d}",
+            "jpg": encoded(im, "JPEG"),
+            "json": {"label": i % 3, "url": f"http://x/{i}.jpg"},
+            "txt": f"caption {i}",
+        }
         for i, im in enumerate(noise(rng, 53))
-    ]  # fmt: skip
+    ]
     return write_wds(tmp_path_factory.mktemp("jpg") / "pets", samples, 10)
 
 
@@ -71,15 +77,17 @@ def webp_cls(tmp_path_factory) -> Path:
     samples = [
         {"__key__": f"{i:06d}", ("WEBP" if i % 2 else "webp"): encoded(im, "WEBP"), "cls": i % 4}
         for i, im in enumerate(noise(rng, 47))
-    ]  # fmt: skip
+    ]
     return write_wds(tmp_path_factory.mktemp("webp") / "icons", samples, 8)
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
     rng = np.random.default_rng(2)
-    samples = [{"__key__": f"lat{i:05d}", "npy": rng.standard_normal((4, 8, 8)).astype(np.float32), "cls": i % 2}
-               for i in range(41)]  # fmt: skip
+    samples = [
+        {"__key__": f"lat{i:05d}", "npy": rng.standard_normal((4, 8, 8)).astype(np.float32), "cls": i % 2}
+        for i in range(41)
+    ]
     return write_wds(tmp_path_factory.mktemp("npy") / "latents", samples, 9)
 
 
@@ -171,8 +179,11 @@ def test_npy_latents_read_as_stored_with_exact_rank_counts(latents):
 def test_no_label_is_unconditional_and_mixed_sizes_need_size(tmp_path):
     rng = np.random.default_rng(3)
     big = [np.asarray(Image.fromarray(im).resize((24, 20))) for im in noise(rng, 12)]
-    folder = write_wds(tmp_path / "raw", [{"__key__": f"{i:04d}", "png": encoded(im, "PNG")}
-                                          for i, im in enumerate(big[:6] + noise(rng, 6))], 4)  # fmt: skip
+    folder = write_wds(
+        tmp_path / "raw",
+        [{"__key__": f"{i:04d}", "png": encoded(im, "PNG")} for i, im in enumerate(big[:6] + noise(rng, 6))],
+        4,
+    )
     with pytest.raises(DatasetError, match=r"sizes .*24x20.*pass --size N"):
         index_shards(str(folder), log=quiet)
     index = index_shards(str(folder), size=SIZE, log=quiet)
@@ -189,8 +200,13 @@ def test_shard_pattern_index_elsewhere_through_fsspec_and_pipe(jpg_json, tmp_pat
     index_shards(pattern, str(out), label_key="json:label", eval_fraction=0, log=quiet)
     assert [s.url for s in load_index(str(out)).shards("train")][0] == str(jpg_json / "part-000000.tar")
     local = list(ShardReader(str(out), batch_size=5, hflip=False).epoch(0))
-    index_shards(f"pipe:cat {jpg_json}/part-{{000000..000004}}.tar", str(tmp_path / "pipe"),
-                 label_key="json:label", eval_fraction=0, log=quiet)  # fmt: skip
+    index_shards(
+        f"pipe:cat {jpg_json}/part-{{000000..000004}}.tar",
+        str(tmp_path / "pipe"),
+        label_key="json:label",
+        eval_fraction=0,
+        log=quiet,
+    )
     piped = list(ShardReader(str(tmp_path / "pipe"), batch_size=5, hflip=False).epoch(0))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(local, piped)) and len(local) == 10
     import fsspec
@@ -333,8 +349,10 @@ def test_reindexing_with_other_labels_size_or_split_changes_the_data_hash(jpg_js
 
     out = tmp_path / "pets"
     unlabelled = index_shards(str(jpg_json), str(out), label_key="none", log=quiet)
-    cfg = load_config(None, [f"data.shards_root={tmp_path}", "data.targets=[{name: pets, conditional: true}]",
-                             f"data.image_size={SIZE}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [f"data.shards_root={tmp_path}", "data.targets=[{name: pets, conditional: true}]", f"data.image_size={SIZE}"],
+    )
     before = resolve_tasks(cfg)[0]
     assert before.num_classes == 1 and before.data_hash == unlabelled.data_hash
     hashes = {unlabelled.data_hash}
@@ -344,8 +362,16 @@ def test_reindexing_with_other_labels_size_or_split_changes_the_data_hash(jpg_js
     for kwargs in ({"eval_shards": 2}, {"eval_shards": 2, "size": SIZE // 2}):
         hashes.add(index_shards(str(jpg_json), str(out), label_key="json:label", log=quiet, **kwargs).data_hash)
     assert len(hashes) == 4
-    after = resolve_tasks(load_config(None, [f"data.shards_root={tmp_path}", f"data.image_size={SIZE // 2}",
-                                             "data.targets=[{name: pets, conditional: true}]"]))[0]  # fmt: skip
+    after = resolve_tasks(
+        load_config(
+            None,
+            [
+                f"data.shards_root={tmp_path}",
+                f"data.image_size={SIZE // 2}",
+                "data.targets=[{name: pets, conditional: true}]",
+            ],
+        )
+    )[0]
     assert after.num_classes == 3 and after.data_hash != before.data_hash
 
 
@@ -387,13 +413,13 @@ def test_webdataset_targets_are_validated_before_anything_runs():
     assert task.webdataset and task.label_key == "json:label"
     refused = {
         '{name: p, source: "webdataset:/x", label_key: txt}': r"label_key: 'txt': use cls, json:FIELD .* a txt member "
-                                                             r"holds free text \(captions\), not a class label",
+        r"holds free text \(captions\), not a class label",
         '{name: p, source: "webdataset:/x", condition: canny}': r"'canny' is computed when shards are built from "
-                                                                r"images; webdataset: shards are indexed as they are",
+        r"images; webdataset: shards are indexed as they are",
         '{name: p, source: "folder:/x", label_key: cls}': r"label_key and image_key are for webdataset: sources",
         '{name: p, source: "folder:/x", condition: "key:depth.png"}': r"reads a member of your own WebDataset shards",
         '{name: p, source: "webdataset:"}': r"webdataset: needs the shards",
-    }  # fmt: skip
+    }
     for spec, words in refused.items():
         with pytest.raises(ConfigError, match=words):
             targets(spec)
@@ -415,8 +441,15 @@ def test_the_shards_stage_indexes_a_webdataset_target_and_reindexes_when_it_chan
     shards = tmp_path / "pets-wds"
     shutil.copytree(jpg_json, shards, ignore=shutil.ignore_patterns("index.json"))  # an earlier test indexed it
     spec = f'{{name: pets, source: "webdataset:{shards}", label_key: "none"}}'
-    cfg = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.targets=[{spec}]",
-                             f"data.image_size={SIZE}", "data.pretrain_source=emoji"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"data.shards_root={tmp_path / 'root'}",
+            f"data.targets=[{spec}]",
+            f"data.image_size={SIZE}",
+            "data.pretrain_source=emoji",
+        ],
+    )
     run = Run.for_program(cfg, "shards", tmp_path / "out")
     stage = ShardsStage(only=["pets"])
     stage.preflight(run)
@@ -428,8 +461,14 @@ def test_the_shards_stage_indexes_a_webdataset_target_and_reindexes_when_it_chan
     assert index.num_samples("eval") > 0 and stage.check(run).valid and check_dataset(index.url).ok
     first = index.data_hash
     # Other labels: re-indexed, and the data a fine-tune is keyed on changes.
-    relabelled = load_config(None, [f"data.shards_root={tmp_path / 'root'}", f"data.image_size={SIZE}",
-                                    f"data.targets=[{spec.replace('none', 'json:label')}]"])  # fmt: skip
+    relabelled = load_config(
+        None,
+        [
+            f"data.shards_root={tmp_path / 'root'}",
+            f"data.image_size={SIZE}",
+            f"data.targets=[{spec.replace('none', 'json:label')}]",
+        ],
+    )
     run2 = Run.for_program(relabelled, "shards", tmp_path / "out")
     assert "index_options" in stage.check(run2).reason
     stage.run(run2)
@@ -440,7 +479,13 @@ def test_the_shards_stage_indexes_a_webdataset_target_and_reindexes_when_it_chan
     tar.write_bytes(tar.read_bytes() + b"\0" * 512)
     assert "changed since the build" in stage.check(run2).reason
     # Missing shards: a clear error before any work.
-    gone = load_config(None, [f"data.shards_root={tmp_path / 'root2'}", f"data.image_size={SIZE}",
-                              f'data.targets=[{{name: q, source: "webdataset:{tmp_path / "nope"}"}}]'])  # fmt: skip
+    gone = load_config(
+        None,
+        [
+            f"data.shards_root={tmp_path / 'root2'}",
+            f"data.image_size={SIZE}",
+            f'data.targets=[{{name: q, source: "webdataset:{tmp_path / "nope"}"}}]',
+        ],
+    )
     with pytest.raises(Exception, match=r"data.targets: dataset 'q'"):
         ShardsStage(only=["q"]).preflight(Run.for_program(gone, "shards", tmp_path / "out2"))

@@ -93,9 +93,15 @@ def test_two_ranks_two_workers_disjoint_complete_equal(uneven, dataset, batch_si
         per_rank = []
         for rank in range(2):
             reader = ShardReader(
-                str(path), batch_size=batch_size, rank=rank, world_size=2, loader_workers=2, hflip=False,
-                shuffle_buffer=8, seed=5,
-            )  # fmt: skip
+                str(path),
+                batch_size=batch_size,
+                rank=rank,
+                world_size=2,
+                loader_workers=2,
+                hflip=False,
+                shuffle_buffer=8,
+                seed=5,
+            )
             batches = collect(reader, 2)
             assert len(batches) == reader.batches_per_epoch  # from index.json alone, the same on both ranks
             assert all(b["image"].shape[0] == batch_size for b in batches)
@@ -113,9 +119,9 @@ def test_two_ranks_two_workers_disjoint_complete_equal(uneven, dataset, batch_si
 
 def test_loader_workers_change_speed_not_batches(uneven):
     kwargs = dict(batch_size=4, rank=1, world_size=2, seed=2, shuffle_buffer=8)
-    assert same_batches(collect(ShardReader(str(uneven), **kwargs), 1), collect(
-        ShardReader(str(uneven), loader_workers=2, **kwargs), 1
-    ))  # fmt: skip
+    assert same_batches(
+        collect(ShardReader(str(uneven), **kwargs), 1), collect(ShardReader(str(uneven), loader_workers=2, **kwargs), 1)
+    )
 
 
 def test_chunks_cover_each_rank_range_exactly():

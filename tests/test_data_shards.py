@@ -264,10 +264,24 @@ def test_fsspec_memory_and_file_urls_round_trip(folder_80, tmp_path):
 def test_cli_make_contract(folder_80, tmp_path, capsys):
     out = tmp_path / "cli"
     rc, text = run_cli(
-        ["shards", "make", "--source", f"folder:{folder_80}", "--out", str(out), "--size", "16",
-         "--samples-per-shard", "10", "--eval-fraction", "0.25", "--limit", "40"],
+        [
+            "shards",
+            "make",
+            "--source",
+            f"folder:{folder_80}",
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--samples-per-shard",
+            "10",
+            "--eval-fraction",
+            "0.25",
+            "--limit",
+            "40",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert rc == 0, text
     index = load_index(str(out))
     assert index.image_size == 16 and index.num_samples("train") == 30 and index.num_samples("eval") == 10

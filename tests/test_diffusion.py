@@ -55,13 +55,12 @@ def test_images_do_not_depend_on_batch_size_or_worker_split():
     model, d = _model(), GaussianDiffusion()
     labels = [0, 1, 2, 3, 4, 0, 1]
     for sampler, eta in (("ddim", 0.0), ("ddpm", 0.0), ("ddim", 1.0)):
-        whole = sample_images(model, d, num=7, seed=11, labels=labels, batch_size=7, steps=4, sampler=sampler,
-                              eta=eta)
-        small = sample_images(model, d, num=7, seed=11, labels=labels, batch_size=2, steps=4, sampler=sampler,
-                              eta=eta)
+        whole = sample_images(model, d, num=7, seed=11, labels=labels, batch_size=7, steps=4, sampler=sampler, eta=eta)
+        small = sample_images(model, d, num=7, seed=11, labels=labels, batch_size=2, steps=4, sampler=sampler, eta=eta)
         # a "second worker" producing samples 4..6 on its own
-        part = sample_images(model, d, num=3, seed=11, labels=labels[4:], start_index=4, batch_size=3, steps=4,
-                             sampler=sampler, eta=eta)
+        part = sample_images(
+            model, d, num=3, seed=11, labels=labels[4:], start_index=4, batch_size=3, steps=4, sampler=sampler, eta=eta
+        )
         assert whole.shape == (7, 16, 16, 3) and whole.dtype == np.uint8
         assert np.abs(whole.astype(int) - small.astype(int)).max() <= 1
         assert np.abs(whole[4:].astype(int) - part.astype(int)).max() <= 1
@@ -114,11 +113,15 @@ def _reference_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
     ac_prev = np.append(1.0, ac[:-1])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     return {
-        "sqrt_ac": np.sqrt(ac), "sqrt_1mac": np.sqrt(1.0 - ac), "sqrt_recip": np.sqrt(1.0 / ac),
-        "sqrt_recipm1": np.sqrt(1.0 / ac - 1), "log_var_clipped": np.log(np.append(post_var[1], post_var[1:])),
-        "coef1": betas * np.sqrt(ac_prev) / (1.0 - ac), "coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+        "sqrt_ac": np.sqrt(ac),
+        "sqrt_1mac": np.sqrt(1.0 - ac),
+        "sqrt_recip": np.sqrt(1.0 / ac),
+        "sqrt_recipm1": np.sqrt(1.0 / ac - 1),
+        "log_var_clipped": np.log(np.append(post_var[1], post_var[1:])),
+        "coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         "log_betas": np.log(betas),
-    }  # fmt: skip
+    }
 
 
 def test_schedule_arithmetic_matches_the_reference_float64_tables():

@@ -1,6 +1,6 @@
 """FID/KID building blocks without Ray: the torchvision shim, feature networks, metrics, reference cache.
 
-    .venv/bin/python -m pytest tests/test_eval_metrics.py -q
+.venv/bin/python -m pytest tests/test_eval_metrics.py -q
 """
 
 from __future__ import annotations
@@ -100,9 +100,17 @@ def test_our_metrics_equal_torch_fidelity_calculate_metrics(effnet):
     a = rng.randint(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.randint(-60, 60, a.shape), 0, 255).astype(np.uint8)
     ref = torch_fidelity.calculate_metrics(
-        input1=UInt8ImageDataset(a), input2=UInt8ImageDataset(b), fid=True, kid=True, kid_subset_size=4,
-        feature_extractor="efficientnet-lite0", cuda=False, verbose=False, save_cpu_ram=True, batch_size=8,
-    )  # fmt: skip
+        input1=UInt8ImageDataset(a),
+        input2=UInt8ImageDataset(b),
+        fid=True,
+        kid=True,
+        kid_subset_size=4,
+        feature_extractor="efficientnet-lite0",
+        cuda=False,
+        verbose=False,
+        save_cpu_ram=True,
+        batch_size=8,
+    )
     fa, fb = extract_features(effnet, a, 8), extract_features(effnet, b, 8)
     fid = frechet_distance(feature_statistics(fa), feature_statistics(fb))
     kid_mean, _std = kid_from_features(fa, fb, subset_size=4)
@@ -263,13 +271,31 @@ def _result(task, label, fid, status="ok", error=""):
     from diffscaler.eval import EvalResult
 
     return EvalResult(
-        task=task, adapter=f"{task}.safetensors" if task else "", label=label, status=status, error=error, fid=fid,
-        kid_mean=None if fid is None else 0.01, kid_std=None if fid is None else 0.001,
-        feature_network="efficientnet-lite0", num_generated=16, num_reference=20, seconds=1.5, sample_seconds=1.0,
-        feature_seconds=0.4, seed=0, steps=3, sampler="ddim", cfg_scale=1.0, dataset="shards/x", dataset_hash="h",
-        image_size=32, method="affiner" if task else "", rank=4 if task else 0,
+        task=task,
+        adapter=f"{task}.safetensors" if task else "",
+        label=label,
+        status=status,
+        error=error,
+        fid=fid,
+        kid_mean=None if fid is None else 0.01,
+        kid_std=None if fid is None else 0.001,
+        feature_network="efficientnet-lite0",
+        num_generated=16,
+        num_reference=20,
+        seconds=1.5,
+        sample_seconds=1.0,
+        feature_seconds=0.4,
+        seed=0,
+        steps=3,
+        sampler="ddim",
+        cfg_scale=1.0,
+        dataset="shards/x",
+        dataset_hash="h",
+        image_size=32,
+        method="affiner" if task else "",
+        rank=4 if task else 0,
         features=np.zeros((16, 4)),
-    )  # fmt: skip
+    )
 
 
 def test_fid_json_and_table_name_network_counts_and_failures(tmp_path):

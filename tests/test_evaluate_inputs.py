@@ -22,11 +22,13 @@ def setup(backbone_and_adapters, tmp_path, monkeypatch):
     backbone, ad = backbone_and_adapters
     for task in ("a", "b"):
         src = make_image_folder(tmp_path / "src" / task, {"": 8}, size=(16, 16))
-        make_shards(f"folder:{src}", str(tmp_path / "shards" / task), size=16, samples_per_shard=8,
-                    eval_fraction=0.5, log=quiet)  # fmt: skip
+        make_shards(
+            f"folder:{src}", str(tmp_path / "shards" / task), size=16, samples_per_shard=8, eval_fraction=0.5, log=quiet
+        )
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  image_size: 16\n  shards_root: {tmp_path / 'shards'}\n  targets: [a, b]\n"
-                   "eval:\n  num_samples: 2\n")  # fmt: skip
+    cfg.write_text(
+        f"data:\n  image_size: 16\n  shards_root: {tmp_path / 'shards'}\n  targets: [a, b]\neval:\n  num_samples: 2\n"
+    )
 
     def joined(*a, **k):
         raise Joined

@@ -52,13 +52,15 @@ def test_bad_input_is_a_clear_error_before_anything_runs(work):
     with pytest.raises(FinetuneInputError, match=r"rank 500 is larger than the layer width 192 of DiT-T/4"):
         plan_finetunes(cfg, work.backbone, out)
     # bitfit has no rank-r branch: the same rank is fine there
-    assert plan_finetunes(tiny_config(work.shards, TWO_TASKS, "adapter.rank=500", "finetune.methods=[bitfit]"),
-                          work.backbone, out).jobs  # fmt: skip
+    assert plan_finetunes(
+        tiny_config(work.shards, TWO_TASKS, "adapter.rank=500", "finetune.methods=[bitfit]"), work.backbone, out
+    ).jobs
     with pytest.raises(FinetuneInputError, match=r"backbone file not found: .*nope.safetensors"):
         plan_finetunes(tiny_config(work.shards, TWO_TASKS), work.root / "nope.safetensors", out)
     with pytest.raises(FinetuneInputError, match=r"batch_size 1 is smaller than the 2 tasks"):
-        plan_finetunes(tiny_config(work.shards, TWO_TASKS, "finetune.mixed=true", "finetune.batch_size=1"),
-                       work.backbone, out)  # fmt: skip
+        plan_finetunes(
+            tiny_config(work.shards, TWO_TASKS, "finetune.mixed=true", "finetune.batch_size=1"), work.backbone, out
+        )
     with pytest.raises(FinetuneInputError, match=r"task 'ta': 18 train images at .*, fewer than the 64 one batch"):
         plan_finetunes(tiny_config(work.shards, TWO_TASKS, "finetune.batch_size=64"), work.backbone, out)
     with pytest.raises(ConfigError, match=r"finetune.methods: 'dora' is not one of"):
@@ -92,8 +94,16 @@ def test_compiled_blocks_train_like_eager(work, tmp_path):
     def trained(compile_setting: str) -> AdapterRun:
         cfg = tiny_config(work.shards, TWO_TASKS, f"finetune.compile={compile_setting}")
         (task,) = plan_finetunes(cfg, work.backbone, tmp_path / compile_setting, force=True).jobs[0].spec.tasks
-        spec = AdapterRunSpec((task,), "affiner", 4, 0.01, 2, str(work.backbone), cfg.to_dict(),
-                              str(tmp_path / f"{compile_setting}.jsonl"))  # fmt: skip
+        spec = AdapterRunSpec(
+            (task,),
+            "affiner",
+            4,
+            0.01,
+            2,
+            str(work.backbone),
+            cfg.to_dict(),
+            str(tmp_path / f"{compile_setting}.jsonl"),
+        )
         run = AdapterRun(spec)
         run.train_until(2)
         return run
@@ -206,14 +216,16 @@ def test_cli_mixed_training_with_two_methods(ray_local, work, tmp_path):
         f"data: {{image_size: 16, shards_root: {work.shards}, targets: [{{name: ta, conditional: true}}, tb]}}\n"
         "finetune: {steps: 2, batch_size: 6, log_every: 1, warmup_steps: 1, mixed: true, methods: [affiner, lora]}\n"
         "adapter: {rank: 4}\n"
-    )  # fmt: skip
+    )
     out = tmp_path / "adapters"
     assert main(["--config", str(config), "--backbone", str(work.backbone), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(r["task"], r["method"], r["mixed"], r["status"]) for r in summary["rows"]] == [
-        ("ta", "affiner", True, "ok"), ("tb", "affiner", True, "ok"), ("ta", "lora", True, "ok"),
+        ("ta", "affiner", True, "ok"),
+        ("tb", "affiner", True, "ok"),
+        ("ta", "lora", True, "ok"),
         ("tb", "lora", True, "ok"),
-    ]  # fmt: skip
+    ]
     assert read_adapter_file(out / "ta.safetensors")[0]["method"] == "affiner"
     assert read_adapter_file(out / "lora" / "tb.safetensors")[0]["method"] == "lora"
     assert read_adapter_file(out / "lora" / "tb.safetensors")[0]["finetune"]["mixed_with"] == ["ta", "tb"]
@@ -227,10 +239,21 @@ def test_a_request_no_node_can_hold_fails_instead_of_hanging(ray_local, work, tm
     from ray_jobs.finetune import main
 
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
-                      f"data: {{image_size: 16, shards_root: {work.shards}, targets: [ta]}}\n"
-                      "finetune: {batch_size: 6}\n")  # fmt: skip
-    code = main(["--config", str(config), "--backbone", str(work.backbone), "--out", str(tmp_path / "o"),
-                 "finetune.cpus_per_task=3"])  # fmt: skip
+    config.write_text(
+        f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
+        f"data: {{image_size: 16, shards_root: {work.shards}, targets: [ta]}}\n"
+        "finetune: {batch_size: 6}\n"
+    )
+    code = main(
+        [
+            "--config",
+            str(config),
+            "--backbone",
+            str(work.backbone),
+            "--out",
+            str(tmp_path / "o"),
+            "finetune.cpus_per_task=3",
+        ]
+    )
     assert code == 2
     assert "needs 3 CPU and 0 GPU, but no node has that" in capsys.readouterr().err

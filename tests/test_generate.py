@@ -143,21 +143,52 @@ def test_bad_input_is_refused_before_ray(models, tmp_path, refuse_ray, capsys):
     backbone, adapters = models
     cfg = tmp_path / "c.yaml"
     cfg.write_text("generate: {images_per_task: 2}\n")
-    assert main(["--config", str(cfg), "--backbone", str(backbone), "--adapters", str(adapters),
-                 "--out", str(tmp_path / "o"), "generate.tasks=[a, zebra]"]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg),
+                "--backbone",
+                str(backbone),
+                "--adapters",
+                str(adapters),
+                "--out",
+                str(tmp_path / "o"),
+                "generate.tasks=[a, zebra]",
+            ]
+        )
+        == 2
+    )
     assert "['zebra'] not among the adapters" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     other = tmp_path / "other.safetensors"
     from tests.support.serving import make_backbone
 
     make_backbone(other, seed=3)
-    assert main(["--config", str(cfg), "--backbone", str(other), "--adapters", str(adapters),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            ["--config", str(cfg), "--backbone", str(other), "--adapters", str(adapters), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "only works on the backbone it was trained on" in capsys.readouterr().err
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "index.json").write_text(json.dumps({"source": "emoji"}))
-    assert main(["--config", str(cfg), "--backbone", str(backbone), "--adapters", str(adapters),
-                 "--out", str(tmp_path / "shards")]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg),
+                "--backbone",
+                str(backbone),
+                "--adapters",
+                str(adapters),
+                "--out",
+                str(tmp_path / "shards"),
+            ]
+        )
+        == 2
+    )
     assert "not a generated set" in capsys.readouterr().err
 
 
@@ -168,6 +199,20 @@ def test_an_out_folder_in_use_is_refused_naming_its_holder(models, tmp_path, ref
     backbone, adapters = models
     with run_lock(tmp_path / "o", "another generate"):
         tiny = str(Path(__file__).resolve().parents[1] / "ray_jobs/configs/tiny.yaml")
-        assert main(["--config", tiny, "--backbone", str(backbone), "--adapters",
-                     str(adapters), "--out", str(tmp_path / "o"), "generate.images_per_task=2"]) == 2
+        assert (
+            main(
+                [
+                    "--config",
+                    tiny,
+                    "--backbone",
+                    str(backbone),
+                    "--adapters",
+                    str(adapters),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "generate.images_per_task=2",
+                ]
+            )
+            == 2
+        )
     assert "is in use by another generate" in capsys.readouterr().err

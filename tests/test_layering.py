@@ -25,17 +25,43 @@ REPO = TESTS.parent
 # architecture.md's layers, bottom first. A module belongs to the layer of its longest listed prefix
 # ("diffscaler" itself matches only exactly: a new module of the library must be placed here).
 LAYERS = {
-    "ground": ("diffscaler", "diffscaler.config", "diffscaler.errors", "diffscaler.atomic", "diffscaler.runlock",
-               "diffscaler.cluster", "diffscaler.interrupts", "diffscaler.images", "diffscaler.torchvision_compat"),
+    "ground": (
+        "diffscaler",
+        "diffscaler.config",
+        "diffscaler.errors",
+        "diffscaler.atomic",
+        "diffscaler.runlock",
+        "diffscaler.cluster",
+        "diffscaler.interrupts",
+        "diffscaler.images",
+        "diffscaler.torchvision_compat",
+    ),
     "core": ("diffscaler.models", "diffscaler.diffusion", "diffscaler.adapters"),
-    "libraries": ("diffscaler.data", "diffscaler.train", "diffscaler.eval", "diffscaler.report",
-                  "diffscaler.artifacts", "diffscaler.bank_file", "diffscaler.vae", "diffscaler.serving",
-                  "diffscaler.seed_spread", "diffscaler.shares", "diffscaler.unet"),
+    "libraries": (
+        "diffscaler.data",
+        "diffscaler.train",
+        "diffscaler.eval",
+        "diffscaler.report",
+        "diffscaler.artifacts",
+        "diffscaler.bank_file",
+        "diffscaler.vae",
+        "diffscaler.serving",
+        "diffscaler.seed_spread",
+        "diffscaler.shares",
+        "diffscaler.unet",
+    ),
     "stages": ("diffscaler.stages",),
     "pipeline": ("diffscaler.pipeline",),
-    "programs": ("diffscaler.cli", "diffscaler.cli_model", "diffscaler.data.cli", "diffscaler.serving.cli",
-                 "ray_jobs", "tune", "bench"),
-}  # fmt: skip
+    "programs": (
+        "diffscaler.cli",
+        "diffscaler.cli_model",
+        "diffscaler.data.cli",
+        "diffscaler.serving.cli",
+        "ray_jobs",
+        "tune",
+        "bench",
+    ),
+}
 LEVEL = {name: i for i, name in enumerate(LAYERS)}
 PACKAGES = ("diffscaler", "ray_jobs", "tune", "bench")
 
@@ -69,15 +95,15 @@ def test_importing_the_core_loads_no_entrypoint_io_or_cluster_module():
     modules = [f"diffscaler.{p}" for p in CORE] + [
         f"diffscaler.{f.parent.name}.{f.stem}" for f in core_files() if f.stem != "__init__"
     ]
-    code = (
-        "import sys\n"
-        + "".join(f"import {m}\n" for m in modules)
-        + "print('\\n'.join(sorted(sys.modules)))\n"
-    )
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + "print('\\n'.join(sorted(sys.modules)))\n"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     forbidden = ("PIL", "ray", "deepspeed", "webdataset", "torch_fidelity", "safetensors")
-    bad = [m for m in loaded if m.split(".")[0] in forbidden
-           or (m.startswith("diffscaler.") and not (m + ".").startswith(tuple(a + "." for a in ALLOWED_INTERNAL)))]
+    bad = [
+        m
+        for m in loaded
+        if m.split(".")[0] in forbidden
+        or (m.startswith("diffscaler.") and not (m + ".").startswith(tuple(a + "." for a in ALLOWED_INTERNAL)))
+    ]
     assert not bad, f"importing the core loaded {bad}"
 
 
@@ -106,14 +132,18 @@ def test_no_test_module_imports_another():
     bad = []
     for path in files:
         package = ".".join(path.relative_to(TESTS.parent).parent.parts)
-        bad += [f"{path.relative_to(TESTS.parent)}:{line}: imports {module}"
-                for line, module in imports_of_test_modules(path.read_text(), package, str(path))]  # fmt: skip
+        bad += [
+            f"{path.relative_to(TESTS.parent)}:{line}: imports {module}"
+            for line, module in imports_of_test_modules(path.read_text(), package, str(path))
+        ]
     assert not bad, "test modules share helpers through tests/support/ or conftest.py fixtures:\n" + "\n".join(bad)
 
 
 def test_the_test_import_check_finds_each_form():
-    source = "import tests.test_model\nfrom tests.test_model import perturb\nfrom tests import test_model\n" \
-             "from .test_model import perturb\nfrom . import test_model\nfrom tests.support import models\n"
+    source = (
+        "import tests.test_model\nfrom tests.test_model import perturb\nfrom tests import test_model\n"
+        "from .test_model import perturb\nfrom . import test_model\nfrom tests.support import models\n"
+    )
     lines = [line for line, _ in imports_of_test_modules(source, "tests")]
     assert sorted(set(lines)) == [1, 2, 3, 4, 5]
 
@@ -213,8 +243,10 @@ def test_every_import_points_down_or_sideways():
     for name, targets in import_edges(modules).items():
         for target, line in targets.items():
             if LEVEL[layer_of(target)] > LEVEL[layer_of(name)]:
-                upward.append(f"{modules[name].relative_to(REPO)}:{line}: {layer_of(name)} {name} imports "
-                              f"{layer_of(target)} {target}")  # fmt: skip
+                upward.append(
+                    f"{modules[name].relative_to(REPO)}:{line}: {layer_of(name)} {name} imports "
+                    f"{layer_of(target)} {target}"
+                )
     assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
 
 

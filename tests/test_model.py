@@ -14,8 +14,11 @@ def tiny(**kw) -> DiT:
 def batch(model: DiT, n: int = 4):
     c, s = model.config.in_channels, model.config.input_size
     g = torch.Generator().manual_seed(2)
-    return (torch.randn(n, c, s, s, generator=g), torch.randint(0, 1000, (n,), generator=g),
-            torch.randint(0, model.config.num_classes, (n,), generator=g))
+    return (
+        torch.randn(n, c, s, s, generator=g),
+        torch.randint(0, 1000, (n,), generator=g),
+        torch.randint(0, model.config.num_classes, (n,), generator=g),
+    )
 
 
 def test_fresh_model_outputs_exactly_zero_and_blocks_are_identity():

@@ -35,8 +35,10 @@ def mtimes(*paths: Path) -> list[int]:
 
 
 def test_relative_storage_paths_go_inside_the_run_folder(tmp_path):
-    cfg = load_config(micro_config(tmp_path, ["report"]), ["data.shards_root=shards", "eval.cache_dir=/abs/cache",
-                                                            "pretrain.storage_path=s3://bucket/ray"])  # fmt: skip
+    cfg = load_config(
+        micro_config(tmp_path, ["report"]),
+        ["data.shards_root=shards", "eval.cache_dir=/abs/cache", "pretrain.storage_path=s3://bucket/ray"],
+    )
     run = resolve_run_config(cfg, tmp_path / "out")
     assert run.data.shards_root == str(tmp_path / "out" / "shards")
     assert run.eval.cache_dir == "/abs/cache"
@@ -74,14 +76,17 @@ def test_unknown_empty_or_missing_source_is_bad_input_before_ray(kind, tmp_path,
     from ray_jobs.shards import main as shards_main
 
     (tmp_path / "empty").mkdir()
-    source, words = {"unknown": ("nosuch", "unknown source 'nosuch'"),
-                     "empty": (f"folder:{tmp_path / 'empty'}", "no images found"),
-                     "missing": (f"folder:{tmp_path / 'nope'}", "not a folder")}[kind]  # fmt: skip
+    source, words = {
+        "unknown": ("nosuch", "unknown source 'nosuch'"),
+        "empty": (f"folder:{tmp_path / 'empty'}", "no images found"),
+        "missing": (f"folder:{tmp_path / 'nope'}", "not a folder"),
+    }[kind]
     cfg = micro_config(tmp_path, ["shards", "pretrain"])
     msg = run_expecting_input_error(cfg, tmp_path / "out", [f"data.pretrain_source={source}"], match=words)
     assert "data.pretrain_source" in msg
-    msg = run_expecting_input_error(cfg, tmp_path / "out", [f"data.targets=[{{name: red, source: '{source}'}}]"],
-                                    match=words)  # fmt: skip
+    msg = run_expecting_input_error(
+        cfg, tmp_path / "out", [f"data.targets=[{{name: red, source: '{source}'}}]"], match=words
+    )
     assert "data.targets: dataset 'red'" in msg
     assert shards_main(["--config", str(cfg), f"data.pretrain_source={source}"]) == 2
     assert words in capsys.readouterr().err
@@ -89,8 +94,9 @@ def test_unknown_empty_or_missing_source_is_bad_input_before_ray(kind, tmp_path,
 
 def test_dataset_without_shards_when_shards_stage_is_off(tmp_path):
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
-    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",
-                                    [f"pipeline.backbone={backbone}"], match="no shards")  # fmt: skip
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["finetune"]), tmp_path / "out", [f"pipeline.backbone={backbone}"], match="no shards"
+    )
     assert "'red'" in msg and str(tmp_path / "out" / "shards" / "red") in msg
 
 
@@ -101,8 +107,9 @@ def test_shards_built_with_other_parameters_when_shards_stage_is_off(tmp_path):
     cfg_path = micro_config(tmp_path, ["finetune"])
     cfg = resolve_run_config(load_config(cfg_path), tmp_path / "out")
     build_all(cfg.data, ["red", "blue"], parallel=False)  # built with limit 0
-    msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=5"],
-                                    match="other parameters")  # fmt: skip
+    msg = run_expecting_input_error(
+        cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=5"], match="other parameters"
+    )
     assert "limit built=0 config=5" in msg
 
 
@@ -132,8 +139,12 @@ def test_a_changed_folder_target_is_rebuilt_and_the_reason_names_the_change(tmp_
     assert "36 files then, 36 now" in check.reason
     # The pipeline without the shards stage refuses the stale shards, naming the change.
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
-    msg = run_expecting_input_error(micro_config(tmp_path, ["finetune"]), tmp_path / "out",
-                                    [override, f"pipeline.backbone={backbone}"], match="changed since the build")
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["finetune"]),
+        tmp_path / "out",
+        [override, f"pipeline.backbone={backbone}"],
+        match="changed since the build",
+    )
     assert "add 'shards' to pipeline.stages" in msg
     ShardsStage(only=["mine"]).run(run)  # one dataset: build_all builds it on the driver, no Ray
     assert load_index(str(tmp_path / "out" / "shards" / "mine")).class_names == ["a", "b", "d"]
@@ -152,22 +163,35 @@ def test_split_sizes_are_checked_before_any_stage(tmp_path):
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
     cfg_path = micro_config(tmp_path, ["shards", "finetune"])
     # 12 images per target, eval_fraction 0.25: 9 train, 3 eval - from the folder, nothing built yet
-    msg = run_expecting_input_error(cfg_path, tmp_path / "out", [f"pipeline.backbone={backbone}",
-                                    "finetune.batch_size=16"], match="fewer train images than one batch")  # fmt: skip
+    msg = run_expecting_input_error(
+        cfg_path,
+        tmp_path / "out",
+        [f"pipeline.backbone={backbone}", "finetune.batch_size=16"],
+        match="fewer train images than one batch",
+    )
     assert "task 'red': 9 train and 3 eval images" in msg and "finetune.batch_size 16" in msg
     assert not (tmp_path / "out" / "shards").exists()
     sweep = micro_config(tmp_path, ["shards", "sweep"])
-    msg = run_expecting_input_error(sweep, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.eval_fraction=0",
-                                    "sweep.datasets=[blue]"], match="need an eval split")  # fmt: skip
+    msg = run_expecting_input_error(
+        sweep,
+        tmp_path / "out",
+        [f"pipeline.backbone={backbone}", "data.eval_fraction=0", "sweep.datasets=[blue]"],
+        match="need an eval split",
+    )
     assert "task 'blue': 12 train and 0 eval images" in msg
     # Built shards are counted from their index.
     cfg = resolve_run_config(load_config(cfg_path, ["data.limit=6", "data.eval_fraction=0.1"]), tmp_path / "out")
     build_all(cfg.data, ["red", "blue"], parallel=False)
     assert planned_counts(cfg.data, "red") == {"train": 5, "eval": 1} and is_up_to_date(
-        str(tmp_path / "out" / "shards" / "red"), dataset_parameters(cfg.data, "red"))
+        str(tmp_path / "out" / "shards" / "red"), dataset_parameters(cfg.data, "red")
+    )
     evaluate = micro_config(tmp_path, ["evaluate"])
-    msg = run_expecting_input_error(evaluate, tmp_path / "out", [f"pipeline.backbone={backbone}", "data.limit=6",
-                                    "data.eval_fraction=0.1"], match="at least 2 reference images")  # fmt: skip
+    msg = run_expecting_input_error(
+        evaluate,
+        tmp_path / "out",
+        [f"pipeline.backbone={backbone}", "data.limit=6", "data.eval_fraction=0.1"],
+        match="at least 2 reference images",
+    )
     assert "5 train and 1 eval images" in msg
 
 
@@ -189,14 +213,27 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
     p = cfg.pretrain
     folder = Path(p.storage_path) / p.run_name / checkpoint_dir_name(2)
     folder.mkdir(parents=True)
-    state = TrainerState(step=2, micro_step=2, images_seen=2 * p.global_batch_size, ema_updates=2,
-                         ema_decay=p.ema_decay, world_size=p.num_workers, zero_stage=p.zero_stage, precision="fp32",
-                         global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
-                         deepspeed_tag="step00000002", run_name=p.run_name, model=asdict(cfg.model),
-                         shards={"content_hash": "sha256:other"}, config=cfg.to_dict())  # fmt: skip
+    state = TrainerState(
+        step=2,
+        micro_step=2,
+        images_seen=2 * p.global_batch_size,
+        ema_updates=2,
+        ema_decay=p.ema_decay,
+        world_size=p.num_workers,
+        zero_stage=p.zero_stage,
+        precision="fp32",
+        global_batch_size=p.global_batch_size,
+        grad_accum_steps=p.grad_accum_steps,
+        deepspeed_tag="step00000002",
+        run_name=p.run_name,
+        model=asdict(cfg.model),
+        shards={"content_hash": "sha256:other"},
+        config=cfg.to_dict(),
+    )
     (folder / STATE_FILE).write_text(state.to_json())
-    (folder.parent / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name":
-                                                                                       folder.name}}))  # fmt: skip
+    (folder.parent / RAY_SNAPSHOT).write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": folder.name}})
+    )
     with pytest.raises(PipelineInputError, match="not a checkpoint of this run") as err:
         Pipeline(load_config(cfg_path), tmp_path / "out").preflight()
     assert f"shards (content hash): checkpoint 'sha256:other', config '{built}'" in str(err.value)
@@ -205,8 +242,12 @@ def test_a_left_checkpoint_of_other_shards_is_refused_before_any_stage(tmp_path)
 
 def test_backbone_that_does_not_match_the_model_config(tmp_path):
     other = save_micro_backbone(tmp_path / "b8.safetensors", ModelConfig(name="DiT-T/8", input_size=16, num_classes=3))
-    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
-                                    [f"pipeline.backbone={other}"], match="does not match")  # fmt: skip
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "finetune"]),
+        tmp_path / "out",
+        [f"pipeline.backbone={other}"],
+        match="does not match",
+    )
     assert "name file='DiT-T/8' config='DiT-T/4'" in msg
     # the public checkpoint path is checked the same way
     import torch
@@ -215,14 +256,20 @@ def test_backbone_that_does_not_match_the_model_config(tmp_path):
 
     pt = tmp_path / "dit.pt"
     torch.save(build_model(ModelConfig(name="DiT-T/4", input_size=32, num_classes=3), seed=0).state_dict(), pt)
-    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
-                                    [f"pipeline.backbone={pt}"], match="input_size")  # fmt: skip
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "finetune"]),
+        tmp_path / "out",
+        [f"pipeline.backbone={pt}"],
+        match="input_size",
+    )
     # no backbone at all while pretrain is not run
-    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out",
-                                    match="no backbone")  # fmt: skip
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "finetune"]), tmp_path / "out", match="no backbone"
+    )
     assert "add 'pretrain'" in msg
-    run_expecting_input_error(micro_config(tmp_path, ["shards"]), tmp_path / "out", ["pipeline.backbone=/nope.pt"],
-                              match="not found")  # fmt: skip
+    run_expecting_input_error(
+        micro_config(tmp_path, ["shards"]), tmp_path / "out", ["pipeline.backbone=/nope.pt"], match="not found"
+    )
 
 
 def test_a_truncated_backbone_is_bad_input_of_the_pipeline_and_of_ray_jobs_finetune(tmp_path, capsys, refuse_ray):
@@ -248,8 +295,9 @@ def test_a_given_backbone_needs_no_pretraining_set(tmp_path):
     from diffscaler.stages import ShardsStage
 
     missing = ["data.pretrain_source=folder:/nonexistent/pre"]
-    run_expecting_input_error(micro_config(tmp_path, ["shards", "pretrain"]), tmp_path / "out", missing,
-                              match="/nonexistent/pre")  # fmt: skip
+    run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "pretrain"]), tmp_path / "out", missing, match="/nonexistent/pre"
+    )
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
     cfg = load_config(micro_config(tmp_path, ["shards", "finetune"]), [*missing, f"pipeline.backbone={backbone}"])
     pipeline = Pipeline(cfg, tmp_path / "out2")
@@ -259,8 +307,12 @@ def test_a_given_backbone_needs_no_pretraining_set(tmp_path):
 
 def test_evaluate_needs_adapters_when_finetune_is_off(tmp_path):
     backbone = save_micro_backbone(tmp_path / "b.safetensors")
-    msg = run_expecting_input_error(micro_config(tmp_path, ["shards", "evaluate"]), tmp_path / "out",
-                                    [f"pipeline.backbone={backbone}"], match="needs adapters")  # fmt: skip
+    msg = run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "evaluate"]),
+        tmp_path / "out",
+        [f"pipeline.backbone={backbone}"],
+        match="needs adapters",
+    )
     assert "red.safetensors" in msg
 
 
@@ -274,8 +326,9 @@ def test_public_dit_checkpoint_is_imported_once_and_reported(tmp_path):
     pt = tmp_path / "DiT-T-4-16.pt"
     torch.save(build_model(MICRO_MODEL, seed=3).state_dict(), pt)
     out = tmp_path / "out"
-    run_expecting_input_error(micro_config(tmp_path, ["shards", "finetune"]), out, [f"pipeline.backbone={pt}"],
-                              match="add 'pretrain'")  # fmt: skip
+    run_expecting_input_error(
+        micro_config(tmp_path, ["shards", "finetune"]), out, [f"pipeline.backbone={pt}"], match="add 'pretrain'"
+    )
     cfg = load_config(micro_config(tmp_path, ["pretrain", "report"]), [f"pipeline.backbone={pt}"])
     run_pipeline(cfg, out)
     assert statuses(out)["pretrain"] == "done" and statuses(out)["report"] == "done"
@@ -301,8 +354,11 @@ def _user_tmpfs_works(folder: Path) -> bool:
     """Whether this machine lets an unprivileged user mount a tmpfs in its own user + mount namespace."""
     folder.mkdir()
     try:
-        done = subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                              capture_output=True, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -328,20 +384,23 @@ def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
     out.mkdir()
     res.mkdir()
     run = f"{sys.executable} -m ray_jobs.pipeline --config {cfg} --out {out} pipeline.backbone={pt}"
-    script = (f"mount -t tmpfs -o size=512k tmpfs {out} && cd {ROOT} && "
-              f"{{ {run} 2>{res}/a.err; echo $? >{res}/a.rc; cp {out}/pipeline.json {res}/a.json; "
-              f"{sys.executable} -c '{FILL_BUT_ONE_PAGE}' {out}; "
-              f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; "
-              f"{sys.executable} -m diffscaler.cli init-backbone --model DiT-T/4 --input-size 16 --in-channels 3 "
-              f"--num-classes 3 --out {out}/b.safetensors 2>{res}/c.err; echo $? >{res}/c.rc; }}")  # fmt: skip
+    script = (
+        f"mount -t tmpfs -o size=512k tmpfs {out} && cd {ROOT} && "
+        f"{{ {run} 2>{res}/a.err; echo $? >{res}/a.rc; cp {out}/pipeline.json {res}/a.json; "
+        f"{sys.executable} -c '{FILL_BUT_ONE_PAGE}' {out}; "
+        f"{run} 2>{res}/b.err; echo $? >{res}/b.rc; cp {out}/pipeline.json {res}/b.json; "
+        f"{sys.executable} -m diffscaler.cli init-backbone --model DiT-T/4 --input-size 16 --in-channels 3 "
+        f"--num-classes 3 --out {out}/b.safetensors 2>{res}/c.err; echo $? >{res}/c.rc; }}"
+    )
     subprocess.run(["unshare", "-Urm", "sh", "-c", script], check=True, timeout=300)
 
     a_err, b_err = (res / "a.err").read_text(), (res / "b.err").read_text()
     backbone = out / "backbone" / "backbone.safetensors"
     assert (res / "a.rc").read_text().strip() == "1"
     assert "Traceback" not in a_err and "Errno" not in a_err, a_err
-    assert a_err.strip().splitlines()[-2] == (f"ray_jobs.pipeline: stage 'pretrain' failed: no space left on device "
-                                              f"at {backbone}")  # fmt: skip
+    assert a_err.strip().splitlines()[-2] == (
+        f"ray_jobs.pipeline: stage 'pretrain' failed: no space left on device at {backbone}"
+    )
     a = json.loads((res / "a.json").read_text())
     assert a["status"] == "failed" and a["stages"]["pretrain"]["status"] == "failed"
     assert a["stages"]["pretrain"]["reason"] == f"no space left on device at {backbone}"
@@ -353,8 +412,9 @@ def test_a_full_disk_is_named_once_and_the_manifest_says_failed(tmp_path):
     assert b["started_at"] != a["started_at"] or b["wall_s"] != a["wall_s"]  # this run's record, not the last one's
     # the command line too: one line, no traceback
     assert (res / "c.rc").read_text().strip() == "1"
-    assert (res / "c.err").read_text() == (f"diffscaler init-backbone: error: no space left on device at "
-                                           f"{out / 'b.safetensors'}\n")  # fmt: skip
+    assert (res / "c.err").read_text() == (
+        f"diffscaler init-backbone: error: no space left on device at {out / 'b.safetensors'}\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,8 +433,14 @@ def test_skip_valid_stages_and_resume_after_a_failed_stage(ray_local, tmp_path):
     run_pipeline(full, out, log=lines.append)
     m = manifest(out)
     assert m["status"] == "done"
-    assert statuses(out) == {"shards": "done", "pretrain": "not selected", "finetune": "done",
-                             "sweep": "not selected", "evaluate": "not selected", "report": "done"}  # fmt: skip
+    assert statuses(out) == {
+        "shards": "done",
+        "pretrain": "not selected",
+        "finetune": "done",
+        "sweep": "not selected",
+        "evaluate": "not selected",
+        "report": "done",
+    }
     for name in ("shards", "finetune", "report"):
         assert m["stages"][name]["wall_s"] > 0
         assert any(line.startswith("[pipeline]") and name in line and "started" in line for line in lines)
@@ -426,8 +492,12 @@ def interrupt_during_finetune(cfg_path: Path, out: Path, overrides: list[str], s
     """Run the pipeline program, send `sig` once its fine-tunes run; returns its output (exit status checked)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "ray_jobs.pipeline", "--config", str(cfg_path), "--out", str(out), *overrides],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline and proc.poll() is None:
@@ -480,6 +550,12 @@ def test_ctrl_c_and_sigterm_keep_finished_stages_and_a_rerun_continues(ray_local
     wait_for_free_cpus()
 
     run_pipeline(load_config(micro_config(tmp_path, ["shards", "pretrain", "finetune"])), out)
-    assert statuses(out) == {"shards": "skipped", "pretrain": "skipped", "finetune": "done",
-                             "sweep": "not selected", "evaluate": "not selected", "report": "not selected"}  # fmt: skip
+    assert statuses(out) == {
+        "shards": "skipped",
+        "pretrain": "skipped",
+        "finetune": "done",
+        "sweep": "not selected",
+        "evaluate": "not selected",
+        "report": "not selected",
+    }
     assert (out / "adapters" / "red.safetensors").is_file() and mtimes(backbone) == before

@@ -80,15 +80,48 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
     log = tmp_path / "ray-start.log"
     with open(log, "w") as log_file:
         head = subprocess.Popen(
-            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-             "--port", str(gcs), "--temp-dir", temp_dir, "--num-cpus", "2", "--num-gpus", "0",
-             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-             "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-             "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node_mgr),
-             "--object-manager-port", str(obj_mgr), "--disable-usage-stats"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address",
+                "127.0.0.1",
+                "--port",
+                str(gcs),
+                "--temp-dir",
+                temp_dir,
+                "--num-cpus",
+                "2",
+                "--num-gpus",
+                "0",
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(dash),
+                "--ray-client-server-port",
+                str(client),
+                "--dashboard-agent-listen-port",
+                str(agent),
+                "--dashboard-agent-grpc-port",
+                str(agent_grpc),
+                "--metrics-export-port",
+                str(metrics),
+                "--runtime-env-agent-port",
+                str(env_agent),
+                "--node-manager-port",
+                str(node_mgr),
+                "--object-manager-port",
+                str(obj_mgr),
+                "--disable-usage-stats",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     address = f"http://127.0.0.1:{dash}"
     out = tmp_path / "run"
     submission = f"pipeline-test-{os.getpid()}"
@@ -96,11 +129,32 @@ def test_ray_job_submit_runs_the_pipeline_on_a_local_cluster(tmp_path):
         wait_for_job_server(address, head, log)
         cfg = micro_config(tmp_path, ALL_STAGES, finetune={"methods": ["affiner", "lora"]})
         submit = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission,
-             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-             "--", "python", "-m", "ray_jobs.pipeline", "--config", str(cfg), "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=1500,
-        )  # fmt: skip
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--submission-id",
+                submission,
+                "--working-dir",
+                str(ROOT),
+                "--runtime-env-json",
+                json.dumps({"excludes": EXCLUDES}),
+                "--",
+                "python",
+                "-m",
+                "ray_jobs.pipeline",
+                "--config",
+                str(cfg),
+                "--out",
+                str(out),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         logs = submit.stdout + submit.stderr

@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def conditional_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
     shapes = rgba_folder(tmp / "src-rgba" / "shapes", n=16)
-    targets = [{"name": "red", "source": f"folder:{tmp / 'src' / 'red'}"},
-               {"name": "shapes-mask", "source": f"folder:{shapes}", "condition": "mask"}]  # fmt: skip
+    targets = [
+        {"name": "red", "source": f"folder:{tmp / 'src' / 'red'}"},
+        {"name": "shapes-mask", "source": f"folder:{shapes}", "condition": "mask"},
+    ]
     path = micro_config(tmp, stages, **sections)  # makes src/ first
     cfg = yaml.safe_load(path.read_text())
     cfg["data"]["targets"] = targets
@@ -45,8 +47,12 @@ def test_a_conditional_target_through_every_stage(ray_local, tmp_path):
     assert m["status"] == "done", m["error"]
 
     meta = json.loads((out / "adapters" / "shapes-mask.json").read_text())
-    assert meta["condition_extractor"] == {"kind": "mask", "params": {"alpha_threshold": 32, "white_threshold": 24},
-                                           "channels": 1, "size": 16}  # fmt: skip
+    assert meta["condition_extractor"] == {
+        "kind": "mask",
+        "params": {"alpha_threshold": 32, "white_threshold": 24},
+        "channels": 1,
+        "size": 16,
+    }
     assert "condition_extractor" not in json.loads((out / "adapters" / "red.json").read_text())
     swept = json.loads((out / "sweep" / "best.json").read_text())["datasets"]
     assert set(swept) == {"shapes-mask"}
@@ -66,9 +72,17 @@ def test_a_conditional_target_through_every_stage(ray_local, tmp_path):
     assert any("shapes-mask condition fidelity (mask_iou" in line for line in lines)
 
     report = (out / "report.md").read_text()
-    for part in ("### Condition fidelity", "ceiling (real, own maps)", "mismatched maps (chance)", "no condition",
-                 "condition_shapes-mask.png", "map | generated | real", "IoU", "condition path params",
-                 f"| shapes-mask | affiner | mask | {meta['condition_params']:,} |"):  # fmt: skip
+    for part in (
+        "### Condition fidelity",
+        "ceiling (real, own maps)",
+        "mismatched maps (chance)",
+        "no condition",
+        "condition_shapes-mask.png",
+        "map | generated | real",
+        "IoU",
+        "condition path params",
+        f"| shapes-mask | affiner | mask | {meta['condition_params']:,} |",
+    ):
         assert part in report, part
     from PIL import Image
 
@@ -133,6 +147,8 @@ def _wait_for_free_cpus(ray, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0) - 1e-6:
         if time.monotonic() > deadline:
-            raise AssertionError(f"CPUs still held {timeout_s:.0f} s after the programs ended: "
-                                 f"{ray.available_resources()} of {ray.cluster_resources()}")
+            raise AssertionError(
+                f"CPUs still held {timeout_s:.0f} s after the programs ended: "
+                f"{ray.available_resources()} of {ray.cluster_resources()}"
+            )
         time.sleep(0.5)

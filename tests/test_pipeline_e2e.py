@@ -19,8 +19,11 @@ def test_whole_pipeline_then_a_rerun_that_skips_every_stage(ray_local, tmp_path)
     check_full_run(out)
     assert all(s == "done" for s in statuses(out).values())
     progress = [line for line in lines if "generated images sampled and featurized" in line]
-    assert progress and progress[-1].startswith("evaluate: ") and progress[-1].split()[1].split("/")[0] == (
-        progress[-1].split()[1].split("/")[1])  # the last line says all of them
+    assert (
+        progress
+        and progress[-1].startswith("evaluate: ")
+        and progress[-1].split()[1].split("/")[0] == (progress[-1].split()[1].split("/")[1])
+    )  # the last line says all of them
 
     run_pipeline(cfg, out)
     assert statuses(out) == {**dict.fromkeys(ALL_STAGES[:-1], "skipped"), "report": "done"}

@@ -162,8 +162,14 @@ def test_an_infinite_gradient_norm_stops_the_run_like_a_nan_loss(ray_local, shar
     exit status 0 and an exported backbone of those weights."""
     from diffscaler.train.pretrain import NonFiniteLossError, run_pretrain
 
-    cfg = tiny_cfg(tmp_path, "inf-grad", "pretrain.lr=1.0e+6", "pretrain.steps=6", "pretrain.checkpoint_every=2",
-                   "pretrain.sample_every=0")  # fmt: skip
+    cfg = tiny_cfg(
+        tmp_path,
+        "inf-grad",
+        "pretrain.lr=1.0e+6",
+        "pretrain.steps=6",
+        "pretrain.checkpoint_every=2",
+        "pretrain.sample_every=0",
+    )
     with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf at step 3 .*last good checkpoint is step 2"):
         run_pretrain(cfg, tmp_path / "out", shards)
     assert not (tmp_path / "out" / "backbone.safetensors").exists()
@@ -180,8 +186,9 @@ def test_the_driver_names_the_step_ray_resumes_from_not_the_highest_folder(ray_l
     from diffscaler.train.pretrain_checkpoint import RAY_SNAPSHOT, checkpoint_dir_name
 
     def cfg(steps: int):
-        return tiny_cfg(tmp_path, "stop", f"pretrain.steps={steps}", "pretrain.checkpoint_every=2",
-                        "pretrain.sample_every=0")  # fmt: skip
+        return tiny_cfg(
+            tmp_path, "stop", f"pretrain.steps={steps}", "pretrain.checkpoint_every=2", "pretrain.sample_every=0"
+        )
 
     out, run_dir = tmp_path / "out", tmp_path / "ray" / "stop"
     run_pretrain(cfg(2), out, shards)
@@ -284,8 +291,14 @@ def test_skipped_samples_are_counted_and_a_bad_shard_is_not_retried(ray_local, s
 
     # Skipped: one epoch (96 samples, batch 8) reads the bad sample exactly once; the count and the
     # file land in backbone.json, the metrics, the events and the result (the summary line's source).
-    cfg = tiny_cfg(tmp_path, "skip", "pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.sample_every=0",
-                   "data.skip_bad_samples=true")  # fmt: skip
+    cfg = tiny_cfg(
+        tmp_path,
+        "skip",
+        "pretrain.steps=12",
+        "pretrain.checkpoint_every=6",
+        "pretrain.sample_every=0",
+        "data.skip_bad_samples=true",
+    )
     result = run_pretrain(cfg, tmp_path / "out", str(broken))
     prov = load_backbone(result.backbone)[1]["provenance"]
     assert prov["skipped_samples"] == 1 and {Path(k).name: v for k, v in prov["skipped_files"].items()} == {
@@ -297,8 +310,14 @@ def test_skipped_samples_are_counted_and_a_bad_shard_is_not_retried(ray_local, s
 
     # Not skipped: the same sample fails every retry, so the run stops at once with the shard error
     # instead of replaying max_failures times.
-    cfg = tiny_cfg(tmp_path, "strict", "pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.sample_every=0",
-                   "pretrain.max_failures=2")  # fmt: skip
+    cfg = tiny_cfg(
+        tmp_path,
+        "strict",
+        "pretrain.steps=12",
+        "pretrain.checkpoint_every=6",
+        "pretrain.sample_every=0",
+        "pretrain.max_failures=2",
+    )
     with pytest.raises(PretrainDataError, match=rf"train-000003.tar: sample '{key}': unreadable image") as err:
         run_pretrain(cfg, tmp_path / "out2", str(broken))
     assert "skip_bad_samples" in str(err.value) and "shards check" in str(err.value)

@@ -204,9 +204,16 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     cfg = load_config(None, base)
     run_dir = tmp_path / "run"
     where = str(run_dir / checkpoint_dir_name(4))
-    state = replace(_state(4), world_size=2, zero_stage=cfg.pretrain.zero_stage, ema_decay=cfg.pretrain.ema_decay,
-                    global_batch_size=cfg.pretrain.global_batch_size, model=asdict(cfg.model),
-                    shards={"content_hash": "sha256:aaa"}, config=cfg.to_dict())  # fmt: skip
+    state = replace(
+        _state(4),
+        world_size=2,
+        zero_stage=cfg.pretrain.zero_stage,
+        ema_decay=cfg.pretrain.ema_decay,
+        global_batch_size=cfg.pretrain.global_batch_size,
+        model=asdict(cfg.model),
+        shards={"content_hash": "sha256:aaa"},
+        config=cfg.to_dict(),
+    )
     check_resumable(state, cfg, where, "sha256:aaa")  # its own run
     check_resumable(state, load_config(None, [*base, "pretrain.steps=12"]), where, "sha256:aaa")
 

@@ -94,8 +94,9 @@ def test_the_readme_own_data_flow_runs_as_written_and_reruns_after_a_change(ray_
         (folder / f"c{k}").mkdir(parents=True)
         for i in range(12):
             Image.new("RGB", (20, 20), (80 * k, 200 - 60 * k, 40 + i)).save(folder / f"c{k}" / f"{i}.png")
-    as_folder = [a.replace(f'source: "webdataset:{pets}", label_key: "json:label"', f'source: "folder:{folder}"')
-                 for a in argv]  # fmt: skip
+    as_folder = [
+        a.replace(f'source: "webdataset:{pets}", label_key: "json:label"', f'source: "folder:{folder}"') for a in argv
+    ]
     assert pipeline_main(as_folder) == 0
     assert load_index(str(run / "shards" / "pets")).class_names == ["c0", "c1", "c2"]
     shutil.rmtree(folder / "c2")

@@ -25,13 +25,16 @@ def two_threads():
 
 
 @pytest.mark.parametrize(("model", "size", "threads"), [("DiT-T/4", 16, 1), ("DiT-S/4", 32, 2)])
-def test_grids_are_sampled_on_one_thread_only_for_a_tiny_backbone(model, size, threads, tmp_path, monkeypatch,
-                                                                  two_threads):  # fmt: skip
+def test_grids_are_sampled_on_one_thread_only_for_a_tiny_backbone(
+    model, size, threads, tmp_path, monkeypatch, two_threads
+):
     """The report used to force one thread whatever the model: half the wall time of a DiT-XL/2 run."""
     import diffscaler.report as report
 
-    cfg = load_config(None, [f"model.name={model}", f"model.input_size={size}", f"data.image_size={size}",
-                             "diffusion.sampling_steps=1"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [f"model.name={model}", f"model.input_size={size}", f"data.image_size={size}", "diffusion.sampling_steps=1"],
+    )
     backbone = tmp_path / "backbone.safetensors"
     save_backbone(build_model(cfg.model, seed=0), backbone)
     seen: list[int] = []
@@ -51,8 +54,17 @@ def test_a_latent_backbone_input_is_named_in_latent_cells(tmp_path):
     from diffscaler.vae import save_tiny_vae
 
     vae = save_tiny_vae(tmp_path / "vae")  # downsamples 2: 16 px images -> 4x8x8 latents
-    cfg = load_config(None, ["model.name=DiT-T/4", "model.input_size=8", "model.in_channels=4", "data.image_size=16",
-                             f"data.vae={vae}", "diffusion.sampling_steps=1"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "model.name=DiT-T/4",
+            "model.input_size=8",
+            "model.in_channels=4",
+            "data.image_size=16",
+            f"data.vae={vae}",
+            "diffusion.sampling_steps=1",
+        ],
+    )
     backbone = tmp_path / "backbone.safetensors"
     save_backbone(build_model(cfg.model, seed=0), backbone)
     write_report(ReportInputs(cfg, tmp_path, backbone=backbone))

@@ -29,8 +29,9 @@ HOLD = (
 def held(tmp_path):
     """A folder whose lock another process holds; yields (folder, that process)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         yield out, proc
@@ -143,15 +144,21 @@ PROGRAMS = {
     "ray_jobs.pretrain": lambda cfg, out: ["--config", cfg, "--out", out],
     "ray_jobs.finetune": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
     "ray_jobs.sweep": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--out", out],
-    "ray_jobs.evaluate": lambda cfg, out: ["--config", cfg, "--backbone", "b.safetensors", "--include-backbone",
-                                           "--out", out],
-}  # fmt: skip
+    "ray_jobs.evaluate": lambda cfg, out: [
+        "--config",
+        cfg,
+        "--backbone",
+        "b.safetensors",
+        "--include-backbone",
+        "--out",
+        out,
+    ],
+}
 
 
 @pytest.mark.parametrize("program", list(PROGRAMS))
 def test_every_program_refuses_a_folder_in_use_before_anything_starts(program, held, tmp_path, capsys, refuse_ray):
     import importlib
-
 
     out, proc = held
     main = importlib.import_module(program).main
@@ -166,7 +173,6 @@ def test_every_program_refuses_a_folder_in_use_before_anything_starts(program, h
 def test_every_program_refuses_an_out_that_is_a_file(program, tmp_path, capsys, refuse_ray):
     import importlib
 
-
     f = tmp_path / "out.txt"
     f.write_text("not a folder")
     assert importlib.import_module(program).main(PROGRAMS[program](_config(tmp_path), str(f))) == 2
@@ -174,8 +180,7 @@ def test_every_program_refuses_an_out_that_is_a_file(program, tmp_path, capsys, 
     assert f.read_text() == "not a folder"
 
 
-def test_the_shards_programs_lock_their_folders_and_a_refused_run_leaves_no_folders(held, tmp_path, capsys,
-                                                                                    refuse_ray):  # fmt: skip
+def test_the_shards_programs_lock_their_folders_and_a_refused_run_leaves_no_folders(held, tmp_path, capsys, refuse_ray):
     """`ray_jobs.shards` and `diffscaler shards make` into a run folder in use (a pipeline's shards) are refused,
     naming the holder, and leave nothing behind: they used to rewrite the running pipeline's shards."""
     from diffscaler.cli import main as cli_main
@@ -201,8 +206,24 @@ def test_cli_outputs_under_a_file_are_clear_errors(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert cli_main(["shards", "make", "--source", f"folder:{src}", "--out", str(f)]) == 2
-    assert cli_main(["init-backbone", "--model", "DiT-T/8", "--input-size", "16", "--in-channels", "3",
-                     "--num-classes", "2", "--out", str(f / "x.safetensors")]) == 2  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "init-backbone",
+                "--model",
+                "DiT-T/8",
+                "--input-size",
+                "16",
+                "--in-channels",
+                "3",
+                "--num-classes",
+                "2",
+                "--out",
+                str(f / "x.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"--out {f}: is a file, not a folder" in err and f"--out {f / 'x.safetensors'}: {f} is a file" in err, err
     assert f.read_text() == "x"

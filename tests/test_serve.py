@@ -20,8 +20,15 @@ from tests.support.cluster import free_ports
 from tests.support.serving import live_actor_pids, make_adapters, make_backbone, setup_models
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-SERVE = ["serve.cpus_per_replica=0.5", "serve.sampling_steps=2", "serve.max_steps=40", "serve.max_resident_tasks=3",
-         "serve.max_batch_size=16", "serve.batch_wait_s=0.05", "serve.max_images_per_request=8"]
+SERVE = [
+    "serve.cpus_per_replica=0.5",
+    "serve.sampling_steps=2",
+    "serve.max_steps=40",
+    "serve.max_resident_tasks=3",
+    "serve.max_batch_size=16",
+    "serve.batch_wait_s=0.05",
+    "serve.max_images_per_request=8",
+]
 
 
 def decode(item: dict) -> np.ndarray:
@@ -75,8 +82,10 @@ def test_generate_returns_the_generation_jobs_images_as_json_or_png(server):
 
 def test_the_same_request_gives_the_same_images_whatever_it_is_batched_with(server):
     url, _, _ = server
-    requests_ = [{"task": t, "num": n, "seed": s} for t, n, s in
-                 [("a", 3, 1), ("b", 2, 2), ("c", 4, 3), ("d", 1, 4), ("a", 2, 5), ("c", 1, 6)]]
+    requests_ = [
+        {"task": t, "num": n, "seed": s}
+        for t, n, s in [("a", 3, 1), ("b", 2, 2), ("c", 4, 3), ("d", 1, 4), ("a", 2, 5), ("c", 1, 6)]
+    ]
     alone = [post(url, q).json() for q in requests_]
     before = requests.get(url + "/v1/stats", timeout=30).json()
     with ThreadPoolExecutor(len(requests_)) as pool:
@@ -91,20 +100,23 @@ def test_the_same_request_gives_the_same_images_whatever_it_is_batched_with(serv
     assert after["page_ins"] >= 1 and after["resident"] == 3  # 4 tasks over 3 resident slots: paged in and out
 
 
-@pytest.mark.parametrize(("body", "status", "words"), [
-    ({"task": "zebra"}, 404, "unknown task 'zebra'; served tasks: a, b, c, d"),
-    ("{not json", 400, "malformed JSON"),
-    ({"task": "a", "num": 0}, 400, "field 'num': 0 is out of range [1, 8]"),
-    ({"task": "a", "num": 9}, 400, "field 'num': 9 is out of range [1, 8]"),
-    ({"task": "a", "steps": -1}, 400, "field 'steps'"),
-    ({"task": "a", "steps": 41}, 400, "field 'steps'"),
-    ({"task": "b", "class": 3}, 400, "field 'class': 3 is out of range for task 'b'"),
-    ({"task": "a", "class": 1}, 400, "field 'class'"),
-    ({"task": "a", "seed": "x"}, 400, "field 'seed': expected an integer"),
-    ({"task": "a", "guidance": -1}, 400, "field 'guidance'"),
-    ({"task": "a", "condition": "x.png"}, 400, "field 'condition': not a request field"),
-    ({"num": 2}, 400, "field 'task'"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"task": "zebra"}, 404, "unknown task 'zebra'; served tasks: a, b, c, d"),
+        ("{not json", 400, "malformed JSON"),
+        ({"task": "a", "num": 0}, 400, "field 'num': 0 is out of range [1, 8]"),
+        ({"task": "a", "num": 9}, 400, "field 'num': 9 is out of range [1, 8]"),
+        ({"task": "a", "steps": -1}, 400, "field 'steps'"),
+        ({"task": "a", "steps": 41}, 400, "field 'steps'"),
+        ({"task": "b", "class": 3}, 400, "field 'class': 3 is out of range for task 'b'"),
+        ({"task": "a", "class": 1}, 400, "field 'class'"),
+        ({"task": "a", "seed": "x"}, 400, "field 'seed': expected an integer"),
+        ({"task": "a", "guidance": -1}, 400, "field 'guidance'"),
+        ({"task": "a", "condition": "x.png"}, 400, "field 'condition': not a request field"),
+        ({"num": 2}, 400, "field 'task'"),
+    ],
+)
 def test_bad_requests_name_the_field_and_unknown_tasks_list_the_served(server, body, status, words):
     url, _, _ = server
     r = post(url, body)
@@ -162,8 +174,9 @@ def test_a_saturated_deployment_answers_503(server):
     from diffscaler.serving.app import build_app
 
     url, adapters, backbone = server
-    cfg = load_config(None, [*SERVE, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
-                             "serve.max_batch_size=1"])
+    cfg = load_config(
+        None, [*SERVE, "serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_batch_size=1"]
+    )
     serve.run(build_app(str(backbone), str(adapters), cfg), name="small", route_prefix="/small")
     try:
         slow = {"task": "a", "num": 8, "steps": 40}

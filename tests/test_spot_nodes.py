@@ -99,8 +99,13 @@ def _one_cluster(head_cpus: float, autoscaling: dict | None) -> Iterator:
 
     temp = tempfile.mkdtemp(prefix="ds-spot-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
     gcs, dash = free_ports(2)
-    head_args = {"num_cpus": head_cpus, "temp_dir": temp, "include_dashboard": False, "dashboard_port": dash,
-                 "gcs_server_port": gcs}  # fmt: skip
+    head_args = {
+        "num_cpus": head_cpus,
+        "temp_dir": temp,
+        "include_dashboard": False,
+        "dashboard_port": dash,
+        "gcs_server_port": gcs,
+    }
     if autoscaling is not None:
         node_ip = ray._private.services.get_node_ip_address()
         autoscaling = json.loads(json.dumps(autoscaling))
@@ -232,8 +237,7 @@ def test_a_finetune_lost_with_its_node_is_retried_and_gives_the_same_adapter(wor
     the undisturbed run's, bit for bit."""
     from diffscaler.train.finetune import run_finetunes
 
-    cfg = tiny_config(work.shards, TWO_TASKS, "finetune.steps=150", "finetune.log_every=1",
-                      "finetune.cpus_per_task=1")  # fmt: skip
+    cfg = tiny_config(work.shards, TWO_TASKS, "finetune.steps=150", "finetune.log_every=1", "finetune.cpus_per_task=1")
     with spot_cluster(head_cpus=0, spot_nodes=2) as (cluster, (doomed, _)):
         calm = run_finetunes(cfg, work.backbone, tmp_path / "calm", log=print)
         assert [r.status for r in calm.rows] == ["ok", "ok"]
@@ -241,8 +245,9 @@ def test_a_finetune_lost_with_its_node_is_retried_and_gives_the_same_adapter(wor
         out = tmp_path / "spot"
         logs = [out / "logs" / "affiner" / f"{t}.jsonl" for t in ("ta", "tb")]
         # both are training (so one of them is on the doomed node) and neither is done
-        reclaimer = NodeReclaimer(cluster, doomed, lambda: all(train_lines(p) >= 2 for p in logs)
-                                  and not list(out.glob("*.safetensors")))  # fmt: skip
+        reclaimer = NodeReclaimer(
+            cluster, doomed, lambda: all(train_lines(p) >= 2 for p in logs) and not list(out.glob("*.safetensors"))
+        )
         reclaimer.start()
         try:
             spot = run_finetunes(cfg, work.backbone, out, log=print)
@@ -267,15 +272,25 @@ def test_a_finetune_lost_with_its_node_is_retried_and_gives_the_same_adapter(wor
 def sweep_cfg(work):
     # grace_period = every rung: ASHA stops nothing, so the sweep is deterministic
     return tiny_config(
-        work.shards, TWO_TASKS, "sweep.ranks=[2,4]", "sweep.num_samples=2", "sweep.max_steps=40",
-        "sweep.rung_steps=8", "sweep.grace_period=5", "sweep.datasets=[ta]", "sweep.cpus_per_trial=1",
+        work.shards,
+        TWO_TASKS,
+        "sweep.ranks=[2,4]",
+        "sweep.num_samples=2",
+        "sweep.max_steps=40",
+        "sweep.rung_steps=8",
+        "sweep.grace_period=5",
+        "sweep.datasets=[ta]",
+        "sweep.cpus_per_trial=1",
         "finetune.log_every=2",
-    )  # fmt: skip
+    )
 
 
 def trial_reports(out: Path) -> dict[str, list[dict]]:
-    return {d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
-            for d in out.glob("tune/*/sweep_trial_*") if (d / "result.json").is_file()}  # fmt: skip
+    return {
+        d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines() if line.strip()]
+        for d in out.glob("tune/*/sweep_trial_*")
+        if (d / "result.json").is_file()
+    }
 
 
 @pytest.mark.slow
@@ -295,8 +310,11 @@ def test_a_trial_lost_with_its_node_resumes_from_its_rung_checkpoint(work, tmp_p
 
         def both_trials_have_a_rung() -> bool:  # (result.json is written late: the checkpoints tell)
             trials = list(out.glob("tune/*/sweep_trial_*"))
-            return (len(trials) == 2 and all(list(t.glob("checkpoint_*")) for t in trials)
-                    and not list(out.glob("tune/*/sweep_trial_*/checkpoint_000004")))  # fmt: skip
+            return (
+                len(trials) == 2
+                and all(list(t.glob("checkpoint_*")) for t in trials)
+                and not list(out.glob("tune/*/sweep_trial_*/checkpoint_000004"))
+            )
 
         reclaimer = NodeReclaimer(cluster, doomed, both_trials_have_a_rung)
         reclaimer.start()
@@ -364,8 +382,11 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
 
             def progress(event: dict) -> None:
                 events.append(event)
-                if (event["event"] == "submitted" and not on_doomed.is_set()
-                        and parent_pid(ev.actor_pid(event["slot"])) == doomed_raylet):  # fmt: skip
+                if (
+                    event["event"] == "submitted"
+                    and not on_doomed.is_set()
+                    and parent_pid(ev.actor_pid(event["slot"])) == doomed_raylet
+                ):
                     on_doomed.set()  # (an actor's worker process is a child of its node's raylet)
 
             reclaimer = NodeReclaimer(cluster, doomed, on_doomed.is_set, after=lambda: add_replacement_node(cluster))
@@ -405,8 +426,12 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
     cfg = tiny_cfg(tmp_path, "spot", "pretrain.steps=12", "pretrain.max_failures=2", "pretrain.sample_every=0")
     run_dir = tmp_path / "ray" / "spot"
     with spot_cluster(head_cpus=1, spot_nodes=1) as (cluster, (doomed,)):
-        reclaimer = NodeReclaimer(cluster, doomed, lambda: (run_dir / "checkpoint_step00000004").is_dir(),
-                                  after=lambda: add_replacement_node(cluster))  # fmt: skip
+        reclaimer = NodeReclaimer(
+            cluster,
+            doomed,
+            lambda: (run_dir / "checkpoint_step00000004").is_dir(),
+            after=lambda: add_replacement_node(cluster),
+        )
         reclaimer.start()
         try:
             result = run_pretrain(cfg, tmp_path / "out", shards)
@@ -432,20 +457,40 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
 def autoscaling_config(head_cpus: float, spot_cpus: float = 1, max_workers: int = 2) -> dict:
     """A cluster.yaml-style config: the head, and one spot node type scaling from zero."""
     return {
-        "cluster_name": "spot-test", "max_workers": max_workers,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True},
+        "cluster_name": "spot-test",
+        "max_workers": max_workers,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
-            "cpu_spot_1x": {"resources": {"CPU": spot_cpus, "spot": 1}, "node_config": {}, "min_workers": 0,
-                            "max_workers": max_workers},
+            "cpu_spot_1x": {
+                "resources": {"CPU": spot_cpus, "spot": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_workers,
+            },
         },
-        "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
-        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [],
-    }  # fmt: skip
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "docker": {},
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+    }
 
 
 @pytest.fixture
@@ -474,8 +519,9 @@ def test_autoscaler_starts_spot_nodes_from_zero_for_the_finetunes_and_refuses_wh
         assert time.perf_counter() - t0 < 30 and alive_spot_nodes() == []  # up front: nothing was started
         assert not (tmp_path / "refused" / "summary.json").exists()
 
-        cfg = tiny_config(work.shards, TWO_TASKS, "finetune.steps=60", "finetune.cpus_per_task=1",
-                          "finetune.methods=[affiner,lora]")  # fmt: skip
+        cfg = tiny_config(
+            work.shards, TWO_TASKS, "finetune.steps=60", "finetune.cpus_per_task=1", "finetune.methods=[affiner,lora]"
+        )
         summary = run_finetunes(cfg, work.backbone, tmp_path / "adapters", log=print)
         spot_nodes = alive_spot_nodes()
     assert [r.status for r in summary.rows] == ["ok"] * 4, [r.reason for r in summary.rows]

@@ -25,10 +25,21 @@ def work(tmp_path_factory):
 
 def sweep_config(work, *overrides: str):
     return tiny_config(
-        work.shards, TASKS, "sweep.ranks=[2,4]", "sweep.num_samples=4", "sweep.max_steps=4", "sweep.rung_steps=2",
-        "sweep.reduction_factor=2", "sweep.datasets=[ta]", "sweep.fid_samples=8", "eval.num_actors=1",
-        "eval.batch_size=8", "eval.sampling_steps=2", f"eval.cache_dir={work.root / 'fid-cache'}", *overrides,
-    )  # fmt: skip
+        work.shards,
+        TASKS,
+        "sweep.ranks=[2,4]",
+        "sweep.num_samples=4",
+        "sweep.max_steps=4",
+        "sweep.rung_steps=2",
+        "sweep.reduction_factor=2",
+        "sweep.datasets=[ta]",
+        "sweep.fid_samples=8",
+        "eval.num_actors=1",
+        "eval.batch_size=8",
+        "eval.sampling_steps=2",
+        f"eval.cache_dir={work.root / 'fid-cache'}",
+        *overrides,
+    )
 
 
 def test_bad_search_spaces_fail_before_any_trial(work):
@@ -47,8 +58,14 @@ def test_bad_search_spaces_fail_before_any_trial(work):
     assert swept_datasets(sweep_config(work, "sweep.datasets=[]")) == (("ta", "tb"), ())
     assert [t.name for t in plan_sweep(sweep_config(work, "sweep.datasets=[nope]"), work.backbone).tasks] == ["ta"]
     no_eval = work.root / "no-eval-shards"
-    make_shards(f"folder:{work.root / 'images' / 'tb'}", str(no_eval / "tb"), size=16, samples_per_shard=8,
-                eval_fraction=0.0, log=lambda m: None)  # fmt: skip
+    make_shards(
+        f"folder:{work.root / 'images' / 'tb'}",
+        str(no_eval / "tb"),
+        size=16,
+        samples_per_shard=8,
+        eval_fraction=0.0,
+        log=lambda m: None,
+    )
     cfg = tiny_config(no_eval, "[tb]", "sweep.max_steps=4", "sweep.rung_steps=2")
     with pytest.raises(FinetuneInputError, match=r"task 'tb': the eval split at .* is empty"):
         plan_sweep(cfg, work.backbone)
@@ -97,10 +114,12 @@ def test_a_trial_no_node_can_hold_is_an_error_not_a_hang(ray_local, work, tmp_pa
     from ray_jobs.sweep import main
 
     config = tmp_path / "c.yaml"
-    config.write_text(f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
-                      f"data: {{image_size: 16, shards_root: {work.shards}, targets: [ta]}}\n"
-                      "finetune: {batch_size: 6}\n"
-                      "sweep: {max_steps: 4, rung_steps: 2, cpus_per_trial: 4}\n")  # fmt: skip
+    config.write_text(
+        f"model: {{name: DiT-T/4, input_size: 16, num_classes: 3}}\n"
+        f"data: {{image_size: 16, shards_root: {work.shards}, targets: [ta]}}\n"
+        "finetune: {batch_size: 6}\n"
+        "sweep: {max_steps: 4, rung_steps: 2, cpus_per_trial: 4}\n"
+    )
     code = main(["--config", str(config), "--backbone", str(work.backbone), "--out", str(tmp_path / "o")])
     assert code == 2
     assert "each of the 4 request(s) needs 4 CPU and 0 GPU, but no node has that" in capsys.readouterr().err
@@ -124,11 +143,21 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
         f"data: {{image_size: 16, shards_root: {work.shards}, targets: [{{name: ta, conditional: true}}]}}\n"
         "finetune: {batch_size: 6, log_every: 2, warmup_steps: 2}\n"
         "sweep: {ranks: [2, 4], num_samples: 2, max_steps: 12, rung_steps: 2, grace_period: 6}\n"
-    )  # fmt: skip
+    )
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "ray_jobs.sweep", "--config", str(config), "--backbone", str(work.backbone),
-           "--out", str(out), "--no-fid"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray_jobs.sweep",
+        "--config",
+        str(config),
+        "--backbone",
+        str(work.backbone),
+        "--out",
+        str(out),
+        "--no-fid",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 400
@@ -167,6 +196,11 @@ def test_python_m_tune_sweep_still_runs_the_sweep_program():
     import tune.sweep
 
     assert tune.sweep.main is ray_jobs.sweep.main
-    out = subprocess.run([sys.executable, "-m", "tune.sweep", "--help"], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "tune.sweep", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout
     assert "--backbone" in out and "ray_jobs.sweep" in out

@@ -95,8 +95,11 @@ def test_latent_channels_that_differ_from_the_backbone(tiny_vae, tmp_path):
     three = Path(save_tiny_vae(tmp_path / "three", latent_channels=3))
     vae = load_vae(three)
     check_latent_backbone(load_vae(tiny_vae), 4, SIZE // 2, SIZE, "backbone b.safetensors")
-    with pytest.raises(VaeError, match=r"backbone b.safetensors: the backbone takes 4x8x8 inputs, the VAE .* makes "
-                       r"3x8x8 latents of 16x16 images"):  # fmt: skip
+    with pytest.raises(
+        VaeError,
+        match=r"backbone b.safetensors: the backbone takes 4x8x8 inputs, the VAE .* makes "
+        r"3x8x8 latents of 16x16 images",
+    ):
         check_latent_backbone(vae, 4, SIZE // 2, SIZE, "backbone b.safetensors")
 
 
@@ -107,8 +110,16 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     from diffscaler.data.sources import get_source, prepare_image
 
     out = str(tmp_path / "latents")
-    index = encode_shards(f"folder:{image_folder}", out, str(tiny_vae), size=SIZE, samples_per_shard=4,
-                          eval_fraction=0.25, batch_size=3, log=quiet)  # fmt: skip
+    index = encode_shards(
+        f"folder:{image_folder}",
+        out,
+        str(tiny_vae),
+        size=SIZE,
+        samples_per_shard=4,
+        eval_fraction=0.25,
+        batch_size=3,
+        log=quiet,
+    )
     assert index.latent and index.channels == 4 and index.image_size == SIZE // 2 and index.pixel_size == SIZE
     assert index.data["latent"]["shape"] == [4, 8, 8] and index.data["latent"]["dtype"] == "float16"
     vae = load_vae(tiny_vae)
@@ -119,9 +130,18 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     from diffscaler.train.pretrain import plan_run
 
     other = save_tiny_vae(tmp_path / "other-vae", seed=1)
-    pre = load_config(None, ["model.in_channels=4", f"model.input_size={SIZE // 2}", f"data.vae={other}",
-                             "pretrain.sample_every=0", "pretrain.global_batch_size=2", "pretrain.num_workers=1",
-                             f"pretrain.storage_path={tmp_path / 'ray'}"])  # fmt: skip
+    pre = load_config(
+        None,
+        [
+            "model.in_channels=4",
+            f"model.input_size={SIZE // 2}",
+            f"data.vae={other}",
+            "pretrain.sample_every=0",
+            "pretrain.global_batch_size=2",
+            "pretrain.num_workers=1",
+            f"pretrain.storage_path={tmp_path / 'ray'}",
+        ],
+    )
     with pytest.raises(ConfigError, match=rf"encoded with VAE {index.vae_hash}, data.vae is sha256:"):
         plan_run(pre, tmp_path / "pre", out)
 
@@ -152,14 +172,30 @@ def test_latent_shards_equal_in_memory_encoding_and_resume(ray_local, tiny_vae, 
     (Path(out) / "train-000000.tar.done.json").write_text(json.dumps({"plan": "stale"}))
     kept = Path(out) / "train-000001.tar"
     entry = next(e for e in index.data["splits"]["train"]["shards"] if e["name"] == kept.name)
-    (Path(out) / "train-000001.tar.done.json").write_text(json.dumps({
-        "entry": entry, "class_counts": _class_counts(out, kept.name), "skipped": [],
-        "plan": _plan_hash_of(index, out, "train", 1)}))
+    (Path(out) / "train-000001.tar.done.json").write_text(
+        json.dumps(
+            {
+                "entry": entry,
+                "class_counts": _class_counts(out, kept.name),
+                "skipped": [],
+                "plan": _plan_hash_of(index, out, "train", 1),
+            }
+        )
+    )
     (Path(out) / "index.json").unlink()
     mtime = kept.stat().st_mtime_ns
     messages: list[str] = []
-    again = encode_shards(f"folder:{image_folder}", out, str(tiny_vae), size=SIZE, samples_per_shard=4,
-                          eval_fraction=0.25, batch_size=3, log=messages.append, progress_every=2)  # fmt: skip
+    again = encode_shards(
+        f"folder:{image_folder}",
+        out,
+        str(tiny_vae),
+        size=SIZE,
+        samples_per_shard=4,
+        eval_fraction=0.25,
+        batch_size=3,
+        log=messages.append,
+        progress_every=2,
+    )
     assert any("resuming, 1 of" in m for m in messages)
     # progress inside a shard, not only once it is written (a large shard said nothing for minutes)
     first_written = next(i for i, m in enumerate(messages) if "encoded train-000000.tar" in m)
@@ -189,8 +225,9 @@ def _plan_hash_of(index, out, split, number):
     from diffscaler.data.sources import SourceItem
 
     d = index.data
-    params = latent_parameters(d["source"], d["pixel_size"], d["samples_per_shard"], d["eval_fraction"], d["limit"],
-                               d["seed"], d["vae_hash"])  # fmt: skip
+    params = latent_parameters(
+        d["source"], d["pixel_size"], d["samples_per_shard"], d["eval_fraction"], d["limit"], d["seed"], d["vae_hash"]
+    )
     from diffscaler.data.samples import iter_samples
 
     shard = Path(out) / f"{split}-{number:06d}.tar"
@@ -207,8 +244,26 @@ def _latent_backbone(tmp_path, capsys, in_channels=4, input_size=SIZE // 2) -> P
     from diffscaler.cli import main as cli_main
 
     path = tmp_path / f"latent-{in_channels}x{input_size}.safetensors"
-    assert cli_main(["init-backbone", "--model", "DiT-T/4", "--input-size", str(input_size), "--in-channels",
-                     str(in_channels), "--num-classes", "3", "--seed", "0", "--out", str(path)]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "init-backbone",
+                "--model",
+                "DiT-T/4",
+                "--input-size",
+                str(input_size),
+                "--in-channels",
+                str(in_channels),
+                "--num-classes",
+                "3",
+                "--seed",
+                "0",
+                "--out",
+                str(path),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     return path
 
@@ -217,9 +272,13 @@ def _latent_config(tmp_path, tiny_vae, backbone, stages, **data):
     from diffscaler.config import load_config
     from tests.support.pipeline import micro_config
 
-    path = micro_config(tmp_path, stages, model={"input_size": SIZE // 2, "in_channels": 4},
-                        data={"image_size": SIZE, "vae": str(tiny_vae), **data},
-                        pipeline={"stages": stages, "backbone": str(backbone)})  # fmt: skip
+    path = micro_config(
+        tmp_path,
+        stages,
+        model={"input_size": SIZE // 2, "in_channels": 4},
+        data={"image_size": SIZE, "vae": str(tiny_vae), **data},
+        pipeline={"stages": stages, "backbone": str(backbone)},
+    )
     return load_config(path)
 
 
@@ -230,8 +289,11 @@ def test_pipeline_refuses_a_vae_or_size_that_does_not_fit_the_backbone(tiny_vae,
     three = save_tiny_vae(tmp_path / "three", latent_channels=3)
     with pytest.raises(PipelineInputError, match=r"takes 4x8x8 inputs, data.vae .* makes 3x8x8 latents"):
         Pipeline(_latent_config(tmp_path, tiny_vae, backbone, ["shards"], vae=three), tmp_path / "r1").preflight()
-    with pytest.raises(PipelineInputError, match=r"latents of data.image_size=32 images \(downsampling 2\): set "
-                       r"data.image_size=16"):  # fmt: skip
+    with pytest.raises(
+        PipelineInputError,
+        match=r"latents of data.image_size=32 images \(downsampling 2\): set "
+        r"data.image_size=16",
+    ):
         Pipeline(_latent_config(tmp_path, tiny_vae, backbone, ["shards"], image_size=32), tmp_path / "r2").preflight()
     with pytest.raises(PipelineInputError, match=r"data.vae: VAE /nowhere: no such file or folder"):
         Pipeline(_latent_config(tmp_path, tiny_vae, backbone, ["shards"], vae="/nowhere"), tmp_path / "r3").preflight()
@@ -268,8 +330,23 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     with Image.open(out / "samples_red.png") as generated, Image.open(out / "real_red.png") as real:
         assert generated.mode == real.mode == "RGB" and generated.width == real.width
 
-    code = cli_main(["sample", "--backbone", str(backbone), "--adapters", adapters["red"], "--vae", str(tiny_vae),
-                     "--num", "3", "--steps", "2", "--out", str(tmp_path / "samples")])  # fmt: skip
+    code = cli_main(
+        [
+            "sample",
+            "--backbone",
+            str(backbone),
+            "--adapters",
+            adapters["red"],
+            "--vae",
+            str(tiny_vae),
+            "--num",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "samples"),
+        ]
+    )
     assert code == 0
     images = np.load(tmp_path / "samples" / "samples.npz")["images"]
     assert images.shape == (3, SIZE, SIZE, 3) and images.dtype == np.uint8  # decoded, not latents
@@ -283,8 +360,14 @@ def test_latent_pipeline_encode_finetune_evaluate_then_sample_decoded(ray_local,
     # pixel shards given to the latent backbone
     pixels = replace(run, data=replace(run.data, shards_root=str(tmp_path / "pixel-shards"), vae=""))
     for t in pixels.data.targets:
-        make_shards(t.source, dataset_dir(pixels.data, t.name), size=SIZE // 2, samples_per_shard=16,
-                    eval_fraction=0.25, log=quiet)  # fmt: skip
+        make_shards(
+            t.source,
+            dataset_dir(pixels.data, t.name),
+            size=SIZE // 2,
+            samples_per_shard=16,
+            eval_fraction=0.25,
+            log=quiet,
+        )
     with pytest.raises(FinetuneInputError, match=r"hold 8x8 RGB images, the backbone takes 4x8x8 latents: encode"):
         plan_finetunes(pixels, backbone, tmp_path / "ft1")
     # latent shards given to a pixel backbone
@@ -310,6 +393,7 @@ def test_the_readme_prepares_a_vae_with_diffusers_in_the_venv(tiny_vae, tmp_path
     assert '"stabilityai/sd-vae-ft-ema"' in snippet and '"/shared/weights/sd-vae-ft-ema"' in snippet
     out = tmp_path / "prepared-vae"
     code = snippet.replace('"stabilityai/sd-vae-ft-ema"', repr(str(tiny_vae))).replace(
-        '"/shared/weights/sd-vae-ft-ema"', repr(str(out)))
+        '"/shared/weights/sd-vae-ft-ema"', repr(str(out))
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert load_vae(out).hash == load_vae(tiny_vae).hash

@@ -145,10 +145,19 @@ class AdapterBank:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def attach(cls, model: DiT, tasks: Sequence[TaskInfo], method: str = "affiner", rank: int = 8,
-               targets: Sequence[str] = ADAPTER_TARGETS, branch_scale_init: float = 1.0,
-               seed: int = 0, condition_blocks: bool = False, controlnet_blocks: int = 0,
-               condition_dropout: float = 0.0) -> AdapterBank:
+    def attach(
+        cls,
+        model: DiT,
+        tasks: Sequence[TaskInfo],
+        method: str = "affiner",
+        rank: int = 8,
+        targets: Sequence[str] = ADAPTER_TARGETS,
+        branch_scale_init: float = 1.0,
+        seed: int = 0,
+        condition_blocks: bool = False,
+        controlnet_blocks: int = 0,
+        condition_dropout: float = 0.0,
+    ) -> AdapterBank:
         """Wrap `model`'s target layers in place, freeze the backbone, return the bank.
 
         Tasks with a condition get their condition path (see `diffscaler.adapters.condition`):
@@ -182,17 +191,27 @@ class AdapterBank:
         if any(t.rank > rank for t in tasks):
             raise ValueError(f"a task's rank exceeds the bank's rank {rank}: {[(t.name, t.rank) for t in tasks]}")
         if "down" in METHOD_PARTS[method]:
-            widths = {path: min(parent.get_submodule(attr).weight.shape)
-                      for parent, attr, path in _target_slots(model, method, targets)}
+            widths = {
+                path: min(parent.get_submodule(attr).weight.shape)
+                for parent, attr, path in _target_slots(model, method, targets)
+            }
             too_wide = {p: w for p, w in widths.items() if rank > w}
             if too_wide:
                 first = next(iter(too_wide))
                 raise ValueError(f"adapter rank {rank} is larger than layer {first}'s width {too_wide[first]}")
         model.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
-        bank = cls(model, method, rank, tuple(targets), list(tasks), condition_blocks=condition_blocks,
-                   controlnet_blocks=n_copy if method == "controlnet" else 0,
-                   condition_size=next(iter(sizes), 0), condition_dropout=condition_dropout)
+        bank = cls(
+            model,
+            method,
+            rank,
+            tuple(targets),
+            list(tasks),
+            condition_blocks=condition_blocks,
+            controlnet_blocks=n_copy if method == "controlnet" else 0,
+            condition_size=next(iter(sizes), 0),
+            condition_dropout=condition_dropout,
+        )
         for parent, attr, path in _target_slots(model, method, targets):
             base = parent.get_submodule(attr)
             wrapped = adapted_linear(base, method, len(tasks), rank, branch_scale_init, generator)
@@ -204,8 +223,9 @@ class AdapterBank:
         model.task_embedder.dropout_prob = model.y_embedder.dropout_prob
         if sizes:
             # a submodule too (state-dict keys `condition_path.<task index>.*`), one entry per conditional task
-            model.condition_path = nn.ModuleDict({str(i): bank._condition_module(t) for i, t in enumerate(tasks)
-                                                  if t.has_condition})
+            model.condition_path = nn.ModuleDict(
+                {str(i): bank._condition_module(t) for i, t in enumerate(tasks) if t.has_condition}
+            )
         model.train(model.training)  # new modules adopt the model's mode (label dropout is train-only)
         bank._zero_rank_padding()
         model.forward = bank.forward  # the model's forward now routes task ids (see `forward`)
@@ -218,11 +238,22 @@ class AdapterBank:
         factor = stem_factor(self.condition_size, model.config.input_size)
         dev = model.x_embedder.proj.weight.device
         if self.method == "controlnet":
-            module = ControlBranch(task.condition_channels, model.hidden_size, model.patch_size, factor,
-                                   model.blocks[: self.controlnet_blocks])
+            module = ControlBranch(
+                task.condition_channels,
+                model.hidden_size,
+                model.patch_size,
+                factor,
+                model.blocks[: self.controlnet_blocks],
+            )
         else:
-            module = ConditionEmbedding(task.condition_channels, model.hidden_size, model.patch_size, factor,
-                                        len(model.blocks), self.condition_blocks)
+            module = ConditionEmbedding(
+                task.condition_channels,
+                model.hidden_size,
+                model.patch_size,
+                factor,
+                len(model.blocks),
+                self.condition_blocks,
+            )
         return module.to(dev)
 
     @torch.no_grad()
@@ -233,17 +264,23 @@ class AdapterBank:
             if "down" not in layer.parts:
                 continue
             for i, task in enumerate(self.tasks):
-                layer.down[i, task.rank:] = 0
-                layer.up[i, :, task.rank:] = 0
+                layer.down[i, task.rank :] = 0
+                layer.up[i, :, task.rank :] = 0
 
     # -- the task-routing forward ------------------------------------------------------------------
     @property
     def task_embedder(self) -> TaskEmbedder:
         return self.model.task_embedder
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, task_ids: TaskIds = None,
-                condition: torch.Tensor | ConditionTokens | None = None,
-                condition_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        task_ids: TaskIds = None,
+        condition: torch.Tensor | ConditionTokens | None = None,
+        condition_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The adapted model's forward: x (N, C, H, W), t (N,), y (N,) -> (N, C_out, H, W).
 
         Without `task_ids` the backbone runs (labels index its classes). With them, each sample uses its
@@ -263,12 +300,18 @@ class AdapterBank:
             model.check_batch(x, t, y)
             self.task_embedder.check(y, task_ids, x.shape[0])
         if not isinstance(condition, ConditionTokens):
-            condition = self.embed_condition(condition, task_ids, condition_mask, n=x.shape[0],
-                                             dropout=self.condition_dropout if model.training else 0.0)
+            condition = self.embed_condition(
+                condition,
+                task_ids,
+                condition_mask,
+                n=x.shape[0],
+                dropout=self.condition_dropout if model.training else 0.0,
+            )
         elif len(condition) != x.shape[0] or condition_mask is not None:
-            raise ValueError(f"ConditionTokens of {len(condition)} rows for a batch of {x.shape[0]}"
-                             + (" (and their mask is inside them: no condition_mask)" if condition_mask is not None
-                                else ""))
+            raise ValueError(
+                f"ConditionTokens of {len(condition)} rows for a batch of {x.shape[0]}"
+                + (" (and their mask is inside them: no condition_mask)" if condition_mask is not None else "")
+            )
         order = None
         counts = present = None
         if isinstance(task_ids, torch.Tensor) and not torch.is_grad_enabled():
@@ -282,8 +325,9 @@ class AdapterBank:
             # see each task's samples as one run of rows; the output is put back in the caller's order.
             order = torch.argsort(task_ids, stable=True)
             x, t, y, ids = x[order], t[order], y[order], task_ids[order]
-            task_ids = TaskGroups(ids, torch.bincount(ids, minlength=len(self.tasks)) if counts is None else counts,
-                                  present)
+            task_ids = TaskGroups(
+                ids, torch.bincount(ids, minlength=len(self.tasks)) if counts is None else counts, present
+            )
             condition = None if condition is None else condition.take(order)
         label_emb = self.task_embedder(y, task_ids, model.y_embedder)  # (N, D)
         out = model.denoise(x, t, label_emb, task_ids, self._injection(condition))  # (N, C_out, H, W)
@@ -305,23 +349,34 @@ class AdapterBank:
         # C: the widest channel count of the batch's tasks, or of the bank's (a batch cut from a padded set)
         widest = max(t.condition_channels for t in self.tasks)
         if cond.shape[2:] != (side, side) or cond.shape[1] not in (width, widest):
-            names = ", ".join(f"{self.tasks[i].name!r} ({self.tasks[i].condition}, "
-                              f"{self.tasks[i].condition_channels} ch)" for i in used)
+            names = ", ".join(
+                f"{self.tasks[i].name!r} ({self.tasks[i].condition}, {self.tasks[i].condition_channels} ch)"
+                for i in used
+            )
             also = f" (or {widest}: the bank's widest)" if widest != width else ""
-            raise ValueError(f"condition maps have shape {tuple(cond.shape[1:])} (C, H, W), but task(s) {names} "
-                             f"take ({width}, {side}, {side}){also}: {side} px maps with the widest task's "
-                             "channels (narrower maps padded with zero channels, as the readers give them)")
+            raise ValueError(
+                f"condition maps have shape {tuple(cond.shape[1:])} (C, H, W), but task(s) {names} "
+                f"take ({width}, {side}, {side}){also}: {side} px maps with the widest task's "
+                "channels (narrower maps padded with zero channels, as the readers give them)"
+            )
         if self.model.check_inputs:
             vals = cond[use]
             if not torch.isfinite(vals).all():
                 raise ValueError("condition maps contain NaN or infinite values")
             if vals.numel() and float(vals.abs().max()) > 1.0 + 1e-6:
-                raise ValueError(f"condition maps must be in [-1, 1] (the readers' and maps_to_unit's range); "
-                                 f"got values up to {float(vals.abs().max()):g}")
+                raise ValueError(
+                    f"condition maps must be in [-1, 1] (the readers' and maps_to_unit's range); "
+                    f"got values up to {float(vals.abs().max()):g}"
+                )
 
-    def embed_condition(self, condition: torch.Tensor | None, task_ids: TaskIds,
-                        condition_mask: torch.Tensor | None = None, n: int | None = None,
-                        dropout: float = 0.0) -> ConditionTokens | None:
+    def embed_condition(
+        self,
+        condition: torch.Tensor | None,
+        task_ids: TaskIds,
+        condition_mask: torch.Tensor | None = None,
+        n: int | None = None,
+        dropout: float = 0.0,
+    ) -> ConditionTokens | None:
         """The batch's maps embedded (N rows in the caller's order): computed once per sampling call,
         as the map's tokens do not depend on t. None when no task of the bank takes a map; tokens None
         when no row uses one (the backbone's cost).
@@ -340,8 +395,11 @@ class AdapterBank:
         path = self.condition_path
         device = self.model.pos_embed.device
         ids = per_sample_ids(task_ids, n, device).to(device)
-        if condition_mask is not None and (not isinstance(condition_mask, torch.Tensor)
-                                           or condition_mask.dtype != torch.bool or condition_mask.shape != (n,)):
+        if condition_mask is not None and (
+            not isinstance(condition_mask, torch.Tensor)
+            or condition_mask.dtype != torch.bool
+            or condition_mask.shape != (n,)
+        ):
             raise ValueError(f"condition_mask must be a bool tensor of shape ({n},)")
         if path is None:
             return None  # no task of this bank takes a map: a given map is ignored, like an unconditional row's
@@ -387,9 +445,12 @@ class AdapterBank:
             return ControlInjection(cond, {int(k): m for k, m in path.items()})
         gates = None
         if self.condition_blocks:
-            stacked = torch.stack([path[str(i)].gates if str(i) in path else
-                                   torch.zeros_like(next(iter(path.values())).gates)
-                                   for i in range(len(self.tasks))])  # (T, depth - 1, D)
+            stacked = torch.stack(
+                [
+                    path[str(i)].gates if str(i) in path else torch.zeros_like(next(iter(path.values())).gates)
+                    for i in range(len(self.tasks))
+                ]
+            )  # (T, depth - 1, D)
             gates = stacked[cond.ids]  # (N, depth - 1, D)
         return TokenInjection(cond, gates)
 
@@ -427,8 +488,15 @@ class AdapterBank:
         for layer in self.layers.values():
             out_f, in_f = layer.base.weight.shape
             for name, _ in layer.task_parameters():
-                total += {"scale": out_f, "shift": out_f, "down": info.rank * in_f, "up": out_f * info.rank,
-                          "branch_scale": 1, "weight_delta": out_f * in_f, "bias_delta": out_f}[name]
+                total += {
+                    "scale": out_f,
+                    "shift": out_f,
+                    "down": info.rank * in_f,
+                    "up": out_f * info.rank,
+                    "branch_scale": 1,
+                    "weight_delta": out_f * in_f,
+                    "bias_delta": out_f,
+                }[name]
         return total
 
     def backbone_parameters(self) -> int:
@@ -482,16 +550,21 @@ class AdapterBank:
         expected = self.task_state_keys(t)
         carries = any(k.startswith(CONDITION_PREFIX) for k in state)
         if carries and not info.has_condition:
-            raise AdapterLoadError(f"{file}: the adapter carries a condition path, but task {t} ({info.name!r}) "
-                                   "of this bank takes no condition map; load it into a bank built from its "
-                                   "JSON (diffscaler.artifacts.load_adapters)")
+            raise AdapterLoadError(
+                f"{file}: the adapter carries a condition path, but task {t} ({info.name!r}) "
+                "of this bank takes no condition map; load it into a bank built from its "
+                "JSON (diffscaler.artifacts.load_adapters)"
+            )
         if info.has_condition and not carries:
-            raise AdapterLoadError(f"{file}: task {info.name!r} takes a condition map ({info.condition}) but the "
-                                   "file has no condition path")
+            raise AdapterLoadError(
+                f"{file}: task {info.name!r} takes a condition map ({info.condition}) but the "
+                "file has no condition path"
+            )
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise AdapterLoadError(f"{file}: tensors do not match the model: missing {missing[:3]}, "
-                                   f"unexpected {unexpected[:3]}")
+            raise AdapterLoadError(
+                f"{file}: tensors do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         for path, layer in self.layers.items():
             for name, p in layer.task_parameters():
                 v = state[f"{path}.{name}"]
@@ -503,22 +576,26 @@ class AdapterBank:
                 elif name == "branch_scale":
                     v = v.reshape(())
                 if tuple(dst.shape) != tuple(v.shape):
-                    raise AdapterLoadError(f"{file}: {path}.{name} has shape {tuple(v.shape)}, "
-                                           f"the model needs {tuple(dst.shape)}")
+                    raise AdapterLoadError(
+                        f"{file}: {path}.{name} has shape {tuple(v.shape)}, the model needs {tuple(dst.shape)}"
+                    )
                 dst.copy_(v)
         rows = state["task_embedder.rows"]
         dst = self.model.task_embedder.rows[t, : info.num_classes]
         if tuple(rows.shape) != tuple(dst.shape):
-            raise AdapterLoadError(f"{file}: task_embedder.rows has shape {tuple(rows.shape)}, "
-                                   f"the model needs {tuple(dst.shape)}")
+            raise AdapterLoadError(
+                f"{file}: task_embedder.rows has shape {tuple(rows.shape)}, the model needs {tuple(dst.shape)}"
+            )
         dst.copy_(rows)
         if info.has_condition:
             own = self.condition_path[str(t)].state_dict()
             for k, dst in own.items():
                 v = state[f"{CONDITION_PREFIX}{k}"]
                 if tuple(dst.shape) != tuple(v.shape):
-                    raise AdapterLoadError(f"{file}: {CONDITION_PREFIX}{k} has shape {tuple(v.shape)}, the "
-                                           f"condition path of task {info.name!r} needs {tuple(dst.shape)}")
+                    raise AdapterLoadError(
+                        f"{file}: {CONDITION_PREFIX}{k} has shape {tuple(v.shape)}, the "
+                        f"condition path of task {info.name!r} needs {tuple(dst.shape)}"
+                    )
                 dst.copy_(v)
 
 

@@ -41,9 +41,11 @@ def stem_factor(map_size: int, input_size: int) -> int:
     latent one. ValueError when the map's side does not fit the model."""
     factor, rest = divmod(map_size, input_size)
     if rest or factor < 1 or factor & (factor - 1):
-        raise ValueError(f"a {map_size} px condition map does not fit a DiT of input side {input_size}: "
-                         "the map's side must be the input side times a power of two (1 for pixels, "
-                         "8 for an SD VAE's latents)")
+        raise ValueError(
+            f"a {map_size} px condition map does not fit a DiT of input side {input_size}: "
+            "the map's side must be the input side times a power of two (1 for pixels, "
+            "8 for an SD VAE's latents)"
+        )
     return factor
 
 
@@ -74,8 +76,7 @@ class ConditionStem(nn.Module):
 class ConditionEmbedding(nn.Module):
     """One task's map embedding, and its per-block gates when the map also enters each block's input."""
 
-    def __init__(self, channels: int, hidden_size: int, patch_size: int, factor: int, depth: int,
-                 into_blocks: bool):
+    def __init__(self, channels: int, hidden_size: int, patch_size: int, factor: int, depth: int, into_blocks: bool):
         super().__init__()
         self.embed = ConditionStem(channels, hidden_size, patch_size, factor)
         # (depth - 1, D) gates of blocks 1.. (block 0's input is the token embedding itself)
@@ -118,8 +119,13 @@ class ConditionTokens:
     @staticmethod
     def cat(parts: Sequence[ConditionTokens]) -> ConditionTokens:
         like = next((p.tokens for p in parts if p.tokens is not None), None)
-        tokens = None if like is None else torch.cat([
-            p.tokens if p.tokens is not None else like.new_zeros(len(p), *like.shape[1:]) for p in parts])
+        tokens = (
+            None
+            if like is None
+            else torch.cat(
+                [p.tokens if p.tokens is not None else like.new_zeros(len(p), *like.shape[1:]) for p in parts]
+            )
+        )
         return ConditionTokens(torch.cat([p.ids for p in parts]), torch.cat([p.mask for p in parts]), tokens)
 
 
@@ -155,8 +161,10 @@ class ControlInjection(BlockInjection):
         self.hc: list[torch.Tensor] = []
 
     def start(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        self.hc = [(h if rows is None else h[rows]) + (self.tokens if rows is None else self.tokens[rows]).to(h.dtype)
-                   for _, rows in self.runs]  # each (N_t, L, D)
+        self.hc = [
+            (h if rows is None else h[rows]) + (self.tokens if rows is None else self.tokens[rows]).to(h.dtype)
+            for _, rows in self.runs
+        ]  # each (N_t, L, D)
         return h
 
     def after_block(self, i: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,7 @@ METHOD_PARTS = {
 }
 
 
-def _scale_shift(
-    y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor, shift: torch.Tensor
-) -> torch.Tensor:
+def _scale_shift(y: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """(1 + a) ⊙ y + b̂ + b, in y's dtype; a, b: (out,) or per sample (N, 1.., out).
 
     Written y + y·a rather than y·(1 + a): in bf16, 1 + a keeps 8 bits, so a = 0.05 would act as
@@ -188,8 +186,15 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
     # False: plain autograd for the scale, for A/B benchmarks and checks (AdapterBank.set_lean_backward).
     lean_backward: bool = True
 
-    def __init__(self, base: nn.Linear, method: str, num_tasks: int, rank: int = 0, branch_scale_init: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        method: str,
+        num_tasks: int,
+        rank: int = 0,
+        branch_scale_init: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(base, method)
         out_f, dev = base.weight.shape[0], base.weight.device
         self.scale = _zeros(num_tasks, out_f, device=dev) if "scale" in self.parts else None
@@ -203,9 +208,15 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
     def _lean(self) -> bool:
         """Train the scale with lean_affine_linear (frozen base, scale trained, grad mode on)."""
         base = self.base
-        return (self.lean_backward and self.scale is not None and self.scale.requires_grad
-                and torch.is_grad_enabled() and base.bias is not None
-                and not base.weight.requires_grad and not base.bias.requires_grad)
+        return (
+            self.lean_backward
+            and self.scale is not None
+            and self.scale.requires_grad
+            and torch.is_grad_enabled()
+            and base.bias is not None
+            and not base.weight.requires_grad
+            and not base.bias.requires_grad
+        )
 
     def _branch_args(self, t: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (self.down[t], self.up[t], self.branch_scale[t]) if self.relu_branch else ()
@@ -245,8 +256,9 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
             return None
         return groups.present_offsets(length)
 
-    def _forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor,
-                         task_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_grouped(
+        self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, task_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sampling a batch sorted by task: (1 + a_t) folded into each task's weight copy, one grouped
         matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output.
         `task_scale` (P, out): the scales of the tasks `offsets` delimit (default: every task's)."""
@@ -273,8 +285,16 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
                 return self._forward_grouped(x, ids, present, self.scale[groups.present])
         offsets = self._group_offsets(x, groups)
         if self._lean():
-            return lean_affine_linear(x, w, b, self.scale[ids], self.shift[ids], *self._branch_args(ids),
-                                      task_scale=self.scale if offsets is not None else None, offsets=offsets)
+            return lean_affine_linear(
+                x,
+                w,
+                b,
+                self.scale[ids],
+                self.shift[ids],
+                *self._branch_args(ids),
+                task_scale=self.scale if offsets is not None else None,
+                offsets=offsets,
+            )
         if offsets is not None and not torch.is_grad_enabled():
             return self._forward_grouped(x, ids, offsets)
         per_sample = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # broadcast (N, out) over tokens
@@ -298,8 +318,15 @@ class LowRankLinear(_RankBranch, AdaptedLinear):
     """lora: W x + b̂ + U_t · D_t · x (rank r, no scale or shift). Merging leaves W as it is: the
     rank-r product stays a side path, accumulated into the output by its matmul."""
 
-    def __init__(self, base: nn.Linear, method: str, num_tasks: int, rank: int = 0, branch_scale_init: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        method: str,
+        num_tasks: int,
+        rank: int = 0,
+        branch_scale_init: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(base, method)
         self.branch_scale = None
         self.relu_branch = False
@@ -321,8 +348,15 @@ class LowRankLinear(_RankBranch, AdaptedLinear):
 class DeltaLinear(AdaptedLinear):
     """full: (W + ΔW_t) x + b̂ + Δb_t on every linear layer, a full fine-tune per task."""
 
-    def __init__(self, base: nn.Linear, method: str, num_tasks: int, rank: int = 0, branch_scale_init: float = 1.0,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        method: str,
+        num_tasks: int,
+        rank: int = 0,
+        branch_scale_init: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(base, method)
         out_f, in_f = base.weight.shape
         self.weight_delta = _zeros(num_tasks, out_f, in_f, device=base.weight.device)
@@ -356,7 +390,8 @@ LAYER_FAMILIES: dict[str, type[AdaptedLinear]] = {
 }
 
 
-def adapted_linear(base: nn.Linear, method: str, num_tasks: int, rank: int, branch_scale_init: float,
-                   generator: torch.Generator) -> AdaptedLinear:
+def adapted_linear(
+    base: nn.Linear, method: str, num_tasks: int, rank: int, branch_scale_init: float, generator: torch.Generator
+) -> AdaptedLinear:
     """The wrapper of `method`'s family around `base`."""
     return LAYER_FAMILIES[method](base, method, num_tasks, rank, branch_scale_init, generator)

@@ -42,8 +42,10 @@ class TaskInfo:
         if not self.conditional and self.num_classes != 1:
             raise ValueError(f"task {self.name!r}: an unconditional task has exactly one row")
         if bool(self.condition) != (self.condition_channels > 0):
-            raise ValueError(f"task {self.name!r}: a condition needs its kind and channels together "
-                             f"(condition={self.condition!r}, condition_channels={self.condition_channels})")
+            raise ValueError(
+                f"task {self.name!r}: a condition needs its kind and channels together "
+                f"(condition={self.condition!r}, condition_channels={self.condition_channels})"
+            )
         if self.condition_channels < 0 or self.condition_size < 0:
             raise ValueError(f"task {self.name!r}: condition_channels and condition_size must be >= 0")
 

@@ -69,21 +69,38 @@ def dataset_parameters(data: DataConfig, name: str) -> dict:
         return webdataset_parameters(data, task)
     condition = dataset_condition(data, name)
     if data.vae:
-        return latent_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit,
-                                 data.seed, configured_vae_hash(data.vae, data.vae_config), condition)  # fmt: skip
-    return build_parameters(source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed,
-                            condition)  # fmt: skip
+        return latent_parameters(
+            source,
+            data.image_size,
+            data.samples_per_shard,
+            data.eval_fraction,
+            data.limit,
+            data.seed,
+            configured_vae_hash(data.vae, data.vae_config),
+            condition,
+        )
+    return build_parameters(
+        source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed, condition
+    )
 
 
 def webdataset_parameters(data: DataConfig, task: TaskSpec) -> dict:
     """What an index of users' shards is made with: their files, and the options `shards index` takes
     (the size is the backbone's data.image_size; the eval split is per sample, data.eval_fraction)."""
-    options = {"label_key": task.label_key, "image_key": task.image_key, "size": data.image_size,
-               "eval_fraction": data.eval_fraction, "condition": task.condition,
-               "skip_bad": data.skip_bad_samples}  # fmt: skip
-    return {"source": task.source_name, "index_options": options,
-            "source_files": shards_fingerprint(task.source_name[len(WEBDATASET_PREFIX) :]),
-            "tool": tool_version()}  # fmt: skip
+    options = {
+        "label_key": task.label_key,
+        "image_key": task.image_key,
+        "size": data.image_size,
+        "eval_fraction": data.eval_fraction,
+        "condition": task.condition,
+        "skip_bad": data.skip_bad_samples,
+    }
+    return {
+        "source": task.source_name,
+        "index_options": options,
+        "source_files": shards_fingerprint(task.source_name[len(WEBDATASET_PREFIX) :]),
+        "tool": tool_version(),
+    }
 
 
 def check_sources(data: DataConfig, names: Sequence[str] | None = None, *, force: bool = False) -> None:
@@ -122,15 +139,33 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
     task = dataset_task(data, name)
     if task is not None and task.webdataset:  # users' shards stay where they are: index.json goes to `out`
         o = params["index_options"]
-        return index_shards(source[len(WEBDATASET_PREFIX) :], out, image_key=o["image_key"], label_key=o["label_key"],
-                            size=o["size"], eval_fraction=o["eval_fraction"], skip_bad=o["skip_bad"],
-                            condition=o["condition"], record=params)  # fmt: skip
+        return index_shards(
+            source[len(WEBDATASET_PREFIX) :],
+            out,
+            image_key=o["image_key"],
+            label_key=o["label_key"],
+            size=o["size"],
+            eval_fraction=o["eval_fraction"],
+            skip_bad=o["skip_bad"],
+            condition=o["condition"],
+            record=params,
+        )
     if data.vae:
-        return encode_shards(source, out, data.vae, vae_config=data.vae_config or None, size=data.image_size,
-                             samples_per_shard=data.samples_per_shard, eval_fraction=data.eval_fraction,
-                             limit=data.limit, seed=data.seed, actors=data.encode_actors,
-                             gpus_per_actor=data.encode_gpus_per_actor, skip_bad=data.skip_bad_samples,
-                             condition=condition)  # fmt: skip
+        return encode_shards(
+            source,
+            out,
+            data.vae,
+            vae_config=data.vae_config or None,
+            size=data.image_size,
+            samples_per_shard=data.samples_per_shard,
+            eval_fraction=data.eval_fraction,
+            limit=data.limit,
+            seed=data.seed,
+            actors=data.encode_actors,
+            gpus_per_actor=data.encode_gpus_per_actor,
+            skip_bad=data.skip_bad_samples,
+            condition=condition,
+        )
     return make_shards(
         source,
         out,

@@ -43,11 +43,17 @@ def _condition(args: argparse.Namespace) -> ConditionSpec | None:
     if not args.condition:
         return None
     if args.condition not in CONDITION_KINDS:
-        raise ConfigError(f"--condition {args.condition!r}: shards make computes {' or '.join(CONDITION_KINDS)}; a "
-                          "key:<member> map is read from WebDataset shards (`diffscaler shards index --condition`)")
-    data = DataConfig(canny_low=args.canny_low, canny_high=args.canny_high, canny_blur=args.canny_blur,
-                      mask_alpha_threshold=args.mask_alpha_threshold,
-                      mask_white_threshold=args.mask_white_threshold)  # fmt: skip
+        raise ConfigError(
+            f"--condition {args.condition!r}: shards make computes {' or '.join(CONDITION_KINDS)}; a "
+            "key:<member> map is read from WebDataset shards (`diffscaler shards index --condition`)"
+        )
+    data = DataConfig(
+        canny_low=args.canny_low,
+        canny_high=args.canny_high,
+        canny_blur=args.canny_blur,
+        mask_alpha_threshold=args.mask_alpha_threshold,
+        mask_white_threshold=args.mask_white_threshold,
+    )
     source = args.source
     cfg = ExperimentConfig(data=replace(data, targets=(TaskSpec("cli", source, condition=args.condition),)))
     try:  # the same checks as a config's data.* (thresholds, mask on an opaque source), named as flags
@@ -72,11 +78,22 @@ def _make(args: argparse.Namespace) -> int:
 def _make_here(args: argparse.Namespace, condition: ConditionSpec | None) -> int:
     if args.vae:
         try:
-            index = encode_shards(args.source, args.out, args.vae, vae_config=args.vae_config or None,
-                                  size=args.size, samples_per_shard=args.samples_per_shard,
-                                  eval_fraction=args.eval_fraction, limit=args.limit, seed=args.seed,
-                                  batch_size=args.batch_size, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                                  skip_bad=args.skip_bad, condition=condition)  # fmt: skip
+            index = encode_shards(
+                args.source,
+                args.out,
+                args.vae,
+                vae_config=args.vae_config or None,
+                size=args.size,
+                samples_per_shard=args.samples_per_shard,
+                eval_fraction=args.eval_fraction,
+                limit=args.limit,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                actors=args.actors,
+                gpus_per_actor=args.gpus_per_actor,
+                skip_bad=args.skip_bad,
+                condition=condition,
+            )
         except (VaeError, DatasetError) as err:
             print(f"problem: {err}", file=sys.stderr)
             return 1
@@ -118,9 +135,18 @@ def _index(args: argparse.Namespace) -> int:
     if args.ray:
         connect_ray(log_to_driver=False)
     try:
-        index = index_shards(args.source, args.out or None, image_key=args.image_key, label_key=args.label_key,
-                             size=args.size, eval_shards=args.eval_shards, eval_fraction=args.eval_fraction,
-                             skip_bad=args.skip_bad, parallel=args.ray, condition=args.condition)  # fmt: skip
+        index = index_shards(
+            args.source,
+            args.out or None,
+            image_key=args.image_key,
+            label_key=args.label_key,
+            size=args.size,
+            eval_shards=args.eval_shards,
+            eval_fraction=args.eval_fraction,
+            skip_bad=args.skip_bad,
+            parallel=args.ray,
+            condition=args.condition,
+        )
     except (DatasetError, ValueError) as err:
         print(f"problem: {err}", file=sys.stderr)
         return 1
@@ -152,10 +178,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--canny-low", type=float, default=_DEFAULTS.canny_low, help="canny: low threshold")
     make.add_argument("--canny-high", type=float, default=_DEFAULTS.canny_high, help="canny: high threshold")
     make.add_argument("--canny-blur", type=float, default=_DEFAULTS.canny_blur, help="canny: Gaussian sigma, px")
-    make.add_argument("--mask-alpha-threshold", type=int, default=_DEFAULTS.mask_alpha_threshold,
-                      help="mask: alpha at or above which a pixel is foreground")  # fmt: skip
-    make.add_argument("--mask-white-threshold", type=int, default=_DEFAULTS.mask_white_threshold,
-                      help="mask of RGB images (fidelity): background within this of white")  # fmt: skip
+    make.add_argument(
+        "--mask-alpha-threshold",
+        type=int,
+        default=_DEFAULTS.mask_alpha_threshold,
+        help="mask: alpha at or above which a pixel is foreground",
+    )
+    make.add_argument(
+        "--mask-white-threshold",
+        type=int,
+        default=_DEFAULTS.mask_white_threshold,
+        help="mask of RGB images (fidelity): background within this of white",
+    )
     make.set_defaults(func=_make)
 
     check = sub.add_parser("check", help="validate a shard folder; non-zero exit status on any problem")
@@ -169,8 +203,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--label-key", default="", help="cls | json:FIELD | none (default: cls if every sample has one)")
     index.add_argument("--size", type=int, default=0, help="resize images to N x N (default: keep; one size needed)")
     index.add_argument("--eval-shards", type=int, default=0, help="last K shards are the eval split (unless named)")
-    index.add_argument("--eval-fraction", type=float, default=0.1,
-                       help="without eval shards: this share of samples, chosen by key hash (0 = no eval split)")
+    index.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="without eval shards: this share of samples, chosen by key hash (0 = no eval split)",
+    )
     index.add_argument("--skip-bad", action="store_true", help="leave out bad samples (listed in the index)")
     index.add_argument("--ray", action="store_true", help="scan on Ray, one task per shard")
     index.add_argument("--condition", default="", help="key:MEMBER: each sample's condition map (e.g. key:depth.png)")

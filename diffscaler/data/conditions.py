@@ -53,15 +53,19 @@ class ConditionSpec:
         if not kind:
             return None
         if kind == "canny":
-            return cls(kind, {"low": float(data.canny_low), "high": float(data.canny_high),
-                              "blur": float(data.canny_blur)})  # fmt: skip
+            return cls(
+                kind, {"low": float(data.canny_low), "high": float(data.canny_high), "blur": float(data.canny_blur)}
+            )
         if kind == "mask":
-            return cls(kind, {"alpha_threshold": int(data.mask_alpha_threshold),
-                              "white_threshold": int(data.mask_white_threshold)})  # fmt: skip
+            return cls(
+                kind,
+                {"alpha_threshold": int(data.mask_alpha_threshold), "white_threshold": int(data.mask_white_threshold)},
+            )
         if kind.startswith(CONDITION_KEY_PREFIX) and len(kind) > len(CONDITION_KEY_PREFIX):
             return cls(kind, {}, member=kind[len(CONDITION_KEY_PREFIX) :], channels=0)
-        raise ConditionError(f"{kind!r} is not a condition kind; allowed: {', '.join(CONDITION_KINDS)}, "
-                             f"{CONDITION_KEY_PREFIX}<member>")  # fmt: skip
+        raise ConditionError(
+            f"{kind!r} is not a condition kind; allowed: {', '.join(CONDITION_KINDS)}, {CONDITION_KEY_PREFIX}<member>"
+        )
 
     @classmethod
     def from_index(cls, data: dict[str, Any]) -> ConditionSpec | None:
@@ -70,8 +74,12 @@ class ConditionSpec:
         if not record:
             return None
         members = data.get("members", {})
-        return cls(str(record["kind"]), dict(record.get("params", {})), str(members.get("condition", CONDITION_MEMBER)),
-                   int(members.get("condition_channels", 1)))  # fmt: skip
+        return cls(
+            str(record["kind"]),
+            dict(record.get("params", {})),
+            str(members.get("condition", CONDITION_MEMBER)),
+            int(members.get("condition_channels", 1)),
+        )
 
     @property
     def computed(self) -> bool:
@@ -206,8 +214,10 @@ def check_map_shape(maps: np.ndarray, channels: int, size: int, what: str) -> No
     """Maps given for a task must be uint8 (N, channels, size, size): else ConditionError naming `what`."""
     want = (channels, size, size)
     if maps.ndim != 4 or tuple(maps.shape[1:]) != want:
-        raise ConditionError(f"{what}: condition maps are {tuple(maps.shape)}, the task takes (N, {channels}, "
-                             f"{size}, {size}) ({channels} channel(s) at the images' {size}x{size} px)")  # fmt: skip
+        raise ConditionError(
+            f"{what}: condition maps are {tuple(maps.shape)}, the task takes (N, {channels}, "
+            f"{size}, {size}) ({channels} channel(s) at the images' {size}x{size} px)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,8 +242,10 @@ def check_condition_source(spec: ConditionSpec | None, source: str, src: Any, ca
         raise ConditionError(f"condition mask is the alpha foreground, and source {source!r} has no alpha channel")
     probed = [item.ref for item in catalog.items[:_ALPHA_PROBE]]
     if not any(has_alpha(src.load(ref)) for ref in probed):
-        raise ConditionError(f"condition mask is the alpha foreground, and source {source!r} has no alpha "
-                             f"channel (none of its first {len(probed)} images has one: {', '.join(probed[:3])}...)")
+        raise ConditionError(
+            f"condition mask is the alpha foreground, and source {source!r} has no alpha "
+            f"channel (none of its first {len(probed)} images has one: {', '.join(probed[:3])}...)"
+        )
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -273,8 +285,11 @@ def image_files(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise ConditionError(f"{root}: not a folder")
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)
-                   and not p.name.startswith("."))  # fmt: skip
+    files = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.name.startswith(".")
+    )
     if not files:
         raise ConditionError(f"{root}: no image files ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)})")
     return files
@@ -286,8 +301,10 @@ def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: 
     from diffscaler.data.sources import prepare_image_alpha
 
     if not spec.computed:
-        raise ConditionError(f"condition {spec.kind} is a map made by another tool and has no extractor here: give "
-                             "ready maps (--condition-maps DIR)")  # fmt: skip
+        raise ConditionError(
+            f"condition {spec.kind} is a map made by another tool and has no extractor here: give "
+            "ready maps (--condition-maps DIR)"
+        )
     files = image_files(folder)[: limit or None]
     out = np.empty((len(files), 1, size, size), np.uint8)
     for i, f in enumerate(files):
@@ -312,11 +329,14 @@ def maps_from_files(folder: str | Path, channels: int, size: int, limit: int = 0
             raise ConditionError(f"{f}: {err}") from None
         have = map_channels(image)
         if have != channels:
-            raise ConditionError(f"{f}: a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
-                                 f"maps ({'grey' if channels == 1 else 'colour'})")  # fmt: skip
+            raise ConditionError(
+                f"{f}: a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
+                f"maps ({'grey' if channels == 1 else 'colour'})"
+            )
         if image.size != (size, size):
-            raise ConditionError(f"{f}: a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps "
-                                 "(its images' size)")  # fmt: skip
+            raise ConditionError(
+                f"{f}: a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps (its images' size)"
+            )
         out[i] = prepare_map(to_map_mode(image, channels), size, channels)
     return out
 

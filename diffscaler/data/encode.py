@@ -50,8 +50,16 @@ FLIP_MEMBER = "flip.npy"
 PIXELS_MEMBER = "png"
 
 
-def latent_parameters(source: str, size: int, samples_per_shard: int, eval_fraction: float, limit: int, seed: int,
-                      vae_hash: str, condition: ConditionSpec | None = None) -> dict[str, Any]:  # fmt: skip
+def latent_parameters(
+    source: str,
+    size: int,
+    samples_per_shard: int,
+    eval_fraction: float,
+    limit: int,
+    seed: int,
+    vae_hash: str,
+    condition: ConditionSpec | None = None,
+) -> dict[str, Any]:
     """Top-level index fields that determine a latent build (`image_size` is the latent side there)."""
     params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition)
     del params["image_size"]
@@ -67,8 +75,15 @@ def _npy(array: np.ndarray) -> bytes:
 class LatentEncoder:
     """A Ray Data actor: prepares one batch of source images and encodes both flips through the VAE."""
 
-    def __init__(self, source: str, vae_path: str, vae_config: str | None, size: int, threads: int = 0,
-                 condition: ConditionSpec | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: str,
+        vae_path: str,
+        vae_config: str | None,
+        size: int,
+        threads: int = 0,
+        condition: ConditionSpec | None = None,
+    ):
         import torch
 
         if threads > 0:
@@ -127,8 +142,10 @@ def encode_shards(
     cannot give, an undecodable input unless `skip_bad`), SourceMissingError."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if size < 1 or samples_per_shard < 1 or batch_size < 1 or actors < 1 or progress_every < 1:
-        raise ValueError(f"--size, --samples-per-shard, batch size, actors and progress_every must be >= 1, got "
-                         f"{size}, {samples_per_shard}, {batch_size}, {actors}, {progress_every}")  # fmt: skip
+        raise ValueError(
+            f"--size, --samples-per-shard, batch size, actors and progress_every must be >= 1, got "
+            f"{size}, {samples_per_shard}, {batch_size}, {actors}, {progress_every}"
+        )
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     identity = vae_identity(vae_path, vae_config)  # VaeError before any work
@@ -143,10 +160,11 @@ def encode_shards(
         raise DatasetError(f"source {source!r}: {err}") from None
     selected = select_balanced(catalog, limit, seed)
     train, evals = split_train_eval(selected, eval_fraction, seed)
-    params = latent_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, identity["hash"],
-                               condition)  # fmt: skip
-    log(f"shards make {source} --vae {vae_path}: {len(selected)} of {len(catalog.items)} images -> train "
-        f"{len(train)}, eval {len(evals)}, {size}x{size} px -> latents {shape} fp16 -> {out}")  # fmt: skip
+    params = latent_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, identity["hash"], condition)
+    log(
+        f"shards make {source} --vae {vae_path}: {len(selected)} of {len(catalog.items)} images -> train "
+        f"{len(train)}, eval {len(evals)}, {size}x{size} px -> latents {shape} fp16 -> {out}"
+    )
 
     # The plan: which images form which shard. Its hash names a finished shard's sidecar (resume).
     plan: list[tuple[str, int, list[Any]]] = []
@@ -166,8 +184,12 @@ def encode_shards(
     if done:
         log(f"shards make {source}: resuming, {len(done)} of {len(plan)} shards already encoded")
 
-    rows = [{"shard": s, "pos": k, "ref": item.ref, "label": item.label}
-            for s, (_split, _n, items) in enumerate(plan) if s not in done for k, item in enumerate(items)]  # fmt: skip
+    rows = [
+        {"shard": s, "pos": k, "ref": item.ref, "label": item.label}
+        for s, (_split, _n, items) in enumerate(plan)
+        if s not in done
+        for k, item in enumerate(items)
+    ]
     t0, encoded = time.perf_counter(), 0
     arrived = 0  # images whose latents reached the driver: a log line every progress_every of them
 
@@ -179,17 +201,39 @@ def encode_shards(
             log(f"shards make {source}: encoded {arrived}/{len(rows)} images ({rate:.1f} images/s)")
 
     if rows:
-        for s, results in _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors,
-                                          cpus_per_actor, gpus_per_actor, on_row, condition):  # fmt: skip
+        for s, results in _encoded_shards(
+            rows,
+            source,
+            vae_path,
+            vae_config,
+            size,
+            batch_size,
+            actors,
+            cpus_per_actor,
+            gpus_per_actor,
+            on_row,
+            condition,
+        ):
             split, number, items = plan[s]
-            done[s] = _write_shard(out, split, number, items, results, catalog.class_names, skip_bad, source,
-                                   condition.member if condition is not None else "")  # fmt: skip
+            done[s] = _write_shard(
+                out,
+                split,
+                number,
+                items,
+                results,
+                catalog.class_names,
+                skip_bad,
+                source,
+                condition.member if condition is not None else "",
+            )
             done[s]["plan"] = _plan_hash(params, split, number, items)
             storage.write_bytes_atomic(_sidecar(out, split, number), json.dumps(done[s], sort_keys=True).encode())
             encoded += len(items)
             rate = encoded / max(time.perf_counter() - t0, 1e-9)
-            log(f"shards make {source}: encoded {shard_name(split, number)} ({len(done)}/{len(plan)} shards, "
-                f"{rate:.1f} images/s)")  # fmt: skip
+            log(
+                f"shards make {source}: encoded {shard_name(split, number)} ({len(done)}/{len(plan)} shards, "
+                f"{rate:.1f} images/s)"
+            )
 
     splits: dict[str, Any] = {}
     skipped: list[dict[str, str]] = []
@@ -200,8 +244,11 @@ def encode_shards(
             counts = [a + b for a, b in zip(counts, r["class_counts"])]
             skipped.extend(r["skipped"])
         entries = [r["entry"] for r in records]
-        splits[split] = {"num_samples": sum(e["num_samples"] for e in entries), "class_counts": counts,
-                         "shards": entries}  # fmt: skip
+        splits[split] = {
+            "num_samples": sum(e["num_samples"] for e in entries),
+            "class_counts": counts,
+            "shards": entries,
+        }
     if splits["train"]["num_samples"] == 0:
         raise DatasetError(f"source {source!r}: no decodable images ({len(skipped)} skipped) - empty dataset")
     keep = {e["name"] for s in splits.values() for e in s["shards"]}
@@ -216,12 +263,23 @@ def encode_shards(
         "source_detail": src.detail,
         "class_names": list(catalog.class_names),
         "num_samples": sum(s["num_samples"] for s in splits.values()),
-        "members": {"image": "npy", "flip": FLIP_MEMBER, "pixels": PIXELS_MEMBER, "label": "cls",
-                    "label_values": "index", "channels": shape[0], "resize": False,
-                    **condition_members(condition).get("members", {})},  # fmt: skip
-        "latent": {"shape": shape, "image_size": size, "dtype": "float16",
-                   "value": "VAE posterior mean * scaling_factor (flip.npy: of the flipped image)",
-                   "vae": identity},  # fmt: skip
+        "members": {
+            "image": "npy",
+            "flip": FLIP_MEMBER,
+            "pixels": PIXELS_MEMBER,
+            "label": "cls",
+            "label_values": "index",
+            "channels": shape[0],
+            "resize": False,
+            **condition_members(condition).get("members", {}),
+        },
+        "latent": {
+            "shape": shape,
+            "image_size": size,
+            "dtype": "float16",
+            "value": "VAE posterior mean * scaling_factor (flip.npy: of the flipped image)",
+            "vae": identity,
+        },
         "splits": splits,
         "skipped_inputs": skipped,
         "content_hash": combine_hashes([e["sha256"] for split in SPLITS for e in splits[split]["shards"]]),
@@ -230,8 +288,10 @@ def encode_shards(
     for split, number, _items in plan:
         storage.remove(_sidecar(out, split, number))
     wall = time.perf_counter() - t0
-    log(f"shards make {source}: wrote {len(keep)} latent shards, {index['num_samples']} samples "
-        f"({encoded} encoded in {wall:.1f} s), {index['content_hash']}")  # fmt: skip
+    log(
+        f"shards make {source}: wrote {len(keep)} latent shards, {index['num_samples']} samples "
+        f"({encoded} encoded in {wall:.1f} s), {index['content_hash']}"
+    )
     return load_index(out)
 
 
@@ -244,8 +304,7 @@ def _plan_hash(params: dict[str, Any], split: str, number: int, items: list[Any]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, on_row,
-                    condition=None):  # fmt: skip
+def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, on_row, condition=None):
     """(plan position, that shard's rows in order) as each shard's encoding completes (in plan order);
     `on_row()` as each encoded image arrives."""
     import ray
@@ -254,11 +313,22 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // batch_size))
-    ds = ds.map_batches(LatentEncoder, fn_constructor_kwargs={"source": source, "vae_path": vae_path,
-                        "vae_config": vae_config, "size": size, "threads": max(1, int(cpus)),
-                        "condition": condition},
-                        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=cpus, num_gpus=gpus)  # fmt: skip
+    ds = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={
+            "source": source,
+            "vae_path": vae_path,
+            "vae_config": vae_config,
+            "size": size,
+            "threads": max(1, int(cpus)),
+            "condition": condition,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
     pending: dict[int, list[dict[str, Any]]] = {}
     current = rows[0]["shard"]
     for row in ds.iter_rows():
@@ -284,9 +354,13 @@ def _write_shard(out, split, number, items, results, class_names, skip_bad, sour
             skipped.append({"ref": item.ref, "reason": str(row["reason"])})
             continue
         meta = {"id": item.ref, "class": class_names[item.label]}
-        members = {"cls": str(item.label).encode(), "json": json.dumps(meta, sort_keys=True).encode(),
-                   "npy": bytes(row["npy"]), FLIP_MEMBER: bytes(row["flip"]),
-                   PIXELS_MEMBER: bytes(row["png"])}  # fmt: skip
+        members = {
+            "cls": str(item.label).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+            "npy": bytes(row["npy"]),
+            FLIP_MEMBER: bytes(row["flip"]),
+            PIXELS_MEMBER: bytes(row["png"]),
+        }
         if cond_member:
             members[cond_member] = bytes(row["cond"])
         samples.append(RawSample(f"{number:06d}{position:05d}", members))
@@ -297,5 +371,8 @@ def _write_shard(out, split, number, items, results, class_names, skip_bad, sour
         sample_digest(hasher, sample.key, sample.members)
     name = shard_name(split, number)
     storage.write_bytes_atomic(storage.join(out, name), write_tar(samples))
-    return {"entry": {"name": name, "num_samples": len(samples), "sha256": hasher.hexdigest()},
-            "class_counts": counts, "skipped": skipped}  # fmt: skip
+    return {
+        "entry": {"name": name, "num_samples": len(samples), "sha256": hasher.hexdigest()},
+        "class_counts": counts,
+        "skipped": skipped,
+    }

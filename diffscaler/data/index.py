@@ -156,11 +156,15 @@ class DatasetIndex:
         they are read (members such as the image and label keys, size and resize, classes, condition, the
         splits with their shards and excluded samples). Fine-tunes, pretraining checkpoints and reference
         statistics are keyed on it: re-indexing the same shards with other labels changes it, not content_hash."""
-        read = {k: self.data.get(k) for k in ("content_hash", "members", "image_size", "class_names", "condition",
-                                              "latent", "eval_split")}  # fmt: skip
+        read = {
+            k: self.data.get(k)
+            for k in ("content_hash", "members", "image_size", "class_names", "condition", "latent", "eval_split")
+        }
         read["splits"] = {
-            split: [[e["name"], e.get("url", ""), e["num_samples"], sorted(e.get("excluded_keys", []))]
-                    for e in self._split(split)["shards"]]  # fmt: skip
+            split: [
+                [e["name"], e.get("url", ""), e["num_samples"], sorted(e.get("excluded_keys", []))]
+                for e in self._split(split)["shards"]
+            ]
             for split in SPLITS
         }
         return "sha256:" + hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()
@@ -168,17 +172,27 @@ class DatasetIndex:
     def backbone_mismatch(self, in_channels: int, input_size: int, vae_hash: str = "") -> str:
         """Why a backbone taking in_channels x input_size x input_size inputs cannot train on (or be scored
         against) these shards, or "" when it can; `vae_hash` (a configured VAE's) must equal the shards' VAE."""
-        have = (f"{self.channels}x{self.image_size}x{self.image_size} latents" if self.latent
-                else f"{self.image_size}x{self.image_size} RGB images")  # fmt: skip
+        have = (
+            f"{self.channels}x{self.image_size}x{self.image_size} latents"
+            if self.latent
+            else f"{self.image_size}x{self.image_size} RGB images"
+        )
         wants_latents = in_channels != 3
-        takes = (f"{in_channels}x{input_size}x{input_size} latents" if wants_latents
-                 else f"{input_size}x{input_size} RGB images")  # fmt: skip
+        takes = (
+            f"{in_channels}x{input_size}x{input_size} latents"
+            if wants_latents
+            else f"{input_size}x{input_size} RGB images"
+        )
         if wants_latents and not self.latent:
-            return (f"shards at {self.url} hold {have}, the backbone takes {takes}: encode the images through its "
-                    "VAE (`diffscaler shards make --vae PATH --size N`, or data.vae=PATH in a pipeline)")
+            return (
+                f"shards at {self.url} hold {have}, the backbone takes {takes}: encode the images through its "
+                "VAE (`diffscaler shards make --vae PATH --size N`, or data.vae=PATH in a pipeline)"
+            )
         if self.latent and not wants_latents:
-            return (f"shards at {self.url} hold {have}, the backbone takes {takes} (a pixel-space backbone): "
-                    "build pixel shards (no --vae / data.vae) or use a latent backbone")
+            return (
+                f"shards at {self.url} hold {have}, the backbone takes {takes} (a pixel-space backbone): "
+                "build pixel shards (no --vae / data.vae) or use a latent backbone"
+            )
         if (self.channels if self.latent else 3, self.image_size) != (in_channels, input_size):
             hint = f" (images of {self.pixel_size}x{self.pixel_size} px)" if self.latent else ""
             return f"shards at {self.url} hold {have}{hint}, the backbone takes {takes}"
@@ -202,8 +216,9 @@ class DatasetIndex:
             n = int(entry["num_samples"])
             url = entry.get("url") or storage.join(self.url, entry["name"])
             excluded = frozenset(entry.get("excluded_keys", ()))
-            out.append(ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded, split,
-                                 self.key_split_fraction))  # fmt: skip
+            out.append(
+                ShardInfo(url, entry["name"], n, entry["sha256"], first, excluded, split, self.key_split_fraction)
+            )
             first += n
         return out
 
@@ -256,14 +271,22 @@ def _validate(data: Any, where: str) -> None:
     members = data.get("members", {})
     need(isinstance(members, dict), "members must be an object")
     for ext in str(members.get("image", "png")).split(";"):
-        need(ext in IMAGE_EXTENSIONS + (LATENT_EXTENSION,), f"members.image {ext!r} is not one of "
-             f"{', '.join(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))}")  # fmt: skip
+        need(
+            ext in IMAGE_EXTENSIONS + (LATENT_EXTENSION,),
+            f"members.image {ext!r} is not one of {', '.join(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))}",
+        )
     condition = data.get("condition")
     if condition:
-        need(isinstance(condition, dict) and isinstance(condition.get("kind"), str)
-             and isinstance(condition.get("params", {}), dict), "condition must be {kind, params}")  # fmt: skip
-        need(isinstance(members.get("condition"), str) and bool(members["condition"]),
-             "a condition needs members.condition (the member holding the map)")  # fmt: skip
+        need(
+            isinstance(condition, dict)
+            and isinstance(condition.get("kind"), str)
+            and isinstance(condition.get("params", {}), dict),
+            "condition must be {kind, params}",
+        )
+        need(
+            isinstance(members.get("condition"), str) and bool(members["condition"]),
+            "a condition needs members.condition (the member holding the map)",
+        )
         need(members.get("condition_channels", 1) in (1, 3), "members.condition_channels must be 1 or 3")
 
 

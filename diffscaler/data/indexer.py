@@ -75,8 +75,9 @@ class ShardScan:
     map_channels: dict[str, int] = field(default_factory=dict)  # key -> its condition map's channels (1 or 3)
 
 
-def scan_shard(url: str, name: str, image_keys: Sequence[str], label_key: str | None,
-               condition_key: str = "") -> ShardScan:  # fmt: skip
+def scan_shard(
+    url: str, name: str, image_keys: Sequence[str], label_key: str | None, condition_key: str = ""
+) -> ShardScan:
     """Read one shard through webdataset, decode every image (and condition map, when `condition_key`
     names one); label_key None = auto (cls if present)."""
     scan = ShardScan(url, name)
@@ -118,16 +119,19 @@ def _scan_map(members: dict[str, bytes], condition_key: str, image_shape: tuple[
     if condition_key not in members:
         raise SampleError(f"missing member .{condition_key} (the condition map key:{condition_key})")
     if image_ext == LATENT_EXTENSION:
-        raise SampleError(f"a key: condition map beside an npy latent: index the images, not latents "
-                          f"(condition key:{condition_key})")  # fmt: skip
+        raise SampleError(
+            f"a key: condition map beside an npy latent: index the images, not latents (condition key:{condition_key})"
+        )
     try:
         image = open_map(condition_key.rsplit(".", 1)[-1], members[condition_key])
     except ConditionError as err:
         raise SampleError(f".{condition_key}: {err}") from None
     height, width = image_shape[:2]
     if image.size != (width, height):
-        raise SampleError(f"condition map .{condition_key} is {image.size[0]}x{image.size[1]} px, its image "
-                          f"{width}x{height}: a map must have its image's size")  # fmt: skip
+        raise SampleError(
+            f"condition map .{condition_key} is {image.size[0]}x{image.size[1]} px, its image "
+            f"{width}x{height}: a map must have its image's size"
+        )
     return map_channels(image)
 
 
@@ -184,7 +188,7 @@ def _class_names(labels: list[Any], label_key: str) -> tuple[list[str], str, dic
             f"label {v!r} is not a class number"
             if not isinstance(v, int) or isinstance(v, bool)
             else f"label {v} is negative"
-        )  # fmt: skip
+        )
         for i, v in enumerate(labels)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0
     }
@@ -250,8 +254,9 @@ def index_shards(
         wanted_label = "cls" if all(s.without_cls == 0 for s in scans) else ""
     label_order = [(s, k) for s in scans for k in s.keys if k not in s.bad and not s.error]
     raw = [s.labels.get(k) for s, k in label_order] if wanted_label else []
-    class_names, label_values, label_problems = _class_names(raw, wanted_label) if wanted_label else (
-        ["unconditional"], "index", {})  # fmt: skip
+    class_names, label_values, label_problems = (
+        _class_names(raw, wanted_label) if wanted_label else (["unconditional"], "index", {})
+    )
     for i, reason in label_problems.items():
         s, k = label_order[i]
         s.bad[k] = reason
@@ -281,16 +286,20 @@ def index_shards(
             image_size, resize = next(iter(sides))[0], False
         else:
             seen = ", ".join(f"{w}x{h}" for h, w in sorted(sides)[:5])
-            raise DatasetError(f"{source}: images are of sizes {seen}{'...' if len(sides) > 5 else ''}; "
-                               "pass --size N to resize them to N x N (short side, centre crop)")  # fmt: skip
+            raise DatasetError(
+                f"{source}: images are of sizes {seen}{'...' if len(sides) > 5 else ''}; "
+                "pass --size N to resize them to N x N (short side, centre crop)"
+            )
 
     faults = [(s.url, s.error_key, f"{s.error} (whole shard)") for s in scans if s.error]
     faults += [(s.url, k, r) for s in scans if not s.error for k, r in s.bad.items()]
     if faults and not skip_bad:
         listed = "\n  ".join(str(ShardError(*f)) for f in faults[:_MAX_LISTED])
         more = f"\n  ... and {len(faults) - _MAX_LISTED} more" if len(faults) > _MAX_LISTED else ""
-        raise DatasetError(f"{source}: {len(faults)} bad sample(s) or shard(s); fix them or pass --skip-bad "
-                           f"to leave them out:\n  {listed}{more}")  # fmt: skip
+        raise DatasetError(
+            f"{source}: {len(faults)} bad sample(s) or shard(s); fix them or pass --skip-bad "
+            f"to leave them out:\n  {listed}{more}"
+        )
     for fault in faults:
         log(f"shards index {source}: skipped {ShardError(*fault)}")
 
@@ -307,8 +316,9 @@ def index_shards(
     # Without eval shards, a per-sample split by key hash (in_eval_split): each shard serves both splits.
     key_split = eval_fraction if not eval_at else 0.0
     fmt_labels = {s.url: s.labels for s in scans}
-    splits: dict[str, Any] = {split: {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []}
-                              for split in SPLITS}  # fmt: skip
+    splits: dict[str, Any] = {
+        split: {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []} for split in SPLITS
+    }
     for i, s in enumerate(scans):
         if s.error:
             continue  # left out whole (skip_bad)
@@ -359,15 +369,17 @@ def index_shards(
         "eval_split": {"by": "key_hash", "fraction": key_split} if key_split else {"by": "shard"},
         "skipped_inputs": [
             {"ref": f"{url}: sample {key!r}" if key else url, "reason": reason} for url, key, reason in faults
-        ],  # fmt: skip
+        ],
         "content_hash": combine_hashes([e["sha256"] for sp in SPLITS for e in splits[sp]["shards"]]),
         **(record or {}),
     }
     storage.write_bytes_atomic(storage.join(out, INDEX_NAME), encode_index(index))
     counts = ", ".join(f"{sp} {splits[sp]['num_samples']}" for sp in SPLITS)
     what = f"image {members['image']} {image_size}x{image_size}{' (resized)' if resize else ''}"
-    log(f"shards index {source}: {counts} samples, {len(class_names)} class(es), {what}, "
-        f"label {wanted_label or 'none'} -> {out}")  # fmt: skip
+    log(
+        f"shards index {source}: {counts} samples, {len(class_names)} class(es), {what}, "
+        f"label {wanted_label or 'none'} -> {out}"
+    )
     return load_index(out)
 
 
@@ -377,9 +389,11 @@ def _condition_key(condition: str) -> str:
         return ""
     member = condition[len(CONDITION_KEY_PREFIX) :] if condition.startswith(CONDITION_KEY_PREFIX) else ""
     if not member or member.rsplit(".", 1)[-1].lower() not in CONDITION_MAP_EXTENSIONS or "/" in member:
-        raise ValueError(f"--condition {condition!r}: indexed shards carry their own maps, key:<member> with an "
-                         f"image member ({', '.join(CONDITION_MAP_EXTENSIONS)}), e.g. key:depth.png; canny and "
-                         "mask maps are computed by `diffscaler shards make --condition` from an image source")
+        raise ValueError(
+            f"--condition {condition!r}: indexed shards carry their own maps, key:<member> with an "
+            f"image member ({', '.join(CONDITION_MAP_EXTENSIONS)}), e.g. key:depth.png; canny and "
+            "mask maps are computed by `diffscaler shards make --condition` from an image source"
+        )
     return member
 
 

@@ -121,8 +121,10 @@ def _parse_fast(data: bytes, bpp: int = 3) -> tuple[int, int, bytes] | None:
     except zlib.error as err:
         raise PngError(f"image data does not inflate: {err}") from None
     if len(raw) != height * (width * bpp + 1):
-        raise PngError(f"image data is {len(raw)} bytes, {width}x{height} at {bpp} byte(s) per pixel needs "
-                       f"{height * (width * bpp + 1)}")  # fmt: skip
+        raise PngError(
+            f"image data is {len(raw)} bytes, {width}x{height} at {bpp} byte(s) per pixel needs "
+            f"{height * (width * bpp + 1)}"
+        )
     return width, height, raw
 
 

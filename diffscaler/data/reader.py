@@ -122,8 +122,20 @@ def epoch_chunks(
 class _ChunkDecoder:
     """Turns chunks into decoded batches; runs in the main process or in DataLoader workers."""
 
-    def __init__(self, shard_urls, shard_counts, skips, fmt: SampleFormat, batch_size, seed, rank, hflip,
-                 task_id, skip_bad, fast_png):  # fmt: skip
+    def __init__(
+        self,
+        shard_urls,
+        shard_counts,
+        skips,
+        fmt: SampleFormat,
+        batch_size,
+        seed,
+        rank,
+        hflip,
+        task_id,
+        skip_bad,
+        fast_png,
+    ):
         self.shard_urls, self.shard_counts, self.skips = list(shard_urls), list(shard_counts), list(skips)
         self.fmt, self.fast_png = fmt, fast_png and fmt.image_keys[0] == "png"
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
@@ -245,12 +257,19 @@ class _ChunkDecoder:
             if not isinstance(result, _Bad):
                 good.append(result)
         if len(good) < len(items):
-            return {"error": _Bad(bad[0].url, bad[0].key, f"{bad[0].reason}; and too few good samples "
-                                  f"left in this chunk of epoch {epoch} to fill batch {index}")}  # fmt: skip
+            return {
+                "error": _Bad(
+                    bad[0].url,
+                    bad[0].key,
+                    f"{bad[0].reason}; and too few good samples "
+                    f"left in this chunk of epoch {epoch} to fill batch {index}",
+                )
+            }
         return self._batch(good, bad, epoch, index)
 
-    def _batch(self, good: list[tuple[np.ndarray, int, np.ndarray | None]], bad: list[_Bad], epoch: int, index: int
-               ) -> dict[str, Any]:  # fmt: skip
+    def _batch(
+        self, good: list[tuple[np.ndarray, int, np.ndarray | None]], bad: list[_Bad], epoch: int, index: int
+    ) -> dict[str, Any]:
         arrays, labels = np.stack([g[0] for g in good]), [g[1] for g in good]
         conds = np.stack([g[2] for g in good]) if self.conditional else None  # (B, C_cond, S, S) uint8
         if self.flip_pairs:  # (B, 2, C, H, W): the stored latent of the flipped image where a flip is drawn
@@ -414,9 +433,18 @@ class ShardReader:
             self.batches_per_epoch,
         )
         self._decoder = _ChunkDecoder(
-            [s.url for s in shards], self.shard_counts, [s.skips for s in shards], self.index.sample_format,
-            batch_size, seed, rank, hflip, task_id, skip_bad, fast_png,
-        )  # fmt: skip
+            [s.url for s in shards],
+            self.shard_counts,
+            [s.skips for s in shards],
+            self.index.sample_format,
+            batch_size,
+            seed,
+            rank,
+            hflip,
+            task_id,
+            skip_bad,
+            fast_png,
+        )
         self.skipped = 0  # bad samples dropped so far (skip_bad=True)
         self.skipped_files: dict[str, int] = {}  # {shard url: bad samples dropped from it}
         self.skipped_messages: list[str] = []  # the first _MAX_MESSAGES of them, with file and key
@@ -494,15 +522,14 @@ class MixedTaskReader:
         self.readers = list(readers)
 
     @classmethod
-    def from_dirs(cls, tasks: Sequence[tuple[str, int]], batch_size: int, split: str = "train",
-                  **reader_kwargs: Any) -> MixedTaskReader:  # fmt: skip
+    def from_dirs(
+        cls, tasks: Sequence[tuple[str, int]], batch_size: int, split: str = "train", **reader_kwargs: Any
+    ) -> MixedTaskReader:
         """`tasks` = [(dataset_dir, task_id), ...]; batch_size is split as evenly as possible."""
         if batch_size < len(tasks):
             raise ValueError(f"batch_size {batch_size} is smaller than the number of tasks {len(tasks)}")
         sizes = [batch_size // len(tasks) + (i < batch_size % len(tasks)) for i in range(len(tasks))]
-        return cls([
-            ShardReader(d, split, size, task_id=t, **reader_kwargs) for (d, t), size in zip(tasks, sizes)
-        ])  # fmt: skip
+        return cls([ShardReader(d, split, size, task_id=t, **reader_kwargs) for (d, t), size in zip(tasks, sizes)])
 
     @property
     def skipped(self) -> int:
@@ -534,13 +561,15 @@ class MixedTaskReader:
                         padded[:, : p["condition"].shape[1]] = p["condition"]
                     maps.append(padded)
                 batch["condition"] = torch.cat(maps)  # (B, C_cond, S, S) float32
-                batch["has_condition"] = torch.cat([p.get("has_condition", torch.zeros(len(p["label"]),
-                                                    dtype=torch.bool)) for p in parts])  # (B,) fmt: skip
+                batch["has_condition"] = torch.cat(
+                    [p.get("has_condition", torch.zeros(len(p["label"]), dtype=torch.bool)) for p in parts]
+                )  # (B,) fmt: skip
             yield batch
 
 
-def read_split(dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False,
-               conditions: bool = False) -> tuple[np.ndarray, ...]:  # fmt: skip
+def read_split(
+    dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False, conditions: bool = False
+) -> tuple[np.ndarray, ...]:
     """A whole split in shard order: uint8 images (N, H, W, 3) and int64 labels (N,); limit 0 = all.
     For latent shards the first array is float32 (N, C, H, W); with `pixels`, VAE latent shards give
     the images that were encoded instead (uint8 (N, S, S, 3)). With `conditions` a third array holds

@@ -228,8 +228,10 @@ class SampleFormat:
             raise SampleError(f".{key}: {err}") from None
         want = (source_hw[1], source_hw[0]) if source_hw is not None else (side, side)
         if image.size != want:
-            raise SampleError(f"condition map .{key} is {image.size[0]}x{image.size[1]} px, its image "
-                              f"{want[0]}x{want[1]}: a map must have its image's size")  # fmt: skip
+            raise SampleError(
+                f"condition map .{key} is {image.size[0]}x{image.size[1]} px, its image "
+                f"{want[0]}x{want[1]}: a map must have its image's size"
+            )
         return prepare_map(image, side, self.condition_channels)
 
     def decode_with_condition(self, sample: dict[str, Any]) -> tuple[np.ndarray, int, np.ndarray]:
@@ -256,8 +258,11 @@ class SampleFormat:
             "resize": self.resize,
             **({"flip": self.flip_key} if self.flip_key else {}),
             **({"pixels": self.pixels_key} if self.pixels_key else {}),
-            **({"condition": self.condition_key, "condition_channels": self.condition_channels}
-               if self.condition_key else {}),  # fmt: skip
+            **(
+                {"condition": self.condition_key, "condition_channels": self.condition_channels}
+                if self.condition_key
+                else {}
+            ),
         }
 
 
@@ -278,8 +283,9 @@ def decode_latent(data: bytes) -> np.ndarray:
     except Exception as err:
         raise SampleError(f"unreadable .npy: {type(err).__name__}: {err}") from None
     if not isinstance(array, np.ndarray) or array.ndim != 3 or not np.issubdtype(array.dtype, np.number):
-        raise SampleError(f".npy holds {getattr(array, 'dtype', type(array))} {getattr(array, 'shape', '')}, "
-                          "not a 3-d numeric array")  # fmt: skip
+        raise SampleError(
+            f".npy holds {getattr(array, 'dtype', type(array))} {getattr(array, 'shape', '')}, not a 3-d numeric array"
+        )
     return array
 
 

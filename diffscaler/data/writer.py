@@ -129,7 +129,12 @@ def tool_version() -> str:
 
 
 def build_parameters(
-    source: str, size: int, samples_per_shard: int, eval_fraction: float, limit: int, seed: int,
+    source: str,
+    size: int,
+    samples_per_shard: int,
+    eval_fraction: float,
+    limit: int,
+    seed: int,
     condition: ConditionSpec | None = None,
 ) -> dict[str, Any]:
     """The inputs that determine a build; equal parameters + same tool version = same shards. The

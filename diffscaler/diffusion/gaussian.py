@@ -78,8 +78,9 @@ class Schedule:
 
 
 class GaussianDiffusion:
-    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                 learn_sigma: bool = False):
+    def __init__(
+        self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, learn_sigma: bool = False
+    ):
         self.num_timesteps = num_timesteps
         self.learn_sigma = learn_sigma
         betas = torch.from_numpy(linear_betas(num_timesteps, beta_start, beta_end))
@@ -94,13 +95,15 @@ class GaussianDiffusion:
         s, nd = self.schedule, x0.dim()
         return s.gather("sqrt_alphas_cumprod", t, nd) * x0 + s.gather("sqrt_one_minus_alphas_cumprod", t, nd) * noise
 
-    def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
     # -- loss -------------------------------------------------------------------------------------
-    def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor,
-                        noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def training_losses(
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per-sample losses (N,): `loss` = `mse` (+ `vb` when sigma is learned)."""
         if noise is None:
             noise = torch.randn_like(x0)
@@ -119,8 +122,9 @@ class GaussianDiffusion:
             terms["loss"] = mse
         return terms
 
-    def _vb_terms(self, s: Schedule, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-                  t: torch.Tensor) -> torch.Tensor:
+    def _vb_terms(
+        self, s: Schedule, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         nd = x0.dim()
         true_mean = s.gather("posterior_mean_coef1", t, nd) * x0 + s.gather("posterior_mean_coef2", t, nd) * x_t
         true_logvar = s.gather("posterior_log_variance_clipped", t, nd)
@@ -130,8 +134,9 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)  # bits per dim, (N,)
 
     # -- reverse process --------------------------------------------------------------------------
-    def p_mean_variance(self, s: Schedule, out: torch.Tensor, x_t: torch.Tensor, idx: torch.Tensor,
-                        clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def p_mean_variance(
+        self, s: Schedule, out: torch.Tensor, x_t: torch.Tensor, idx: torch.Tensor, clip_denoised: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, log-variance and predicted x0 of p(x_{prev} | x_t); `idx` indexes `s`."""
         nd = x_t.dim()
         c = x_t.shape[1]
@@ -163,8 +168,16 @@ class GaussianDiffusion:
             last = ac[i].item()
         return Schedule(torch.tensor(betas, dtype=torch.float64), torch.tensor(use))
 
-    def sample(self, model_fn: ModelFn, noise_source: SampleNoise, *, steps: int, sampler: str = "ddim",
-               eta: float = 0.0, clip_denoised: bool = True) -> torch.Tensor:
+    def sample(
+        self,
+        model_fn: ModelFn,
+        noise_source: SampleNoise,
+        *,
+        steps: int,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        clip_denoised: bool = True,
+    ) -> torch.Tensor:
         """Run the reverse process from `noise_source`'s starting noise; returns x_0 (N, C, H, W)."""
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
@@ -184,8 +197,18 @@ class GaussianDiffusion:
                 x = self._ddim_step(s, out, x, x0, idx, i, eta, noise_source, k)
         return x
 
-    def _ddim_step(self, s: Schedule, out: torch.Tensor, x: torch.Tensor, x0: torch.Tensor,
-                   idx: torch.Tensor, i: int, eta: float, noise_source: SampleNoise, k: int) -> torch.Tensor:
+    def _ddim_step(
+        self,
+        s: Schedule,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        x0: torch.Tensor,
+        idx: torch.Tensor,
+        i: int,
+        eta: float,
+        noise_source: SampleNoise,
+        k: int,
+    ) -> torch.Tensor:
         nd = x.dim()
         ac = s.gather("alphas_cumprod", idx, nd)
         ac_prev = s.gather("alphas_cumprod_prev", idx, nd)
@@ -218,8 +241,15 @@ def space_timesteps(num_timesteps: int, steps: int) -> list[int]:
 class SampleNoise:
     """All random draws of a batch, each sample's from its own (seed, index) generator."""
 
-    def __init__(self, seed: int, indices: Sequence[int], shape: tuple[int, ...], device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, sample_seeds: Sequence[int] | None = None):
+    def __init__(
+        self,
+        seed: int,
+        indices: Sequence[int],
+        shape: tuple[int, ...],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        sample_seeds: Sequence[int] | None = None,
+    ):
         """`sample_seeds` (one 63-bit seed per sample) replaces the (seed, index) derivation."""
         self.shape = shape  # (C, H, W)
         self.device = device
@@ -229,9 +259,7 @@ class SampleNoise:
 
     def _draw(self) -> torch.Tensor:
         # Generated on the CPU so the numbers do not depend on the device either.
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(
-            self.device, self.dtype
-        )
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device, self.dtype)
 
     def initial(self) -> torch.Tensor:
         return self._draw()  # (N, C, H, W)
@@ -251,8 +279,9 @@ def per_sample_seed(seed: int, index: int) -> int:
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
 
 
 def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,16 @@ from diffscaler.diffusion.gaussian import GaussianDiffusion, SampleNoise
 from diffscaler.models.dit import DiT
 
 
-def guided_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                   task_ids: torch.Tensor | int | None, cond: ConditionTokens | None, cfg_scale: float = 1.0,
-                   condition_scale: float = 1.0) -> torch.Tensor:
+def guided_forward(
+    model: DiT,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    task_ids: torch.Tensor | int | None,
+    cond: ConditionTokens | None,
+    cfg_scale: float = 1.0,
+    condition_scale: float = 1.0,
+) -> torch.Tensor:
     """The model's output (N, C_out, H, W) under class guidance and condition guidance (see the module
     docstring), in one forward of 1, 2 or 3 N rows. With learned sigma the variance channels come from
     the fully conditioned pass. Rows without a map (unconditional tasks) get the same output from both
@@ -42,8 +49,13 @@ def guided_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
         passes.append((null if cfg_scale != 1.0 else y, cond.without_map()))
     n, k = x.shape[0], len(passes)
     ids = task_ids.repeat(k) if isinstance(task_ids, torch.Tensor) else task_ids
-    out = model(x.repeat(k, 1, 1, 1), t.repeat(k), torch.cat([p[0] for p in passes]), ids,
-                condition=ConditionTokens.cat([p[1] for p in passes]) if k > 1 else cond)
+    out = model(
+        x.repeat(k, 1, 1, 1),
+        t.repeat(k),
+        torch.cat([p[0] for p in passes]),
+        ids,
+        condition=ConditionTokens.cat([p[1] for p in passes]) if k > 1 else cond,
+    )
     parts = out.split(n)  # each (N, C_out, H, W)
     c = model.in_channels
     eps = [p[:, :c] for p in parts]
@@ -59,12 +71,26 @@ def guided_forward(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
 
 
 @torch.no_grad()
-def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, indices: Sequence[int],
-             seed: int, task_ids: torch.Tensor | int | None = None, steps: int = 50, sampler: str = "ddim",
-             cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-             autocast_dtype: torch.dtype | None = None, clamp: bool = True,
-             sample_seeds: Sequence[int] | None = None, condition: torch.Tensor | None = None,
-             condition_mask: torch.Tensor | None = None, condition_scale: float = 1.0) -> torch.Tensor:
+def generate(
+    model: DiT,
+    diffusion: GaussianDiffusion,
+    *,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    seed: int,
+    task_ids: torch.Tensor | int | None = None,
+    steps: int = 50,
+    sampler: str = "ddim",
+    cfg_scale: float = 1.0,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    clamp: bool = True,
+    sample_seeds: Sequence[int] | None = None,
+    condition: torch.Tensor | None = None,
+    condition_mask: torch.Tensor | None = None,
+    condition_scale: float = 1.0,
+) -> torch.Tensor:
     """One batch: float images (N, C, H, W) in [-1, 1] for sample `indices` with `labels` (latents,
     unclamped, with `clamp=False`). `sample_seeds` (one per sample) replace the (seed, index) noise seeds.
     `condition` (N, C, S, S) in [-1, 1]: the maps of the rows of conditional tasks; `condition_mask` (N,)
@@ -82,12 +108,14 @@ def generate(model: DiT, diffusion: GaussianDiffusion, *, labels: torch.Tensor, 
     if bank is not None and task_ids is not None:
         # the maps' tokens do not depend on t: embedded once here, added at every step
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            cond = bank.embed_condition(condition, task_ids, None if condition_mask is None else
-                                        condition_mask.to(device), n=len(labels))
+            cond = bank.embed_condition(
+                condition, task_ids, None if condition_mask is None else condition_mask.to(device), n=len(labels)
+            )
     elif condition is not None or condition_mask is not None:
         raise ValueError("a condition map needs task ids of an adapter bank with a conditional task")
-    noise = SampleNoise(seed, indices, (cfg.in_channels, cfg.input_size, cfg.input_size), device,
-                        sample_seeds=sample_seeds)
+    noise = SampleNoise(
+        seed, indices, (cfg.in_channels, cfg.input_size, cfg.input_size), device, sample_seeds=sample_seeds
+    )
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -108,14 +136,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: int,
-                  labels: Sequence[int] | None = None, task_ids: Sequence[int] | None = None,
-                  start_index: int = 0, batch_size: int = 64, steps: int = 50, sampler: str = "ddim",
-                  cfg_scale: float = 1.0, eta: float = 0.0, clip_denoised: bool = True,
-                  autocast_dtype: torch.dtype | None = None,
-                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                  conditions: torch.Tensor | np.ndarray | None = None,
-                  condition_mask: Sequence[bool] | None = None, condition_scale: float = 1.0) -> np.ndarray:
+def sample_images(
+    model: DiT,
+    diffusion: GaussianDiffusion,
+    *,
+    num: int,
+    seed: int,
+    labels: Sequence[int] | None = None,
+    task_ids: Sequence[int] | None = None,
+    start_index: int = 0,
+    batch_size: int = 64,
+    steps: int = 50,
+    sampler: str = "ddim",
+    cfg_scale: float = 1.0,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    conditions: torch.Tensor | np.ndarray | None = None,
+    condition_mask: Sequence[bool] | None = None,
+    condition_scale: float = 1.0,
+) -> np.ndarray:
     """`num` images as uint8 (num, H, W, C); sample k has index `start_index + k`.
 
     `labels[k]` / `task_ids[k]` give each sample's class and task (tasks may mix within a batch).
@@ -129,8 +170,10 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
         raise ValueError(f"num must be >= 0 and batch_size >= 1, got {num} and {batch_size}")
     labels = [0] * num if labels is None else list(labels)
     if len(labels) != num or (task_ids is not None and len(task_ids) != num):
-        raise ValueError(f"need one label (and task id) per sample: num={num}, labels={len(labels)}, "
-                         f"task_ids={None if task_ids is None else len(task_ids)}")
+        raise ValueError(
+            f"need one label (and task id) per sample: num={num}, labels={len(labels)}, "
+            f"task_ids={None if task_ids is None else len(task_ids)}"
+        )
     if conditions is not None:
         conditions = torch.as_tensor(conditions)
         if conditions.dtype == torch.uint8:
@@ -144,15 +187,31 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
         hi = min(num, lo + batch_size)
         batch_tasks = None if task_ids is None else list(task_ids[lo:hi])
         # one task in the batch: an int id takes the single-task path (plain matmuls, no gathers)
-        ids = (None if batch_tasks is None else int(batch_tasks[0]) if len(set(batch_tasks)) == 1
-               else torch.tensor(batch_tasks, dtype=torch.long))
-        x = generate(model, diffusion, labels=torch.tensor(labels[lo:hi], dtype=torch.long),
-                     indices=range(start_index + lo, start_index + hi), seed=seed, task_ids=ids, steps=steps,
-                     sampler=sampler, cfg_scale=cfg_scale, eta=eta, clip_denoised=clip_denoised and decode is None,
-                     autocast_dtype=autocast_dtype, clamp=decode is None,
-                     condition=None if conditions is None else conditions[lo:hi],
-                     condition_mask=None if condition_mask is None else torch.tensor(list(condition_mask[lo:hi])),
-                     condition_scale=condition_scale)
+        ids = (
+            None
+            if batch_tasks is None
+            else int(batch_tasks[0])
+            if len(set(batch_tasks)) == 1
+            else torch.tensor(batch_tasks, dtype=torch.long)
+        )
+        x = generate(
+            model,
+            diffusion,
+            labels=torch.tensor(labels[lo:hi], dtype=torch.long),
+            indices=range(start_index + lo, start_index + hi),
+            seed=seed,
+            task_ids=ids,
+            steps=steps,
+            sampler=sampler,
+            cfg_scale=cfg_scale,
+            eta=eta,
+            clip_denoised=clip_denoised and decode is None,
+            autocast_dtype=autocast_dtype,
+            clamp=decode is None,
+            condition=None if conditions is None else conditions[lo:hi],
+            condition_mask=None if condition_mask is None else torch.tensor(list(condition_mask[lo:hi])),
+            condition_scale=condition_scale,
+        )
         out.append(to_uint8(x if decode is None else decode(x)))
     if not out:
         c, s = model.config.in_channels, model.config.input_size
@@ -160,8 +219,9 @@ def sample_images(model: DiT, diffusion: GaussianDiffusion, *, num: int, seed: i
     return np.concatenate(out)
 
 
-def plan_samples(task_names: Sequence[str], num_per_task: int, class_counts: Sequence[int],
-                 class_label: int | None) -> tuple[list[int], list[int]]:
+def plan_samples(
+    task_names: Sequence[str], num_per_task: int, class_counts: Sequence[int], class_label: int | None
+) -> tuple[list[int], list[int]]:
     """Interleave tasks sample by sample (a, b, a, b, ...) so every batch mixes them.
 
     Returns (task index per sample, label per sample). Sample order fixes the per-sample seed index.
@@ -173,4 +233,3 @@ def plan_samples(task_names: Sequence[str], num_per_task: int, class_counts: Seq
             n_cls = class_counts[t]
             labels.append(class_label if class_label is not None else k % n_cls)
     return tasks, labels
-

@@ -62,8 +62,10 @@ def _binary(maps: np.ndarray) -> np.ndarray:
 def _pair(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     p, t = _binary(pred), _binary(target)
     if p.shape != t.shape:
-        raise ConditionError(f"extracted maps are {p.shape[1:]} x {len(p)}, given maps {t.shape[1:]} x {len(t)}: "
-                             "they must match image for image")  # fmt: skip
+        raise ConditionError(
+            f"extracted maps are {p.shape[1:]} x {len(p)}, given maps {t.shape[1:]} x {len(t)}: "
+            "they must match image for image"
+        )
     return p, t
 
 
@@ -98,13 +100,19 @@ def condition_fidelity(spec: ConditionSpec, images: np.ndarray, maps: np.ndarray
         raise ConditionError(f"images are {images.dtype} {images.shape}; expected uint8 RGB (N, H, W, 3)")
     given = _binary(maps)
     if given.shape != images.shape[:3]:
-        raise ConditionError(f"{len(images)} images of {images.shape[1]}x{images.shape[2]} px, but {len(given)} "
-                             f"maps of {given.shape[1]}x{given.shape[2]} px: one map per image, at the images' size")
+        raise ConditionError(
+            f"{len(images)} images of {images.shape[1]}x{images.shape[2]} px, but {len(given)} "
+            f"maps of {given.shape[1]}x{given.shape[2]} px: one map per image, at the images' size"
+        )
     extracted = spec.extract(images)
     scores = (edge_f1 if spec.kind == "canny" else mask_iou)(extracted, given)
-    return FidelityScore(METRICS[spec.kind], float(scores.mean()) if len(scores) else float("nan"),
-                         float(scores.std()) if len(scores) else float("nan"), len(scores),
-                         tuple(float(s) for s in scores))  # fmt: skip
+    return FidelityScore(
+        METRICS[spec.kind],
+        float(scores.mean()) if len(scores) else float("nan"),
+        float(scores.std()) if len(scores) else float("nan"),
+        len(scores),
+        tuple(float(s) for s in scores),
+    )
 
 
 def derangement(n: int, seed: int) -> np.ndarray:
@@ -119,14 +127,18 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return order
 
 
-def mismatched_fidelity(spec: ConditionSpec, images: np.ndarray, maps: np.ndarray, seed: int = 0
-                        ) -> FidelityScore | None:  # fmt: skip
+def mismatched_fidelity(
+    spec: ConditionSpec, images: np.ndarray, maps: np.ndarray, seed: int = 0
+) -> FidelityScore | None:
     """Real images scored against other images' maps (image i against map derangement[i]): chance level."""
     return condition_fidelity(spec, images, np.asarray(maps)[derangement(len(maps), seed)])
 
 
-def reference_rows(spec: ConditionSpec, images: np.ndarray, maps: np.ndarray, seed: int = 0
-                   ) -> dict[str, FidelityScore | None]:  # fmt: skip
+def reference_rows(
+    spec: ConditionSpec, images: np.ndarray, maps: np.ndarray, seed: int = 0
+) -> dict[str, FidelityScore | None]:
     """{"ceiling": real images vs their own maps, "mismatched": vs a derangement of the maps}."""
-    return {"ceiling": condition_fidelity(spec, images, maps),
-            "mismatched": mismatched_fidelity(spec, images, maps, seed)}  # fmt: skip
+    return {
+        "ceiling": condition_fidelity(spec, images, maps),
+        "mismatched": mismatched_fidelity(spec, images, maps, seed),
+    }

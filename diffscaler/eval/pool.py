@@ -301,8 +301,9 @@ class FidEvaluator:
         return refs, jobs
 
     @staticmethod
-    def _collect_references(plans: list[ReferencePlan], jobs: list[_Job], results: dict[int, dict]
-                            ) -> dict[int, ReferenceStats]:  # fmt: skip
+    def _collect_references(
+        plans: list[ReferencePlan], jobs: list[_Job], results: dict[int, dict]
+    ) -> dict[int, ReferenceStats]:
         """Stats (and a cache file) for every plan whose feature jobs all succeeded."""
         out = {}
         for p, plan in enumerate(plans):
@@ -319,13 +320,19 @@ class FidEvaluator:
             return []
         size = pixel_side(self.backbone_meta["model"], self.cfg)
         try:
-            return [plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size)
-                    for t in task_names(self.cfg)]  # fmt: skip
+            return [
+                plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size)
+                for t in task_names(self.cfg)
+            ]
         except EvalInputError:
             return []  # a target without shards: no classifier, the scores still come
 
     def evaluate(
-        self, requests: Sequence[EvalRequest], *, return_features: bool = False, progress: ProgressFn | None = None,
+        self,
+        requests: Sequence[EvalRequest],
+        *,
+        return_features: bool = False,
+        progress: ProgressFn | None = None,
         task_accuracy: bool | None = None,
     ) -> list[EvalResult]:
         """Score every request; results in request order. Bad input raises EvalInputError up front;
@@ -365,11 +372,23 @@ class FidEvaluator:
                 "num_classes": res.num_classes,
             }
             if res.maps is not None:  # each chunk carries its own samples' maps: sample k takes map k mod M
-                payload |= {"condition_extractor": res.condition, "conditioned": res.request.conditioned,
-                            "condition_scale": res.condition_scale}  # fmt: skip
-            jobs += [_Job("sample", i, lo, n, payload if res.maps is None else
-                          {**payload, "maps": res.maps[np.arange(lo, lo + n) % len(res.maps)]})
-                     for lo, n in self._chunks(res.num_samples)]  # fmt: skip
+                payload |= {
+                    "condition_extractor": res.condition,
+                    "conditioned": res.request.conditioned,
+                    "condition_scale": res.condition_scale,
+                }
+            jobs += [
+                _Job(
+                    "sample",
+                    i,
+                    lo,
+                    n,
+                    payload
+                    if res.maps is None
+                    else {**payload, "maps": res.maps[np.arange(lo, lo + n) % len(res.maps)]},
+                )
+                for lo, n in self._chunks(res.num_samples)
+            ]
         first_submit: dict[int, float] = {}
 
         def track(event: dict[str, Any]) -> None:
@@ -399,16 +418,28 @@ class FidEvaluator:
             mine = sorted((j.start, jid) for jid, j in enumerate(jobs) if j.kind == "sample" and j.owner == i)
             done = [results[jid] for _s, jid in mine if jid in results]
             base = dict(
-                task=res.request.task, adapter=res.request.adapter_path or "", label=res.request.label,
-                feature_network=res.plan.feature_network, num_reference=res.plan.num_reference,
+                task=res.request.task,
+                adapter=res.request.adapter_path or "",
+                label=res.request.label,
+                feature_network=res.plan.feature_network,
+                num_reference=res.plan.num_reference,
                 sample_seconds=round(sum(d["sample_seconds"] for d in done), 3),
-                feature_seconds=round(sum(d["feature_seconds"] for d in done), 3), seed=res.seed, steps=res.steps,
-                sampler=res.sampler, cfg_scale=res.cfg_scale, dataset=res.plan.dataset,
-                dataset_hash=res.plan.dataset_hash, image_size=res.plan.image_size, method=res.method, rank=res.rank,
-                source=res.request.source, reference_split=res.plan.split,
+                feature_seconds=round(sum(d["feature_seconds"] for d in done), 3),
+                seed=res.seed,
+                steps=res.steps,
+                sampler=res.sampler,
+                cfg_scale=res.cfg_scale,
+                dataset=res.plan.dataset,
+                dataset_hash=res.plan.dataset_hash,
+                image_size=res.plan.image_size,
+                method=res.method,
+                rank=res.rank,
+                source=res.request.source,
+                reference_split=res.plan.split,
                 condition=res.condition["kind"] if res.condition else "",
-                conditioned=res.maps is not None and res.request.conditioned, condition_scale=res.condition_scale,
-            )  # fmt: skip
+                conditioned=res.maps is not None and res.request.conditioned,
+                condition_scale=res.condition_scale,
+            )
             if error:
                 out.append(
                     EvalResult(
@@ -433,11 +464,21 @@ class FidEvaluator:
                 accuracy = nearest_centroid_accuracy(feats, centroids, task_names(self.cfg).index(res.request.task))
             fid = frechet_distance(feature_statistics(feats), {"mu": ref.mu, "sigma": ref.sigma})
             kid_mean, kid_std = kid_from_features(feats, ref.features, self.cfg.eval.kid_subset_size)
-            out.append(EvalResult(
-                status="ok", error="", fid=fid, kid_mean=kid_mean, kid_std=kid_std, num_generated=len(feats),
-                seconds=round(time.perf_counter() - first_submit.get(i, t_start), 3),
-                features=feats if return_features else None, task_accuracy=accuracy, **base, **_fidelity(res, done),
-            ))  # fmt: skip
+            out.append(
+                EvalResult(
+                    status="ok",
+                    error="",
+                    fid=fid,
+                    kid_mean=kid_mean,
+                    kid_std=kid_std,
+                    num_generated=len(feats),
+                    seconds=round(time.perf_counter() - first_submit.get(i, t_start), 3),
+                    features=feats if return_features else None,
+                    task_accuracy=accuracy,
+                    **base,
+                    **_fidelity(res, done),
+                )
+            )
         return out
 
 
@@ -452,23 +493,33 @@ def condition_reference(shards: str, split: str, count: int, seed: int) -> dict[
         return None
     images, _labels, maps = read_split(shards, split, limit=count, pixels=index.latent, conditions=True)
     rows = reference_rows(spec, images, maps, seed=seed) if len(images) > 1 else {}
-    return {"condition": spec.kind, "metric": METRICS[spec.kind], "split": split, "num_images": len(images),
-            **{k: v.to_json() for k, v in rows.items() if v is not None}}  # fmt: skip
+    return {
+        "condition": spec.kind,
+        "metric": METRICS[spec.kind],
+        "split": split,
+        "num_images": len(images),
+        **{k: v.to_json() for k, v in rows.items() if v is not None},
+    }
 
 
 def condition_references(cfg: ExperimentConfig, tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
     """{task: condition_reference} on the images whose maps evaluation samples with (eval.reference_split,
     the first eval.num_samples); tasks whose maps have no extractor here are left out."""
-    refs = {t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples,
-                                   cfg.eval.seed) for t in tasks}  # fmt: skip
+    refs = {
+        t: condition_reference(dataset_dir(cfg.data, t), cfg.eval.reference_split, cfg.eval.num_samples, cfg.eval.seed)
+        for t in tasks
+    }
     return {t: r for t, r in refs.items() if r is not None}
 
 
 def format_condition_reference(refs: dict[str, dict[str, Any]]) -> list[str]:
     """One line per task: the ceiling and the mismatched-maps chance of its condition fidelity."""
-    return [f"{t} condition fidelity ({r['metric']}, {r['num_images']} real images): ceiling "
-            f"{r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}"
-            for t, r in refs.items() if "ceiling" in r]  # fmt: skip
+    return [
+        f"{t} condition fidelity ({r['metric']}, {r['num_images']} real images): ceiling "
+        f"{r['ceiling']['mean']:.3f}, mismatched maps {r['mismatched']['mean']:.3f}"
+        for t, r in refs.items()
+        if "ceiling" in r
+    ]
 
 
 def _fidelity(res: ResolvedRequest, done: list[dict[str, Any]]) -> dict[str, Any]:
@@ -476,8 +527,11 @@ def _fidelity(res: ResolvedRequest, done: list[dict[str, Any]]) -> dict[str, Any
     scores = [s for d in done for s in (d.get("fidelity") or ())]
     if res.condition is None or not scores:
         return {}
-    return {"fidelity_metric": METRICS[res.condition["kind"]], "fidelity": float(np.mean(scores)),
-            "fidelity_std": float(np.std(scores))}  # fmt: skip
+    return {
+        "fidelity_metric": METRICS[res.condition["kind"]],
+        "fidelity": float(np.mean(scores)),
+        "fidelity_std": float(np.std(scores)),
+    }
 
 
 def _owner_errors(jobs: list[_Job], failed: dict[int, str], kind: str) -> dict[int, str]:

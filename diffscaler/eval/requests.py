@@ -40,7 +40,6 @@ class EvalRequest:
     condition_scale: float | None = None  # guidance on the map (None = diffusion.condition_scale, else 1)
 
 
-
 def task_names(cfg: ExperimentConfig) -> list[str]:
     return [t.name for t in cfg.data.targets]
 

@@ -55,27 +55,33 @@ def _check_vae(model: dict[str, Any], cfg: ExperimentConfig, where: str) -> str:
     if model["in_channels"] == 3:
         return ""
     if not cfg.data.vae:
-        raise EvalInputError(f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
-                             "images: set data.vae=PATH (the VAE its shards were encoded with)")  # fmt: skip
+        raise EvalInputError(
+            f"{where}: the backbone takes {model['in_channels']}-channel latents; FID scores decoded "
+            "images: set data.vae=PATH (the VAE its shards were encoded with)"
+        )
     try:
         ident = cached_vae_identity(cfg.data.vae, cfg.data.vae_config or None)
     except VaeError as err:
         raise EvalInputError(f"{where}: data.vae: {err}") from None
     if ident["latent_channels"] != model["in_channels"]:
-        raise EvalInputError(f"{where}: data.vae {cfg.data.vae} makes {ident['latent_channels']}-channel latents, the "
-                             f"backbone takes {model['in_channels']}")  # fmt: skip
+        raise EvalInputError(
+            f"{where}: data.vae {cfg.data.vae} makes {ident['latent_channels']}-channel latents, the "
+            f"backbone takes {model['in_channels']}"
+        )
     return str(ident["hash"])
 
 
 def _check_shards_vae(shards: str, vae_hash: str, where: str) -> None:
     index = load_index(shards)
     if vae_hash and index.latent and index.vae_hash and index.vae_hash != vae_hash:
-        raise EvalInputError(f"{where}: shards at {shards} were encoded with VAE {index.vae_hash}, data.vae is "
-                             f"{vae_hash}")  # fmt: skip
+        raise EvalInputError(
+            f"{where}: shards at {shards} were encoded with VAE {index.vae_hash}, data.vae is {vae_hash}"
+        )
 
 
-def resolve_request(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str
-                    ) -> ResolvedRequest:  # fmt: skip
+def resolve_request(
+    req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict[str, Any], where: str
+) -> ResolvedRequest:
     """`req` with the config's defaults, its inputs checked; EvalInputError starts with `where`."""
     model = backbone_meta["model"]
     vae_hash = _check_vae(model, cfg, where)
@@ -133,21 +139,32 @@ def resolve_request(req: EvalRequest, cfg: ExperimentConfig, backbone_meta: dict
         if req.source == "real":
             other = "train" if plan.split == "eval" else "eval"
             available = plan_reference(shards, cfg, 0, image_size=plan.image_size, split=other).available
-            real_plan = plan_reference(shards, cfg, min(num_samples, available), image_size=plan.image_size,
-                                       split=other)  # fmt: skip
-        maps = reference_maps(shards, plan.split, num_samples, condition, model["in_channels"] != 3) if condition \
-            else None  # fmt: skip
+            real_plan = plan_reference(
+                shards, cfg, min(num_samples, available), image_size=plan.image_size, split=other
+            )
+        maps = (
+            reference_maps(shards, plan.split, num_samples, condition, model["in_channels"] != 3) if condition else None
+        )
     except EvalInputError as err:
         raise EvalInputError(f"{where}: {err}") from None
     default_scale = float(getattr(cfg.diffusion, "condition_scale", 1.0))
     return ResolvedRequest(
-        request=replace(req, task=task, shards_dir=shards), num_samples=num_samples,
-        seed=cfg.eval.seed if req.seed is None else req.seed, steps=steps, sampler=sampler,
+        request=replace(req, task=task, shards_dir=shards),
+        num_samples=num_samples,
+        seed=cfg.eval.seed if req.seed is None else req.seed,
+        steps=steps,
+        sampler=sampler,
         cfg_scale=cfg.diffusion.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
-        num_classes=num_classes, method=method, rank=rank, plan=plan, task_model=task_model, real_plan=real_plan,
-        condition=condition, maps=maps,
+        num_classes=num_classes,
+        method=method,
+        rank=rank,
+        plan=plan,
+        task_model=task_model,
+        real_plan=real_plan,
+        condition=condition,
+        maps=maps,
         condition_scale=default_scale if req.condition_scale is None else float(req.condition_scale),
-    )  # fmt: skip
+    )
 
 
 def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any], latent: bool) -> np.ndarray:
@@ -156,8 +173,10 @@ def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any
     index = load_index(shards)
     spec = index.condition
     if spec is None or spec.kind != condition["kind"]:
-        raise EvalInputError(f"the adapter was trained with {condition['kind']} maps, the shards at {shards} carry "
-                             f"{spec.kind if spec else 'none'}")  # fmt: skip
+        raise EvalInputError(
+            f"the adapter was trained with {condition['kind']} maps, the shards at {shards} carry "
+            f"{spec.kind if spec else 'none'}"
+        )
     try:
         maps = read_split(shards, split, limit=count, pixels=latent, conditions=True)[2]
     except (DatasetError, ShardError) as err:

@@ -167,7 +167,10 @@ class ReferencePlan:
 
 
 def plan_reference(
-    shards_dir: str, cfg: ExperimentConfig, num_reference: int | None = None, image_size: int | None = None,
+    shards_dir: str,
+    cfg: ExperimentConfig,
+    num_reference: int | None = None,
+    image_size: int | None = None,
     split: str | None = None,
 ) -> ReferencePlan:
     """Check the dataset and the requested count; EvalInputError names the folder and the numbers.

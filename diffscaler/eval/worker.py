@@ -78,9 +78,11 @@ class FidWorker:
         extra: dict[str, Any] = {}
         maps = job.get("maps")  # uint8 (count, C_cond, S, S): this chunk's maps (conditioned or not)
         if maps is not None:
-            extra = dict(conditions=torch.from_numpy(maps_to_unit(maps)),  # (count, C_cond, S, S) in [-1, 1]
-                         condition_mask=torch.full((count,), bool(job["conditioned"])),  # False: sampled without
-                         condition_scale=job["condition_scale"])  # fmt: skip
+            extra = dict(
+                conditions=torch.from_numpy(maps_to_unit(maps)),  # (count, C_cond, S, S) in [-1, 1]
+                condition_mask=torch.full((count,), bool(job["conditioned"])),  # False: sampled without
+                condition_scale=job["condition_scale"],
+            )
         images = sample_images(
             model,
             self.diffusion,
@@ -105,8 +107,13 @@ class FidWorker:
         if maps is not None and job.get("condition_extractor"):
             score = condition_fidelity(spec_from_record(job["condition_extractor"]), images, maps)
             fidelity = None if score is None else list(score.per_image)  # per image, in sample order
-        return {"features": feats, "sample_seconds": t1 - t0, "feature_seconds": t2 - t1, "pid": os.getpid(),
-                "fidelity": fidelity}  # fmt: skip
+        return {
+            "features": feats,
+            "sample_seconds": t1 - t0,
+            "feature_seconds": t2 - t1,
+            "pid": os.getpid(),
+            "fidelity": fidelity,
+        }
 
     def image_features(self, images: np.ndarray) -> dict[str, Any]:
         """Reference images uint8 (N, H, W, 3) -> features (N, D) float32."""

@@ -124,9 +124,7 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]  # (N, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
 
@@ -198,9 +196,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, route: Route = None) -> torch.Tensor:
         # x (N, L, D); c (N, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c, route
-        ).chunk(6, dim=1)  # each (N, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c, route).chunk(
+            6, dim=1
+        )  # each (N, D)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), route)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp), route)
         return x  # (N, L, D)
@@ -340,8 +338,14 @@ class DiT(nn.Module):
             self.check_batch(x, t, y)
         return self.denoise(x, t, self.embed_labels(y))
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, label_emb: torch.Tensor, route: Route = None,
-                inject: BlockInjection | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        label_emb: torch.Tensor,
+        route: Route = None,
+        inject: BlockInjection | None = None,
+    ) -> torch.Tensor:
         """x (N, C, H, W), t (N,), label embeddings (N, D) -> (N, C_out, H, W); `route` goes to every linear,
         `inject` (optional) adds to the token stream at the token embedding and around each block."""
         h = self.x_embedder(x) + self.pos_embed  # (N, L, D)

@@ -113,8 +113,9 @@ class TaskServer:
         self.cfg = config_from_json(cfg_json)
         s = self.cfg.serve
         torch_threads(s.threads)
-        self.runtime = TaskRuntime.load(backbone, adapters, max_resident=s.max_resident_tasks,
-                                        diffusion=self.cfg.diffusion, log=logger.warning)
+        self.runtime = TaskRuntime.load(
+            backbone, adapters, max_resident=s.max_resident_tasks, diffusion=self.cfg.diffusion, log=logger.warning
+        )
         self.backbone_hash = self.runtime.meta["content_hash"]
         # The model runs on one thread beside the event loop: requests keep arriving (and batching) while it runs.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffscaler-model")
@@ -180,10 +181,14 @@ class TaskServer:
             return _error(404, f"unknown task {req['task']!r}; served tasks: {', '.join(served)}", tasks=served)
         classes = entry.meta["num_classes"]
         if req["class"] is not None and req["class"] >= classes:
-            return _error(400, f"field 'class': {req['class']} is out of range for task {req['task']!r} "
-                               f"({classes} class(es): 0..{classes - 1})")
-        plan = [(req["class"], k) if req["class"] is not None else (k % classes, k // classes)
-                for k in range(req["num"])]
+            return _error(
+                400,
+                f"field 'class': {req['class']} is out of range for task {req['task']!r} "
+                f"({classes} class(es): 0..{classes - 1})",
+            )
+        plan = [
+            (req["class"], k) if req["class"] is not None else (k % classes, k // classes) for k in range(req["num"])
+        ]
         rows = [ImageRow(req["task"], c, i, req["seed"]) for c, i in plan]
         results = await asyncio.gather(*[self.images_batched((r, req["steps"], req["guidance"])) for r in rows])
         failed = next((r for r in results if isinstance(r, Exception)), None)
@@ -193,21 +198,36 @@ class TaskServer:
             return _error(500, f"generation failed: {type(failed).__name__}: {failed}")
         accept = request.headers.get("accept", "")
         if req["num"] == 1 and "image/png" in accept and "application/json" not in accept:
-            return Response(encode_png(results[0]), media_type="image/png",
-                            headers={"X-Seed": str(rows[0].noise_seed), "X-Adapter-Hash": entry.hash})
-        return JSONResponse({
-            **req, "backbone_hash": self.backbone_hash, "adapter_hash": entry.hash,
-            "images": [{"index": r.index, "class": r.label, "seed": r.noise_seed,
-                        "png_base64": base64.b64encode(encode_png(np.asarray(im))).decode()}
-                       for r, im in zip(rows, results)],
-        })
+            return Response(
+                encode_png(results[0]),
+                media_type="image/png",
+                headers={"X-Seed": str(rows[0].noise_seed), "X-Adapter-Hash": entry.hash},
+            )
+        return JSONResponse(
+            {
+                **req,
+                "backbone_hash": self.backbone_hash,
+                "adapter_hash": entry.hash,
+                "images": [
+                    {
+                        "index": r.index,
+                        "class": r.label,
+                        "seed": r.noise_seed,
+                        "png_base64": base64.b64encode(encode_png(np.asarray(im))).decode(),
+                    }
+                    for r, im in zip(rows, results)
+                ],
+            }
+        )
 
     @api.get("/v1/tasks")
     async def tasks(self) -> dict[str, Any]:
         resident = set(self.runtime.resident())
         return {
-            "tasks": [{**e.describe(), "resident": name in resident}
-                      for name, e in sorted(self.runtime.catalog.entries.items())],
+            "tasks": [
+                {**e.describe(), "resident": name in resident}
+                for name, e in sorted(self.runtime.catalog.entries.items())
+            ],
             "refused": self.runtime.catalog.refused,
             "max_resident_tasks": self.runtime.max_resident,
             "backbone_hash": self.backbone_hash,
@@ -238,12 +258,16 @@ def build_app(backbone: str, adapters: str, cfg: ExperimentConfig):
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": 1 if s.use_gpu else 0},
     }
     if s.autoscaling:
-        options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                                         "target_ongoing_requests": s.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = s.num_replicas
-    return TaskServer.options(**options).bind(str(Path(backbone).resolve()), str(Path(adapters).resolve()),
-                                              cfg.to_json())
+    return TaskServer.options(**options).bind(
+        str(Path(backbone).resolve()), str(Path(adapters).resolve()), cfg.to_json()
+    )
 
 
 def app_builder(args: dict[str, str]):

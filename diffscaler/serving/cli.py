@@ -38,8 +38,10 @@ def check_inputs(backbone: str, adapters: str, cfg) -> list[str]:
     meta = read_backbone_meta(backbone)
     model = from_dict(ModelConfig, meta["model"], "backbone.model")
     if model.in_channels != 3:
-        raise ValueError(f"--backbone {backbone}: a latent backbone ({model.in_channels} channels); serve takes "
-                         "pixel-space backbones")
+        raise ValueError(
+            f"--backbone {backbone}: a latent backbone ({model.in_channels} channels); serve takes "
+            "pixel-space backbones"
+        )
     catalog = AdapterCatalog(adapters, meta["content_hash"], model, log=lambda _m: None)
     catalog.scan()
     if not catalog.entries:
@@ -52,8 +54,9 @@ def check_inputs(backbone: str, adapters: str, cfg) -> list[str]:
         try:
             sock.bind((s.host, s.port))
         except OSError as err:
-            raise ValueError(f"serve.port {s.port}: cannot listen on {s.host}:{s.port} ({err.strerror}); "
-                             "choose another port") from None
+            raise ValueError(
+                f"serve.port {s.port}: cannot listen on {s.host}:{s.port} ({err.strerror}); choose another port"
+            ) from None
     return sorted(catalog.entries)
 
 

@@ -89,8 +89,13 @@ def image_parameters(cfg: ExperimentConfig, backbone_hash: str, tasks: list[Task
     return {
         "backbone_hash": backbone_hash,
         "adapters": {t.name: t.adapter_hash for t in tasks},
-        "images_per_task": g.images_per_task, "images_per_class": g.images_per_class, "class_label": g.class_label,
-        "sampling_steps": g.sampling_steps, "sampler": g.sampler, "guidance": g.guidance, "seed": g.seed,
+        "images_per_task": g.images_per_task,
+        "images_per_class": g.images_per_class,
+        "class_label": g.class_label,
+        "sampling_steps": g.sampling_steps,
+        "sampler": g.sampler,
+        "guidance": g.guidance,
+        "seed": g.seed,
         "samples_per_shard": g.samples_per_shard,
         "diffusion": {k: v for k, v in asdict(d).items() if k not in ("sampler", "sampling_steps", "cfg_scale")},
     }
@@ -113,21 +118,26 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) 
     except (BackboneLoadError, AdapterLoadError) as err:
         raise GenerateInputError(str(err)) from None
     if model_cfg.in_channels != 3:
-        raise GenerateInputError(f"--backbone {backbone}: a latent backbone ({model_cfg.in_channels} channels); the "
-                                 "generation job writes images from pixel-space backbones only")
+        raise GenerateInputError(
+            f"--backbone {backbone}: a latent backbone ({model_cfg.in_channels} channels); the "
+            "generation job writes images from pixel-space backbones only"
+        )
     names = list(cfg.generate.tasks) or sorted(catalog.entries)
     missing = [n for n in names if n not in catalog.entries]
     if missing or not names:
         why = "; ".join(f"{f}: {r}" for f, r in catalog.refused.items() if Path(f).stem in missing or not names)
-        raise GenerateInputError(f"generate.tasks: {missing or 'none'} not among the adapters of {adapters} that fit "
-                                 f"the backbone {sorted(catalog.entries)}" + (f" ({why})" if why else ""))
+        raise GenerateInputError(
+            f"generate.tasks: {missing or 'none'} not among the adapters of {adapters} that fit "
+            f"the backbone {sorted(catalog.entries)}" + (f" ({why})" if why else "")
+        )
     tasks = []
     for n in names:
         m = catalog.entries[n].meta
         tasks.append(TaskPlan(n, m["num_classes"], tuple(m.get("class_names", ())), catalog.entries[n].hash))
         if cfg.generate.class_label >= m["num_classes"] and m["num_classes"] > 1:
-            raise GenerateInputError(f"generate.class_label {cfg.generate.class_label}: task {n!r} has "
-                                     f"{m['num_classes']} classes")
+            raise GenerateInputError(
+                f"generate.class_label {cfg.generate.class_label}: task {n!r} has {m['num_classes']} classes"
+            )
     existing = Path(out) / INDEX_NAME
     if existing.is_file():
         try:
@@ -135,8 +145,9 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) 
         except (OSError, json.JSONDecodeError):
             old = {}
         if old.get("source") != GENERATED_SOURCE:
-            raise GenerateInputError(f"--out {out}: holds a dataset that is not a generated set ({existing}); "
-                                     "choose another folder")
+            raise GenerateInputError(
+                f"--out {out}: holds a dataset that is not a generated set ({existing}); choose another folder"
+            )
     return tasks, meta["content_hash"]
 
 
@@ -150,21 +161,30 @@ class GenerateActor:
         torch_threads(threads)
         cfg = config_from_json(cfg_json)
         self.g = cfg.generate
-        self.runtime = TaskRuntime.load(backbone, adapters, max_resident=max(1, len(hashes)),
-                                        diffusion=cfg.diffusion, log=lambda _m: None)
-        changed = [n for n, h in hashes.items() if n not in self.runtime.catalog.entries
-                   or self.runtime.catalog.entries[n].hash != h]
+        self.runtime = TaskRuntime.load(
+            backbone, adapters, max_resident=max(1, len(hashes)), diffusion=cfg.diffusion, log=lambda _m: None
+        )
+        changed = [
+            n
+            for n, h in hashes.items()
+            if n not in self.runtime.catalog.entries or self.runtime.catalog.entries[n].hash != h
+        ]
         if changed:
             raise RuntimeError(f"adapters {changed} of {adapters} changed after the job was planned; rerun it")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffscaler.serving.runtime import ImageRow
 
-        rows = [ImageRow(str(t), int(c), int(i), self.g.seed)
-                for t, c, i in zip(batch["task"], batch["cls"], batch["index"])]
+        rows = [
+            ImageRow(str(t), int(c), int(i), self.g.seed)
+            for t, c, i in zip(batch["task"], batch["cls"], batch["index"])
+        ]
         images = self.runtime.images(rows, self.g.sampling_steps, self.g.sampler, self.g.guidance)
-        return {**batch, "png": np.array([encode_png(im) for im in images], dtype=object),
-                "noise_seed": np.array([r.noise_seed for r in rows], dtype=np.uint64)}
+        return {
+            **batch,
+            "png": np.array([encode_png(im) for im in images], dtype=object),
+            "noise_seed": np.array([r.noise_seed for r in rows], dtype=np.uint64),
+        }
 
 
 def _sidecar(out: str, number: int) -> str:
@@ -176,9 +196,14 @@ def _plan_hash(params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def generate_set(cfg: ExperimentConfig, backbone: str, adapters: str, out: str,
-                 log: Callable[[str], None] | None = None,
-                 on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def generate_set(
+    cfg: ExperimentConfig,
+    backbone: str,
+    adapters: str,
+    out: str,
+    log: Callable[[str], None] | None = None,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Generate the set into `out` (inputs checked first, then Ray: joined if not connected); returns the
     index. `on_shard(written, total)` runs after each shard is written."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -198,8 +223,10 @@ def generate_set(cfg: ExperimentConfig, backbone: str, adapters: str, out: str,
             return old
         theirs = old.get("generate") or {}
         differ = sorted(k for k in set(params) | set(theirs) if params.get(k) != theirs.get(k))
-        raise GenerateInputError(f"--out {out}: holds a finished generated set made with other parameters "
-                                 f"({', '.join(differ)} differ); choose another folder")
+        raise GenerateInputError(
+            f"--out {out}: holds a finished generated set made with other parameters "
+            f"({', '.join(differ)} differ); choose another folder"
+        )
     done: dict[int, dict[str, Any]] = {}
     for s, shard_rows in shards.items():
         sidecar = _sidecar(out, s)
@@ -209,20 +236,25 @@ def generate_set(cfg: ExperimentConfig, backbone: str, adapters: str, out: str,
                 storage.join(out, shard_name("train", s))
             ):
                 done[s] = record
-    log(f"generate: {len(tasks)} task(s), {len(rows)} images in {len(shards)} shard(s) of up to "
-        f"{g.samples_per_shard} -> {out}" + (f"; resuming, {len(done)} shard(s) already written" if done else ""))
+    log(
+        f"generate: {len(tasks)} task(s), {len(rows)} images in {len(shards)} shard(s) of up to "
+        f"{g.samples_per_shard} -> {out}" + (f"; resuming, {len(done)} shard(s) already written" if done else "")
+    )
     todo = [r for s, rs in shards.items() if s not in done for r in rs]
     t0, made = time.perf_counter(), 0
     if todo:
-        for s, results in _generated_shards(todo, cfg, backbone, adapters, {t.name: t.adapter_hash for t in tasks},
-                                            log):
+        for s, results in _generated_shards(
+            todo, cfg, backbone, adapters, {t.name: t.adapter_hash for t in tasks}, log
+        ):
             done[s] = _write_shard(out, s, results, params, tasks, g)
             done[s]["plan"] = _plan_hash(params, shards[s])
             storage.write_bytes_atomic(_sidecar(out, s), json.dumps(done[s], sort_keys=True).encode())
             made += len(results)
             rate = made / max(time.perf_counter() - t0, 1e-9)
-            log(f"generate: wrote {shard_name('train', s)} ({len(results)} images; {len(done)}/{len(shards)} shards, "
-                f"{rate:.2f} images/s)")
+            log(
+                f"generate: wrote {shard_name('train', s)} ({len(results)} images; {len(done)}/{len(shards)} shards, "
+                f"{rate:.2f} images/s)"
+            )
             if on_shard is not None:
                 on_shard(len(done), len(shards))
     class_names = [n for t in tasks for n in t.label_names()]
@@ -231,20 +263,31 @@ def generate_set(cfg: ExperimentConfig, backbone: str, adapters: str, out: str,
         counts[row["label"]] += 1
     entries = [done[s]["entry"] for s in sorted(shards)]
     index = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "source": GENERATED_SOURCE,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "source": GENERATED_SOURCE,
         "source_detail": f"diffscaler generate: backbone {backbone}, adapters {adapters}",
-        "image_size": _image_size(backbone), "samples_per_shard": g.samples_per_shard, "class_names": class_names,
-        "num_samples": len(rows), "condition": None, "generate": params,
-        "splits": {"train": {"num_samples": len(rows), "class_counts": counts, "shards": entries},
-                   "eval": {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []}},
-        "skipped_inputs": [], "content_hash": combine_hashes([e["sha256"] for e in entries]),
+        "image_size": _image_size(backbone),
+        "samples_per_shard": g.samples_per_shard,
+        "class_names": class_names,
+        "num_samples": len(rows),
+        "condition": None,
+        "generate": params,
+        "splits": {
+            "train": {"num_samples": len(rows), "class_counts": counts, "shards": entries},
+            "eval": {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []},
+        },
+        "skipped_inputs": [],
+        "content_hash": combine_hashes([e["sha256"] for e in entries]),
     }
     storage.write_bytes_atomic(index_path, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
     for s in shards:
         storage.remove(_sidecar(out, s))
     wall = time.perf_counter() - t0
-    log(f"generate: {out}: {len(rows)} images in {len(shards)} shards ({made} generated in {wall:.1f} s, "
-        f"{made / max(wall, 1e-9):.2f} images/s), {index['content_hash']}")
+    log(
+        f"generate: {out}: {len(rows)} images in {len(shards)} shards ({made} generated in {wall:.1f} s, "
+        f"{made / max(wall, 1e-9):.2f} images/s), {index['content_hash']}"
+    )
     return index
 
 
@@ -254,8 +297,14 @@ def _image_size(backbone: str) -> int:
     return int(read_backbone_meta(backbone)["model"]["input_size"])
 
 
-def _generated_shards(rows: list[dict[str, Any]], cfg: ExperimentConfig, backbone: str, adapters: str,
-                      hashes: dict[str, str], log: Callable[[str], None]) -> Iterator[tuple[int, list]]:
+def _generated_shards(
+    rows: list[dict[str, Any]],
+    cfg: ExperimentConfig,
+    backbone: str,
+    adapters: str,
+    hashes: dict[str, str],
+    log: Callable[[str], None],
+) -> Iterator[tuple[int, list]]:
     """(shard, its rows in order) as each shard's images complete (in plan order)."""
     import ray
 
@@ -269,10 +318,18 @@ def _generated_shards(rows: list[dict[str, Any]], cfg: ExperimentConfig, backbon
     ds = ray.data.from_items(columns, override_num_blocks=max(1, min(len(rows) // g.batch_size, 1000)))
     ds = ds.map_batches(
         GenerateActor,
-        fn_constructor_kwargs={"backbone": str(Path(backbone).resolve()), "adapters": str(Path(adapters).resolve()),
-                               "hashes": hashes, "cfg_json": cfg.to_json(), "threads": max(1, int(g.cpus_per_actor))},
-        batch_size=g.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=g.num_actors),
-        num_cpus=g.cpus_per_actor, num_gpus=1 if g.use_gpu else 0,
+        fn_constructor_kwargs={
+            "backbone": str(Path(backbone).resolve()),
+            "adapters": str(Path(adapters).resolve()),
+            "hashes": hashes,
+            "cfg_json": cfg.to_json(),
+            "threads": max(1, int(g.cpus_per_actor)),
+        },
+        batch_size=g.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        num_cpus=g.cpus_per_actor,
+        num_gpus=1 if g.use_gpu else 0,
     )
     pending: dict[int, list[dict[str, Any]]] = {}
     current, t0 = int(rows[0]["shard"]), time.perf_counter()
@@ -289,20 +346,38 @@ def _generated_shards(rows: list[dict[str, Any]], cfg: ExperimentConfig, backbon
         yield shard, sorted(pending[shard], key=lambda r: int(r["pos"]))
 
 
-def _write_shard(out: str, number: int, results: list[dict[str, Any]], params: dict[str, Any],
-                 tasks: list[TaskPlan], g: GenerateConfig) -> dict[str, Any]:
+def _write_shard(
+    out: str,
+    number: int,
+    results: list[dict[str, Any]],
+    params: dict[str, Any],
+    tasks: list[TaskPlan],
+    g: GenerateConfig,
+) -> dict[str, Any]:
     by_name = {t.name: t for t in tasks}
     first_label = dict(zip([t.name for t in tasks], np.cumsum([0] + [len(t.label_names()) for t in tasks]).tolist()))
     samples = []
     for row in results:
         task = by_name[str(row["task"])]
         cls, index = int(row["cls"]), int(row["index"])
-        meta = {"task": task.name, "class": cls, "class_name": task.label_names()[cls], "seed": g.seed,
-                "index": index, "noise_seed": int(row["noise_seed"]), "steps": g.sampling_steps,
-                "sampler": g.sampler, "guidance": g.guidance, "backbone_hash": params["backbone_hash"],
-                "adapter_hash": task.adapter_hash}
-        members = {"png": bytes(row["png"]), "cls": str(first_label[task.name] + cls).encode(),
-                   "json": json.dumps(meta, sort_keys=True).encode()}
+        meta = {
+            "task": task.name,
+            "class": cls,
+            "class_name": task.label_names()[cls],
+            "seed": g.seed,
+            "index": index,
+            "noise_seed": int(row["noise_seed"]),
+            "steps": g.sampling_steps,
+            "sampler": g.sampler,
+            "guidance": g.guidance,
+            "backbone_hash": params["backbone_hash"],
+            "adapter_hash": task.adapter_hash,
+        }
+        members = {
+            "png": bytes(row["png"]),
+            "cls": str(first_label[task.name] + cls).encode(),
+            "json": json.dumps(meta, sort_keys=True).encode(),
+        }
         samples.append(RawSample(f"{number:06d}{int(row['pos']):06d}", members))
     hasher = hashlib.sha256()
     for sample in samples:

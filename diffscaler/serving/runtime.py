@@ -81,9 +81,15 @@ class AdapterEntry:
 
     def describe(self) -> dict[str, Any]:
         m = self.meta
-        return {"name": self.name, "method": m["method"], "rank": m["rank"], "classes": m["num_classes"],
-                "conditional": m["conditional"], "class_names": list(m.get("class_names", ())),
-                "adapter_hash": self.hash}
+        return {
+            "name": self.name,
+            "method": m["method"],
+            "rank": m["rank"],
+            "classes": m["num_classes"],
+            "conditional": m["conditional"],
+            "class_names": list(m.get("class_names", ())),
+            "adapter_hash": self.hash,
+        }
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -111,8 +117,13 @@ class AdapterCatalog:
     new file is refused keeps the version read before, and every other task keeps serving.
     """
 
-    def __init__(self, folder: str | Path, backbone_hash: str, model_config: ModelConfig,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        backbone_hash: str,
+        model_config: ModelConfig,
+        log: Callable[[str], None] | None = None,
+    ):
         self.folder = Path(folder)
         self.backbone_hash, self.model_config = backbone_hash, model_config
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -167,8 +178,10 @@ class AdapterCatalog:
             result.removed.append(name)
         self.refused = result.refused = refused
         if result.added or result.updated or result.removed:
-            self.log(f"serve: adapters of {self.folder}: {len(self.entries)} served; added {result.added}, "
-                     f"updated {result.updated}, removed {result.removed}")
+            self.log(
+                f"serve: adapters of {self.folder}: {len(self.entries)} served; added {result.added}, "
+                f"updated {result.updated}, removed {result.removed}"
+            )
         return result
 
 
@@ -179,8 +192,15 @@ class UnknownTaskError(KeyError):
 class TaskRuntime:
     """A backbone, its adapters' catalog and a bank of `max_resident` device slots paged least recently used."""
 
-    def __init__(self, model: DiT, meta: dict[str, Any], catalog: AdapterCatalog, max_resident: int,
-                 device: torch.device, diffusion: DiffusionConfig | None = None):
+    def __init__(
+        self,
+        model: DiT,
+        meta: dict[str, Any],
+        catalog: AdapterCatalog,
+        max_resident: int,
+        device: torch.device,
+        diffusion: DiffusionConfig | None = None,
+    ):
         if model.config.in_channels != 3:
             raise ValueError(
                 f"backbone with {model.config.in_channels} input channels: serving and generation take "
@@ -201,8 +221,15 @@ class TaskRuntime:
         self.stats = {"hits": 0, "misses": 0, "page_ins": 0, "page_in_seconds": 0.0, "images": 0}
 
     @classmethod
-    def load(cls, backbone: str | Path, adapters: str | Path, max_resident: int = 64, device: str = "",
-             diffusion: DiffusionConfig | None = None, log: Callable[[str], None] | None = None) -> TaskRuntime:
+    def load(
+        cls,
+        backbone: str | Path,
+        adapters: str | Path,
+        max_resident: int = 64,
+        device: str = "",
+        diffusion: DiffusionConfig | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> TaskRuntime:
         """Read the backbone and every adapter of the folder that fits it. Raises BackboneLoadError,
         AdapterLoadError (no adapter at all fits: each file's reason is named)."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -330,10 +357,19 @@ class TaskRuntime:
         slots = self._ensure([r.task for r in rows])
         ids = [slots[r.task] for r in rows]
         task_ids: torch.Tensor | int = ids[0] if len(set(ids)) == 1 else torch.tensor(ids, dtype=torch.long)
-        x = generate(self.model, self.diffusion, labels=torch.tensor([r.label for r in rows], dtype=torch.long),
-                     indices=range(len(rows)), seed=0, task_ids=task_ids, steps=steps, sampler=sampler,
-                     cfg_scale=guidance, eta=self.diffusion_config.ddim_eta,
-                     sample_seeds=[r.noise_seed for r in rows])
+        x = generate(
+            self.model,
+            self.diffusion,
+            labels=torch.tensor([r.label for r in rows], dtype=torch.long),
+            indices=range(len(rows)),
+            seed=0,
+            task_ids=task_ids,
+            steps=steps,
+            sampler=sampler,
+            cfg_scale=guidance,
+            eta=self.diffusion_config.ddim_eta,
+            sample_seeds=[r.noise_seed for r in rows],
+        )
         return to_uint8(x)
 
 

@@ -41,5 +41,14 @@ def stage_order(cfg: ExperimentConfig, stages: Sequence[Stage] = STAGES) -> tupl
     return tuple(names)
 
 
-__all__ = ["STAGES", "InputError", "Run", "RunLayout", "Stage", "StageCheck", "StageFailed", "resolve_run_config",
-           "stage_order"]  # fmt: skip
+__all__ = [
+    "STAGES",
+    "InputError",
+    "Run",
+    "RunLayout",
+    "Stage",
+    "StageCheck",
+    "StageFailed",
+    "resolve_run_config",
+    "stage_order",
+]

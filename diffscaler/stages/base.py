@@ -73,8 +73,13 @@ class RunLayout:
     @classmethod
     def of(cls, root: str | Path, **folders: str | Path) -> RunLayout:
         r = Path(root).expanduser().resolve()
-        paths = {"backbone_dir": r / "backbone", "adapters_dir": r / "adapters", "sweep_dir": r / "sweep",
-                 "fid_json": r / "fid.json", "report": r / "report.md"}  # fmt: skip
+        paths = {
+            "backbone_dir": r / "backbone",
+            "adapters_dir": r / "adapters",
+            "sweep_dir": r / "sweep",
+            "fid_json": r / "fid.json",
+            "report": r / "report.md",
+        }
         paths |= {k: Path(v).expanduser().resolve() for k, v in folders.items()}
         return cls(root=r, **paths)
 
@@ -112,7 +117,7 @@ def resolve_run_config(cfg: ExperimentConfig, out_dir: str | Path) -> Experiment
         # a given backbone is a user file: relative to where the user runs, not to the run folder
         pipeline=dataclasses.replace(
             cfg.pipeline, backbone=str(Path(backbone).expanduser().resolve()) if backbone else ""
-        ),  # fmt: skip
+        ),
     ).validate()
 
 
@@ -151,12 +156,25 @@ class Run:
         return cls(cfg=cfg, layout=layout, backbone=backbone, **kw)
 
     @classmethod
-    def for_program(cls, cfg: ExperimentConfig, stage: str, out: str | Path = ".", *, backbone: str | Path = "",
-                    force: bool = False, **folders: str | Path) -> Run:  # fmt: skip
+    def for_program(
+        cls,
+        cfg: ExperimentConfig,
+        stage: str,
+        out: str | Path = ".",
+        *,
+        backbone: str | Path = "",
+        force: bool = False,
+        **folders: str | Path,
+    ) -> Run:
         """A standalone program's run of one stage: its --out is the folder it names (`adapters_dir=OUT`)."""
         layout = RunLayout.of(out, **folders)
-        return cls(cfg=cfg, layout=layout, backbone=Path(backbone) if backbone else layout.backbone_file,
-                   selected=(stage,), force=(stage,) if force else ())  # fmt: skip
+        return cls(
+            cfg=cfg,
+            layout=layout,
+            backbone=Path(backbone) if backbone else layout.backbone_file,
+            selected=(stage,),
+            force=(stage,) if force else (),
+        )
 
     @property
     def given_backbone(self) -> str:

@@ -65,13 +65,19 @@ def evaluated_adapters(run: Run) -> dict[str, dict[str, str]]:
 
 def eval_inputs(run: Run) -> dict[str, Any]:
     """What fid.json was computed from: backbone, adapter file digests, the evaluation settings."""
-    files = {f"{m}/{t}": file_digest(p) if Path(p).is_file() else None
-             for m, tasks in evaluated_adapters(run).items() for t, p in tasks.items()}  # fmt: skip
+    files = {
+        f"{m}/{t}": file_digest(p) if Path(p).is_file() else None
+        for m, tasks in evaluated_adapters(run).items()
+        for t, p in tasks.items()
+    }
     d = run.cfg.diffusion
     guidance = float(getattr(d, "condition_scale", 1.0))  # on condition maps; 1 = none (older fid.json: absent)
-    return {"backbone_hash": run.backbone_hash() if run.backbone.is_file() else None, "adapters": files,
-            "eval": dataclasses.asdict(run.cfg.eval),
-            "sampler": [d.sampler, d.ddim_eta, d.cfg_scale, *([guidance] if guidance != 1.0 else [])]}  # fmt: skip
+    return {
+        "backbone_hash": run.backbone_hash() if run.backbone.is_file() else None,
+        "adapters": files,
+        "eval": dataclasses.asdict(run.cfg.eval),
+        "sampler": [d.sampler, d.ddim_eta, d.cfg_scale, *([guidance] if guidance != 1.0 else [])],
+    }
 
 
 class _ProgressLog:
@@ -114,17 +120,25 @@ class EvaluateStage(Stage):
 
     def run(self, run: Run) -> dict[str, Any]:
         cfg = run.cfg
-        requests = [request_for_task(cfg, task, path, label=label)
-                    for label, tasks in evaluated_adapters(run).items() for task, path in tasks.items()]  # fmt: skip
+        requests = [
+            request_for_task(cfg, task, path, label=label)
+            for label, tasks in evaluated_adapters(run).items()
+            for task, path in tasks.items()
+        ]
         first = next(iter(adapter_files(run).values()), {})
         conditional = [t.name for t in cfg.data.targets if t.condition]
         if cfg.eval.reference_rows:  # the rows that make the others readable: the floor and no adapter
             for t in cfg.data.targets:
-                requests += [request_for_task(cfg, t.name, None, label=REAL_LABEL, source="real"),
-                             request_for_task(cfg, t.name, None, label=NO_ADAPTER_LABEL)]  # fmt: skip
+                requests += [
+                    request_for_task(cfg, t.name, None, label=REAL_LABEL, source="real"),
+                    request_for_task(cfg, t.name, None, label=NO_ADAPTER_LABEL),
+                ]
             # what the map buys: the same adapter sampled without it
-            requests += [request_for_task(cfg, t, first[t], label=NO_CONDITION_LABEL, conditioned=False)
-                         for t in conditional if t in first]  # fmt: skip
+            requests += [
+                request_for_task(cfg, t, first[t], label=NO_CONDITION_LABEL, conditioned=False)
+                for t in conditional
+                if t in first
+            ]
         inputs = eval_inputs(run)
         generated = sum(r.num_samples or cfg.eval.num_samples for r in requests if r.source == "generated")
         results, _replaced = self.score(run, requests, progress=_ProgressLog(run, generated))
@@ -137,11 +151,16 @@ class EvaluateStage(Stage):
         run.log(format_table(results))
         failed = [r for r in results if r.status != "ok"]
         if failed:
-            raise StageFailed("; ".join(f"{r.label}/{r.task}: {r.error}" for r in failed)
-                              + f" (scores that worked are in {run.layout.fid_json})")  # fmt: skip
-        return {"fid_json": str(run.layout.fid_json), "feature_network": cfg.eval.feature_network,
-                "num_samples": cfg.eval.num_samples,
-                "fid": {f"{r.label}/{r.task}": r.fid for r in results}}  # fmt: skip
+            raise StageFailed(
+                "; ".join(f"{r.label}/{r.task}: {r.error}" for r in failed)
+                + f" (scores that worked are in {run.layout.fid_json})"
+            )
+        return {
+            "fid_json": str(run.layout.fid_json),
+            "feature_network": cfg.eval.feature_network,
+            "num_samples": cfg.eval.num_samples,
+            "fid": {f"{r.label}/{r.task}": r.fid for r in results},
+        }
 
     def outputs(self, run: Run) -> dict[str, Any]:
         return {"fid_json": str(run.layout.fid_json)}
@@ -165,8 +184,11 @@ class EvaluateStage(Stage):
             metas = {str(f.resolve()): read_adapter_meta(f) for f in artifacts.adapter_files(adapters)}
             requests = [request_for_task(cfg, m["task"], f) for f, m in metas.items()]
             # a conditional task's adapter is scored with its maps, and again without them (what the map buys)
-            requests += [request_for_task(cfg, m["task"], f, label=NO_CONDITION_LABEL, conditioned=False)
-                         for f, m in metas.items() if m.get("condition_extractor")]  # fmt: skip
+            requests += [
+                request_for_task(cfg, m["task"], f, label=NO_CONDITION_LABEL, conditioned=False)
+                for f, m in metas.items()
+                if m.get("condition_extractor")
+            ]
             resolve_weights_path(cfg.eval.feature_network, cfg.eval.feature_weights_path)
         except (BackboneLoadError, AdapterLoadError, FeatureWeightsError) as err:
             raise EvalInputError(str(err)) from None
@@ -176,8 +198,9 @@ class EvaluateStage(Stage):
             resolve_request(req, cfg, meta, f"request {i} ({req.task or 'backbone'})")  # adapter fits, shards exist
         return requests
 
-    def score(self, run: Run, requests: list[EvalRequest], progress: ProgressFn | None = None
-              ) -> tuple[list[EvalResult], int]:  # fmt: skip
+    def score(
+        self, run: Run, requests: list[EvalRequest], progress: ProgressFn | None = None
+    ) -> tuple[list[EvalResult], int]:
         """Score `requests` on the FID actor pool, joining the cluster first: (results, actor restarts)."""
         run.connect()
         with FidEvaluator(str(run.backbone), run.cfg) as evaluator:

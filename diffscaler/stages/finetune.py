@@ -27,8 +27,10 @@ from diffscaler.train.finetune import (
 def adapter_files(run: Run) -> dict[str, dict[str, str]]:
     """{method: {task: adapter file}} for every configured method and task (files may not exist yet)."""
     methods, folder = run.cfg.finetune.methods, run.layout.adapters_dir
-    return {v.label: {t.name: str(v.out_dir(folder, methods) / f"{t.name}.safetensors") for t in run.cfg.data.targets}
-            for v in finetune_variants(run.cfg)}  # fmt: skip
+    return {
+        v.label: {t.name: str(v.out_dir(folder, methods) / f"{t.name}.safetensors") for t in run.cfg.data.targets}
+        for v in finetune_variants(run.cfg)
+    }
 
 
 def require_adapters(run: Run) -> None:
@@ -37,8 +39,10 @@ def require_adapters(run: Run) -> None:
         return
     missing = [p for tasks in adapter_files(run).values() for p in tasks.values() if not Path(p).is_file()]
     if missing:
-        raise InputError(f"'evaluate' needs adapters, {len(missing)} missing (first: {missing[0]}); "
-                         "add 'finetune' to pipeline.stages")  # fmt: skip
+        raise InputError(
+            f"'evaluate' needs adapters, {len(missing)} missing (first: {missing[0]}); "
+            "add 'finetune' to pipeline.stages"
+        )
 
 
 class FinetuneStage(Stage):
@@ -68,8 +72,9 @@ class FinetuneStage(Stage):
 
     def train(self, run: Run) -> FinetuneSummary:
         """Every fine-tune that is not up to date (ray_jobs.finetune calls this and prints the table)."""
-        return run_finetunes(self.config(run), run.backbone, run.layout.adapters_dir, force=self.name in run.force,
-                             log=run.log)  # fmt: skip
+        return run_finetunes(
+            self.config(run), run.backbone, run.layout.adapters_dir, force=self.name in run.force, log=run.log
+        )
 
     def run(self, run: Run) -> dict[str, Any]:
         summary = self.train(run)
@@ -80,8 +85,11 @@ class FinetuneStage(Stage):
                 + "; ".join(f"{r.method}/{r.task}: {r.reason}" for r in failed)
                 + f" (the others are kept in {run.layout.adapters_dir}; rerun to retry only these)"
             )
-        return {"summary": str(Path(summary.out_dir) / "summary.json"), "banks": summary.banks,
-                "adapters": adapter_files(run)}  # fmt: skip
+        return {
+            "summary": str(Path(summary.out_dir) / "summary.json"),
+            "banks": summary.banks,
+            "adapters": adapter_files(run),
+        }
 
     def outputs(self, run: Run) -> dict[str, Any]:
         return {"summary": str(run.layout.adapters_dir / "summary.json"), "adapters": adapter_files(run)}

@@ -48,18 +48,25 @@ def check_split_sizes(run: Run) -> None:
             continue  # a missing or unknown source: the shards stage's preflight names it
         if counts is None:
             continue
-        where = (f"task {task.name!r}: {counts['train']} train and {counts['eval']} eval images ({task.source_name}, "
-                 f"data.eval_fraction {cfg.data.eval_fraction}, data.limit {cfg.data.limit})")  # fmt: skip
+        where = (
+            f"task {task.name!r}: {counts['train']} train and {counts['eval']} eval images ({task.source_name}, "
+            f"data.eval_fraction {cfg.data.eval_fraction}, data.limit {cfg.data.limit})"
+        )
         if selected & {"finetune", "sweep"} and counts["train"] < batch:
-            raise InputError(f"{where}: fewer train images than one batch of finetune.batch_size {ft.batch_size}"
-                             f"{' (mixed)' if ft.mixed else ''}; lower finetune.batch_size or add images")  # fmt: skip
+            raise InputError(
+                f"{where}: fewer train images than one batch of finetune.batch_size {ft.batch_size}"
+                f"{' (mixed)' if ft.mixed else ''}; lower finetune.batch_size or add images"
+            )
         if task.name in swept and counts["eval"] < 1:
-            raise InputError(f"{where}: the sweep's validation loss and FID need an eval split; "
-                             "set data.eval_fraction > 0")  # fmt: skip
+            raise InputError(
+                f"{where}: the sweep's validation loss and FID need an eval split; set data.eval_fraction > 0"
+            )
         split = cfg.eval.reference_split
         if "evaluate" in selected and counts[split] < 2:
-            raise InputError(f"{where}: FID needs at least 2 reference images in the {split} split "
-                             "(eval.reference_split); add images or change data.eval_fraction")  # fmt: skip
+            raise InputError(
+                f"{where}: FID needs at least 2 reference images in the {split} split "
+                "(eval.reference_split); add images or change data.eval_fraction"
+            )
 
 
 def check_latent_space(run: Run) -> None:
@@ -67,8 +74,10 @@ def check_latent_space(run: Run) -> None:
     d, m = run.cfg.data, run.cfg.model
     if not d.vae:
         if m.in_channels != 3 and "shards" in run.selected:
-            raise InputError(f"model.in_channels {m.in_channels}: a latent backbone's shards are encoded "
-                             "through its VAE; set data.vae=PATH (a local diffusers AutoencoderKL)")  # fmt: skip
+            raise InputError(
+                f"model.in_channels {m.in_channels}: a latent backbone's shards are encoded "
+                "through its VAE; set data.vae=PATH (a local diffusers AutoencoderKL)"
+            )
         return
     try:
         ident = cached_vae_identity(d.vae, d.vae_config or None)
@@ -98,8 +107,10 @@ def check_given_backbone(run: Run) -> None:
         meta = read_backbone_meta(given)
         check_model_matches(from_dict(ModelConfig, meta["model"], "backbone.model"), run.cfg.model, given)
     else:
-        raise InputError(f"pipeline.backbone: {given} is neither a DiffScaler backbone (.safetensors) nor a "
-                         "facebookresearch/DiT checkpoint (.pt)")  # fmt: skip
+        raise InputError(
+            f"pipeline.backbone: {given} is neither a DiffScaler backbone (.safetensors) nor a "
+            "facebookresearch/DiT checkpoint (.pt)"
+        )
 
 
 def require_backbone(run: Run) -> None:
@@ -113,8 +124,10 @@ def require_backbone(run: Run) -> None:
         path = run.layout.backbone_file
         if given:  # a public .pt: the pretrain stage imports it
             if not (path.is_file() and read_backbone_meta(path)["provenance"].get("source") == given):
-                raise InputError(f"pipeline.backbone {given} is a DiT checkpoint that the 'pretrain' stage imports "
-                                 f"to {path}; add 'pretrain' to pipeline.stages")  # fmt: skip
+                raise InputError(
+                    f"pipeline.backbone {given} is a DiT checkpoint that the 'pretrain' stage imports "
+                    f"to {path}; add 'pretrain' to pipeline.stages"
+                )
             return
         if not path.is_file():
             raise InputError(f"no backbone at {path}: add 'pretrain' to pipeline.stages or set pipeline.backbone=FILE")
@@ -137,8 +150,10 @@ def require_built(run: Run, names: Iterable[str]) -> None:
         try:
             load_index(folder)
         except DatasetError as err:
-            raise InputError(f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
-                             "or point data.shards_root at built shards") from None  # fmt: skip
+            raise InputError(
+                f"dataset {name!r} has no shards at {folder} ({err}); add 'shards' to pipeline.stages "
+                "or point data.shards_root at built shards"
+            ) from None
         changes = build_changes(folder, dataset_parameters(run.cfg.data, name), ignore=("tool",))
         if changes:
             built = str(load_index(folder).data.get("source", ""))

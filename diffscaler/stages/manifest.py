@@ -62,8 +62,11 @@ class Manifest:
         return manifest
 
     def save(self, path: Path) -> None:
-        d = dataclasses.asdict(self) | {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION,
-                                        "units": {"wall_s": "seconds (wall clock)"}}  # fmt: skip
+        d = dataclasses.asdict(self) | {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "units": {"wall_s": "seconds (wall clock)"},
+        }
         text = json.dumps(d, indent=2, sort_keys=True, default=str) + "\n"
         try:
             write_text_atomic(path, text)

@@ -42,8 +42,9 @@ class PretrainStage(Stage):
                 index = None
                 if "shards" not in run.selected:  # require_built above: the index is there
                     index = load_index(pretrain_dataset_dir(run.cfg.data))
-                pretrain_lib.check_resumable(found[1], run.cfg, found[0], index and index.content_hash,
-                                             index and index.data_hash)  # fmt: skip
+                pretrain_lib.check_resumable(
+                    found[1], run.cfg, found[0], index and index.content_hash, index and index.data_hash
+                )
         except (BackboneLoadError, ConfigError) as err:
             raise InputError(str(err)) from None
 
@@ -62,14 +63,17 @@ class PretrainStage(Stage):
                 return StageCheck(False, f"{path} was not imported from {given}")
             return StageCheck(True, f"{given} already imported to {path}")
         if meta["model"].get("num_classes") != cfg.model.num_classes:
-            return StageCheck(False, f"{path} has num_classes {meta['model'].get('num_classes')}, config "
-                                     f"{cfg.model.num_classes}")  # fmt: skip
+            return StageCheck(
+                False, f"{path} has num_classes {meta['model'].get('num_classes')}, config {cfg.model.num_classes}"
+            )
         if prov.get("step") != cfg.pretrain.steps:
-            return StageCheck(False, f"{path} was trained {prov.get('step')} steps, pretrain.steps is "
-                                     f"{cfg.pretrain.steps}")  # fmt: skip
+            return StageCheck(
+                False, f"{path} was trained {prov.get('step')} steps, pretrain.steps is {cfg.pretrain.steps}"
+            )
         index = load_index(pretrain_dataset_dir(cfg.data))
         if (prov.get("shards", {}).get("content_hash"), prov.get("shards", {}).get("data_hash")) != (
-            index.content_hash, index.data_hash
+            index.content_hash,
+            index.data_hash,
         ):
             return StageCheck(False, f"{path} was trained on other shards than {pretrain_dataset_dir(cfg.data)}")
         return StageCheck(True, f"{path} valid ({prov.get('step')} steps, hash {meta['content_hash'][:19]}...)")
@@ -82,9 +86,15 @@ class PretrainStage(Stage):
         if run.given_backbone.endswith(".pt"):
             return self.import_public(run)
         result = self.train(run)
-        return {"backbone": str(result.backbone), "content_hash": result.content_hash, "metrics": str(result.metrics),
-                "checkpoint": str(result.checkpoint), "steps": result.step, "weights": result.weights,
-                "skipped_samples": result.skipped_samples}  # fmt: skip
+        return {
+            "backbone": str(result.backbone),
+            "content_hash": result.content_hash,
+            "metrics": str(result.metrics),
+            "checkpoint": str(result.checkpoint),
+            "steps": result.step,
+            "weights": result.weights,
+            "skipped_samples": result.skipped_samples,
+        }
 
     def import_public(self, run: Run) -> dict[str, Any]:
         """A facebookresearch/DiT .pt becomes DIR/backbone/backbone.safetensors once (no pickle afterwards)."""

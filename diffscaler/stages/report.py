@@ -32,14 +32,21 @@ class ReportStage(Stage):
 
     def run(self, run: Run) -> dict[str, Any]:
         records = run.manifest.stages.values() if run.manifest is not None else ()
-        stages = tuple(StageRow(r.name, r.status, r.wall_s, r.reason) for r in records
-                       if r.name != self.name)  # its own time is not known while it runs  # fmt: skip
+        stages = tuple(
+            StageRow(r.name, r.status, r.wall_s, r.reason) for r in records if r.name != self.name
+        )  # its own time is not known while it runs
         layout = run.layout
         inputs = ReportInputs(
-            cfg=run.cfg, out_dir=layout.root, backbone=run.backbone, adapters=evaluated_adapters(run),
-            fid_json=layout.fid_json, pretrain_metrics=layout.backbone_dir / "metrics.jsonl",
-            finetune_logs=layout.adapters_dir / "logs", sweep_dir=layout.sweep_dir, stages=stages,
-        )  # fmt: skip
+            cfg=run.cfg,
+            out_dir=layout.root,
+            backbone=run.backbone,
+            adapters=evaluated_adapters(run),
+            fid_json=layout.fid_json,
+            pretrain_metrics=layout.backbone_dir / "metrics.jsonl",
+            finetune_logs=layout.adapters_dir / "logs",
+            sweep_dir=layout.sweep_dir,
+            stages=stages,
+        )
         e = run.cfg.eval
         if e.gpus_per_actor > 0:  # one Ray task on a GPU node writes the report into --out (a shared file system)
             run.connect()

@@ -74,6 +74,11 @@ class ShardsStage(Stage):
         out = {}
         for name in self.names(run):
             index = load_index(dataset_dir(run.cfg.data, name))
-            out[name] = {"dir": index.url, "train": index.num_samples("train"), "eval": index.num_samples("eval"),
-                         "classes": index.num_classes, "content_hash": index.content_hash}  # fmt: skip
+            out[name] = {
+                "dir": index.url,
+                "train": index.num_samples("train"),
+                "eval": index.num_samples("eval"),
+                "classes": index.num_classes,
+                "content_hash": index.content_hash,
+            }
         return out

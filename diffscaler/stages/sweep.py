@@ -74,11 +74,19 @@ class SweepStage(Stage):
                 return StageCheck(False, f"the best adapter of {name!r} was trained on another backbone")
         return StageCheck(True, f"best (rank, lr) found for {', '.join(wanted)}")
 
-    def search(self, run: Run, *, adapter_dir: str | Path | None = None, storage_path: str | None = None,
-               run_fid: bool = True) -> SweepResult:  # fmt: skip
+    def search(
+        self, run: Run, *, adapter_dir: str | Path | None = None, storage_path: str | None = None, run_fid: bool = True
+    ) -> SweepResult:
         """Tune (resuming a cut-off experiment), FID on the best trials, outputs (ray_jobs.sweep calls this)."""
-        return run_sweep(run.cfg, run.backbone, run.layout.sweep_dir, adapter_dir=adapter_dir,
-                         storage_path=storage_path, run_fid=run_fid, log=run.log)  # fmt: skip
+        return run_sweep(
+            run.cfg,
+            run.backbone,
+            run.layout.sweep_dir,
+            adapter_dir=adapter_dir,
+            storage_path=storage_path,
+            run_fid=run_fid,
+            log=run.log,
+        )
 
     def run(self, run: Run) -> dict[str, Any]:
         fingerprints = sweep_fingerprints(run.cfg, run.backbone)
@@ -89,5 +97,9 @@ class SweepStage(Stage):
         folder = run.layout.sweep_dir
         if missing:
             raise StageFailed(f"no trial finished a rung for {missing}; see {folder / 'trials.csv'}")
-        return {"best_json": str(folder / "best.json"), "best": result.best, "trials_csv": str(folder / "trials.csv"),
-                "fingerprints": fingerprints}  # fmt: skip
+        return {
+            "best_json": str(folder / "best.json"),
+            "best": result.best,
+            "trials_csv": str(folder / "trials.csv"),
+            "fingerprints": fingerprints,
+        }

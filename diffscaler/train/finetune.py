@@ -132,8 +132,12 @@ def check_rank(model: ModelConfig, rank: int, method: str, where: str) -> None:
         )
 
 
-def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
-                  image_size: int | None = None, in_channels: int | None = None) -> list[TaskData]:  # fmt: skip
+def resolve_tasks(
+    cfg: ExperimentConfig,
+    names: Sequence[str] | None = None,
+    image_size: int | None = None,
+    in_channels: int | None = None,
+) -> list[TaskData]:
     """TaskData of the named targets (all of cfg.data.targets by default), from each shard index; with
     `in_channels`, shards that do not fit the backbone (pixels vs latents, size, data.vae) are refused."""
     specs = {t.name: t for t in cfg.data.targets}
@@ -172,8 +176,17 @@ def resolve_tasks(cfg: ExperimentConfig, names: Sequence[str] | None = None,
                 f"task {name!r}: data.targets declares condition {spec.condition or '(none)'!r}, the shards at "
                 f"{folder} carry {have or '(none)'!r}; rebuild them (`python -m ray_jobs.shards`)"
             )
-        out.append(TaskData(name, folder, spec.conditional, index.num_classes, tuple(index.class_names),
-                            index.data_hash, condition_record(index)))  # fmt: skip
+        out.append(
+            TaskData(
+                name,
+                folder,
+                spec.conditional,
+                index.num_classes,
+                tuple(index.class_names),
+                index.data_hash,
+                condition_record(index),
+            )
+        )
     return out
 
 
@@ -232,13 +245,21 @@ def finetune_variants(cfg: ExperimentConfig) -> list[FinetuneVariant]:
     ft = cfg.finetune
     out = [FinetuneVariant(m, m, ft.seed, "") for m in ft.methods]
     for m in ft.methods:
-        out += [FinetuneVariant(f"{m} seed {s}", m, s, f"{m}-seed{s}") for s in ft.extra_seeds.get(m, ())
-                if s != ft.seed]  # fmt: skip
+        out += [
+            FinetuneVariant(f"{m} seed {s}", m, s, f"{m}-seed{s}") for s in ft.extra_seeds.get(m, ()) if s != ft.seed
+        ]
     return out
 
 
-def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[TaskData], backbone_hash: str,
-                lr: float | None = None, steps: int | None = None) -> str:  # fmt: skip
+def fingerprint(
+    cfg: ExperimentConfig,
+    method: str,
+    rank: int,
+    tasks: Sequence[TaskData],
+    backbone_hash: str,
+    lr: float | None = None,
+    steps: int | None = None,
+) -> str:
     """Everything that changes what a fine-tune produces; equal fingerprints = the same adapter."""
     ft, a, d, diff = cfg.finetune, cfg.adapter, cfg.data, cfg.diffusion
     content = {
@@ -255,11 +276,15 @@ def fingerprint(cfg: ExperimentConfig, method: str, rank: int, tasks: Sequence[T
         "seed": ft.seed,
         "data": [d.seed, d.hflip, d.shuffle_buffer, d.skip_bad_samples],
         "diffusion": [diff.num_timesteps, diff.beta_start, diff.beta_end],
-        "tasks": [[t.name, t.conditional, t.data_hash, *([t.condition] if t.condition else [])]
-                  for t in tasks],  # the co-trained set, in bank order
+        "tasks": [
+            [t.name, t.conditional, t.data_hash, *([t.condition] if t.condition else [])] for t in tasks
+        ],  # the co-trained set, in bank order
         # the condition path, where a task has maps (unconditional fingerprints stay as they were)
-        **({"condition": [ft.condition_dropout, a.condition_blocks, a.controlnet_blocks]}
-           if any(t.condition for t in tasks) or method == "controlnet" else {}),
+        **(
+            {"condition": [ft.condition_dropout, a.condition_blocks, a.controlnet_blocks]}
+            if any(t.condition for t in tasks) or method == "controlnet"
+            else {}
+        ),
     }
     return "sha256:" + hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
@@ -290,8 +315,14 @@ class FinetuneJob:
     variant: str = ""  # the table row group (FinetuneVariant.label)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "method": self.method, "spec": self.spec.to_dict(), "out_dir": self.out_dir,
-                "fingerprint": self.fingerprint, "variant": self.variant}  # fmt: skip
+        return {
+            "key": self.key,
+            "method": self.method,
+            "spec": self.spec.to_dict(),
+            "out_dir": self.out_dir,
+            "fingerprint": self.fingerprint,
+            "variant": self.variant,
+        }
 
 
 @dataclass
@@ -339,9 +370,17 @@ class FinetuneSummary:
             d = asdict(r)
             d["trainable_pct"] = r.trainable_pct
             rows.append({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()})
-        return {"format": SUMMARY_FORMAT, "format_version": 1, "out_dir": self.out_dir, "backbone": self.backbone,
-                "backbone_hash": self.backbone_hash, "loss_unit": LOSS_UNIT, "wall_s": self.wall_s,
-                "banks": self.banks, "rows": rows}  # fmt: skip
+        return {
+            "format": SUMMARY_FORMAT,
+            "format_version": 1,
+            "out_dir": self.out_dir,
+            "backbone": self.backbone,
+            "backbone_hash": self.backbone_hash,
+            "loss_unit": LOSS_UNIT,
+            "wall_s": self.wall_s,
+            "banks": self.banks,
+            "rows": rows,
+        }
 
 
 @dataclass
@@ -352,8 +391,9 @@ class FinetunePlan:
     tasks: list[TaskData]
 
 
-def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, *,
-                   force: bool = False) -> FinetunePlan:  # fmt: skip
+def plan_finetunes(
+    cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, *, force: bool = False
+) -> FinetunePlan:
     """Validate everything and decide what runs; raises FinetuneInputError before any work starts."""
     model_cfg, backbone_hash = backbone_model_config(backbone)
     ft = cfg.finetune
@@ -364,21 +404,27 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
         raise FinetuneInputError(f"finetune.methods repeats a method: {list(ft.methods)}")
     tasks = resolve_tasks(cfg, image_size=model_cfg.input_size, in_channels=model_cfg.in_channels)
     if ft.mixed and "scratch" in ft.methods:
-        raise FinetuneInputError("finetune.methods: 'scratch' trains one model per task; it has no mixed form "
-                                 "(finetune.mixed=true)")  # fmt: skip
+        raise FinetuneInputError(
+            "finetune.methods: 'scratch' trains one model per task; it has no mixed form (finetune.mixed=true)"
+        )
     with_maps = [t.name for t in tasks if t.condition is not None]
     if "scratch" in ft.methods and with_maps:
-        raise FinetuneInputError(f"finetune.methods: 'scratch' trains a plain DiT, which has no condition path for "
-                                 f"the maps of {with_maps}; leave it out for conditional targets")  # fmt: skip
+        raise FinetuneInputError(
+            f"finetune.methods: 'scratch' trains a plain DiT, which has no condition path for "
+            f"the maps of {with_maps}; leave it out for conditional targets"
+        )
     if ft.mixed and ft.batch_size < len(tasks):
-        raise FinetuneInputError(f"finetune.batch_size {ft.batch_size} is smaller than the {len(tasks)} tasks "
-                                 "a mixed batch must hold")  # fmt: skip
+        raise FinetuneInputError(
+            f"finetune.batch_size {ft.batch_size} is smaller than the {len(tasks)} tasks a mixed batch must hold"
+        )
     for t in tasks:  # a reader needs one full batch per epoch (a mixed batch holds ~batch_size / tasks of each)
         need = math.ceil(ft.batch_size / len(tasks)) if ft.mixed else ft.batch_size
         have = load_index(t.dataset_dir).num_samples("train")
         if have < need:
-            raise FinetuneInputError(f"task {t.name!r}: {have} train images at {t.dataset_dir}, fewer than the "
-                                     f"{need} one batch takes (finetune.batch_size {ft.batch_size})")  # fmt: skip
+            raise FinetuneInputError(
+                f"task {t.name!r}: {have} train images at {t.dataset_dir}, fewer than the "
+                f"{need} one batch takes (finetune.batch_size {ft.batch_size})"
+            )
     out = Path(out_dir).resolve()
     logs = out / "logs"
     jobs: list[FinetuneJob] = []
@@ -391,16 +437,17 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
         for group in groups:
             lr = method_lr(cfg, method)
             fp = fingerprint(vcfg, method, rank, group, backbone_hash, lr=lr)
-            metas = [None if force else reusable_adapter(mdir / f"{t.name}.safetensors", backbone_hash, fp)
-                     for t in group]  # fmt: skip
+            metas = [
+                None if force else reusable_adapter(mdir / f"{t.name}.safetensors", backbone_hash, fp) for t in group
+            ]
             if all(m is not None for m in metas):
-                reused.extend(_row_from_meta(m, mdir, ft.mixed, variant.label)
-                              for m in metas)  # type: ignore[arg-type]  # fmt: skip
+                reused.extend(_row_from_meta(m, mdir, ft.mixed, variant.label) for m in metas)  # type: ignore[arg-type]
                 continue
             name = "mixed" if ft.mixed else group[0].name
             log_path = str(logs / (variant.subdir or method) / f"{name}.jsonl")
-            spec = AdapterRunSpec(tuple(group), method, rank, lr, ft.steps,
-                                  str(Path(backbone).resolve()), vcfg.to_dict(), log_path)  # fmt: skip
+            spec = AdapterRunSpec(
+                tuple(group), method, rank, lr, ft.steps, str(Path(backbone).resolve()), vcfg.to_dict(), log_path
+            )
             jobs.append(FinetuneJob(f"{variant.label}/{name}", method, spec, str(mdir), fp, variant.label))
     return FinetunePlan(jobs, reused, backbone_hash, tasks)
 
@@ -408,12 +455,22 @@ def plan_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | P
 def _row_from_meta(meta: dict[str, Any], mdir: Path, mixed: bool, variant: str) -> FinetuneRow:
     res = meta.get("finetune", {})
     return FinetuneRow(
-        task=meta["task"], method=meta["method"], rank=meta["rank"] if uses_rank(meta["method"]) else 0,
-        status="reused", trainable_params=meta["trainable_params"], backbone_params=meta["backbone_params"],
-        steps=res.get("steps", 0), final_loss=_num(res.get("final_loss")), val_loss=_num(res.get("val_loss")),
-        wall_s=res.get("wall_s", 0.0), images_per_s=res.get("images_per_s", 0.0),
-        adapter=str(mdir / f"{meta['task']}.safetensors"), log=res.get("log", ""), mixed=mixed, variant=variant,
-    )  # fmt: skip
+        task=meta["task"],
+        method=meta["method"],
+        rank=meta["rank"] if uses_rank(meta["method"]) else 0,
+        status="reused",
+        trainable_params=meta["trainable_params"],
+        backbone_params=meta["backbone_params"],
+        steps=res.get("steps", 0),
+        final_loss=_num(res.get("final_loss")),
+        val_loss=_num(res.get("val_loss")),
+        wall_s=res.get("wall_s", 0.0),
+        images_per_s=res.get("images_per_s", 0.0),
+        adapter=str(mdir / f"{meta['task']}.safetensors"),
+        log=res.get("log", ""),
+        mixed=mixed,
+        variant=variant,
+    )
 
 
 def _num(v: Any) -> float:
@@ -439,14 +496,24 @@ def run_finetune_job(job: dict[str, Any]) -> list[dict[str, Any]]:
         images_per_s = run.images_seen / max(run.train_seconds, 1e-9)
         mixed = len(spec.tasks) > 1
         per_task = {
-            t.name: {"finetune": {
-                "fingerprint": job["fingerprint"], "steps": run.step, "lr": spec.lr, "batch_size":
-                run.cfg.finetune.batch_size, "final_loss": run.last_window_loss, "val_loss": val.get(t.name),
-                "loss_unit": LOSS_UNIT, "wall_s": wall, "images_per_s": images_per_s, "log": spec.log_path,
-                "data_hash": t.data_hash, "mixed_with": [u.name for u in spec.tasks] if mixed else [],
-            }}
+            t.name: {
+                "finetune": {
+                    "fingerprint": job["fingerprint"],
+                    "steps": run.step,
+                    "lr": spec.lr,
+                    "batch_size": run.cfg.finetune.batch_size,
+                    "final_loss": run.last_window_loss,
+                    "val_loss": val.get(t.name),
+                    "loss_unit": LOSS_UNIT,
+                    "wall_s": wall,
+                    "images_per_s": images_per_s,
+                    "log": spec.log_path,
+                    "data_hash": t.data_hash,
+                    "mixed_with": [u.name for u in spec.tasks] if mixed else [],
+                }
+            }
             for t in spec.tasks
-        }  # fmt: skip
+        }
         files = run.save_adapters(job["out_dir"], per_task_extra=per_task)
         return [
             asdict(
@@ -469,7 +536,7 @@ def run_finetune_job(job: dict[str, Any]) -> list[dict[str, Any]]:
                     finished_at=time.time(),
                     variant=job.get("variant", spec.method),
                 )
-            )  # fmt: skip
+            )
             for t in spec.tasks
         ]
     except Exception as err:
@@ -500,8 +567,14 @@ def failure_reason(err: BaseException) -> str:
     return (last if isinstance(err, FinetuneJobError) else f"{type(err).__name__}: {last}")[:500]
 
 
-def run_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, *, force: bool = False,
-                  log: Callable[[str], None] | None = None) -> FinetuneSummary:  # fmt: skip
+def run_finetunes(
+    cfg: ExperimentConfig,
+    backbone: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> FinetuneSummary:
     """Plan, check, run every fine-tune concurrently as Ray tasks, assemble the banks, write summary.json."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -528,14 +601,26 @@ def run_finetunes(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Pa
             try:
                 rows = [FinetuneRow(**r) for r in ray.get(done[0])]
                 for r in rows:
-                    log(f"finetune {job.key}: {r.task} ok, {r.steps} steps, final loss {r.final_loss:.4f}, "
-                        f"{r.wall_s:.1f} s")  # fmt: skip
+                    log(
+                        f"finetune {job.key}: {r.task} ok, {r.steps} steps, final loss {r.final_loss:.4f}, "
+                        f"{r.wall_s:.1f} s"
+                    )
             except Exception as err:  # one failed fine-tune never stops the others
                 reason = failure_reason(err)
                 rank = job.spec.rank if uses_rank(job.method) else 0
-                rows = [FinetuneRow(task=t.name, method=job.method, rank=rank, status="failed", reason=reason,
-                                    log=job.spec.log_path, mixed=len(job.spec.tasks) > 1, variant=job.variant)
-                        for t in job.spec.tasks]  # fmt: skip
+                rows = [
+                    FinetuneRow(
+                        task=t.name,
+                        method=job.method,
+                        rank=rank,
+                        status="failed",
+                        reason=reason,
+                        log=job.spec.log_path,
+                        mixed=len(job.spec.tasks) > 1,
+                        variant=job.variant,
+                    )
+                    for t in job.spec.tasks
+                ]
                 log(f"finetune {job.key}: FAILED: {reason}")
             summary.rows.extend(rows)
     variants = finetune_variants(cfg)
@@ -557,18 +642,35 @@ def write_summary(summary: FinetuneSummary, path: Path) -> None:
 
 def format_table(summary: FinetuneSummary) -> str:
     """The comparison table: one line per (task, method)."""
-    head = ["task", "method", "rank", "trainable params", "% of backbone", "steps", "final loss", "val loss",
-            "wall s", "status"]  # fmt: skip
+    head = [
+        "task",
+        "method",
+        "rank",
+        "trainable params",
+        "% of backbone",
+        "steps",
+        "final loss",
+        "val loss",
+        "wall s",
+        "status",
+    ]
     lines = []
     for r in summary.rows:
         status = r.status if r.status != "failed" else f"FAILED: {r.reason}"
-        lines.append([
-            r.task, r.method + (" (mixed)" if r.mixed else ""), str(r.rank) if r.rank else "-",
-            f"{r.trainable_params:,}" if r.trainable_params else "-",
-            f"{r.trainable_pct:.3f}" if math.isfinite(r.trainable_pct) else "-",
-            str(r.steps) if r.steps else "-", _fmt(r.final_loss), _fmt(r.val_loss),
-            f"{r.wall_s:.1f}" if r.wall_s else "-", status,
-        ])  # fmt: skip
+        lines.append(
+            [
+                r.task,
+                r.method + (" (mixed)" if r.mixed else ""),
+                str(r.rank) if r.rank else "-",
+                f"{r.trainable_params:,}" if r.trainable_params else "-",
+                f"{r.trainable_pct:.3f}" if math.isfinite(r.trainable_pct) else "-",
+                str(r.steps) if r.steps else "-",
+                _fmt(r.final_loss),
+                _fmt(r.val_loss),
+                f"{r.wall_s:.1f}" if r.wall_s else "-",
+                status,
+            ]
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + "  {}"
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

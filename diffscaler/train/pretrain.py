@@ -141,8 +141,9 @@ def check_writable(path_or_url: str, field_name: str) -> None:
         raise ConfigError(f"{field_name}: cannot write to {path_or_url!r}: {err}") from None
 
 
-def check_resumable(state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None,
-                    data_hash: str | None = None) -> None:  # fmt: skip
+def check_resumable(
+    state: TrainerState, cfg: ExperimentConfig, where: str, shards_hash: str | None = None, data_hash: str | None = None
+) -> None:
     """A checkpoint continues only *its own* run: the settings that shaped its DeepSpeed files, its
     weights and its data order, the same model, the same shards (`shards_hash`, when known) and the
     same seeds and schedule. Raises ConfigError naming every difference."""
@@ -219,8 +220,10 @@ def plan_run(cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None 
         if problem := index.backbone_mismatch(m.in_channels, m.input_size, want):
             raise ConfigError(f"data.vae: {problem}")
     if index.latent and p.sample_every > 0:
-        raise ConfigError(f"pretrain.sample_every: {p.sample_every}, but {shards} holds latents and sample grids "
-                          "need a VAE decoder; set pretrain.sample_every=0")  # fmt: skip
+        raise ConfigError(
+            f"pretrain.sample_every: {p.sample_every}, but {shards} holds latents and sample grids "
+            "need a VAE decoder; set pretrain.sample_every=0"
+        )
     if index.num_classes > m.num_classes:
         raise ConfigError(
             f"model.num_classes: {m.num_classes}, but the shards in {shards} have {index.num_classes} classes"
@@ -291,7 +294,11 @@ class PretrainResult:
 
 
 def run_pretrain(
-    cfg: ExperimentConfig, out_dir: str | Path, shards_dir: str | None = None, *, weights: str = "ema",
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    shards_dir: str | None = None,
+    *,
+    weights: str = "ema",
     fail_at_step: int = -1,
 ) -> PretrainResult:
     """Pretrain (or resume) the backbone; writes OUT/backbone.safetensors, backbone.json, metrics.jsonl.
@@ -522,8 +529,9 @@ def pretrain_worker(loop_config: dict[str, Any]) -> None:
     if marker is not None:  # ... or that hit a bad shard: the same sample fails the same way every time
         raise PretrainDataError(marker["message"])
     ctx = ray.train.get_context()
-    trainer = RankTrainer(cfg, plan, ctx.get_world_rank(), ctx.get_world_size(),
-                          fail_at_step=loop_config.get("fail_at_step", -1))  # fmt: skip
+    trainer = RankTrainer(
+        cfg, plan, ctx.get_world_rank(), ctx.get_world_size(), fail_at_step=loop_config.get("fail_at_step", -1)
+    )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
@@ -610,9 +618,18 @@ class RankTrainer:
         import torch.distributed as dist
 
         p, data = self.p, self.cfg.data
-        self.reader = reader = ShardReader(self.plan.shards_dir, "train", micro_batch_size(p), rank=self.rank,
-                             world_size=self.world, seed=data.seed, hflip=data.hflip, skip_bad=data.skip_bad_samples,
-                             loader_workers=data.loader_workers, shuffle_buffer=data.shuffle_buffer)  # fmt: skip
+        self.reader = reader = ShardReader(
+            self.plan.shards_dir,
+            "train",
+            micro_batch_size(p),
+            rank=self.rank,
+            world_size=self.world,
+            seed=data.seed,
+            hflip=data.hflip,
+            skip_bad=data.skip_bad_samples,
+            loader_workers=data.loader_workers,
+            shuffle_buffer=data.shuffle_buffer,
+        )
         stream = reader.stream(start_step=self.micro_step)
         self._open_logs()
         self.window, self.last_checkpoint = LossWindow(), self.step
@@ -655,18 +672,27 @@ class RankTrainer:
         if self.rank != 0:
             return
         p, out = self.p, Path(self.plan.out_dir)
-        self.log = MetricsLog(out, start_step=self.step, total_steps=p.steps, print_lines=self.plan.print_lines,
-                              history=self.history)  # fmt: skip
+        self.log = MetricsLog(
+            out, start_step=self.step, total_steps=p.steps, print_lines=self.plan.print_lines, history=self.history
+        )
         self.events = EventLog(out)
-        common = {"step": self.step, "world_size": self.world, "zero_stage": p.zero_stage,
-                  "precision": self.precision, "peak_flops_per_device": self.peak_flops,
-                  "peak_source": self.peak_source, "launch_id": self.plan.launch_id}  # fmt: skip
+        common = {
+            "step": self.step,
+            "world_size": self.world,
+            "zero_stage": p.zero_stage,
+            "precision": self.precision,
+            "peak_flops_per_device": self.peak_flops,
+            "peak_source": self.peak_source,
+            "launch_id": self.plan.launch_id,
+        }
         if self.resumed_from is not None:
             self.events.write("resume", checkpoint=self.resumed_from, discarded=self.log.discarded, **common)
         else:
             self.events.write("start", **common)
-        say(f"pretrain: {'resuming at' if self.resumed_from else 'starting at'} step {self.step}/{p.steps}, "
-            f"{self.world} workers, ZeRO-{p.zero_stage}, {self.precision}; MFU against {self.peak_source}")  # fmt: skip
+        say(
+            f"pretrain: {'resuming at' if self.resumed_from else 'starting at'} step {self.step}/{p.steps}, "
+            f"{self.world} workers, ZeRO-{p.zero_stage}, {self.precision}; MFU against {self.peak_source}"
+        )
 
     def _log(self, lr: float) -> dict[str, Any]:
         """The metrics line of this step (every rank computes it; rank 0 writes it)."""
@@ -698,31 +724,55 @@ class RankTrainer:
             path = Path(self.plan.out_dir) / "samples" / f"step{self.step:08d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_png(grid, path)
-            self.events.write("samples", step=self.step, path=str(path), rows=self.sampler.class_names,
-                              columns=f"{SAMPLE_GRID_PER_CLASS} seeds")  # fmt: skip
+            self.events.write(
+                "samples",
+                step=self.step,
+                path=str(path),
+                rows=self.sampler.class_names,
+                columns=f"{SAMPLE_GRID_PER_CLASS} seeds",
+            )
         if not is_checkpoint:
             return
         p, plan = self.p, self.plan
         state = TrainerState(
-            step=self.step, micro_step=self.micro_step, images_seen=self.images_seen, ema_updates=ema.num_updates,
-            ema_decay=p.ema_decay, world_size=self.world, zero_stage=p.zero_stage, precision=self.precision,
-            global_batch_size=p.global_batch_size, grad_accum_steps=p.grad_accum_steps,
-            deepspeed_tag=deepspeed_tag(self.step), run_name=p.run_name, model=asdict(self.cfg.model),
-            shards={"url": plan.shards_dir, "content_hash": plan.shards_hash, "data_hash": plan.shards_data_hash,
-                    "num_samples": plan.num_samples,
-                    "class_names": list(plan.class_names)},
+            step=self.step,
+            micro_step=self.micro_step,
+            images_seen=self.images_seen,
+            ema_updates=ema.num_updates,
+            ema_decay=p.ema_decay,
+            world_size=self.world,
+            zero_stage=p.zero_stage,
+            precision=self.precision,
+            global_batch_size=p.global_batch_size,
+            grad_accum_steps=p.grad_accum_steps,
+            deepspeed_tag=deepspeed_tag(self.step),
+            run_name=p.run_name,
+            model=asdict(self.cfg.model),
+            shards={
+                "url": plan.shards_dir,
+                "content_hash": plan.shards_hash,
+                "data_hash": plan.shards_data_hash,
+                "num_samples": plan.num_samples,
+                "class_names": list(plan.class_names),
+            },
             config=self.cfg.to_dict(),
-        )  # fmt: skip
-        metrics = {"step": self.step, "images_seen": self.images_seen, "skipped_samples": self.window.skipped,
-                   **({"loss": record["loss"]} if record else {})}  # fmt: skip
+        )
+        metrics = {
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "skipped_samples": self.window.skipped,
+            **({"loss": record["loss"]} if record else {}),
+        }
         self._save_and_report(state, ema_state, grid, metrics)
         self.last_checkpoint = self.step
         if self.events is not None:
-            self.events.write("checkpoint", step=self.step, name=checkpoint_dir_name(self.step),
-                              skipped_samples=self.window.skipped)  # fmt: skip
+            self.events.write(
+                "checkpoint", step=self.step, name=checkpoint_dir_name(self.step), skipped_samples=self.window.skipped
+            )
 
-    def _save_and_report(self, state: TrainerState, ema_state: dict[str, torch.Tensor], grid,
-                         metrics: dict[str, Any]) -> None:  # fmt: skip
+    def _save_and_report(
+        self, state: TrainerState, ema_state: dict[str, torch.Tensor], grid, metrics: dict[str, Any]
+    ) -> None:
         """Every rank writes its part into its own temp folder and reports it; Ray merges the parts."""
         import ray.train
         from safetensors.torch import save_file
@@ -738,8 +788,11 @@ class RankTrainer:
                 if grid is not None:
                     save_png(grid, Path(tmp, SAMPLES_FILE))
                 Path(tmp, STATE_FILE).write_text(state.to_json())  # last: marks the folder complete
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(state.step))  # fmt: skip
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_dir_name(state.step),
+            )
         # Wait until the controller has registered it: a rank that died right after reporting could
         # otherwise take the checkpoint with it, and the restart would begin at an older one.
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -760,11 +813,18 @@ class RankTrainer:
         p, plan = self.p, self.plan
         message = nonfinite_message(p, step, value, self.last_checkpoint, plan.run_dir, what)
         if self.rank == 0:
-            marker = {"launch_id": plan.launch_id, "step": step, "value": str(value), "what": what,
-                      "last_checkpoint": self.last_checkpoint, "message": message}  # fmt: skip
+            marker = {
+                "launch_id": plan.launch_id,
+                "step": step,
+                "value": str(value),
+                "what": what,
+                "last_checkpoint": self.last_checkpoint,
+                "message": message,
+            }
             storage.write_bytes_atomic(storage.join(plan.run_dir, NAN_MARKER), json.dumps(marker).encode())
-            self.events.write("nonfinite_loss", step=step, value=str(value), what=what,
-                              last_checkpoint=self.last_checkpoint)  # fmt: skip
+            self.events.write(
+                "nonfinite_loss", step=step, value=str(value), what=what, last_checkpoint=self.last_checkpoint
+            )
         dist.barrier()  # the marker exists before any rank fails (Ray tears the group down on the first)
         raise NonFiniteLossError(message)
 

@@ -75,8 +75,15 @@ class SweepTrialError(RuntimeError):
 
 def _train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     task = TaskData.from_dict(setup["task"])
-    spec = AdapterRunSpec((task,), setup["method"], int(config["rank"]), float(config["lr"]), setup["max_steps"],
-                          setup["backbone"], setup["experiment"])  # fmt: skip
+    spec = AdapterRunSpec(
+        (task,),
+        setup["method"],
+        int(config["rank"]),
+        float(config["lr"]),
+        setup["max_steps"],
+        setup["backbone"],
+        setup["experiment"],
+    )
     run = AdapterRun(spec)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a restored sweep or a retried trial: continue from the last rung
@@ -87,13 +94,28 @@ def _train_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     while run.step < spec.steps:
         run.train_until(min(spec.steps, run.step + rung))
         val = run.validation_loss()[task.name]
-        extra = {"finetune": {"fingerprint": fp, "steps": run.step, "lr": spec.lr, "final_loss": run.last_window_loss,
-                              "val_loss": val, "loss_unit": LOSS_UNIT, "sweep": True}}  # fmt: skip
+        extra = {
+            "finetune": {
+                "fingerprint": fp,
+                "steps": run.step,
+                "lr": spec.lr,
+                "final_loss": run.last_window_loss,
+                "val_loss": val,
+                "loss_unit": LOSS_UNIT,
+                "sweep": True,
+            }
+        }
         with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as d:
             run.save_state(d)
             run.save_adapters(d, extra=extra)
-            metrics = {METRIC: val, "train_loss": run.last_window_loss, "step": run.step, "rank": spec.rank,
-                       "lr": spec.lr, "trainable_params": run.trainable_parameters(task.name)}  # fmt: skip
+            metrics = {
+                METRIC: val,
+                "train_loss": run.last_window_loss,
+                "step": run.step,
+                "rank": spec.rank,
+                "lr": spec.lr,
+                "trainable_params": run.trainable_parameters(task.name),
+            }
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -158,16 +180,19 @@ def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None =
     if missing:
         skipped = f"sweep: sweep.datasets {list(missing)} not in data.targets, skipped; sweeping {list(swept)}"
         print(skipped, file=sys.stderr)
-    tasks = resolve_tasks(cfg, swept, image_size=model_cfg.input_size,
-                          in_channels=model_cfg.in_channels)
+    tasks = resolve_tasks(cfg, swept, image_size=model_cfg.input_size, in_channels=model_cfg.in_channels)
     for t in tasks:
         index = load_index(t.dataset_dir)
         if index.num_samples("eval") < 1:
-            raise FinetuneInputError(f"task {t.name!r}: the eval split at {t.dataset_dir} is empty; the sweep's "
-                                     "validation loss and FID need it (data.eval_fraction > 0)")  # fmt: skip
+            raise FinetuneInputError(
+                f"task {t.name!r}: the eval split at {t.dataset_dir} is empty; the sweep's "
+                "validation loss and FID need it (data.eval_fraction > 0)"
+            )
         if index.num_samples("train") < cfg.finetune.batch_size:
-            raise FinetuneInputError(f"task {t.name!r}: {index.num_samples('train')} train images < "
-                                     f"finetune.batch_size {cfg.finetune.batch_size}")  # fmt: skip
+            raise FinetuneInputError(
+                f"task {t.name!r}: {index.num_samples('train')} train images < "
+                f"finetune.batch_size {cfg.finetune.batch_size}"
+            )
     return SweepPlan(tasks, str(Path(backbone).resolve()), backbone_hash, method, ranks, num_rungs)
 
 
@@ -201,11 +226,16 @@ def sweep_fingerprint(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData) ->
     s, ft = cfg.sweep, cfg.finetune
     content = {
         "base": fingerprint(cfg, plan.method, 0, (task,), plan.backbone_hash, lr=0.0, steps=s.max_steps),
-        "ranks": list(plan.ranks), "lr": [s.lr_min, s.lr_max], "num_samples": s.num_samples,
+        "ranks": list(plan.ranks),
+        "lr": [s.lr_min, s.lr_max],
+        "num_samples": s.num_samples,
         **({"lrs": sorted(set(s.lrs))} if s.lrs else {}),
-        "rung_steps": s.rung_steps, "grace_period": s.grace_period, "reduction_factor": s.reduction_factor,
-        "batch_size": ft.batch_size, "val_samples": ft.val_samples,
-    }  # fmt: skip
+        "rung_steps": s.rung_steps,
+        "grace_period": s.grace_period,
+        "reduction_factor": s.reduction_factor,
+        "batch_size": ft.batch_size,
+        "val_samples": ft.val_samples,
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -263,14 +293,22 @@ def _trial_rows(task: str, results: tune.ResultGrid, max_steps: int) -> list[Tri
         vals = list(history[METRIC].dropna()) if history is not None and METRIC in history else []
         steps = int(m.get("step", 0))
         status = "error" if r.error else ("completed" if steps >= max_steps else ("stopped" if steps else "pending"))
-        rows.append(TrialRow(
-            dataset=task, trial_id=str(m.get("trial_id", Path(r.path).name)), rank=int(cfg.get("rank", 0)),
-            lr=float(cfg.get("lr", math.nan)), val_loss=float(m.get(METRIC, math.nan)),
-            best_val_loss=min(vals) if vals else math.nan, steps=steps, rungs=len(vals), status=status,
-            trainable_params=int(m.get("trainable_params", 0)),
-            error=_one_line(r.error) if r.error else "",
-            checkpoint=r.checkpoint.path if r.checkpoint is not None else "",
-        ))  # fmt: skip
+        rows.append(
+            TrialRow(
+                dataset=task,
+                trial_id=str(m.get("trial_id", Path(r.path).name)),
+                rank=int(cfg.get("rank", 0)),
+                lr=float(cfg.get("lr", math.nan)),
+                val_loss=float(m.get(METRIC, math.nan)),
+                best_val_loss=min(vals) if vals else math.nan,
+                steps=steps,
+                rungs=len(vals),
+                status=status,
+                trainable_params=int(m.get("trainable_params", 0)),
+                error=_one_line(r.error) if r.error else "",
+                checkpoint=r.checkpoint.path if r.checkpoint is not None else "",
+            )
+        )
     return rows
 
 
@@ -280,14 +318,30 @@ def _one_line(err: BaseException) -> str:
 
 
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
-    columns = ["dataset", "method", "trial_id", "rank", "lr", "val_loss", "best_val_loss", "steps", "rungs", "status",
-               "trainable_params", "fid", "fid_feature_network", "fid_samples", "error"]  # fmt: skip
+    columns = [
+        "dataset",
+        "method",
+        "trial_id",
+        "rank",
+        "lr",
+        "val_loss",
+        "best_val_loss",
+        "steps",
+        "rungs",
+        "status",
+        "trainable_params",
+        "fid",
+        "fid_feature_network",
+        "fid_samples",
+        "error",
+    ]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(columns)
         for r in rows:
-            w.writerow(["" if (v := getattr(r, c)) is None or (isinstance(v, float) and math.isnan(v)) else v
-                        for c in columns])  # fmt: skip
+            w.writerow(
+                ["" if (v := getattr(r, c)) is None or (isinstance(v, float) and math.isnan(v)) else v for c in columns]
+            )
 
 
 def _write_json(data: Any, path: Path) -> None:
@@ -306,9 +360,16 @@ def _write_json(data: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, *,
-              adapter_dir: str | Path | None = None, storage_path: str | None = None, run_fid: bool = True,
-              log: Callable[[str], None] | None = None) -> SweepResult:  # fmt: skip
+def run_sweep(
+    cfg: ExperimentConfig,
+    backbone: str | Path,
+    out_dir: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    storage_path: str | None = None,
+    run_fid: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
     """Plan and check, then per dataset: Tune (resume if possible), FID on the best trials, outputs."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -341,9 +402,18 @@ def run_sweep(cfg: ExperimentConfig, backbone: str | Path, out_dir: str | Path, 
     return result
 
 
-def _sweep_method(cfg: ExperimentConfig, plan: SweepPlan, out: Path, adapters: Path, storage: str, concurrent: int,
-                  res: dict[str, float], run_fid: bool, result: SweepResult,
-                  log: Callable[[str], None]) -> dict[str, dict[str, Any]]:  # fmt: skip
+def _sweep_method(
+    cfg: ExperimentConfig,
+    plan: SweepPlan,
+    out: Path,
+    adapters: Path,
+    storage: str,
+    concurrent: int,
+    res: dict[str, float],
+    run_fid: bool,
+    result: SweepResult,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
     """Every dataset's search for one method; returns {dataset: best.json entry}."""
     best_of: dict[str, dict[str, Any]] = {}
     s = cfg.sweep
@@ -380,14 +450,20 @@ def _sweep_method(cfg: ExperimentConfig, plan: SweepPlan, out: Path, adapters: P
     return best_of
 
 
-def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experiment: str, concurrent: int,
-                  log: Callable[[str], None]) -> list[TrialRow]:  # fmt: skip
+def _tune_dataset(
+    cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experiment: str, concurrent: int, log: Callable[[str], None]
+) -> list[TrialRow]:
     """One Tuner over `task` whose experiment lives at `experiment` (storage/name): restored if it exists."""
     s = cfg.sweep
     experiment = method_config(cfg, plan.method).to_dict()  # the method's own rank and wrapped layers
-    setup = {"task": vars(task) | {"class_names": list(task.class_names)}, "method": plan.method,
-             "backbone": plan.backbone, "experiment": experiment, "max_steps": s.max_steps,
-             "rung_steps": s.rung_steps}  # fmt: skip
+    setup = {
+        "task": vars(task) | {"class_names": list(task.class_names)},
+        "method": plan.method,
+        "backbone": plan.backbone,
+        "experiment": experiment,
+        "max_steps": s.max_steps,
+        "rung_steps": s.rung_steps,
+    }
     trainable = tune.with_resources(tune.with_parameters(sweep_trial, setup=setup), trial_resources(cfg))
     storage, _, name = experiment.rpartition("/")
     if tune.Tuner.can_restore(experiment):
@@ -404,13 +480,18 @@ def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experi
             trainable,
             param_space=search_space(cfg, plan.ranks),
             tune_config=tune.TuneConfig(
-                metric=METRIC, mode="min", scheduler=scheduler, num_samples=s.num_samples,
+                metric=METRIC,
+                mode="min",
+                scheduler=scheduler,
+                num_samples=s.num_samples,
                 # The generator itself caps concurrency (Tune ignores max_concurrent_trials for it); its
                 # seed makes the sampled (rank, lr) configurations the same on every run.
                 search_alg=BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.finetune.seed),
             ),
             run_config=tune.RunConfig(
-                name=name, storage_path=storage, verbose=0,
+                name=name,
+                storage_path=storage,
+                verbose=0,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),  # latest rungs: resume + the adapter
                 # A trial lost with its node (a spot reclaim: ActorUnavailableError / actor died) restarts from its
                 # last rung checkpoint on another node, as a lost fine-tune task is retried; with 0 it was recorded
@@ -418,7 +499,7 @@ def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experi
                 # code, which is therefore retried too (from its checkpoint) before it is recorded as failed.
                 failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
             ),
-        )  # fmt: skip
+        )
     results = tuner.fit()
     rows = _trial_rows(task.name, results, s.max_steps)
     for r in rows:
@@ -432,8 +513,9 @@ def _tune_dataset(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, experi
     return rows
 
 
-def _score_fid(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, rows: list[TrialRow], out: Path,
-               log: Callable[[str], None]) -> None:  # fmt: skip
+def _score_fid(
+    cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, rows: list[TrialRow], out: Path, log: Callable[[str], None]
+) -> None:
     """FID of the best sweep.fid_candidates trials; a score already computed for the same checkpoint and
     evaluation settings (candidates/<dataset>/<trial>/fid.json) is reused, so a rerun costs nothing."""
     ranked = sorted((r for r in rows if r.checkpoint and math.isfinite(r.val_loss)), key=_val_key)
@@ -449,26 +531,49 @@ def _score_fid(cfg: ExperimentConfig, plan: SweepPlan, task: TaskData, rows: lis
         todo.append((r, local, key))
     if not todo:
         return
-    requests = [EvalRequest(task=task.name, adapter_path=str(local / f"{task.name}.safetensors"),
-                            shards_dir=task.dataset_dir, num_samples=cfg.sweep.fid_samples, label=r.trial_id)
-                for r, local, _ in todo]  # fmt: skip
+    requests = [
+        EvalRequest(
+            task=task.name,
+            adapter_path=str(local / f"{task.name}.safetensors"),
+            shards_dir=task.dataset_dir,
+            num_samples=cfg.sweep.fid_samples,
+            label=r.trial_id,
+        )
+        for r, local, _ in todo
+    ]
     with FidEvaluator(plan.backbone, cfg, num_actors=fid_actors(cfg)) as ev:
         results = ev.evaluate(requests)
     for (r, local, key), e in zip(todo, results, strict=True):
         if e.status == "ok" and e.fid is not None:
             r.fid, r.fid_feature_network, r.fid_samples = float(e.fid), e.feature_network, e.num_generated
-            _write_json({"key": key, "fid": r.fid, "feature_network": r.fid_feature_network, "samples": r.fid_samples,
-                         "result": e.to_dict()}, local / "fid.json")  # fmt: skip
+            _write_json(
+                {
+                    "key": key,
+                    "fid": r.fid,
+                    "feature_network": r.fid_feature_network,
+                    "samples": r.fid_samples,
+                    "result": e.to_dict(),
+                },
+                local / "fid.json",
+            )
         else:
             log(f"sweep {task.name}: FID of trial {r.trial_id} failed: {e.error}")
 
 
 def _fid_key(cfg: ExperimentConfig, task: TaskData, checkpoint: str) -> dict[str, Any]:
     e, d = cfg.eval, cfg.diffusion
-    return {"checkpoint": checkpoint, "samples": cfg.sweep.fid_samples, "feature_network": e.feature_network,
-            "feature_weights_path": e.feature_weights_path, "steps": e.sampling_steps, "seed": e.seed,
-            "num_reference": e.num_reference, "sampler": d.sampler, "cfg_scale": d.cfg_scale,
-            "data_hash": task.data_hash}  # fmt: skip
+    return {
+        "checkpoint": checkpoint,
+        "samples": cfg.sweep.fid_samples,
+        "feature_network": e.feature_network,
+        "feature_weights_path": e.feature_weights_path,
+        "steps": e.sampling_steps,
+        "seed": e.seed,
+        "num_reference": e.num_reference,
+        "sampler": d.sampler,
+        "cfg_scale": d.cfg_scale,
+        "data_hash": task.data_hash,
+    }
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -508,9 +613,16 @@ def _install_winner(best: TrialRow, task: TaskData, adapters: Path, out: Path, m
     for ext in (".safetensors", ".json"):
         copy_file_atomic(local / f"{task.name}{ext}", adapters / f"{task.name}{ext}")
     return {
-        "trial_id": best.trial_id, "method": method, "rank": best.rank, "lr": best.lr,
-        "steps": best.steps, "val_loss": best.val_loss if math.isfinite(best.val_loss) else None,
-        "fid": best.fid, "fid_feature_network": best.fid_feature_network or None,
-        "fid_samples": best.fid_samples, "selected_by": "fid" if best.fid is not None else "val_loss",
-        "adapter": str(adapters / f"{task.name}.safetensors"), "trainable_params": best.trainable_params,
-    }  # fmt: skip
+        "trial_id": best.trial_id,
+        "method": method,
+        "rank": best.rank,
+        "lr": best.lr,
+        "steps": best.steps,
+        "val_loss": best.val_loss if math.isfinite(best.val_loss) else None,
+        "fid": best.fid,
+        "fid_feature_network": best.fid_feature_network or None,
+        "fid_samples": best.fid_samples,
+        "selected_by": "fid" if best.fid is not None else "val_loss",
+        "adapter": str(adapters / f"{task.name}.safetensors"),
+        "trainable_params": best.trainable_params,
+    }

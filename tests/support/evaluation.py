@@ -35,13 +35,25 @@ def make_dataset(src: Path, out: Path, n: int = 40, seed: int = 0, eval_fraction
 
 
 def tiny_config(root: Path, *extra: str) -> ExperimentConfig:
-    return load_config(None, [
-        "model.name=DiT-T/8", "model.input_size=32", "model.num_classes=3",
-        f"data.shards_root={root / 'shards'}", "data.targets=[dots]",
-        f"data.pretrain_source=folder:{root / 'src' / 'pre'}",
-        f"eval.cache_dir={root / 'cache'}", "eval.num_samples=16", "eval.sampling_steps=3", "eval.batch_size=16",
-        "eval.kid_subset_size=8", "eval.num_actors=2", "eval.cpus_per_actor=0.5", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.name=DiT-T/8",
+            "model.input_size=32",
+            "model.num_classes=3",
+            f"data.shards_root={root / 'shards'}",
+            "data.targets=[dots]",
+            f"data.pretrain_source=folder:{root / 'src' / 'pre'}",
+            f"eval.cache_dir={root / 'cache'}",
+            "eval.num_samples=16",
+            "eval.sampling_steps=3",
+            "eval.batch_size=16",
+            "eval.kid_subset_size=8",
+            "eval.num_actors=2",
+            "eval.cpus_per_actor=0.5",
+            *extra,
+        ],
+    )
 
 
 def make_backbone(cfg: ExperimentConfig, path: Path, seed: int = 0) -> str:

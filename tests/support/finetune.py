@@ -40,8 +40,15 @@ def make_image_folder(root: Path, seed: int, per_class: int = 12, classes: tuple
 def make_task_shards(shards_root: Path, name: str, seed: int, per_class: int = 12) -> Path:
     src = make_image_folder(shards_root.parent / "images" / name, seed, per_class)
     out = shards_root / name
-    make_shards(f"folder:{src}", str(out), size=IMAGE_SIZE, samples_per_shard=8, eval_fraction=0.25, seed=0,
-                log=lambda msg: None)  # fmt: skip
+    make_shards(
+        f"folder:{src}",
+        str(out),
+        size=IMAGE_SIZE,
+        samples_per_shard=8,
+        eval_fraction=0.25,
+        seed=0,
+        log=lambda msg: None,
+    )
     return out
 
 
@@ -59,11 +66,18 @@ def make_backbone(path: Path) -> str:
 
 def tiny_config(shards_root: Path, targets: str, *overrides: str):
     base = [
-        "model.name=DiT-T/4", f"model.input_size={IMAGE_SIZE}", "model.num_classes=3",
-        f"data.image_size={IMAGE_SIZE}", f"data.shards_root={shards_root}", f"data.targets={targets}",
-        "finetune.steps=4", "finetune.batch_size=6", "finetune.log_every=2", "finetune.warmup_steps=2",
+        "model.name=DiT-T/4",
+        f"model.input_size={IMAGE_SIZE}",
+        "model.num_classes=3",
+        f"data.image_size={IMAGE_SIZE}",
+        f"data.shards_root={shards_root}",
+        f"data.targets={targets}",
+        "finetune.steps=4",
+        "finetune.batch_size=6",
+        "finetune.log_every=2",
+        "finetune.warmup_steps=2",
         "finetune.lr=0.01",
-    ]  # fmt: skip
+    ]
     return load_config(None, base + list(overrides))
 
 

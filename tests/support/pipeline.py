@@ -60,7 +60,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
                 {"name": "red", "source": f"folder:{src / 'red'}"},
                 {"name": "blue", "source": f"folder:{src / 'blue'}"},
             ],
-        },  # fmt: skip
+        },
         "pretrain": {
             "num_workers": 1,
             "cpus_per_worker": 0.5,
@@ -70,7 +70,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
             "log_every": 2,
             "checkpoint_every": 4,
             "sample_every": 0,
-        },  # fmt: skip
+        },
         "finetune": {
             "methods": ["affiner"],
             "steps": 2,
@@ -78,7 +78,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
             "warmup_steps": 0,
             "log_every": 1,
             "cpus_per_task": 0.5,
-        },  # fmt: skip
+        },
         "sweep": {
             "ranks": [2, 4],
             "num_samples": 2,
@@ -87,7 +87,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
             "fid_samples": 4,
             "cpus_per_trial": 0.5,
             "datasets": ["red"],
-        },  # fmt: skip
+        },
         "eval": {
             "num_samples": 6,
             "num_actors": 1,
@@ -95,7 +95,7 @@ def micro_config(tmp: Path, stages: list[str], **sections: dict) -> Path:
             "batch_size": 8,
             "sampling_steps": 2,
             "kid_subset_size": 3,
-        },  # fmt: skip
+        },
         "serve": {"max_steps": 100},  # within diffusion.num_timesteps (its default, 250, is not)
         "pipeline": {"stages": stages},
     }
@@ -129,9 +129,17 @@ def check_full_run(out: Path) -> None:
     assert set(best) == {"red"}
     fid = json.loads((out / "fid.json").read_text())
     labels = {(r["task"], r["label"]) for r in fid["results"]}
-    assert labels == {("red", "affiner"), ("blue", "affiner"), ("red", "lora"), ("blue", "lora"),
-                      ("red", "affiner (swept)"), ("red", "floor (real)"), ("blue", "floor (real)"),
-                      ("red", "no adapter"), ("blue", "no adapter")}  # fmt: skip
+    assert labels == {
+        ("red", "affiner"),
+        ("blue", "affiner"),
+        ("red", "lora"),
+        ("blue", "lora"),
+        ("red", "affiner (swept)"),
+        ("red", "floor (real)"),
+        ("blue", "floor (real)"),
+        ("red", "no adapter"),
+        ("blue", "no adapter"),
+    }
     assert all(r["status"] == "ok" and r["fid"] is not None for r in fid["results"])
     report = (out / "report.md").read_text()
     parts = (

@@ -51,5 +51,8 @@ def live_actor_pids(class_fragment: str) -> list[int]:
     (the state API's source; `ray.util.state` would need the dashboard, which the test clusters leave off)."""
     from ray._private.state import actors
 
-    return [int(a["Pid"]) for a in actors().values()
-            if a.get("State") == "ALIVE" and class_fragment in a.get("ActorClassName", "") and a.get("Pid")]
+    return [
+        int(a["Pid"])
+        for a in actors().values()
+        if a.get("State") == "ALIVE" and class_fragment in a.get("ActorClassName", "") and a.get("Pid")
+    ]

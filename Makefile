@@ -59,6 +59,7 @@ compare-matched-eval: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The `slow` tests the default run leaves out: spot-node loss, the autoscaler, ray job submit, an interrupted

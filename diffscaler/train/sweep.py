@@ -455,12 +455,12 @@ def _tune_dataset(
 ) -> list[TrialRow]:
     """One Tuner over `task` whose experiment lives at `experiment` (storage/name): restored if it exists."""
     s = cfg.sweep
-    experiment = method_config(cfg, plan.method).to_dict()  # the method's own rank and wrapped layers
+    method_cfg = method_config(cfg, plan.method).to_dict()  # the method's own rank and wrapped layers
     setup = {
         "task": vars(task) | {"class_names": list(task.class_names)},
         "method": plan.method,
         "backbone": plan.backbone,
-        "experiment": experiment,
+        "experiment": method_cfg,
         "max_steps": s.max_steps,
         "rung_steps": s.rung_steps,
     }

@@ -138,9 +138,11 @@ class AdapterRun:
         self.compile_backend = resolve_compile(ft.compile, self.device)
         if self.compile_backend:  # each block compiled in place; parameters and state-dict keys unchanged
             compile_blocks(self.model, self.compile_backend)
-        # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate
+        # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate;
+        # foreach on the CPU (torch picks the per-tensor loop there), for the same reason
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=fused)
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=fused,
+                                           foreach=None if fused else True)
         warmup = max(0, ft.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0

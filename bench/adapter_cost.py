@@ -16,11 +16,26 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
-from bench.workloads import ModelSpec, Row, RunSettings, measure_model, ratio
+from bench.workloads import (
+    ModelSpec,
+    Row,
+    RunSettings,
+    bench_tasks,
+    diffusion_on,
+    input_maker,
+    measure_model,
+    perturb_,
+    ratio,
+    train_step,
+)
+from diffscaler.adapters import AdapterBank
+from diffscaler.models import build_model
 
 # name:input_size:in_channels:train_batch:sample_batch
 CPU_DEFAULT_MODELS = ("DiT-T/4:32:3:32:32", "DiT-T/2:32:3:8:8")
@@ -65,6 +80,122 @@ def report(rows: list[Row], specs: list[ModelSpec]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# Methods side by side (--methods): every PEFT step against the full step and the frozen limit,
+# timed in rounds (one step of each per round) so load drifting on a shared CPU hits all alike;
+# and each step's peak host memory counted from the profiler's allocation events.
+# ------------------------------------------------------------------------------------------------
+
+METHOD_VARIANTS = ("full", "frozen-limit", "affiner", "affiner-autograd", "difffit", "bitfit", "lora")
+
+
+def _variant_step(spec: ModelSpec, variant: str, settings: RunSettings, generator: torch.Generator):
+    """(step, make_inputs, tensors that persist between steps) for one variant on a fresh model."""
+    model = build_model(spec.config(), seed=settings.seed)
+    model.check_inputs = False
+    perturb_(list(model.parameters()), 0.02, seed=settings.seed + 1)
+    diffusion = diffusion_on(settings.device, spec.learn_sigma)
+    task_mode = "none" if variant in ("full", "frozen-limit") else "single"
+    make = input_maker(spec, spec.train_batch, settings.device, task_mode, settings.num_tasks, generator)
+    if variant == "frozen-limit":
+        # The backbone frozen and nothing of its own trained: the backward computes every input
+        # gradient and no weight gradient, the bound a frozen-backbone method can reach.
+        model.requires_grad_(False)
+        model.train()
+
+        def limit_step(x0, t, y, task_ids):
+            x0 = x0.requires_grad_(True)
+            losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x0, t)
+            losses["loss"].mean().backward()
+
+        return limit_step, make, (model, None)
+    if variant == "full":
+        params = list(model.parameters())
+    else:
+        method = variant.removesuffix("-autograd")
+        bank = AdapterBank.attach(model, bench_tasks(settings.num_tasks), method=method, rank=settings.rank)
+        perturb_(bank.parameters(), 0.02, seed=settings.seed + 2)
+        bank.set_lean_backward(not variant.endswith("-autograd"))
+        params = bank.parameters()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=settings.device.type == "cpu" or None)
+    return train_step(model, diffusion, optimizer, settings), make, (model, optimizer)
+
+
+def _persistent_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of every distinct storage alive between steps: parameters, buffers, grads, optimizer state."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def step_peak_bytes(step, inputs: tuple, model: torch.nn.Module, optimizer) -> tuple[int, int]:
+    """(peak bytes during one step, persistent bytes before it), optimizer state included.
+
+    The step runs under the PyTorch profiler with `profile_memory`: every CPU allocation and free of
+    the step is an event; the running sum of them, on top of what is alive before the step
+    (parameters, buffers, optimizer state), peaks at the step's peak."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = _persistent_bytes(model, optimizer)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(*inputs)
+    deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = peak = 0
+    for _, nbytes in deltas:
+        running += nbytes
+        peak = max(peak, running)
+    return before + peak, before
+
+
+def measure_methods(spec: ModelSpec, settings: RunSettings, variants=METHOD_VARIANTS) -> list[dict]:
+    generator = torch.Generator().manual_seed(settings.seed)
+    built = {v: _variant_step(spec, v, settings, generator) for v in variants}
+    clock = {"wall": time.perf_counter, "process": time.process_time}[settings.cpu_clock]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for round_ in range(settings.warmup + settings.repeats):
+        for v, (step, make, _) in built.items():
+            inputs = make()
+            start = clock()
+            step(*inputs)
+            if round_ >= settings.warmup:
+                times[v].append(clock() - start)
+    rows = []
+    for v, (step, make, (model, optimizer)) in built.items():
+        peak, persistent = step_peak_bytes(step, make(), model, optimizer)
+        median = statistics.median(times[v])
+        rows.append(
+            {
+                "variant": v,
+                "median_s": median,
+                "spread": (max(times[v]) - min(times[v])) / median,
+                "images_per_s": spec.train_batch / median,
+                "peak_bytes": peak,
+                "persistent_bytes": persistent,
+            }
+        )
+    return rows
+
+
+def methods_report(label: str, rows: list[dict]) -> str:
+    full = next(r for r in rows if r["variant"] == "full")
+    lines = [
+        f"\n{label}, batch {'?' if not rows else round(rows[0]['images_per_s'] * rows[0]['median_s'])}",
+        f"{'step':<18} {'ms/step':>9} {'spread %':>8} {'x full img/s':>12} {'peak MiB':>9} "
+        f"{'x full peak':>11} {'persist MiB':>11}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['variant']:<18} {r['median_s'] * 1e3:>9.1f} {100 * r['spread']:>8.1f} "
+            f"{full['median_s'] / r['median_s']:>11.2f}x {r['peak_bytes'] / 2**20:>9.1f} "
+            f"{r['peak_bytes'] / full['peak_bytes']:>10.2f}x {r['persistent_bytes'] / 2**20:>11.1f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -88,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=("wall", "process"),
         default="wall",
         help="CPU timing: wall time, or this process's CPU time (steadier on a shared machine, with --threads 1)",
+    )
+    parser.add_argument(
+        "--methods",
+        action="store_true",
+        help="instead: every method's step (and the frozen-backbone limit) against the full step, with peak memory",
     )
     args = parser.parse_args(argv)
 
@@ -116,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         + (f" | {args.cpu_clock} clock" if device.type == "cpu" else ""),
         flush=True,
     )
+    if args.methods:
+        for spec in specs:
+            print(methods_report(spec.label(), measure_methods(spec, settings)), flush=True)
+        return 0
     rows: list[Row] = []
     for spec in specs:
         rows += measure_model(spec, settings)

@@ -88,6 +88,18 @@ def test_condition_cost_prints_the_ratios_and_the_parameter_shares(capsys, one_t
         assert re.search(re.escape(label) + r"\s+[\d,]+(\s+[\d,]+\s+\d+\.\d\d %){3}", out), label
 
 
+def test_adapter_cost_methods_table_counts_peak_memory(capsys, one_thread):
+    args = ["--methods", "--model", "DiT-T/8:16:3:2:2", "--num-classes", "10", "--warmup", "0", "--repeats", "1"]
+    assert adapter_cost.main(args) == 0
+    out = capsys.readouterr().out
+    variants = adapter_cost.METHOD_VARIANTS
+    rows = {cols[0]: cols for cols in map(str.split, out.splitlines()) if cols and cols[0] in variants}
+    assert set(rows) == set(adapter_cost.METHOD_VARIANTS)
+    assert rows["full"][3] == "1.00x" and rows["full"][5] == "1.00x"
+    for name, cols in rows.items():  # the step's own allocations counted: peak above what persists
+        assert float(cols[4]) > float(cols[6]), name
+
+
 # ------------------------------------------------------------------------------------------------
 # Fast paths against the equation: y = (1 + a_t) ⊙ (W x) + b̂ + b_t + s_t · U_t · relu(D_t · x)
 # ------------------------------------------------------------------------------------------------

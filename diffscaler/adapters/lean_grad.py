@@ -104,6 +104,7 @@ class _LeanAffineLinear(torch.autograd.Function):
         grouped = offsets is not None and not fold  # sorted batch: each task's (1 + a_t) goes into its W copy
         out_f = weight.shape[0]
         k = min(EXACT_CHANNELS, out_f)
+        fold_done = False  # the branch already inside y's matmul
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
             c = (bias.to(shift.dtype) + shift).to(dtype)  # (G, out): b̂ + b
@@ -115,9 +116,20 @@ class _LeanAffineLinear(torch.autograd.Function):
                 thin = weight[exact_idx[0]] if not branch else torch.cat([down[0], weight[exact_idx[0]]])
                 hp = F.linear(xc, thin.to(dtype))  # (1, L, r + k)
                 exact_p = hp[..., -k:].clone()  # (1, L, k); a copy, so hp itself is not kept
-                y = torch.addmm(c[0], xc[0], folded_weight(weight, scale[0], dtype).t()).unsqueeze(0)
+                w_fold = folded_weight(weight, scale[0], dtype)  # (out, in)
                 if branch:
                     relu_h = F.relu(hp[..., :-k])  # (1, L, r)
+                if branch and weight.shape[1] < out_f:
+                    # [x | relu(D x)] @ [(1 + a) W | s U]^T + c: the branch rides in the main matmul's
+                    # contraction (in + r); copying x costs less than a second pass over the wider
+                    # (L, out) output (bench/RESULTS.md, issue 26: kept only where in < out)
+                    r = relu_h.shape[-1]
+                    xa = torch.cat([xc[0], relu_h[0]], dim=1)  # (L, in + r)
+                    y = torch.addmm(c[0], xa, torch.cat([w_fold, up_scaled[0]], dim=1).t()).unsqueeze(0)
+                    xc, relu_h = xa[:, :-r].unsqueeze(0), xa[:, -r:].unsqueeze(0)  # views: nothing saved twice
+                    fold_done = True
+                else:
+                    y = torch.addmm(c[0], xc[0], w_fold.t()).unsqueeze(0)
             elif grouped:
                 thin = weight[exact_idx]  # (G, k, in): each sample's exact channels
                 if branch:
@@ -134,10 +146,11 @@ class _LeanAffineLinear(torch.autograd.Function):
                 del p
                 if branch:
                     relu_h = F.relu(torch.bmm(xc, down.to(dtype).transpose(1, 2)))  # (G, L, r)
-            if branch and not grouped:
+            if branch and not grouped and not fold_done:
                 y.baddbmm_(relu_h, up_scaled.transpose(1, 2))  # + s · U relu(D x), accumulated in the matmul
         ctx.has_branch, ctx.fold, ctx.grouped, ctx.input_dtype = branch, fold, grouped, x.dtype
-        saved = (xc, weight, bias, scale, shift, y, exact_idx, exact_p)
+        # x only for D's gradient: without a branch the input gradient needs W alone
+        saved = (xc if branch else None, weight, bias, scale, shift, y, exact_idx, exact_p)
         grouping = (task_scale, offsets) if grouped else ()
         ctx.save_for_backward(*saved, *grouping, *((relu_h, down, up, branch_scale) if branch else ()))
         return y
@@ -157,6 +170,12 @@ class _LeanAffineLinear(torch.autograd.Function):
         c = (bias.to(shift.dtype) + shift).to(dtype).to(acc)  # (G, out)
         numerator = (g * y).sum(1, dtype=acc) - c * g_sum
         grad_x = grad_down = grad_up = grad_branch_scale = None
+        grad_h = None
+        if ctx.has_branch:
+            relu_h, down, up, branch_scale = rest
+            up_scaled = (up * branch_scale.view(-1, 1, 1)).to(dtype)  # s · U as the forward used it
+            # (G, L, r) = g (s U), computed as ((s U)^T g^T)^T: a wide output instead of a tall-skinny one
+            grad_h = torch.bmm(up_scaled.transpose(1, 2), g.transpose(1, 2)).transpose(1, 2).mul_(relu_h > 0)
         if ctx.needs_input_grad[0]:
             if ctx.fold:
                 grad_x = F.linear(g, folded_weight(weight, scale[0], dtype).t())  # (1, L, in)
@@ -167,8 +186,6 @@ class _LeanAffineLinear(torch.autograd.Function):
             else:
                 grad_x = F.linear(torch.addcmul(g, g, scale.to(dtype).unsqueeze(1)), weight.to(dtype).t())
         if ctx.has_branch:
-            relu_h, down, up, branch_scale = rest
-            up_scaled = (up * branch_scale.view(-1, 1, 1)).to(dtype)  # s · U as the forward used it
             # (G, out, r) = g^T relu(h), computed as (relu(h)^T g)^T: the same product, but a wide output
             # instead of a (out x r) one reduced over all rows (11x faster on the CPU, where BLAS
             # handles the tall-skinny case badly)
@@ -176,7 +193,6 @@ class _LeanAffineLinear(torch.autograd.Function):
             grad_up = m * branch_scale.view(-1, 1, 1).to(acc)
             grad_branch_scale = (up.to(acc) * m).sum((1, 2))
             numerator = numerator - (up_scaled.to(acc) * m).sum(2)  # Σ_t g ⊙ z
-            grad_h = torch.bmm(g, up_scaled).mul_(relu_h > 0)  # (G, L, r)
             grad_down = torch.bmm(grad_h.transpose(1, 2), xc)  # (G, r, in)
             if grad_x is not None:
                 grad_x.baddbmm_(grad_h, down.to(dtype))

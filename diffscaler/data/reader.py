@@ -563,7 +563,7 @@ class MixedTaskReader:
                 batch["condition"] = torch.cat(maps)  # (B, C_cond, S, S) float32
                 batch["has_condition"] = torch.cat(
                     [p.get("has_condition", torch.zeros(len(p["label"]), dtype=torch.bool)) for p in parts]
-                )  # (B,) fmt: skip
+                )  # (B,)
             yield batch
 
 

@@ -68,9 +68,17 @@ class TaskData:
         if self.condition is None:
             return TaskInfo(self.name, rows, self.conditional, rank, names)
         c = self.condition
-        return TaskInfo(self.name, rows, self.conditional, rank, names, condition=str(c["kind"]),
-                        condition_channels=int(c["channels"]), condition_size=int(c["size"]),
-                        condition_extractor=dict(c))  # fmt: skip
+        return TaskInfo(
+            self.name,
+            rows,
+            self.conditional,
+            rank,
+            names,
+            condition=str(c["kind"]),
+            condition_channels=int(c["channels"]),
+            condition_size=int(c["size"]),
+            condition_extractor=dict(c),
+        )
 
     @property
     def condition_channels(self) -> int:
@@ -105,9 +113,14 @@ class AdapterRunSpec:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tasks": [vars(t) | {"class_names": list(t.class_names)} for t in self.tasks],
-            "method": self.method, "rank": self.rank, "lr": self.lr, "steps": self.steps,
-            "backbone_path": self.backbone_path, "config": self.config, "log_path": self.log_path,
-        }  # fmt: skip
+            "method": self.method,
+            "rank": self.rank,
+            "lr": self.lr,
+            "steps": self.steps,
+            "backbone_path": self.backbone_path,
+            "config": self.config,
+            "log_path": self.log_path,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterRunSpec:
@@ -153,10 +166,18 @@ class AdapterRun:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         else:
             # conditional tasks: their maps are dropped at finetune.condition_dropout so guidance can use them
-            self.bank = AdapterBank.attach(self.model, infos, method=spec.method, rank=spec.rank, targets=a.targets,
-                                           branch_scale_init=a.branch_scale_init, seed=ft.seed,
-                                           condition_blocks=a.condition_blocks, controlnet_blocks=a.controlnet_blocks,
-                                           condition_dropout=ft.condition_dropout)  # fmt: skip
+            self.bank = AdapterBank.attach(
+                self.model,
+                infos,
+                method=spec.method,
+                rank=spec.rank,
+                targets=a.targets,
+                branch_scale_init=a.branch_scale_init,
+                seed=ft.seed,
+                condition_blocks=a.condition_blocks,
+                controlnet_blocks=a.controlnet_blocks,
+                condition_dropout=ft.condition_dropout,
+            )
             self.params = self.bank.parameters()
         self.model.to(self.device).train()
         # Input checks sync with the host every forward; on a GPU the reader already validated labels.
@@ -164,9 +185,12 @@ class AdapterRun:
         self.compile_backend = resolve_compile(ft.compile, self.device)
         if self.compile_backend:  # each block compiled in place; parameters and state-dict keys unchanged
             compile_blocks(self.model, self.compile_backend)
-        # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate
+        # fused on a GPU: the bank is hundreds of small tensors, where per-tensor kernel launches dominate;
+        # foreach on the CPU (torch picks the per-tensor loop there), for the same reason
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.params, lr=spec.lr, weight_decay=0.0, fused=fused)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=spec.lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
+        )
         warmup = max(0, ft.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0
@@ -187,8 +211,13 @@ class AdapterRun:
     # -- data -------------------------------------------------------------------------------------
     def _reader_kwargs(self) -> dict[str, Any]:
         d = self.cfg.data
-        return dict(seed=d.seed, hflip=d.hflip, skip_bad=d.skip_bad_samples, loader_workers=d.loader_workers,
-                    shuffle_buffer=d.shuffle_buffer)  # fmt: skip
+        return dict(
+            seed=d.seed,
+            hflip=d.hflip,
+            skip_bad=d.skip_bad_samples,
+            loader_workers=d.loader_workers,
+            shuffle_buffer=d.shuffle_buffer,
+        )
 
     def _open_stream(self):
         batch = self.cfg.finetune.batch_size
@@ -205,8 +234,13 @@ class AdapterRun:
         return torch.where(conditional[batch["task_id"]], batch["label"], torch.zeros_like(batch["label"]))
 
     # -- training ---------------------------------------------------------------------------------
-    def _model_fn(self, y: torch.Tensor, task_ids: torch.Tensor | int, condition: torch.Tensor | None = None,
-                  has_condition: torch.Tensor | None = None) -> ModelFn:  # fmt: skip
+    def _model_fn(
+        self,
+        y: torch.Tensor,
+        task_ids: torch.Tensor | int,
+        condition: torch.Tensor | None = None,
+        has_condition: torch.Tensor | None = None,
+    ) -> ModelFn:
         if self.bank is None:  # scratch: a plain DiT whose classes are the task's
             return lambda x_t, t: self.model(x_t, t, y)  # (N, C_out, H, W)
         if condition is None:
@@ -218,8 +252,10 @@ class AdapterRun:
         """The batch's maps and row mask on the device, or (None, None) when no task of the run has maps."""
         if "condition" not in batch or self.bank is None:
             return None, None
-        return (batch["condition"].to(self.device, non_blocking=True),  # (B, C_cond, S, S)
-                batch["has_condition"].to(self.device))  # (B,) fmt: skip
+        return (
+            batch["condition"].to(self.device, non_blocking=True),  # (B, C_cond, S, S)
+            batch["has_condition"].to(self.device),
+        )  # (B,)
 
     def train_until(self, until_step: int, on_log: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Run optimizer steps self.step .. until_step - 1; a log line every finetune.log_every steps."""
@@ -298,8 +334,9 @@ class AdapterRun:
     # -- validation -------------------------------------------------------------------------------
     def _validation_batch(self, task: TaskData) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if task.name not in self._val_cache:
-            split = read_split(task.dataset_dir, "eval", limit=self.cfg.finetune.val_samples,
-                               conditions=task.condition is not None)  # fmt: skip
+            split = read_split(
+                task.dataset_dir, "eval", limit=self.cfg.finetune.val_samples, conditions=task.condition is not None
+            )
             images, labels = split[:2]
             if images.dtype == np.float32:  # latent shards: (N, C, h, w) as stored
                 x0 = torch.from_numpy(images)
@@ -347,8 +384,12 @@ class AdapterRun:
             return sum(p.numel() for p in self.params)
         return self.bank.trainable_parameters_per_task(task)
 
-    def save_adapters(self, out_dir: str | Path, extra: dict[str, Any] | None = None,
-                      per_task_extra: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
+    def save_adapters(
+        self,
+        out_dir: str | Path,
+        extra: dict[str, Any] | None = None,
+        per_task_extra: dict[str, dict[str, Any]] | None = None,
+    ) -> dict[str, str]:
         """Write every task's `<task>.safetensors` + `.json` into out_dir; returns {task: path}."""
         files = {}
         for task in self.spec.tasks:
@@ -358,8 +399,9 @@ class AdapterRun:
                 if self.bank is not None:  # part of trainable_params, shown apart in the report
                     more["condition_params"] = self.bank.condition_parameters_per_task(task.name)
             if self.bank is None:
-                st_path = save_task_model(self.model, task.task_info(0), out_dir, self.backbone_hash,
-                                          self.backbone_params, extra=more)  # fmt: skip
+                st_path = save_task_model(
+                    self.model, task.task_info(0), out_dir, self.backbone_hash, self.backbone_params, extra=more
+                )
             else:
                 st_path, _ = save_adapter(self.bank, task.name, out_dir, self.backbone_hash, extra=more)
             files[task.name] = str(st_path)
@@ -377,9 +419,14 @@ class AdapterRun:
                     tensors[f"adam.{i}.{name}"] = value.detach().cpu().reshape(value.shape).contiguous()
         save_file(tensors, str(d / "state.safetensors"))
         with_umask_mode(d / "state.safetensors")  # safetensors writes 0600; the JSON beside it gets the umask
-        meta = {"step": self.step, "last_window_loss": self.last_window_loss, "images_seen": self.images_seen,
-                "train_seconds": self.train_seconds, "scheduler": self.scheduler.state_dict(),
-                "lrs": [g["lr"] for g in self.optimizer.param_groups]}  # fmt: skip
+        meta = {
+            "step": self.step,
+            "last_window_loss": self.last_window_loss,
+            "images_seen": self.images_seen,
+            "train_seconds": self.train_seconds,
+            "scheduler": self.scheduler.state_dict(),
+            "lrs": [g["lr"] for g in self.optimizer.param_groups],
+        }
         (d / "state.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
 
     @torch.no_grad()

@@ -75,6 +75,7 @@ class DiffusionConfig:
     sampling_steps: int = 50  # respaced steps used at sampling time
     ddim_eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
     cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    condition_scale: float = 1.0  # guidance on a task's condition map at sampling, independent of cfg_scale (1 = off)
 
 
 @dataclass(frozen=True)
@@ -603,6 +604,7 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _require(d.ddim_eta >= 0, "diffusion.ddim_eta", "must be >= 0")
     _require(d.cfg_scale >= 0, "diffusion.cfg_scale", "must be >= 0")
+    _require(d.condition_scale >= 0, "diffusion.condition_scale", "must be >= 0")
 
     a = cfg.adapter
     _one_of(a.method, ADAPTER_METHODS, "adapter.method")

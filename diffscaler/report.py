@@ -520,7 +520,7 @@ def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:
         extra = dict(
             conditions=torch.from_numpy(maps_to_unit(maps)),
             condition_mask=torch.from_numpy(has),
-            condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)),
+            condition_scale=cfg.diffusion.condition_scale,
         )
     with torch.no_grad():
         imgs = sample_images(
@@ -653,7 +653,7 @@ def _grid_conditions(cfg: ExperimentConfig, task: str, path: str, adapter: bool)
     return dict(
         conditions=torch.from_numpy(maps_to_unit(real[1])),
         condition_mask=torch.ones(GRID_COLUMNS, dtype=bool),
-        condition_scale=float(getattr(cfg.diffusion, "condition_scale", 1.0)),
+        condition_scale=cfg.diffusion.condition_scale,
     )
 
 

@@ -147,7 +147,6 @@ def resolve_request(
         )
     except EvalInputError as err:
         raise EvalInputError(f"{where}: {err}") from None
-    default_scale = float(getattr(cfg.diffusion, "condition_scale", 1.0))
     return ResolvedRequest(
         request=replace(req, task=task, shards_dir=shards),
         num_samples=num_samples,
@@ -163,7 +162,7 @@ def resolve_request(
         real_plan=real_plan,
         condition=condition,
         maps=maps,
-        condition_scale=default_scale if req.condition_scale is None else float(req.condition_scale),
+        condition_scale=cfg.diffusion.condition_scale if req.condition_scale is None else float(req.condition_scale),
     )
 
 

@@ -179,7 +179,11 @@ def test_an_interrupted_sweep_resumes_from_its_rung_checkpoints(ray_local, work,
     for trial_dir in out.glob("tune/*/sweep_trial_*"):
         reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
         steps = [r["step"] for r in reports]
-        assert steps == sorted(set(steps)) and steps[-1] == 12, steps  # no rung trained twice
+        # Tune records a trial's checkpoint in its experiment state only at the next snapshot, forced once
+        # a trial has num_to_keep=2 unrecorded ones: the one rung reported after the last snapshot before
+        # the kill may be trained again (CI saw [2, 2, 4, ...]), never more.
+        assert steps == sorted(steps) and sorted(set(steps)) == list(range(2, 13, 2)), steps
+        assert len(steps) - len(set(steps)) <= 1, steps
         # Restored from a rung checkpoint: Tune's iteration count went on, and so did the adapter's step.
         resumed += reports[-1]["iterations_since_restore"] < reports[-1]["training_iteration"] == 6
     assert resumed >= 1

@@ -192,11 +192,13 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
         "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
     )
     metas = _method_metas(inputs)
+    with_fidelity = any(r.get("fidelity") is not None for r in rows)  # the column only when a task has a map
     lines += [
         "",
-        "| task | method | lr | FID | KID (mean ± std) | task acc. | condition fidelity | trainable params | "
-        "% of backbone | file (KiB) | train img/s | train wall (s) | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| task | method | lr | FID | KID (mean ± std) | task acc. | "
+        + ("condition fidelity | " if with_fidelity else "")
+        + "trainable params | % of backbone | file (KiB) | train img/s | train wall (s) | status |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_fidelity else "") + "---:|---:|---:|---:|---:|---|",
     ]
     order = {label: i for i, label in enumerate(REFERENCE_LABELS + tuple(inputs.adapters))}
     for r in sorted(rows, key=lambda r: (str(r["task"]), order.get(r["label"], len(order)), r["label"])):
@@ -207,7 +209,8 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
         lines.append(
             f"| {r['task'] or '(backbone)'} | {name} | {_fmt_opt(ft.get('lr'), '.2g')} | "
             f"{_fmt_opt(r.get('fid'), '.2f')} | {_kid(r)} | {_fmt_opt(r.get('task_accuracy'), '.2f')} | "
-            f"{_fidelity_cell(r)} | {_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
+            + (f"{_fidelity_cell(r)} | " if with_fidelity else "")
+            + f"{_fmt_opt(m.get('trainable_params'), ',')} | {_pct(m)} | "
             f"{_fmt_opt(m.get('file_kib'), '.1f')} | {_fmt_opt(ft.get('images_per_s'), '.1f')} | "
             f"{_fmt_opt(ft.get('wall_s'), '.0f')} | {status} |"
         )

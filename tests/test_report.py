@@ -70,3 +70,25 @@ def test_a_latent_backbone_input_is_named_in_latent_cells(tmp_path):
     write_report(ReportInputs(cfg, tmp_path, backbone=backbone))
     report = Path(tmp_path / "report.md").read_text()
     assert report.count("8x8 latent cells (16x16 px images)") == 2 and "8x8 px" not in report  # backbone, config
+
+
+@pytest.mark.parametrize("with_map", [False, True])
+def test_the_fid_table_has_a_condition_fidelity_column_only_when_a_task_has_a_map(with_map, tmp_path):
+    """A run without conditional tasks showed an empty 'condition fidelity' column on every row."""
+    import json
+
+    def row(task: str, label: str, fidelity: float | None) -> dict:
+        r = {"task": task, "label": label, "method": label, "status": "ok", "feature_network": "inception"}
+        r |= {"num_generated": 8, "num_reference": 8, "fid": 10.0, "kid_mean": 0.1, "kid_std": 0.01}
+        return r | ({"fidelity": fidelity, "fidelity_metric": "mask_iou"} if fidelity is not None else {})
+
+    rows = [row("a", "affiner", None), row("b", "affiner", 0.75 if with_map else None)]
+    fid_json = tmp_path / "fid.json"
+    fid_json.write_text(json.dumps({"results": rows}))
+    cfg = load_config(None, ["model.name=DiT-T/4", "model.input_size=16", "data.image_size=16"])
+    text = write_report(ReportInputs(cfg, tmp_path / "r", fid_json=fid_json))[0].read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| task | method | lr |"))
+    assert ("condition fidelity" in header) is with_map
+    table = [line for line in text.splitlines() if line.startswith("| a | affiner") or line.startswith("| b | affiner")]
+    assert len(table) == 2 and all(line.count("|") == header.count("|") for line in table)
+    assert ("0.750 IoU" in table[1]) is with_map

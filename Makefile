@@ -15,7 +15,7 @@ PIP_CAP := $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constra
 UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) $(PIP_CAP)
 PYTEST_ARGS ?=
 
-.PHONY: setup datasets demo compare compare-matched compare-matched-train compare-matched-eval test test-slow lint bench lock clean-venv
+.PHONY: setup datasets demo compare compare-spatial compare-spatial-mixed compare-matched compare-matched-train compare-matched-eval test test-slow lint bench lock clean-venv
 setup: $(STAMP) datasets
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -56,6 +56,20 @@ compare-matched-train: setup
 
 compare-matched-eval: setup
 	$(BIN)/python -m ray_jobs.pipeline $(MATCHED) 'pipeline.stages=[evaluate, report]'
+
+# Issue 21: every method behind the same condition path on three conditional targets, two seeds each
+# (bench/QUALITY.md "Spatial control"); then the mixed run: the demo's set-up with two conditional and two
+# unconditional tasks in every training batch (the Affiner, two seeds; MIXED_LR = the lr the sweep chose).
+SPATIAL := --config ray_jobs/configs/compare-spatial.yaml
+compare-spatial: setup
+	$(BIN)/python -m ray_jobs.pipeline $(SPATIAL) --out runs/compare-spatial
+
+compare-spatial-mixed: setup
+	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/compare-spatial-mixed \
+	  'data.targets=[{name: emoji-canny, source: emoji, condition: canny}, {name: emoji-mask, source: emoji, condition: mask}, {name: icons}, {name: tiles}]' \
+	  finetune.mixed=true 'finetune.extra_seeds={affiner: [1]}' finetune.lr=$(MIXED_LR) \
+	  eval.num_samples=128 eval.kid_subset_size=64 'pipeline.stages=[shards, pretrain, finetune, evaluate, report]'
+MIXED_LR ?= 1.0e-3
 
 test: setup
 	$(BIN)/ruff check .

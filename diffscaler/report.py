@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ def write_report(inputs: ReportInputs) -> list[Path]:
     md += _params_section(inputs)
     md += _sweep_section(inputs)
     md += _stage_section(inputs)
+    md += _throughput_section(inputs)
     curves = _loss_curves(inputs)
     md += ["## Loss curves", ""]
     if curves is not None:
@@ -147,6 +149,48 @@ def _stage_section(inputs: ReportInputs) -> list[str]:
             wall += " (earlier run)"
         lines.append(f"| {s.name} | {s.status} | {wall} | {_cell(s.reason)} |")
     return [*lines, ""]
+
+
+def _throughput_section(inputs: ReportInputs) -> list[str]:
+    """The real jobs' training speed per CPU: each fine-tune against the pretraining run of the same model (what
+    a frozen backbone saves, or costs, outside a micro-benchmark). Pretraining's rate is the median of its
+    logged rates after the first tenth of its steps (start-up and warm-up), over its workers' CPUs."""
+    cfg = inputs.cfg
+    pretrain_rates = []
+    if inputs.pretrain_metrics is not None and Path(inputs.pretrain_metrics).is_file():
+        logged = [r for r in read_jsonl(inputs.pretrain_metrics) if r.get("images_per_s") and "step" in r]
+        last = max((r["step"] for r in logged), default=0)
+        pretrain_rates = [r["images_per_s"] for r in logged if r["step"] > last / 10]
+    pretrain_cpus = cfg.pretrain.num_workers * _threads(cfg.pretrain.cpus_per_worker)
+    finetunes = [
+        (label, task, m["finetune"]["images_per_s"])
+        for (label, task), m in sorted(_method_metas(inputs).items())
+        if (m.get("finetune") or {}).get("images_per_s")
+    ]
+    if not pretrain_rates or not finetunes or cfg.pretrain.use_gpu or cfg.finetune.use_gpu:
+        return []
+    per_cpu = statistics.median(pretrain_rates) / pretrain_cpus
+    lines = [
+        "## Training speed per CPU",
+        "",
+        f"Pretraining ({cfg.pretrain.num_workers} Ray Train workers x {cfg.pretrain.cpus_per_worker:g} CPU, "
+        f"batch {cfg.pretrain.global_batch_size}, DeepSpeed ZeRO-{cfg.pretrain.zero_stage}, median of "
+        f"{len(pretrain_rates)} logged rates): **{per_cpu:.1f} images/s per CPU**. Each fine-tune "
+        f"({cfg.finetune.cpus_per_task:g} CPU, batch {cfg.finetune.batch_size}; fine-tunes run side by side and "
+        "share the machine), its whole run's images/s per CPU (a CPU is a thread: Ray runs a task or worker "
+        "of c CPUs on max(1, floor(c)) threads):",
+        "",
+        "| method | task | images/s per CPU | x pretraining |",
+        "|---|---|---:|---:|",
+    ]
+    for label, task, rate in finetunes:
+        ft_per_cpu = rate / _threads(cfg.finetune.cpus_per_task)
+        lines.append(f"| {label} | {task} | {ft_per_cpu:.1f} | {ft_per_cpu / per_cpu:.2f}x |")
+    return [*lines, ""]
+
+
+def _threads(cpus: float) -> int:
+    return max(1, math.floor(cpus))  # Ray sets OMP_NUM_THREADS so for a task or actor of `cpus` CPUs
 
 
 def _cell(text: str, limit: int = 160) -> str:

@@ -92,3 +92,29 @@ def test_the_fid_table_has_a_condition_fidelity_column_only_when_a_task_has_a_ma
     table = [line for line in text.splitlines() if line.startswith("| a | affiner") or line.startswith("| b | affiner")]
     assert len(table) == 2 and all(line.count("|") == header.count("|") for line in table)
     assert ("0.750 IoU" in table[1]) is with_map
+
+
+def test_the_report_shows_each_fine_tunes_speed_per_cpu_against_pretraining(tmp_path):
+    """Issue 26: the real jobs' images/s per CPU, fine-tune against pretraining, in the report."""
+    import json
+
+    from diffscaler.adapters import AdapterBank, TaskInfo
+    from diffscaler.artifacts import load_backbone, save_adapter
+
+    cfg = load_config(
+        None, ["model.name=DiT-T/4", "model.input_size=16", "data.image_size=16", "pretrain.num_workers=2"]
+    )
+    backbone = tmp_path / "backbone.safetensors"
+    save_backbone(build_model(cfg.model, seed=0), backbone)
+    model, meta = load_backbone(backbone)
+    bank = AdapterBank.attach(model, [TaskInfo("a")], method="affiner", rank=2)
+    adapter, _ = save_adapter(
+        bank, "a", tmp_path / "adapters", meta["content_hash"], {"finetune": {"images_per_s": 45.0}}
+    )
+    metrics = tmp_path / "metrics.jsonl"  # the first tenth of the steps (warm-up) is left out of the median
+    rates = [(10, 5.0), (20, 60.0), (30, 60.0), (40, 64.0), (50, 50.0), (100, 60.0)]
+    metrics.write_text("".join(json.dumps({"step": s, "loss": 0.1, "images_per_s": r}) + "\n" for s, r in rates))
+    inputs = ReportInputs(cfg, tmp_path / "r", adapters={"affiner": {"a": str(adapter)}}, pretrain_metrics=metrics)
+    text = write_report(inputs)[0].read_text()
+    assert "**30.0 images/s per CPU**" in text  # median 60 over 2 workers x 1 CPU
+    assert "| affiner | a | 45.0 | 1.50x |" in text, text[text.index("## Training speed") :]

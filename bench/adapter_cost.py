@@ -36,6 +36,7 @@ from bench.workloads import (
 )
 from diffscaler.adapters import AdapterBank
 from diffscaler.models import build_model
+from diffscaler.models.compile import compile_blocks
 
 # name:input_size:in_channels:train_batch:sample_batch
 CPU_DEFAULT_MODELS = ("DiT-T/4:32:3:32:32", "DiT-T/2:32:3:8:8")
@@ -103,6 +104,9 @@ def _variant_step(spec: ModelSpec, variant: str, settings: RunSettings, generato
         model.requires_grad_(False)
         model.train()
 
+        if settings.compile_backend:
+            compile_blocks(model, settings.compile_backend, settings.fullgraph, settings.compile_mode)
+
         def limit_step(x0, t, y, task_ids):
             x0 = x0.requires_grad_(True)
             losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, task_ids), x0, t)
@@ -118,6 +122,8 @@ def _variant_step(spec: ModelSpec, variant: str, settings: RunSettings, generato
         bank.set_lean_backward(not variant.endswith("-autograd"))
         params = bank.parameters()
     model.train()
+    if settings.compile_backend:  # after attaching: the blocks' graphs include the adapters' terms
+        compile_blocks(model, settings.compile_backend, settings.fullgraph, settings.compile_mode)
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=settings.device.type == "cpu" or None)
     return train_step(model, diffusion, optimizer, settings), make, (model, optimizer)
 
@@ -225,7 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead: every method's step (and the frozen-backbone limit) against the full step, with peak memory",
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(METHOD_VARIANTS),
+        help="with --methods: the steps to time, comma-separated (default: all; full is always in)",
+    )
     args = parser.parse_args(argv)
+    variants = ("full", *[v for v in args.variants.split(",") if v and v != "full"])
+    unknown = sorted(set(variants) - set(METHOD_VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(METHOD_VARIANTS)}")
 
     device = torch.device(args.device)
     if args.threads:
@@ -254,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.methods:
         for spec in specs:
-            print(methods_report(spec.label(), measure_methods(spec, settings)), flush=True)
+            print(methods_report(spec.label(), measure_methods(spec, settings, variants)), flush=True)
         return 0
     rows: list[Row] = []
     for spec in specs:

@@ -233,7 +233,8 @@ def _fid_section(inputs: ReportInputs) -> list[str]:
         "reference - as good as a generator can get at these counts; **no adapter** scores the pretrained "
         "backbone's own samples - what the fine-tune starts from. **Task accuracy** is the share of the images "
         "that a nearest-centroid classifier on the same features, fitted on every target's reference images, "
-        "assigns to their own dataset (1/number of tasks is chance; the floor row gives its ceiling)."
+        "assigns to their own dataset (targets built from the same images, such as emoji and its mask task, are "
+        "one class; 1/number of classes is chance; the floor row gives its ceiling)."
     )
     metas = _method_metas(inputs)
     with_fidelity = any(r.get("fidelity") is not None for r in rows)  # the column only when a task has a map

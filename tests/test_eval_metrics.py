@@ -318,3 +318,18 @@ def test_fid_json_and_table_name_network_counts_and_failures(tmp_path):
     table = format_table(results)
     assert "efficientnet-lite0" in table and "FAILED: failed 2 times" in table and "(backbone)" in table
     assert re.search(r"emoji\s+affiner\s+affiner\s+4\s+12\.500", table)
+
+
+def test_targets_built_from_the_same_images_are_one_task_accuracy_class():
+    """The demo's emoji-mask scored 0.00 task accuracy, its real images included: its centroid and emoji's were
+    the same images, so every image went to whichever came first."""
+    from diffscaler.config import load_config
+    from diffscaler.eval.requests import accuracy_classes
+
+    targets = (
+        "data.targets=[{name: emoji}, {name: tiles}, {name: emoji-mask, source: emoji, condition: mask},"
+        " {name: icons-edges, source: icons, condition: canny}]"
+    )
+    class_of, first = accuracy_classes(load_config(None, [targets]))
+    assert class_of == {"emoji": 0, "tiles": 1, "emoji-mask": 0, "icons-edges": 2}
+    assert first == ["emoji", "tiles", "icons-edges"]

@@ -35,7 +35,7 @@ from diffscaler.data import load_index, read_split
 from diffscaler.data.build import dataset_dir
 from diffscaler.errors import last_error_line
 from diffscaler.eval.fidelity import METRICS, reference_rows
-from diffscaler.eval.requests import EvalRequest, task_names
+from diffscaler.eval.requests import EvalRequest, accuracy_classes
 from diffscaler.eval.resolve import ResolvedRequest, pixel_side, resolve_request
 from diffscaler.eval.results import EvalResult
 from diffscaler.eval.stats import (
@@ -314,16 +314,15 @@ class FidEvaluator:
         return out
 
     def _centroid_plans(self, resolved: list[ResolvedRequest]) -> list[ReferencePlan]:
-        """One reference plan per target (the classifier's classes) when every request's task is a target."""
+        """One reference plan per source of the targets (the classifier's classes, in target order, from the
+        first target of each source) when every request's task is a target."""
         tasks = {res.request.task for res in resolved}
         if not resolved or None in tasks or not self.cfg.eval.reference_rows:
             return []
         size = pixel_side(self.backbone_meta["model"], self.cfg)
+        _class_of, first_tasks = accuracy_classes(self.cfg)
         try:
-            return [
-                plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size)
-                for t in task_names(self.cfg)
-            ]
+            return [plan_reference(dataset_dir(self.cfg.data, t), self.cfg, None, image_size=size) for t in first_tasks]
         except EvalInputError:
             return []  # a target without shards: no classifier, the scores still come
 
@@ -402,9 +401,10 @@ class FidEvaluator:
         ref_errors = _owner_errors(jobs, failed, "reference")
         req_errors = _owner_errors(jobs, failed, "sample")
 
-        centroids = None  # (K, D): one per target, from its reference features
+        centroids = None  # (K, D): one per source of the targets, from its reference features
         if centroid_plans and all(plans.index(c) in refs for c in centroid_plans):
             centroids = np.stack([refs[plans.index(c)].features.mean(0) for c in centroid_plans])
+        class_of, _first_tasks = accuracy_classes(self.cfg)
         out = []
         for i, res in enumerate(resolved):
             p = plan_of[i]
@@ -461,7 +461,7 @@ class FidEvaluator:
             ref = refs[p]
             accuracy = None
             if centroids is not None:
-                accuracy = nearest_centroid_accuracy(feats, centroids, task_names(self.cfg).index(res.request.task))
+                accuracy = nearest_centroid_accuracy(feats, centroids, class_of[res.request.task])
             fid = frechet_distance(feature_statistics(feats), {"mu": ref.mu, "sigma": ref.sigma})
             kid_mean, kid_std = kid_from_features(feats, ref.features, self.cfg.eval.kid_subset_size)
             out.append(

@@ -44,6 +44,16 @@ def task_names(cfg: ExperimentConfig) -> list[str]:
     return [t.name for t in cfg.data.targets]
 
 
+def accuracy_classes(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str]]:
+    """The task-accuracy classifier's classes: ({task: class}, [the first task of each class]). A class is a
+    source of the targets, so targets built from the same images (emoji and its edge or mask task) are one
+    class, not classes that a classifier on image features cannot tell apart."""
+    sources = list(dict.fromkeys(t.source_name for t in cfg.data.targets))
+    class_of = {t.name: sources.index(t.source_name) for t in cfg.data.targets}
+    first = [next(t.name for t in cfg.data.targets if t.source_name == s) for s in sources]
+    return class_of, first
+
+
 def request_for_task(
     cfg: ExperimentConfig, task: str | None, adapter_path: str | None = None, **overrides: Any
 ) -> EvalRequest:

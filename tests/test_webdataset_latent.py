@@ -89,7 +89,7 @@ def test_the_readme_conditional_targets_validate_on_the_dit_xl_config():
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_the_readme_depth_map_target_runs_as_written_encoded_and_fine_tuned(ray_local, tmp_path, capsys):
+def test_the_readme_depth_map_target_runs_as_written_encoded_fine_tuned_and_evaluated(ray_local, tmp_path, capsys):
     from diffscaler.cli import main as cli_main
     from diffscaler.data import load_index, read_split
     from diffscaler.vae import save_tiny_vae
@@ -100,7 +100,7 @@ def test_the_readme_depth_map_target_runs_as_written_encoded_and_fine_tuned(ray_
     backbone = tmp_path / "latent.safetensors"
     init = ["init-backbone", "--model", "DiT-T/4", "--input-size", "8", "--in-channels", "4", "--num-classes", "3"]
     assert cli_main([*init, "--seed", "0", "--out", str(backbone)]) == 0
-    stages = ["shards", "finetune"]
+    stages = ["shards", "finetune", "evaluate"]
     config = micro_config(
         tmp_path,
         stages,
@@ -145,6 +145,11 @@ def test_the_readme_depth_map_target_runs_as_written_encoded_and_fine_tuned(ray_
     assert meta["condition_extractor"]["kind"] == "key:depth.png" and meta["condition_extractor"]["size"] == SIZE
     summary = json.loads((run / "adapters" / "summary.json").read_text())
     assert {r["task"]: r["status"] for r in summary["rows"]} == {"rooms-depth": "ok"}
+    # evaluated as a conditional latent task: generated with the eval split's maps, decoded, FID; no extractor
+    rows = {r["label"]: r for r in json.loads((run / "fid.json").read_text())["results"] if r["task"] == "rooms-depth"}
+    own = rows["affiner"]
+    assert own["status"] == "ok" and own["fid"] is not None and own["conditioned"] and own["fidelity"] is None
+    assert own["condition"] == "key:depth.png" and own["num_reference"] == len(want_eval)
 
 
 def _config(tmp_path: Path, vae: Path, shards: Path, *extra: str, label_key: str = "none"):

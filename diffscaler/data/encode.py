@@ -1,6 +1,8 @@
 """Latent shards: images encoded once through a VAE, on Ray (`shards make --vae PATH`).
 
     encode_shards("folder:/data/cub", "shards/birds", "/data/sd-vae-ft-ema", size=256, actors=4, gpus_per_actor=1)
+    encode_shards("webdataset:/data/rooms-wds", "shards/rooms", vae, size=256, label_key="none",
+                  condition=ConditionSpec.from_config("key:depth.png", data))   # users' shards and their maps
 
 Same catalog, subset and split as `make_shards`; a Ray Data `map_batches` over an actor pool (each actor
 holds the VAE) encodes, the driver writes the tars in order. A sample holds `npy` and `flip.npy` (fp16

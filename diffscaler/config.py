@@ -548,8 +548,8 @@ def validate_condition(task: TaskSpec, prefix: str) -> None:
 
 
 def validate_webdataset_target(task: TaskSpec, prefix: str, data: DataConfig) -> None:
-    """label_key / image_key belong to webdataset: sources; such shards are indexed as they are, so the maps
-    they carry (key:<member>) are their only condition, and pixels are not encoded through data.vae."""
+    """label_key / image_key belong to webdataset: sources; such shards are indexed as they are (with data.vae:
+    their images encoded into latent shards), so the maps they carry (key:<member>) are their only condition."""
     if not task.webdataset:
         _require(
             not task.label_key and not task.image_key,
@@ -581,10 +581,10 @@ def validate_webdataset_target(task: TaskSpec, prefix: str, data: DataConfig) ->
         + ("; a txt member holds free text (captions), not a class label" if label == "txt" else ""),
     )
     _require(
-        not data.vae,
-        f"{prefix}.source",
-        "webdataset: shards are indexed as they are, not encoded through "
-        "data.vae: make latent shards with `diffscaler shards make --vae` from a folder:DIR source",
+        not data.vae or "npy" not in task.image_key.lower().split(";"),
+        f"{prefix}.image_key",
+        f"{task.image_key!r}: with data.vae the shards stage encodes your images into latents; npy latents "
+        "are not encoded again: name the image member (jpg, png or webp)",
     )
 
 

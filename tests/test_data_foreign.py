@@ -430,8 +430,10 @@ def test_webdataset_targets_are_validated_before_anything_runs():
             targets(spec)
     with pytest.raises(ValueError, match=r"--label-key 'txt': .* a txt member holds free text \(captions\)"):
         index_shards("/nonexistent", label_key="txt", log=quiet)
-    with pytest.raises(ConfigError, match=r"not encoded through data.vae"):
-        targets('{name: p, source: "webdataset:/x"}', "data.vae=/v")
+    # with data.vae the shards stage encodes the images (tests/test_webdataset_latent.py); npy latents it cannot
+    assert targets('{name: p, source: "webdataset:/x", condition: "key:depth.png"}', "data.vae=/v").data.vae == "/v"
+    with pytest.raises(ConfigError, match=r"npy latents are not encoded again"):
+        targets('{name: p, source: "webdataset:/x", image_key: npy}', "data.vae=/v")
     with pytest.raises(ConfigError, match=r"data.pretrain_source: webdataset: sources are fine-tuning targets only"):
         targets("{name: p}", "data.pretrain_source=webdataset:/x")
 

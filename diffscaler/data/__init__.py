@@ -8,7 +8,8 @@
 Modules: sources (bundled sets + folders), writer (make_shards, ShardWriter), index (index.json),
 check (check_dataset), reader (ShardReader, MixedTaskReader, read_split), build (build_all),
 samples (reading any WebDataset through the webdataset library), indexer (`shards index`: foreign shards
--> index.json), conditions (spatial condition maps: canny, alpha mask, key:<member>), pngcodec / tarformat
+-> index.json), encode (latent shards through a VAE, on Ray), user_shards (users' WebDataset shards as the
+source of a latent build), conditions (spatial condition maps: canny, alpha mask, key:<member>), pngcodec / tarformat
 (our own bytes on disk), storage (local paths and fsspec URLs).
 """
 

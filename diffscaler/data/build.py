@@ -6,6 +6,8 @@
 
 Names: the pretraining set is named after its source (`openclipart`, or a folder's base name);
 a target is named after its task (`TaskSpec.name`), its source being `TaskSpec.source_name`.
+A `webdataset:` target is indexed where it lies, or with data.vae encoded into latent shards as a folder is
+(diffscaler.data.user_shards).
 A dataset whose index.json already records the same build parameters and tool version is kept
 (`force=True` rebuilds). Ray is imported only when `parallel=True`: this package stays usable
 without a cluster.
@@ -62,10 +64,11 @@ def dataset_condition(data: DataConfig, name: str) -> ConditionSpec | None:
 
 def dataset_parameters(data: DataConfig, name: str) -> dict:
     """The index fields a current build of dataset `name` records: shards made from its source (latent
-    builds: with data.vae's hash), or for a webdataset: target the options its shards are indexed with."""
+    builds: with data.vae's hash; a webdataset: target's are encoded too, recording its shards' files and
+    keys), or for a webdataset: target of a pixel backbone the options its shards are indexed with."""
     source = dataset_jobs(data)[name]
     task = dataset_task(data, name)
-    if task is not None and task.webdataset:
+    if task is not None and task.webdataset and not data.vae:
         return webdataset_parameters(data, task)
     condition = dataset_condition(data, name)
     if data.vae:
@@ -78,10 +81,18 @@ def dataset_parameters(data: DataConfig, name: str) -> dict:
             data.seed,
             configured_vae_hash(data.vae, data.vae_config),
             condition,
+            **_read_with(task),
         )
     return build_parameters(
         source, data.image_size, data.samples_per_shard, data.eval_fraction, data.limit, data.seed, condition
     )
+
+
+def _read_with(task: TaskSpec | None) -> dict[str, str]:
+    """How a latent build reads a webdataset: target's samples (encode_shards' image_key, label_key)."""
+    if task is None or not task.webdataset:
+        return {}
+    return {"image_key": task.image_key, "label_key": task.label_key}
 
 
 def webdataset_parameters(data: DataConfig, task: TaskSpec) -> dict:
@@ -137,7 +148,7 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
         print(f"shards {name}: up to date at {out}", file=sys.stderr)
         return load_index(out)
     task = dataset_task(data, name)
-    if task is not None and task.webdataset:  # users' shards stay where they are: index.json goes to `out`
+    if task is not None and task.webdataset and not data.vae:  # users' shards stay: index.json goes to `out`
         o = params["index_options"]
         return index_shards(
             source[len(WEBDATASET_PREFIX) :],
@@ -165,6 +176,7 @@ def _build_one(data: DataConfig, name: str, source: str, force: bool) -> Dataset
             gpus_per_actor=data.encode_gpus_per_actor,
             skip_bad=data.skip_bad_samples,
             condition=condition,
+            **_read_with(task),
         )
     return make_shards(
         source,

@@ -210,6 +210,17 @@ def prepare_map(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return arr[None].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
+def fit_map(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A user's map for a latent build: the same centre square as its image, resized with nearest neighbour
+    (a label or depth map takes no value that is not in it) -> uint8 (size, size) or (size, size, 3)."""
+    image = to_map_mode(image, channels)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.NEAREST, box=centre_square(*image.size))
+    if image.mode == "P":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
 def check_map_shape(maps: np.ndarray, channels: int, size: int, what: str) -> None:
     """Maps given for a task must be uint8 (N, channels, size, size): else ConditionError naming `what`."""
     want = (channels, size, size)

@@ -1,6 +1,8 @@
 """Latent shards: images encoded once through a VAE, on Ray (`shards make --vae PATH`).
 
     encode_shards("folder:/data/cub", "shards/birds", "/data/sd-vae-ft-ema", size=256, actors=4, gpus_per_actor=1)
+    encode_shards("webdataset:/data/rooms-wds", "shards/rooms", vae, size=256, label_key="none",
+                  condition=ConditionSpec.from_config("key:depth.png", data))   # users' shards and their maps
 
 Same catalog, subset and split as `make_shards`; a Ray Data `map_batches` over an actor pool (each actor
 holds the VAE) encodes, the driver writes the tars in order. A sample holds `npy` and `flip.npy` (fp16
@@ -19,13 +21,22 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from diffscaler.cluster import connect_ray
+from diffscaler.config import WEBDATASET_PREFIX
 from diffscaler.data import storage
-from diffscaler.data.conditions import ConditionError, ConditionSpec, check_condition_source, encode_map
+from diffscaler.data.conditions import (
+    CONDITION_MEMBER,
+    ConditionError,
+    ConditionSpec,
+    check_condition_source,
+    encode_map,
+    fit_map,
+)
 from diffscaler.data.index import (
     FOREIGN_FORMAT_VERSION,
     FORMAT_NAME,
@@ -40,9 +51,11 @@ from diffscaler.data.index import (
     sample_digest,
     shard_name,
 )
+from diffscaler.data.indexer import shards_fingerprint
 from diffscaler.data.pngcodec import encode_png
-from diffscaler.data.sources import get_source, prepare_image_alpha, select_balanced, split_train_eval
+from diffscaler.data.sources import ImageSource, prepare_image_alpha, select_balanced, split_train_eval
 from diffscaler.data.tarformat import RawSample, write_tar
+from diffscaler.data.user_shards import UserShardSource, scan_user_shards
 from diffscaler.data.writer import _SHARD_FILE, build_parameters, condition_members, open_source
 from diffscaler.vae import load_vae, vae_identity
 
@@ -59,10 +72,21 @@ def latent_parameters(
     seed: int,
     vae_hash: str,
     condition: ConditionSpec | None = None,
+    *,
+    image_key: str = "",
+    label_key: str = "",
 ) -> dict[str, Any]:
-    """Top-level index fields that determine a latent build (`image_size` is the latent side there)."""
-    params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition)
+    """Top-level index fields that determine a latent build (`image_size` is the latent side there). Users'
+    WebDataset shards (webdataset:SHARDS) add what they were read with: their files' names, sizes and mtimes
+    (`source_files`), and `read_with` {image_key, label_key}; the map's member is in the condition's kind."""
+    shards = source[len(WEBDATASET_PREFIX) :] if source.startswith(WEBDATASET_PREFIX) else ""
+    files = shards_fingerprint(shards) if shards else None
+    params = build_parameters(
+        source, size, samples_per_shard, eval_fraction, limit, seed, condition, source_files=files
+    )
     del params["image_size"]
+    if shards:
+        params["read_with"] = {"image_key": image_key, "label_key": label_key}
     return {**params, "pixel_size": size, "vae_hash": vae_hash}
 
 
@@ -77,7 +101,7 @@ class LatentEncoder:
 
     def __init__(
         self,
-        source: str,
+        source: ImageSource | UserShardSource,
         vae_path: str,
         vae_config: str | None,
         size: int,
@@ -88,7 +112,7 @@ class LatentEncoder:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        self.source, self.size, self.condition = get_source(source), size, condition
+        self.source, self.size, self.condition = source, size, condition
         self.vae = load_vae(vae_path, vae_config, device="cuda" if torch.cuda.is_available() else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -97,8 +121,9 @@ class LatentEncoder:
         for k, ref in enumerate(batch["ref"]):
             try:
                 rgb, alpha = prepare_image_alpha(self.source.load(str(ref)), self.size)
-                # the map stays at pixel resolution: computed from the image that is encoded, never encoded itself
-                conds.append(encode_map(self.condition.compute(rgb, alpha)) if self.condition is not None else b"")
+                # the map stays at pixel resolution: computed from the image that is encoded, or the user's map
+                # cropped as its image was; never encoded itself
+                conds.append(encode_map(self._map(str(ref), rgb, alpha)) if self.condition is not None else b"")
                 images.append(rgb)
             except Exception as err:  # any decoder failure is reported with the input's name
                 images.append(np.full((self.size, self.size, 3), 255, np.uint8))
@@ -114,6 +139,11 @@ class LatentEncoder:
             "cond": np.array(conds, dtype=object),
             "reason": np.array(reasons, dtype=object),
         }
+
+    def _map(self, ref: str, rgb: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+        if self.condition.computed:
+            return self.condition.compute(rgb, alpha)
+        return fit_map(self.source.load_map(ref), self.size, self.condition.channels)
 
 
 def encode_shards(
@@ -133,13 +163,18 @@ def encode_shards(
     gpus_per_actor: float = 0.0,
     skip_bad: bool = False,
     condition: ConditionSpec | None = None,
+    image_key: str = "",
+    label_key: str = "",
     log: Callable[[str], None] | None = None,
     progress_every: int = 500,
 ) -> DatasetIndex:
     """Encode `source` through the VAE at `vae_path` into latent shards + index.json at `out` (on Ray:
     diffscaler.cluster joins one if none is connected); with `condition`, each sample also holds its map (cond.png,
-    at pixel resolution). Raises VaeError (bad VAE), DatasetError (empty source, a condition the source
-    cannot give, an undecodable input unless `skip_bad`), SourceMissingError."""
+    at pixel resolution). `source` may be users' WebDataset shards, `webdataset:SHARDS`: read as
+    diffscaler.data.user_shards says (`image_key`, `label_key` as `shards index` takes them, a `key:<member>`
+    condition their own maps), split by key hash, in shard order. Raises VaeError (bad VAE), DatasetError
+    (empty source, a condition the source cannot give, an undecodable input or a sample without its map
+    unless `skip_bad`), SourceMissingError."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if size < 1 or samples_per_shard < 1 or batch_size < 1 or actors < 1 or progress_every < 1:
         raise ValueError(
@@ -153,16 +188,54 @@ def encode_shards(
         raise ValueError(f"--size {size} is not a multiple of the VAE's downsampling factor {identity['downsample']}")
     latent_side = size // identity["downsample"]
     shape = [identity["latent_channels"], latent_side, latent_side]
-    src, catalog = open_source(source)
-    try:
-        check_condition_source(condition, source, src, catalog)  # before anything is written
-    except ConditionError as err:
-        raise DatasetError(f"source {source!r}: {err}") from None
-    selected = select_balanced(catalog, limit, seed)
-    train, evals = split_train_eval(selected, eval_fraction, seed)
-    params = latent_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, identity["hash"], condition)
+    # before any sample is read: a source changed during the build is rebuilt by the next run
+    params = latent_parameters(
+        source,
+        size,
+        samples_per_shard,
+        eval_fraction,
+        limit,
+        seed,
+        identity["hash"],
+        condition,
+        image_key=image_key,
+        label_key=label_key,
+    )
+    skipped: list[dict[str, str]] = []
+    if source.startswith(WEBDATASET_PREFIX):
+        connect_ray(log_to_driver=False)  # the scan: one Ray task per shard
+        found = scan_user_shards(
+            source[len(WEBDATASET_PREFIX) :],
+            image_key=image_key,
+            label_key=label_key,
+            condition=condition.kind if condition is not None else "",
+            eval_fraction=eval_fraction,
+            limit=limit,
+            skip_bad=skip_bad,
+            parallel=True,
+            log=log,
+        )
+        src, class_names, train, evals, available = (
+            found.source,
+            found.class_names,
+            found.train,
+            found.evals,
+            found.total,
+        )
+        skipped.extend(found.skipped)
+        if condition is not None:  # stored as a computed map is: member cond.png, 8-bit, at pixel resolution
+            condition = replace(condition, member=CONDITION_MEMBER, channels=found.condition_channels)
+    else:
+        src, catalog = open_source(source)
+        try:
+            check_condition_source(condition, source, src, catalog)  # before anything is written
+        except ConditionError as err:
+            raise DatasetError(f"source {source!r}: {err}") from None
+        selected = select_balanced(catalog, limit, seed)
+        train, evals = split_train_eval(selected, eval_fraction, seed)
+        class_names, available = catalog.class_names, len(catalog.items)
     log(
-        f"shards make {source} --vae {vae_path}: {len(selected)} of {len(catalog.items)} images -> train "
+        f"shards make {source} --vae {vae_path}: {len(train) + len(evals)} of {available} images -> train "
         f"{len(train)}, eval {len(evals)}, {size}x{size} px -> latents {shape} fp16 -> {out}"
     )
 
@@ -203,7 +276,7 @@ def encode_shards(
     if rows:
         for s, results in _encoded_shards(
             rows,
-            source,
+            src,
             vae_path,
             vae_config,
             size,
@@ -221,7 +294,7 @@ def encode_shards(
                 number,
                 items,
                 results,
-                catalog.class_names,
+                class_names,
                 skip_bad,
                 source,
                 condition.member if condition is not None else "",
@@ -236,10 +309,9 @@ def encode_shards(
             )
 
     splits: dict[str, Any] = {}
-    skipped: list[dict[str, str]] = []
     for split in SPLITS:
         records = [done[s] for s, (sp, _n, _i) in enumerate(plan) if sp == split]
-        counts = [0] * len(catalog.class_names)
+        counts = [0] * len(class_names)
         for r in records:
             counts = [a + b for a, b in zip(counts, r["class_counts"])]
             skipped.extend(r["skipped"])
@@ -261,7 +333,7 @@ def encode_shards(
         **params,
         "image_size": latent_side,
         "source_detail": src.detail,
-        "class_names": list(catalog.class_names),
+        "class_names": list(class_names),
         "num_samples": sum(s["num_samples"] for s in splits.values()),
         "members": {
             "image": "npy",
@@ -304,7 +376,7 @@ def _plan_hash(params: dict[str, Any], split: str, number: int, items: list[Any]
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors, cpus, gpus, on_row, condition=None):
+def _encoded_shards(rows, src, vae_path, vae_config, size, batch_size, actors, cpus, gpus, on_row, condition=None):
     """(plan position, that shard's rows in order) as each shard's encoding completes (in plan order);
     `on_row()` as each encoded image arrives."""
     import ray
@@ -316,7 +388,7 @@ def _encoded_shards(rows, source, vae_path, vae_config, size, batch_size, actors
     ds = ds.map_batches(
         LatentEncoder,
         fn_constructor_kwargs={
-            "source": source,
+            "source": src,
             "vae_path": vae_path,
             "vae_config": vae_config,
             "size": size,

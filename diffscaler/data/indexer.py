@@ -135,6 +135,81 @@ def _scan_map(members: dict[str, bytes], condition_key: str, image_shape: tuple[
     return map_channels(image)
 
 
+@dataclass
+class ShardScans:
+    """Every shard of a source scanned (scan_shard), with the label choice and class names made from them."""
+
+    scans: list[ShardScan]
+    label_key: str  # the label member used: cls | json:FIELD | "" (none: one unconditional class)
+    class_names: list[str]
+    label_values: str  # "index" (labels are class numbers) | "name" (entries of class_names)
+
+    def label(self, scan: ShardScan, key: str) -> int:
+        """The class number of a good sample."""
+        value = scan.labels.get(key) if self.label_key else 0
+        return self.class_names.index(str(value)) if self.label_values == "name" else int(value)
+
+    def condition_channels(self) -> int:
+        """Of the good samples' condition maps: 3 when any is colour (grey ones are then read as RGB), else 1."""
+        good = [c for s in self.scans if not s.error for k, c in s.map_channels.items() if k not in s.bad]
+        return max(good, default=1)
+
+    def faults(
+        self, source: str, skip_bad: bool, fix: str, log: Callable[[str], None], what: str
+    ) -> list[tuple[str, str, str]]:
+        """(url, key, reason) of each bad sample and unreadable shard; a DatasetError listing them by file and
+        key unless `skip_bad` (then each is logged). `fix` says how to leave them out (a flag, a config key)."""
+        faults = [(s.url, s.error_key, f"{s.error} (whole shard)") for s in self.scans if s.error]
+        faults += [(s.url, k, r) for s in self.scans if not s.error for k, r in s.bad.items()]
+        if faults and not skip_bad:
+            listed = "\n  ".join(str(ShardError(*f)) for f in faults[:_MAX_LISTED])
+            more = f"\n  ... and {len(faults) - _MAX_LISTED} more" if len(faults) > _MAX_LISTED else ""
+            raise DatasetError(
+                f"{source}: {len(faults)} bad sample(s) or shard(s); fix them or {fix} "
+                f"to leave them out:\n  {listed}{more}"
+            )
+        for fault in faults:
+            log(f"{what} {source}: skipped {ShardError(*fault)}")
+        return faults
+
+
+def scan_shards(
+    source: str,
+    urls: Sequence[str],
+    image_keys: Sequence[str],
+    label_key: str,
+    condition_key: str = "",
+    parallel: bool = False,
+) -> ShardScans:
+    """Scan each shard (one Ray task each with `parallel`), choose the label (label_key "" = cls when every
+    sample has one, else none; "none"; "cls"; "json:FIELD") and name the classes; a sample whose label is no
+    class is marked bad in its scan."""
+    names = [shard_base_name(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{source}: shard names repeat ({[n for n, c in Counter(names).items() if c > 1][:3]})")
+    wanted_label = None if not label_key else ("" if label_key == "none" else label_key)
+    if parallel:
+        import ray
+
+        remote = ray.remote(num_cpus=1, max_retries=0)(scan_shard)
+        scans = ray.get([remote.remote(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)])
+    else:
+        scans = [scan_shard(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)]
+
+    # Label: what was asked, else cls when every decodable sample has one, else unconditional.
+    if wanted_label is None:
+        wanted_label = "cls" if all(s.without_cls == 0 for s in scans) else ""
+    label_order = [(s, k) for s in scans for k in s.keys if k not in s.bad and not s.error]
+    raw = [s.labels.get(k) for s, k in label_order] if wanted_label else []
+    class_names, label_values, label_problems = (
+        _class_names(raw, wanted_label) if wanted_label else (["unconditional"], "index", {})
+    )
+    for i, reason in label_problems.items():
+        s, k = label_order[i]
+        s.bad[k] = reason
+    return ShardScans(list(scans), wanted_label, class_names, label_values)
+
+
 def shard_urls(source: str) -> tuple[list[str], str | None]:
     """(shard URLs, the folder they are in or None): a folder's *.tar, or a brace pattern / URL list."""
     source = str(source)
@@ -172,7 +247,7 @@ def shards_fingerprint(source: str) -> dict[str, object] | str:
     return {"files": len(urls), "names_sizes_mtimes": "sha256:" + hasher.hexdigest()}
 
 
-def _shard_name(url: str) -> str:
+def shard_base_name(url: str) -> str:
     return re.split(r"[/\s]", url.rstrip("/"))[-1] or url
 
 
@@ -231,35 +306,15 @@ def index_shards(
         raise ValueError(f"--size and --eval-shards must be >= 0, got {size}, {eval_shards}")
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    condition_key = _condition_key(condition)
+    condition_key = condition_key_member(condition)
     urls, folder = shard_urls(source)
     out = out or folder
     if out is None:
         raise DatasetError(f"{source}: a shard pattern needs --out, the folder that gets index.json")
-    names = [_shard_name(u) for u in urls]
-    if len(set(names)) != len(names):
-        raise DatasetError(f"{source}: shard names repeat ({[n for n, c in Counter(names).items() if c > 1][:3]})")
-    wanted_label = None if not label_key else ("" if label_key == "none" else label_key)
     log(f"shards index {source}: {len(urls)} shard(s){' on Ray, one task each' if parallel else ''}")
-    if parallel:
-        import ray
-
-        remote = ray.remote(num_cpus=1, max_retries=0)(scan_shard)
-        scans = ray.get([remote.remote(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)])
-    else:
-        scans = [scan_shard(u, n, image_keys, wanted_label, condition_key) for u, n in zip(urls, names)]
-
-    # Label: what was asked, else cls when every decodable sample has one, else unconditional.
-    if wanted_label is None:
-        wanted_label = "cls" if all(s.without_cls == 0 for s in scans) else ""
-    label_order = [(s, k) for s in scans for k in s.keys if k not in s.bad and not s.error]
-    raw = [s.labels.get(k) for s, k in label_order] if wanted_label else []
-    class_names, label_values, label_problems = (
-        _class_names(raw, wanted_label) if wanted_label else (["unconditional"], "index", {})
-    )
-    for i, reason in label_problems.items():
-        s, k = label_order[i]
-        s.bad[k] = reason
+    found = scan_shards(source, urls, image_keys, label_key, condition_key, parallel)
+    scans, wanted_label, class_names, label_values = found.scans, found.label_key, found.class_names, found.label_values
+    names = [s.name for s in scans]
 
     # Image size and kind.
     kinds = Counter(ext for s in scans for k, ext in s.image_ext.items() if k not in s.bad)
@@ -291,17 +346,7 @@ def index_shards(
                 "pass --size N to resize them to N x N (short side, centre crop)"
             )
 
-    faults = [(s.url, s.error_key, f"{s.error} (whole shard)") for s in scans if s.error]
-    faults += [(s.url, k, r) for s in scans if not s.error for k, r in s.bad.items()]
-    if faults and not skip_bad:
-        listed = "\n  ".join(str(ShardError(*f)) for f in faults[:_MAX_LISTED])
-        more = f"\n  ... and {len(faults) - _MAX_LISTED} more" if len(faults) > _MAX_LISTED else ""
-        raise DatasetError(
-            f"{source}: {len(faults)} bad sample(s) or shard(s); fix them or pass --skip-bad "
-            f"to leave them out:\n  {listed}{more}"
-        )
-    for fault in faults:
-        log(f"shards index {source}: skipped {ShardError(*fault)}")
+    faults = found.faults(source, skip_bad, "pass --skip-bad", log, "shards index")
 
     # Splits and entries.
     named_eval = [i for i, n in enumerate(names) if _EVAL_NAME.search(n.rsplit(".", 1)[0])]
@@ -315,7 +360,6 @@ def index_shards(
         eval_at = set()
     # Without eval shards, a per-sample split by key hash (in_eval_split): each shard serves both splits.
     key_split = eval_fraction if not eval_at else 0.0
-    fmt_labels = {s.url: s.labels for s in scans}
     splits: dict[str, Any] = {
         split: {"num_samples": 0, "class_counts": [0] * len(class_names), "shards": []} for split in SPLITS
     }
@@ -332,9 +376,7 @@ def index_shards(
                 continue
             split = splits[split_name]
             for k in keys:
-                value = fmt_labels[s.url].get(k) if wanted_label else 0
-                label = class_names.index(str(value)) if label_values == "name" else int(value)
-                split["class_counts"][label] += 1
+                split["class_counts"][found.label(s, k)] += 1
             entry: dict[str, Any] = {"name": s.name, "num_samples": len(keys), "sha256": s.sha256}
             if s.url != storage.join(out, s.name):
                 entry["url"] = s.url
@@ -352,8 +394,7 @@ def index_shards(
         "resize": resize,
     }
     if condition_key:  # one colour map makes them all 3-channel (grey maps are read as RGB then)
-        good_maps = [c for s in scans if not s.error for k, c in s.map_channels.items() if k not in s.bad]
-        members.update(condition=condition_key, condition_channels=max(good_maps, default=1))
+        members.update(condition=condition_key, condition_channels=found.condition_channels())
     index = {
         "format": FORMAT_NAME,
         "format_version": FOREIGN_FORMAT_VERSION,
@@ -383,7 +424,7 @@ def index_shards(
     return load_index(out)
 
 
-def _condition_key(condition: str) -> str:
+def condition_key_member(condition: str) -> str:
     """The member a `key:<member>` condition names ("" for none); ValueError for any other condition."""
     if not condition:
         return ""

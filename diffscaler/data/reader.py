@@ -591,7 +591,8 @@ def read_split(
         raise DatasetError(f"{index.url}: latent shards without the encoded images (members.pixels)")
     shape = (fmt.channels, size, size) if latent else (index.pixel_size, index.pixel_size, 3)
     images = np.empty((want, *shape), np.float32 if latent else np.uint8)
-    decode = fmt.decode_pixels if fmt.latent and pixels else fmt.decode
+    encoded_pixels = fmt.latent and pixels  # the images a latent dataset was encoded from
+    decode = fmt.decode_pixels if encoded_pixels else fmt.decode
     labels = np.empty((want,), np.int64)
     maps = None
     if conditions:
@@ -599,7 +600,7 @@ def read_split(
         if spec is None:
             raise DatasetError(f"{index.url}: an unconditional dataset (index.json records no condition)")
         maps = np.empty((want, spec.channels, index.pixel_size, index.pixel_size), np.uint8)
-        if not (fmt.latent and pixels):
+        if not encoded_pixels:
             decode = fmt.decode_with_condition
     n = 0
     for shard in shards:
@@ -613,7 +614,7 @@ def read_split(
             try:
                 if maps is None:
                     images[n], labels[n] = decode(sample)
-                elif decode is fmt.decode_pixels:
+                elif encoded_pixels:  # (not `decode is fmt.decode_pixels`: each access makes a new bound method)
                     images[n], labels[n] = decode(sample)
                     maps[n] = fmt.decode_condition(sample, images[n].shape[:2])
                 else:

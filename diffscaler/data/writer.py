@@ -136,14 +136,16 @@ def build_parameters(
     limit: int,
     seed: int,
     condition: ConditionSpec | None = None,
+    *,
+    source_files: dict[str, object] | str | None = None,
 ) -> dict[str, Any]:
     """The inputs that determine a build; equal parameters + same tool version = same shards. The
     condition is null for an unconditional build (an index of earlier versions has none: the same);
-    `source_files` fingerprints a folder source's files (null for bundled packages)."""
+    `source_files` fingerprints a folder source's files (null for bundled packages; given: users' shards')."""
     return {
         "condition": condition.record() if condition is not None else None,
         "source": source,
-        "source_files": source_fingerprint(source),
+        "source_files": source_files if source_files is not None else source_fingerprint(source),
         "image_size": size,
         "samples_per_shard": samples_per_shard,
         "eval_fraction": eval_fraction,

@@ -288,7 +288,7 @@ def reference_images(backbone, adapter, rows, maps, steps: int, mask=None) -> np
 
 
 def test_a_conditional_task_takes_an_image_or_a_ready_map_as_sample_does(cond_server):
-    from diffscaler.data.conditions import encode_map, maps_from_images, spec_from_record
+    from diffscaler.data.conditions import adapter_condition, encode_map, maps_from_images, spec_from_record
     from diffscaler.data.pngcodec import decode_png
     from diffscaler.serving.runtime import ImageRow
 
@@ -298,7 +298,7 @@ def test_a_conditional_task_takes_an_image_or_a_ready_map_as_sample_does(cond_se
     body = r.json()
     meta = json.loads((adapters / "edges.json").read_text())
     # the map is the one `diffscaler sample --condition` extracts from the same picture (the first of the folder)
-    want = maps_from_images(pictures, spec_from_record(meta["condition_extractor"]), 8, limit=1)  # (1, 1, 8, 8)
+    want = maps_from_images(pictures, spec_from_record(adapter_condition(meta)), 8, limit=1)  # (1, 1, 8, 8)
     assert body["condition"]["kind"] == "canny" and body["condition"]["given"] == "image"
     used = decode_png(base64.b64decode(body["condition"]["map_png_base64"]))
     assert (used == want[0, 0]).all() and 0 < (want == 255).sum() < want.size  # edges, not a blank map

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -288,8 +289,9 @@ def reference_images(backbone, adapter, rows, maps, steps: int, mask=None) -> np
 
 
 def test_a_conditional_task_takes_an_image_or_a_ready_map_as_sample_does(cond_server):
+    from PIL import Image
+
     from diffscaler.data.conditions import adapter_condition, encode_map, maps_from_images, spec_from_record
-    from diffscaler.data.pngcodec import decode_png
     from diffscaler.serving.runtime import ImageRow
 
     url, adapters, backbone, pictures = cond_server
@@ -300,7 +302,7 @@ def test_a_conditional_task_takes_an_image_or_a_ready_map_as_sample_does(cond_se
     # the map is the one `diffscaler sample --condition` extracts from the same picture (the first of the folder)
     want = maps_from_images(pictures, spec_from_record(adapter_condition(meta)), 8, limit=1)  # (1, 1, 8, 8)
     assert body["condition"]["kind"] == "canny" and body["condition"]["given"] == "image"
-    used = decode_png(base64.b64decode(body["condition"]["map_png_base64"]))
+    used = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["condition"]["map_png_base64"]))))
     assert (used == want[0, 0]).all() and 0 < (want == 255).sum() < want.size  # edges, not a blank map
     rows = [ImageRow("edges", 0, im["index"], 5) for im in body["images"]]
     expected = reference_images(backbone, adapters / "edges.safetensors", rows, np.repeat(want, 2, axis=0), steps=3)

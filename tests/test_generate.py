@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -247,6 +248,8 @@ def cond_models(models, tmp_path_factory):
 
 def read_samples(out) -> dict[tuple[str, int, int], dict]:
     """{(task, class, index): {"png": image, "cond": map or None, "json": meta}} of a generated folder."""
+    from PIL import Image
+
     from diffscaler.data.pngcodec import decode_png
 
     index = json.loads((out / "index.json").read_text())
@@ -260,7 +263,7 @@ def read_samples(out) -> dict[tuple[str, int, int], dict]:
             cond = members.get(key + ".cond.png")
             found[(meta["task"], meta["class"], meta["index"])] = {
                 "png": decode_png(members[key + ".png"]),
-                "cond": None if cond is None else decode_png(cond),
+                "cond": None if cond is None else np.asarray(Image.open(io.BytesIO(cond))),  # grey (S, S)
                 "json": meta,
             }
     return found

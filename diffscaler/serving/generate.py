@@ -61,6 +61,12 @@ class TaskPlan:
     adapter_hash: str
     condition: str = ""  # the kind of condition map the task takes ("" = none)
 
+    def label_names(self) -> list[str]:
+        if self.num_classes == 1:
+            return [self.name]
+        names = self.class_names if len(self.class_names) == self.num_classes else range(self.num_classes)
+        return [f"{self.name}/{c}" for c in names]
+
 
 @dataclass(frozen=True)
 class TaskMaps:
@@ -74,12 +80,6 @@ class TaskMaps:
 
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.maps.tobytes() + "\n".join(self.keys.tolist()).encode()).hexdigest()
-
-    def label_names(self) -> list[str]:
-        if self.num_classes == 1:
-            return [self.name]
-        names = self.class_names if len(self.class_names) == self.num_classes else range(self.num_classes)
-        return [f"{self.name}/{c}" for c in names]
 
 
 def task_rows(task: TaskPlan, g: GenerateConfig) -> list[tuple[int, int]]:

@@ -423,3 +423,58 @@ def test_sample_refuses_bad_conditions_before_sampling(cond_adapters, rgba, tmp_
     code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "plain", "--condition", str(rgba))
     assert code == 2 and "none of the tasks ['plain'] takes a condition map" in err, err
     assert calls == [] and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A resident bank (serving, the generation job) pages conditional adapters into its slots
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_paged_bank_with_condition_paths_equals_the_bank_loaded_from_files(cond_adapters):
+    """Tasks with and without maps over fewer slots than tasks (paged in and out, a slot's condition path built,
+    reused and dropped): row by row the images of a bank loaded from the files, maps and mask alike."""
+    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.config import DiffusionConfig
+    from diffscaler.data.conditions import maps_to_unit
+    from diffscaler.diffusion.gaussian import GaussianDiffusion
+    from diffscaler.diffusion.sampling import generate, to_uint8
+    from diffscaler.serving.runtime import ImageRow, TaskRuntime
+
+    backbone, adapters = cond_adapters
+    rng = np.random.default_rng(0)
+    m1, m2 = ((rng.random((2, 1, 16, 16)) > 0.6) * 255).astype(np.uint8)
+    rows = [
+        ImageRow("edges", 0, 0, 3, m1),
+        ImageRow("plain", 0, 0, 3),
+        ImageRow("mask", 0, 0, 3, m2),
+        ImageRow("edges", 0, 1, 3, m2),
+        ImageRow("mask", 0, 1, 3, None, unconditioned=True),
+    ]
+    runtime = TaskRuntime.load(backbone, adapters, max_resident=2, log=_quiet)
+    mixed = runtime.images(rows, steps=2)
+    one_by_one = np.concatenate([runtime.images([r], steps=2) for r in reversed(rows)])[::-1]
+    assert runtime.stats["page_ins"] >= 3 and len(runtime.resident()) == 2
+    model, meta = load_backbone(backbone)
+    names = ["edges", "plain", "mask"]
+    load_adapters(model, [adapters / f"{n}.safetensors" for n in names], backbone_hash=meta["content_hash"])
+    maps = np.stack([r.condition if r.condition is not None else np.zeros((1, 16, 16), np.uint8) for r in rows])
+    x = generate(
+        model,
+        GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma),
+        labels=torch.zeros(len(rows), dtype=torch.long),
+        indices=range(len(rows)),
+        seed=0,
+        task_ids=torch.tensor([names.index(r.task) for r in rows]),
+        steps=2,
+        sample_seeds=[r.noise_seed for r in rows],
+        condition=torch.from_numpy(maps_to_unit(maps)),
+        condition_mask=torch.tensor([r.condition is not None for r in rows]),
+    )
+    expected = to_uint8(x)
+    assert np.abs(mixed.astype(int) - expected).max() <= 1 and np.abs(one_by_one.astype(int) - expected).max() <= 1
+    other = runtime.images([ImageRow("edges", 0, 0, 3, m2)], steps=2)
+    assert np.abs(other.astype(int) - mixed[:1]).max() > 8  # the map is used
+    with pytest.raises(ValueError, match="task 'plain' takes no condition map"):
+        runtime.images([ImageRow("plain", 0, 0, 3, m1)], steps=2)
+    with pytest.raises(ValueError, match="task 'edges' is conditioned on canny maps"):
+        runtime.images([ImageRow("edges", 0, 0, 3)], steps=2)

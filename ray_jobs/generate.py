@@ -8,10 +8,10 @@
 
 Tasks: generate.tasks (default: every adapter in --adapters that fits the backbone). A task with a condition
 map takes its maps from generate.condition_split of its shards (data.shards_root/<task>): image k, map k mod M.
-OUT holds train-NNNNNN.tar
-shards (png + cls + json per image) and index.json (`diffscaler shards check OUT` accepts it); a rerun keeps
-finished shards and generates only the missing ones. OUT is locked while the job runs. Every input is checked
-before Ray is joined. Exit status: 0 done, 2 bad input (named), 1 the job failed.
+OUT holds train-NNNNNN.tar shards (png + cls + json per image, and cond.png for a task with maps) and index.json
+(`diffscaler shards check OUT` accepts it); a rerun keeps finished shards and generates only the missing ones.
+OUT is locked while the job runs. Every input is checked before Ray is joined.
+Exit status: 0 done, 2 bad input (named), 1 the job failed.
 """
 
 from __future__ import annotations

@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_out_dir(args.out)
-        check_inputs(cfg, args.backbone, args.adapters, args.out)  # before the lock creates OUT, and before Ray
+        checked = check_inputs(cfg, args.backbone, args.adapters, args.out)  # before the lock creates OUT and Ray
         with run_lock(args.out, "ray_jobs.generate"):
             from diffscaler.cluster import connect_ray
 
             started = connect_ray(cfg)
             try:
-                generate_set(cfg, args.backbone, args.adapters, args.out)
+                generate_set(cfg, args.backbone, args.adapters, args.out, checked=checked)
             finally:
                 if started:
                     import ray

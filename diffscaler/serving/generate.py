@@ -271,12 +271,14 @@ def generate_set(
     out: str,
     log: Callable[[str], None] | None = None,
     on_shard: Callable[[int, int], None] | None = None,
+    checked: tuple[list[TaskPlan], str, dict[str, TaskMaps]] | None = None,
 ) -> dict[str, Any]:
     """Generate the set into `out` (inputs checked first, then Ray: joined if not connected); returns the
-    index. `on_shard(written, total)` runs after each shard is written."""
+    index. `on_shard(written, total)` runs after each shard is written. `checked`: what `check_inputs` returned
+    for these arguments, when the caller ran it already (the condition maps are not read twice)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     g = cfg.generate
-    tasks, backbone_hash, maps = check_inputs(cfg, backbone, adapters, out)
+    tasks, backbone_hash, maps = checked or check_inputs(cfg, backbone, adapters, out)
     rows = plan_rows(tasks, g)
     params = image_parameters(cfg, backbone_hash, tasks, maps)
     shards: dict[int, list[dict[str, Any]]] = {}

@@ -239,6 +239,10 @@ class GenerateConfig:
     sampling_steps: int = 50  # sampler steps per image
     sampler: str = "ddim"  # ddim | ddpm
     guidance: float = 1.0  # classifier-free guidance scale (1 = off; conditional tasks only)
+    # tasks with a condition map: image k takes map k mod M of the first M maps of this split of the task's
+    # shards (data.shards_root/<task>, as evaluate reads eval.reference_split)
+    condition_split: str = "eval"
+    condition_scale: float = 1.0  # guidance on the condition map (1 = off), independent of guidance
     samples_per_shard: int = 1000  # images per output tar shard (the unit of resume)
     seed: int = 0  # image i of task t, class c is seeded by (seed, t, c, i) only
     progress_every: int = 0  # also log every N images inside a shard (0 = one line per shard)
@@ -259,6 +263,7 @@ class ServeConfig:
     sampling_steps: int = 50  # steps of a request that names none
     sampler: str = "ddim"  # ddim | ddpm
     guidance: float = 1.0  # guidance of a request that names none (1 = off)
+    condition_scale: float = 1.0  # guidance on the condition map of a request that names none (1 = off)
     num_replicas: int = 1  # fixed replica count when autoscaling is off
     autoscaling: bool = False  # scale replicas between min_replicas and max_replicas on ongoing requests
     min_replicas: int = 1  # autoscaling: fewest replicas
@@ -789,6 +794,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(1 <= g.sampling_steps <= d.num_timesteps, "generate.sampling_steps", steps_range)
     _one_of(g.sampler, SAMPLERS, "generate.sampler")
     _require(g.guidance >= 0, "generate.guidance", "must be >= 0 (1 = off)")
+    _one_of(g.condition_split, ("eval", "train"), "generate.condition_split")
+    _require(g.condition_scale >= 0, "generate.condition_scale", "must be >= 0 (1 = off)")
     _require(0 < g.samples_per_shard <= MAX_ITEMS, "generate.samples_per_shard", f"must be in [1, {MAX_ITEMS}]")
     _require(g.seed >= 0, "generate.seed", "must be >= 0")
     _require(g.progress_every >= 0, "generate.progress_every", "must be >= 0 (0 = per shard only)")
@@ -811,6 +818,7 @@ def validate(cfg: ExperimentConfig) -> None:
     )
     _one_of(v.sampler, SAMPLERS, "serve.sampler")
     _require(v.guidance >= 0, "serve.guidance", "must be >= 0 (1 = off)")
+    _require(0 <= v.condition_scale <= 100, "serve.condition_scale", "must be in [0, 100] (1 = off)")
     _require(v.num_replicas >= 1, "serve.num_replicas", "must be at least 1")
     _require(v.min_replicas >= 0, "serve.min_replicas", "must be >= 0")
     _require(

@@ -6,10 +6,12 @@
     ray job submit --working-dir . -- python -m ray_jobs.generate --config ... --out /shared/gen \\
         pipeline.ray_address=auto
 
-Tasks: generate.tasks (default: every adapter in --adapters that fits the backbone). OUT holds train-NNNNNN.tar
-shards (png + cls + json per image) and index.json (`diffscaler shards check OUT` accepts it); a rerun keeps
-finished shards and generates only the missing ones. OUT is locked while the job runs. Every input is checked
-before Ray is joined. Exit status: 0 done, 2 bad input (named), 1 the job failed.
+Tasks: generate.tasks (default: every adapter in --adapters that fits the backbone). A task with a condition
+map takes its maps from generate.condition_split of its shards (data.shards_root/<task>): image k, map k mod M.
+OUT holds train-NNNNNN.tar shards (png + cls + json per image, and cond.png for a task with maps) and index.json
+(`diffscaler shards check OUT` accepts it); a rerun keeps finished shards and generates only the missing ones.
+OUT is locked while the job runs. Every input is checked before Ray is joined.
+Exit status: 0 done, 2 bad input (named), 1 the job failed.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_out_dir(args.out)
-        check_inputs(cfg, args.backbone, args.adapters, args.out)  # before the lock creates OUT, and before Ray
+        checked = check_inputs(cfg, args.backbone, args.adapters, args.out)  # before the lock creates OUT and Ray
         with run_lock(args.out, "ray_jobs.generate"):
             from diffscaler.cluster import connect_ray
 
             started = connect_ray(cfg)
             try:
-                generate_set(cfg, args.backbone, args.adapters, args.out)
+                generate_set(cfg, args.backbone, args.adapters, args.out, checked=checked)
             finally:
                 if started:
                     import ray

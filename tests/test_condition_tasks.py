@@ -423,3 +423,89 @@ def test_sample_refuses_bad_conditions_before_sampling(cond_adapters, rgba, tmp_
     code, err = _sample(capsys, backbone, ad, tmp_path / "o", "--task", "plain", "--condition", str(rgba))
     assert code == 2 and "none of the tasks ['plain'] takes a condition map" in err, err
     assert calls == [] and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# A resident bank (serving, the generation job) pages conditional adapters into its slots
+# ------------------------------------------------------------------------------------------------
+
+
+def _paged_against_loaded(backbone: Path, adapters: Path, names: list[str], max_resident: int):
+    """(the resident runtime, mixed-batch images of rows over `names` (edges, plain, mask), what a bank loaded
+    from the files gives row by row, maps and mask alike); the runtime also ran the rows one by one (asserted)."""
+    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.config import DiffusionConfig
+    from diffscaler.data.conditions import maps_to_unit
+    from diffscaler.diffusion.gaussian import GaussianDiffusion
+    from diffscaler.diffusion.sampling import generate, to_uint8
+    from diffscaler.serving.runtime import ImageRow, TaskRuntime
+
+    rng = np.random.default_rng(0)
+    m1, m2 = ((rng.random((2, 1, 16, 16)) > 0.6) * 255).astype(np.uint8)
+    rows = [
+        ImageRow("edges", 0, 0, 3, m1),
+        ImageRow("plain", 0, 0, 3),
+        ImageRow("mask", 0, 0, 3, m2),
+        ImageRow("edges", 0, 1, 3, m2),
+        ImageRow("mask", 0, 1, 3, None, unconditioned=True),
+    ]
+    runtime = TaskRuntime.load(backbone, adapters, max_resident=max_resident, log=_quiet)
+    mixed = runtime.images(rows, steps=2)
+    one_by_one = np.concatenate([runtime.images([r], steps=2) for r in reversed(rows)])[::-1]
+    model, meta = load_backbone(backbone)
+    load_adapters(model, [adapters / f"{n}.safetensors" for n in names], backbone_hash=meta["content_hash"])
+    maps = np.stack([r.condition if r.condition is not None else np.zeros((1, 16, 16), np.uint8) for r in rows])
+    x = generate(
+        model,
+        GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma),
+        labels=torch.zeros(len(rows), dtype=torch.long),
+        indices=range(len(rows)),
+        seed=0,
+        task_ids=torch.tensor([names.index(r.task) for r in rows]),
+        steps=2,
+        sample_seeds=[r.noise_seed for r in rows],
+        condition=torch.from_numpy(maps_to_unit(maps)),
+        condition_mask=torch.tensor([r.condition is not None for r in rows]),
+    )
+    expected = to_uint8(x)
+    assert np.abs(one_by_one.astype(int) - expected).max() <= 1
+    other = runtime.images([ImageRow("edges", 0, 0, 3, m2)], steps=2)
+    assert np.abs(other.astype(int) - mixed[:1]).max() > 8  # the map is used
+    return runtime, mixed, expected
+
+
+def test_a_paged_bank_with_condition_paths_equals_the_bank_loaded_from_files(cond_adapters):
+    """Tasks with and without maps over fewer slots than tasks (paged in and out, a slot's condition path built,
+    reused and dropped): row by row the images of a bank loaded from the files, maps and mask alike."""
+    from diffscaler.serving.runtime import ImageRow
+
+    backbone, adapters = cond_adapters
+    runtime, mixed, expected = _paged_against_loaded(backbone, adapters, ["edges", "plain", "mask"], 2)
+    assert np.abs(mixed.astype(int) - expected).max() <= 1
+    assert runtime.stats["page_ins"] >= 3 and len(runtime.resident()) == 2
+    with pytest.raises(ValueError, match="task 'plain' takes no condition map"):
+        runtime.images([ImageRow("plain", 0, 0, 3, np.zeros((1, 16, 16), np.uint8))], steps=2)
+    with pytest.raises(ValueError, match="task 'edges' is conditioned on canny maps"):
+        runtime.images([ImageRow("edges", 0, 0, 3)], steps=2)
+
+
+@pytest.mark.parametrize("layout", [{"method": "controlnet", "controlnet_blocks": 1}, {"condition_blocks": True}])
+def test_paged_controlnet_and_block_gated_condition_paths_equal_the_loaded_bank(tmp_path, layout):
+    """The other ways a map enters the bank page in too: a ControlNet branch per slot, per-block gates."""
+    from diffscaler.adapters import AdapterBank, TaskInfo
+    from diffscaler.artifacts import load_backbone, save_adapter
+    from tests.support.models import randomize
+
+    path = _backbone(tmp_path / "b.safetensors", name="DiT-T/8")
+    model, meta = load_backbone(path)
+
+    def info(name: str, spec: ConditionSpec) -> TaskInfo:
+        record = {**spec.record(), "channels": 1, "size": 16}
+        return TaskInfo(name, condition=spec.kind, condition_channels=1, condition_size=16, condition_extractor=record)
+
+    bank = AdapterBank.attach(model, [info("edges", CANNY), TaskInfo("plain"), info("mask", MASK)], rank=2, **layout)
+    randomize(bank, 0.3)
+    for t in ("edges", "plain", "mask"):
+        save_adapter(bank, t, tmp_path / "ad", backbone_hash=meta["content_hash"])
+    _runtime, mixed, expected = _paged_against_loaded(path, tmp_path / "ad", ["edges", "plain", "mask"], 1)
+    assert np.abs(mixed.astype(int) - expected).max() <= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -216,3 +217,132 @@ def test_an_out_folder_in_use_is_refused_naming_its_holder(models, tmp_path, ref
             == 2
         )
     assert "is in use by another generate" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks with a condition map: maps from a split of the task's shards, stored beside each image
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cond_models(models, tmp_path_factory):
+    """(backbone, adapters: edges (canny), plain, masked (mask, 2 classes), shards root with edges' and masked's
+    8 px shards: 12 pictures, 3 in the eval split)."""
+    from diffscaler.config import DataConfig
+    from diffscaler.data import make_shards
+    from diffscaler.data.conditions import ConditionSpec
+    from tests.support.serving import condition_tasks, make_adapters
+    from tests.support.shards import rgba_folder
+
+    backbone, _ = models
+    root = tmp_path_factory.mktemp("gen_cond")
+    make_adapters(backbone, root / "adapters", tasks=condition_tasks(), seed=3)
+    pictures = rgba_folder(root / "pictures")
+    for task, kind in (("edges", "canny"), ("masked", "mask")):
+        spec = ConditionSpec.from_config(kind, DataConfig())
+        make_shards(
+            f"folder:{pictures}", str(root / "shards" / task), size=8, eval_fraction=0.25, condition=spec, log=print
+        )
+    return backbone, root / "adapters", root / "shards"
+
+
+def read_samples(out) -> dict[tuple[str, int, int], dict]:
+    """{(task, class, index): {"png": image, "cond": map or None, "json": meta}} of a generated folder."""
+    from PIL import Image
+
+    from diffscaler.data.pngcodec import decode_png
+
+    index = json.loads((out / "index.json").read_text())
+    found = {}
+    for entry in index["splits"]["train"]["shards"]:
+        with tarfile.open(out / entry["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".json")):
+            key = name[: -len(".json")]
+            meta = json.loads(members[name])
+            cond = members.get(key + ".cond.png")
+            found[(meta["task"], meta["class"], meta["index"])] = {
+                "png": decode_png(members[key + ".png"]),
+                "cond": None if cond is None else np.asarray(Image.open(io.BytesIO(cond))),  # grey (S, S)
+                "json": meta,
+            }
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_conditional_tasks_take_maps_from_their_shards_and_store_them_beside_the_images(
+    ray_local, cond_models, tmp_path
+):
+    from diffscaler.data import read_split
+    from diffscaler.data.check import check_dataset
+    from diffscaler.serving.generate import generate_set
+    from diffscaler.serving.runtime import ImageRow, TaskRuntime
+
+    backbone, adapters, shards = cond_models
+    base = [*GEN, "generate.images_per_task=5", f"data.shards_root={shards}"]
+    one = load_config(None, [*base, "generate.batch_size=16", "generate.samples_per_shard=6"])
+    index = generate_set(one, str(backbone), str(adapters), str(tmp_path / "one"))
+    assert check_dataset(str(tmp_path / "one")).ok
+    assert index["condition"] is None and index["generate"]["conditions"]["edges"]["num_maps"] == 3  # mixed set
+    got = read_samples(tmp_path / "one")
+    runtime = TaskRuntime.load(backbone, adapters, max_resident=3, log=lambda _m: None)
+    for task in ("edges", "masked"):
+        _images, _labels, maps, keys = read_split(str(shards / task), "eval", conditions=True, keys=True)
+        assert len(maps) == 3  # 5 images over 3 maps: image k takes map k mod 3
+        mine = sorted((k for k in got if k[0] == task), key=lambda k: (k[2], k[1]))  # the task's images in order
+        assert len(mine) == 5
+        for k, key in enumerate(mine):
+            sample = got[key]
+            assert (sample["cond"] == maps[k % 3, 0]).all(), (task, k)
+            assert sample["json"]["condition"]["source_key"] == keys[k % 3]
+            assert sample["json"]["condition"]["kind"] == ("canny" if task == "edges" else "mask")
+            assert sample["json"]["condition"]["split"] == "eval"
+            row = ImageRow(task, key[1], key[2], 0, maps[k % 3])
+            assert np.abs(sample["png"].astype(int) - runtime.images([row], steps=2)[0]).max() <= 1
+    assert all(s["cond"] is None and "condition" not in s["json"] for k, s in got.items() if k[0] == "plain")
+    # two actors, another batch size, edges alone: the same images and maps; the set records the condition
+    two = load_config(None, [*base, "generate.num_actors=2", "generate.batch_size=3", "generate.tasks=[edges]"])
+    index = generate_set(two, str(backbone), str(adapters), str(tmp_path / "two"))
+    assert index["condition"]["kind"] == "canny" and index["members"]["condition"] == "cond.png"
+    assert check_dataset(str(tmp_path / "two")).ok  # every sample's map decodes at its image's size
+    alone = read_samples(tmp_path / "two")
+    assert set(alone) == {k for k in got if k[0] == "edges"}
+    for key, sample in alone.items():
+        assert (
+            np.abs(sample["png"].astype(int) - got[key]["png"]).max() <= 1
+            and (sample["cond"] == got[key]["cond"]).all()
+        )
+    images, _labels, stored = read_split(str(tmp_path / "two"), "train", conditions=True)  # a conditional dataset
+    assert stored.shape == (5, 1, 8, 8)
+
+
+def test_a_conditional_task_without_shards_for_its_maps_is_refused_before_ray(
+    cond_models, tmp_path, refuse_ray, capsys
+):
+    from ray_jobs.generate import main
+
+    backbone, adapters, shards = cond_models
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate: {images_per_task: 2}\n")
+    argv = [
+        "--config",
+        str(cfg),
+        "--backbone",
+        str(backbone),
+        "--adapters",
+        str(adapters),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, f"data.shards_root={tmp_path / 'nothing'}", "generate.tasks=[plain, edges]"]) == 2
+    err = capsys.readouterr().err
+    assert "task 'edges' takes canny condition maps" in err and "no shards to take condition maps from" in err
+    assert not (tmp_path / "o").exists()
+    # shards whose maps are of another kind (masked's mask maps where edges takes canny)
+    (tmp_path / "swapped").mkdir()
+    os.symlink(shards / "masked", tmp_path / "swapped" / "edges")
+    assert main([*argv, f"data.shards_root={tmp_path / 'swapped'}", "generate.tasks=[edges]"]) == 2
+    assert "trained with canny maps, the shards at" in capsys.readouterr().err
+    assert main([*argv, f"data.shards_root={shards}", "generate.tasks=[edges]", "generate.condition_split=test"]) == 2
+    assert "generate.condition_split" in capsys.readouterr().err

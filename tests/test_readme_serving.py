@@ -13,7 +13,7 @@ import pytest
 
 from diffscaler.adapters import TaskInfo
 from tests.support.cluster import free_ports
-from tests.support.serving import make_adapters, make_backbone
+from tests.support.serving import condition_task, make_adapters, make_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
@@ -50,6 +50,20 @@ def test_readme_generate_a_set(demo_folder):
 
 
 def test_readme_serve_your_tasks(demo_folder):
+    import numpy as np
+    from PIL import Image
+
+    from tests.support.shards import rgba_folder
+
+    # the demo's emoji-mask task (mask maps), a picture with alpha and a ready mask for it
+    backbone = demo_folder / "runs/demo/backbone/backbone.safetensors"
+    make_adapters(backbone, demo_folder / "runs/demo/adapters", tasks=[condition_task("emoji-mask", "mask")], seed=4)
+    (demo_folder / "my-emoji.png").write_bytes(
+        (rgba_folder(demo_folder / "pictures", n=1) / "img_000.png").read_bytes()
+    )
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:6, 2:6] = 255
+    Image.fromarray(mask, "L").save(demo_folder / "my-mask.png")
     (port,) = free_ports(1)
     block = readme_block("Serve your tasks").replace("8000", str(port))
     done = run_block(block, demo_folder, 300)
@@ -64,10 +78,21 @@ def test_readme_serve_your_tasks(demo_folder):
         objects.append(obj)
         text = text[start + end :]
     served = next(o for o in objects if "serving" in o)
-    assert served["tasks"] == ["emoji", "icons"]
+    assert served["tasks"] == ["emoji", "emoji-mask", "icons"]
     listed = next(o for o in objects if isinstance(o.get("tasks"), list) and o["tasks"] and "method" in o["tasks"][0])
-    assert [t["name"] for t in listed["tasks"]] == ["emoji", "icons"]
-    assert next(o for o in objects if "added" in o)["tasks"] == ["emoji", "icons"]
-    assert sorted(p.name for p in demo_folder.glob("*.png")) == [*(f"emoji-{k}.png" for k in range(4)), "icons.png"]
-    assert (demo_folder / "icons.png").read_bytes()[:4] == b"\x89PNG"
+    assert [t["name"] for t in listed["tasks"]] == ["emoji", "emoji-mask", "icons"]
+    assert listed["tasks"][1]["condition"] == {"kind": "mask", "channels": 1, "size": 8}
+    assert next(o for o in objects if "added" in o)["tasks"] == ["emoji", "emoji-mask", "icons"]
+    shown = sorted(p.name for p in demo_folder.glob("*.png"))
+    assert shown == [
+        *(f"emoji-{k}.png" for k in range(4)),
+        "emoji-mask.png",
+        "icons.png",
+        "my-emoji.png",
+        "my-mask.png",
+    ]
+    for name in ("icons.png", "emoji-mask.png"):
+        assert (demo_folder / name).read_bytes()[:4] == b"\x89PNG"
+    masked = json.loads((demo_folder / "emoji-mask.json").read_text())
+    assert len(masked["images"]) == 2 and masked["condition"]["given"] == "image"
     assert "serve: stopping" in done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ import requests
 
 from diffscaler.config import load_config
 from tests.support.cluster import free_ports
-from tests.support.serving import live_actor_pids, make_adapters, make_backbone, setup_models
+from tests.support.serving import condition_tasks, live_actor_pids, make_adapters, make_backbone, setup_models
+from tests.support.shards import rgba_folder
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 SERVE = [
@@ -113,7 +115,7 @@ def test_the_same_request_gives_the_same_images_whatever_it_is_batched_with(serv
         ({"task": "a", "class": 1}, 400, "field 'class'"),
         ({"task": "a", "seed": "x"}, 400, "field 'seed': expected an integer"),
         ({"task": "a", "guidance": -1}, 400, "field 'guidance'"),
-        ({"task": "a", "condition": "x.png"}, 400, "field 'condition': not a request field"),
+        ({"task": "a", "prompt": "x"}, 400, "field 'prompt': not a request field"),
         ({"num": 2}, 400, "field 'task'"),
     ],
 )
@@ -225,3 +227,164 @@ def test_diffscaler_serve_refuses_bad_input_before_ray(tmp_path, refuse_ray, cap
     assert f"serve.port {port}: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", "--backbone", str(backbone), "--adapters", str(adapters), "serve.max_batch_size=0"]) == 2
     assert "serve.max_batch_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks with a condition map: an image (the task's extractor makes the map) or a ready map per request
+# ------------------------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def cond_server(server, tmp_path_factory):
+    """(base URL, adapters, backbone, images folder) of a second app on the proxy: edges (canny maps), plain (no
+    map) and masked (mask maps, 2 classes) over 2 resident slots, so adapters with a condition path page in."""
+    from ray import serve
+
+    from diffscaler.serving.app import build_app
+
+    url, _adapters, backbone = server
+    root = tmp_path_factory.mktemp("serve_cond")
+    make_adapters(backbone, root / "adapters", tasks=condition_tasks(), seed=2)
+    cfg = load_config(None, [*SERVE, "serve.max_resident_tasks=2"])
+    serve.run(build_app(str(backbone), str(root / "adapters"), cfg), name="cond", route_prefix="/cond")
+    try:
+        yield url + "/cond", root / "adapters", backbone, rgba_folder(root / "pictures")
+    finally:
+        serve.delete("cond")
+
+
+def picture(folder, k: int) -> bytes:
+    return (folder / f"img_{k:03d}.png").read_bytes()
+
+
+def reference_images(backbone, adapter, rows, maps, steps: int, mask=None) -> np.ndarray:
+    """What `diffscaler sample` computes for these rows: a bank loaded from the one adapter file, maps given."""
+    import torch
+
+    from diffscaler.artifacts import load_adapters, load_backbone
+    from diffscaler.config import DiffusionConfig
+    from diffscaler.data.conditions import maps_to_unit
+    from diffscaler.diffusion.gaussian import GaussianDiffusion
+    from diffscaler.diffusion.sampling import generate, to_uint8
+
+    model, meta = load_backbone(backbone)
+    load_adapters(model, [adapter], backbone_hash=meta["content_hash"])
+    x = generate(
+        model,
+        GaussianDiffusion.from_config(DiffusionConfig(), learn_sigma=model.config.learn_sigma),
+        labels=torch.tensor([r.label for r in rows]),
+        indices=range(len(rows)),
+        seed=0,
+        task_ids=0,
+        steps=steps,
+        sample_seeds=[r.noise_seed for r in rows],
+        condition=torch.from_numpy(maps_to_unit(maps)),
+        condition_mask=mask,
+    )
+    return to_uint8(x)
+
+
+def test_a_conditional_task_takes_an_image_or_a_ready_map_as_sample_does(cond_server):
+    from PIL import Image
+
+    from diffscaler.data.conditions import adapter_condition, encode_map, maps_from_images, spec_from_record
+    from diffscaler.serving.runtime import ImageRow
+
+    url, adapters, backbone, pictures = cond_server
+    r = post(url, {"task": "edges", "num": 2, "seed": 5, "steps": 3, "condition": b64(picture(pictures, 0))})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    meta = json.loads((adapters / "edges.json").read_text())
+    # the map is the one `diffscaler sample --condition` extracts from the same picture (the first of the folder)
+    want = maps_from_images(pictures, spec_from_record(adapter_condition(meta)), 8, limit=1)  # (1, 1, 8, 8)
+    assert body["condition"]["kind"] == "canny" and body["condition"]["given"] == "image"
+    used = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["condition"]["map_png_base64"]))))
+    assert (used == want[0, 0]).all() and 0 < (want == 255).sum() < want.size  # edges, not a blank map
+    rows = [ImageRow("edges", 0, im["index"], 5) for im in body["images"]]
+    expected = reference_images(backbone, adapters / "edges.safetensors", rows, np.repeat(want, 2, axis=0), steps=3)
+    got = np.stack([decode(im) for im in body["images"]])
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    # the same map given ready: the same images; another picture's map, or none, or guidance on it: others
+    ready = {"task": "edges", "num": 2, "seed": 5, "steps": 3, "condition": b64(encode_map(want[0]))}
+    again = post(url, {**ready, "condition_is_map": True}).json()
+    assert again["condition"]["given"] == "map"
+    assert all(np.abs(decode(a).astype(int) - decode(b)).max() <= 1 for a, b in zip(body["images"], again["images"]))
+    for change in ({"condition": b64(picture(pictures, 3))}, {"condition_scale": 3.0}):
+        other = post(url, {**ready, **change, "condition_is_map": "condition_scale" in change}).json()
+        assert max(np.abs(decode(a).astype(int) - decode(b)).max() for a, b in zip(body["images"], other["images"])) > 8
+    bare = post(url, {"task": "edges", "num": 2, "seed": 5, "steps": 3, "unconditioned": True}).json()
+    assert bare["condition"] == {"kind": "canny", "given": "none", "map_png_base64": None}
+    import torch
+
+    expected = reference_images(
+        backbone, adapters / "edges.safetensors", rows, np.zeros((2, 1, 8, 8), np.uint8), 3, torch.zeros(2, dtype=bool)
+    )
+    assert np.abs(np.stack([decode(im) for im in bare["images"]]).astype(int) - expected).max() <= 1
+    listed = {t["name"]: t for t in requests.get(url + "/v1/tasks", timeout=30).json()["tasks"]}
+    assert listed["edges"]["condition"] == {"kind": "canny", "channels": 1, "size": 8}
+    assert listed["masked"]["condition"]["kind"] == "mask" and listed["plain"]["condition"] is None
+
+
+def test_mixed_batches_of_conditional_and_unconditional_requests_give_the_same_images(cond_server):
+    from diffscaler.data.conditions import encode_map
+
+    url, _, _, pictures = cond_server
+    edge_map = np.zeros((8, 8), np.uint8)
+    edge_map[2:6, 3] = 255
+    requests_ = [
+        {"task": "edges", "num": 2, "seed": 1, "condition": b64(picture(pictures, 0))},
+        {"task": "plain", "num": 2, "seed": 2},
+        {"task": "masked", "num": 3, "seed": 3, "condition": b64(picture(pictures, 1))},
+        {"task": "edges", "num": 1, "seed": 4, "condition": b64(encode_map(edge_map)), "condition_is_map": True},
+        {"task": "plain", "num": 1, "seed": 5},
+        {"task": "masked", "num": 1, "seed": 6, "unconditioned": True},
+    ]
+    alone = [post(url, q).json() for q in requests_]
+    before = requests.get(url + "/v1/stats", timeout=30).json()
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        together = list(pool.map(lambda q: post(url, q).json(), requests_))
+    after = requests.get(url + "/v1/stats", timeout=30).json()
+    assert after["mixed_condition_batches"] > before["mixed_condition_batches"]  # maps and no maps in one batch
+    assert after["batches"] - before["batches"] < sum(q["num"] for q in requests_)
+    assert after["page_ins"] > before["page_ins"]  # 3 tasks over 2 slots: condition paths paged in and out
+    for a, b in zip(alone, together):
+        assert [i["seed"] for i in a["images"]] == [i["seed"] for i in b["images"]]
+        for x, y in zip(a["images"], b["images"]):
+            assert np.abs(decode(x).astype(int) - decode(y)).max() <= 1
+
+
+def _png(array: np.ndarray) -> str:
+    from diffscaler.data.pngcodec import encode_png
+
+    return b64(encode_png(array.astype(np.uint8)))
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"task": "plain", "condition": _png(np.zeros((8, 8)))}, "field 'condition': task 'plain' takes no condition"),
+        ({"task": "edges"}, "field 'condition': task 'edges' is conditioned on canny maps (1 channel(s), 8x8 px)"),
+        ({"task": "edges", "condition": "not base64!"}, "field 'condition': not valid base64"),
+        ({"task": "edges", "condition": b64(b"GIF89a not an image")}, "field 'condition' (an image to extract"),
+        ({"task": "edges", "condition": [1, 2]}, "field 'condition': expected a base64 PNG string"),
+        (
+            {"task": "edges", "condition": _png(np.zeros((16, 16))), "condition_is_map": True},
+            "field 'condition' (a ready map) for task 'edges': a 16x16 map, the task takes 8x8",
+        ),
+        (
+            {"task": "edges", "condition": _png(np.zeros((8, 8, 3))), "condition_is_map": True},
+            "a 3-channel map (mode RGB), the task takes 1-channel",
+        ),
+        ({"task": "edges", "condition_is_map": True}, "field 'condition_is_map'"),
+        ({"task": "edges", "condition_is_map": 1, "condition": "AA=="}, "field 'condition_is_map': expected true"),
+        ({"task": "edges", "unconditioned": True, "condition": "AA=="}, "field 'unconditioned'"),
+        ({"task": "edges", "unconditioned": True, "condition_scale": -1}, "field 'condition_scale'"),
+    ],
+)
+def test_bad_conditions_are_400_naming_the_field(cond_server, body, words):
+    r = post(cond_server[0], body)
+    assert r.status_code == 400 and words in r.json()["error"], r.text

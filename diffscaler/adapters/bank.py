@@ -257,6 +257,48 @@ class AdapterBank:
         return module.to(dev)
 
     @torch.no_grad()
+    def set_task(self, t: int, info: TaskInfo) -> None:
+        """Make slot `t` hold task `info` (a resident bank paging tasks in and out, `diffscaler.serving`): its
+        classes, rank (padding zeroed) and condition path (built for a task with a map, reused when the slot's
+        has the same channels, dropped for a task without). Load its tensors next with `load_task_state`.
+        ValueError when its map does not fit the bank's (another side than `condition_size`)."""
+        model = self.model
+        info = info if info.rank else dataclasses.replace(info, rank=self.rank)
+        if info.rank > self.rank:
+            raise ValueError(f"task {info.name!r} has rank {info.rank}, the bank's rank is {self.rank}")
+        if info.num_classes > self.task_embedder.rows.shape[1]:
+            raise ValueError(
+                f"task {info.name!r} has {info.num_classes} classes, the bank's rows hold "
+                f"{self.task_embedder.rows.shape[1]}"
+            )
+        path = self.condition_path
+        if info.has_condition:
+            side = info.condition_size or model.config.input_size
+            others = path is not None and any(k != str(t) for k in path)
+            if others and side != self.condition_size:
+                raise ValueError(
+                    f"task {info.name!r} takes {side} px maps, the bank's conditional tasks take {self.condition_size}"
+                )
+            stem_factor(side, model.config.input_size)
+            self.condition_size = side
+            if path is None:
+                model.condition_path = path = nn.ModuleDict()
+            old = next((m for k, m in path.items() if k == str(t)), None)
+            first = None if old is None else (old.embed.stem[0] if len(old.embed.stem) else old.embed.proj)
+            if first is None or first.in_channels != info.condition_channels:  # else load_task_state overwrites it
+                path[str(t)] = self._condition_module(info).train(model.training)
+        elif path is not None and str(t) in path:
+            del path[str(t)]
+        self.tasks[t] = info
+        emb = self.task_embedder
+        emb.num_classes[t] = info.num_classes
+        emb.conditional[t] = info.conditional
+        for layer in self.layers.values():
+            if "down" in layer.parts:  # columns beyond the task's rank are exactly zero
+                layer.down[t].zero_()
+                layer.up[t].zero_()
+
+    @torch.no_grad()
     def _zero_rank_padding(self) -> None:
         # Rows of D_t and columns of U_t beyond a task's own rank are zero: exactly no contribution,
         # and zero gradients keep them zero in training.

@@ -152,8 +152,11 @@ def foreground_mask(rgb: np.ndarray, white_threshold: int) -> np.ndarray:
 
 
 def encode_map(cond: np.ndarray) -> bytes:
-    """uint8 (S, S) -> the cond.png member (deterministic 8-bit grey PNG)."""
-    return encode_png(np.ascontiguousarray(cond, dtype=np.uint8))
+    """uint8 (S, S) or (C, S, S) -> the cond.png member (deterministic 8-bit PNG: grey, or RGB for 3 channels)."""
+    cond = np.asarray(cond, dtype=np.uint8)
+    if cond.ndim == 3:
+        cond = cond[0] if cond.shape[0] == 1 else cond.transpose(1, 2, 0)  # (S, S) or (S, S, 3)
+    return encode_png(np.ascontiguousarray(cond))
 
 
 def maps_to_unit(maps: np.ndarray) -> np.ndarray:
@@ -306,11 +309,37 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def map_from_image(data: bytes, ext: str, spec: ConditionSpec, size: int) -> np.ndarray:
+    """One ordinary image's map, extracted as the shards stage does (the same crop and resize to `size`, then
+    the task's extractor): uint8 (1, size, size). ConditionError naming the problem."""
+    if not spec.computed:
+        raise ConditionError(
+            f"condition {spec.kind} is a map made by another tool and has no extractor here: give a ready map"
+        )
+    rgb, alpha = prepare_image_alpha(open_map(ext, data), size)
+    return spec.compute(rgb, alpha)[None]
+
+
+def ready_map(data: bytes, ext: str, channels: int, size: int) -> np.ndarray:
+    """One ready map as the task takes it: uint8 (channels, size, size). A map of another size or channel count
+    is a ConditionError (maps are not resized: a map stands for one image of the task's size, pixel for pixel)."""
+    image = open_map(ext, data)
+    have = map_channels(image)
+    if have != channels:
+        raise ConditionError(
+            f"a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
+            f"maps ({'grey' if channels == 1 else 'colour'})"
+        )
+    if image.size != (size, size):
+        raise ConditionError(
+            f"a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps (its images' size)"
+        )
+    return prepare_map(to_map_mode(image, channels), size, channels)
+
+
 def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: int = 0) -> np.ndarray:
     """Maps extracted from a folder of ordinary images exactly as the shards stage does (the same crop and
     resize to `size`, then the task's extractor): uint8 (N, 1, size, size), files in name order."""
-    from diffscaler.data.sources import prepare_image_alpha
-
     if not spec.computed:
         raise ConditionError(
             f"condition {spec.kind} is a map made by another tool and has no extractor here: give "
@@ -320,8 +349,7 @@ def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: 
     out = np.empty((len(files), 1, size, size), np.uint8)
     for i, f in enumerate(files):
         try:
-            rgb, alpha = prepare_image_alpha(open_map(f.suffix.lstrip("."), f.read_bytes()), size)
-            out[i, 0] = spec.compute(rgb, alpha)
+            out[i] = map_from_image(f.read_bytes(), f.suffix.lstrip("."), spec, size)
         except ConditionError as err:
             raise ConditionError(f"{f}: {err}") from None
     return out
@@ -329,26 +357,14 @@ def maps_from_images(folder: str | Path, spec: ConditionSpec, size: int, limit: 
 
 def maps_from_files(folder: str | Path, channels: int, size: int, limit: int = 0) -> np.ndarray:
     """Ready maps (one image file each, name order) as the task takes them: uint8 (N, channels, size, size).
-    A map of another size or channel count is a ConditionError naming the file (maps are not resized: a map
-    stands for one image of the task's size, pixel for pixel)."""
+    A map of another size or channel count is a ConditionError naming the file (see `ready_map`)."""
     files = image_files(folder)[: limit or None]
     out = np.empty((len(files), channels, size, size), np.uint8)
     for i, f in enumerate(files):
         try:
-            image = open_map(f.suffix.lstrip("."), f.read_bytes())
+            out[i] = ready_map(f.read_bytes(), f.suffix.lstrip("."), channels, size)
         except ConditionError as err:
             raise ConditionError(f"{f}: {err}") from None
-        have = map_channels(image)
-        if have != channels:
-            raise ConditionError(
-                f"{f}: a {have}-channel map (mode {image.mode}), the task takes {channels}-channel "
-                f"maps ({'grey' if channels == 1 else 'colour'})"
-            )
-        if image.size != (size, size):
-            raise ConditionError(
-                f"{f}: a {image.size[0]}x{image.size[1]} map, the task takes {size}x{size} maps (its images' size)"
-            )
-        out[i] = prepare_map(to_map_mode(image, channels), size, channels)
     return out
 
 

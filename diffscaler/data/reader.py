@@ -568,13 +568,20 @@ class MixedTaskReader:
 
 
 def read_split(
-    dataset_dir: str, split: str = "eval", limit: int = 0, *, pixels: bool = False, conditions: bool = False
+    dataset_dir: str,
+    split: str = "eval",
+    limit: int = 0,
+    *,
+    pixels: bool = False,
+    conditions: bool = False,
+    keys: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """A whole split in shard order: uint8 images (N, H, W, 3) and int64 labels (N,); limit 0 = all.
     For latent shards the first array is float32 (N, C, H, W); with `pixels`, VAE latent shards give
     the images that were encoded instead (uint8 (N, S, S, 3)). With `conditions` a third array holds
     the condition maps, uint8 (N, C_cond, S, S) at pixel resolution, image for image (DatasetError for
-    an unconditional dataset): the maps evaluation samples with.
+    an unconditional dataset): the maps evaluation samples with. With `keys` a last array holds each sample's
+    `__key__` (str (N,)): where an image or map came from.
 
     For reference statistics (FID); any bad sample raises ShardError naming the file and key.
     """
@@ -594,6 +601,7 @@ def read_split(
     encoded_pixels = fmt.latent and pixels  # the images a latent dataset was encoded from
     decode = fmt.decode_pixels if encoded_pixels else fmt.decode
     labels = np.empty((want,), np.int64)
+    names: list[str] = []
     maps = None
     if conditions:
         spec = index.condition
@@ -621,9 +629,11 @@ def read_split(
                     images[n], labels[n], maps[n] = decode(sample)
             except SampleError as err:
                 raise ShardError(shard.url, sample["__key__"], str(err)) from None
+            names.append(sample["__key__"])
             n += 1
             if n >= want:
                 break
         if n < want and found < shard.num_samples:
             raise ShardError(shard.url, "", f"shard ends after {found} samples, index.json says {shard.num_samples}")
-    return (images, labels) if maps is None else (images, labels, maps)
+    out = (images, labels) if maps is None else (images, labels, maps)
+    return (*out, np.array(names, dtype=str)) if keys else out

@@ -169,7 +169,17 @@ def resolve_request(
 def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any], latent: bool) -> np.ndarray:
     """The first `count` condition maps of a split (fewer when it holds fewer), uint8 (M, C_cond, S, S), checked
     against the adapter's condition record (kind, channels, side); EvalInputError naming what differs."""
-    index = load_index(shards)
+    return split_maps(shards, split, count, condition, latent)[0]
+
+
+def split_maps(
+    shards: str, split: str, count: int, condition: dict[str, Any], latent: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`reference_maps` and the sample key each map came from (str (M,)): the generation job records them."""
+    try:
+        index = load_index(shards)
+    except DatasetError as err:
+        raise EvalInputError(f"no shards to take condition maps from: {err}") from None
     spec = index.condition
     if spec is None or spec.kind != condition["kind"]:
         raise EvalInputError(
@@ -177,10 +187,10 @@ def reference_maps(shards: str, split: str, count: int, condition: dict[str, Any
             f"{spec.kind if spec else 'none'}"
         )
     try:
-        maps = read_split(shards, split, limit=count, pixels=latent, conditions=True)[2]
+        _images, _labels, maps, keys = read_split(shards, split, limit=count, pixels=latent, conditions=True, keys=True)
     except (DatasetError, ShardError) as err:
         raise EvalInputError(f"condition maps of {shards} ({split} split): {err}") from None
     want = (int(condition["channels"]), int(condition["size"]), int(condition["size"]))
     if tuple(maps.shape[1:]) != want:
         raise EvalInputError(f"condition maps of {shards} are {tuple(maps.shape[1:])}, the adapter takes {want}")
-    return maps
+    return maps, keys

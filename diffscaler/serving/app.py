@@ -8,15 +8,22 @@ HTTP API (on the Serve proxy, under serve.route_prefix):
     POST /v1/generate  {"task": "emoji", "class": 0, "num": 4, "seed": 7, "steps": 25, "guidance": 1.0}
         -> {"task", "class", "num", "seed", "steps", "guidance", "backbone_hash", "adapter_hash",
             "images": [{"index", "class", "seed", "png_base64"}]}      (image/png when num is 1 and Accept asks)
-    GET  /v1/tasks      every served task (name, method, rank, classes, adapter hash, resident) and refused files
+        a task with a condition map also takes "condition": a base64 PNG image (the task's own extractor makes
+        the map, as `diffscaler sample --condition` does) or, with "condition_is_map": true, the map itself
+        (the task's channels and side); "condition_scale" (guidance on the map, default serve.condition_scale);
+        "unconditioned": true asks for its output without a map. All `num` images take that one map; the
+        answer's "condition" holds the map used (map_png_base64).
+    GET  /v1/tasks      every served task (name, method, rank, classes, condition, adapter hash, resident) and
+                        refused files
     GET  /healthz       {"status": "ok", ...}
     POST /v1/reload     re-read the adapters folder on the replica that answers (new, changed and removed files)
     GET  /v1/stats      the replica's batches, images, mixed batches, adapter cache hits and page-ins
 
 Mixed-task dynamic batching: a request becomes `num` single-image calls of the replica's `@serve.batch`
 method, so one batch (up to serve.max_batch_size images, waiting at most serve.batch_wait_s) holds images of
-any requests and tasks; the task travels with each image. The batch is split only by (steps, sampler,
-guidance), which share a timestep schedule, and runs through the bank's grouped path (`TaskRuntime`). Image
+any requests and tasks; the task (and its map, for a task with one) travels with each image. The batch is split
+only by (steps, guidance, condition_scale), which share a timestep schedule and guidance (rows without a map
+join any condition_scale), and runs through the bank's grouped path (`TaskRuntime`), maps and mask per row. Image
 k of a request is image k of (task, class) at the request's seed, as the generation job makes it: the same
 request gives the same images whatever it was batched with. Serve's model multiplexing is not used: it
 splits every batch by model id, one adapter per batch (bench/serve_load.py measures both).
@@ -30,6 +37,7 @@ a new adapter written into the folder is found by every replica on its first req
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
 import math
@@ -44,12 +52,24 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from diffscaler.config import ExperimentConfig, config_from_json, load_config
+from diffscaler.data.conditions import encode_map
 from diffscaler.data.pngcodec import encode_png
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="DiffScaler", description="Many tasks' Affiners over one backbone, batched together.")
 MAX_SEED = 2**63 - 1
-REQUEST_FIELDS = ("task", "class", "num", "seed", "steps", "guidance")
+REQUEST_FIELDS = (
+    "task",
+    "class",
+    "num",
+    "seed",
+    "steps",
+    "guidance",
+    "condition",
+    "condition_is_map",
+    "condition_scale",
+    "unconditioned",
+)
 
 
 class BadRequest(ValueError):
@@ -71,6 +91,37 @@ def _int_field(body: dict[str, Any], name: str, default: int | None, lo: int, hi
     return value
 
 
+def _number_field(body: dict[str, Any], name: str, default: float, hi: float) -> float:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"field {name!r}: expected a number, got {json.dumps(value)}")
+    if not 0 <= value <= hi:
+        raise BadRequest(f"field {name!r}: {value} is out of range [0, {hi:g}]")
+    return float(value)
+
+
+def _bool_field(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"field {name!r}: expected true or false, got {json.dumps(value)}")
+    return value
+
+
+def _condition_bytes(body: dict[str, Any]) -> bytes | None:
+    """The decoded bytes of field 'condition' (base64, optionally a data: URL), None when absent."""
+    value = body.get("condition")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"field 'condition': expected a base64 PNG string, got {json.dumps(value)[:60]}")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error) as err:
+        raise BadRequest(f"field 'condition': not valid base64 ({err})") from None
+
+
 def parse_request(raw: bytes, cfg: ExperimentConfig) -> dict[str, Any]:
     """The request's fields, defaults filled in; BadRequest naming the first bad field."""
     s = cfg.serve
@@ -87,19 +138,54 @@ def parse_request(raw: bytes, cfg: ExperimentConfig) -> dict[str, Any]:
     task = body.get("task")
     if not isinstance(task, str) or not task:
         raise BadRequest(f"field 'task': expected a task name, got {json.dumps(task)}")
-    guidance = body.get("guidance", s.guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise BadRequest(f"field 'guidance': expected a number, got {json.dumps(guidance)}")
-    if not 0 <= guidance <= 100:
-        raise BadRequest(f"field 'guidance': {guidance} is out of range [0, 100]")
+    guidance = _number_field(body, "guidance", s.guidance, 100)
+    condition = _condition_bytes(body)
+    is_map, unconditioned = _bool_field(body, "condition_is_map"), _bool_field(body, "unconditioned")
+    if is_map and condition is None:
+        raise BadRequest("field 'condition_is_map': says how to read 'condition', and the request has none")
+    if unconditioned and condition is not None:
+        raise BadRequest("field 'unconditioned': asks for the output without a map, and 'condition' gives one")
     return {
         "task": task,
         "class": _int_field(body, "class", None, 0, 2**31 - 1),
         "num": _int_field(body, "num", 1, 1, s.max_images_per_request),
         "seed": _int_field(body, "seed", 0, 0, MAX_SEED),
         "steps": _int_field(body, "steps", min(s.sampling_steps, max_steps), 1, max_steps),
-        "guidance": float(guidance),
+        "guidance": guidance,
+        "condition": condition,  # bytes of the image (or, with condition_is_map, the ready map), or None
+        "condition_is_map": is_map,
+        "condition_scale": _number_field(body, "condition_scale", s.condition_scale, 100),
+        "unconditioned": unconditioned,
     }
+
+
+def condition_map(req: dict[str, Any], entry: Any) -> np.ndarray | None:
+    """The request's map for its task, uint8 (C, S, S) (None: no map); BadRequest naming the field. An image is
+    made into the map by the task's own extractor, as `diffscaler sample --condition` does; a ready map
+    (condition_is_map) must have the task's channels and side."""
+    from diffscaler.data.conditions import ConditionError, map_from_image, ready_map, spec_from_record
+
+    cond, task = entry.condition, req["task"]
+    if cond is None:
+        if req["condition"] is not None:
+            raise BadRequest(f"field 'condition': task {task!r} takes no condition map (trained without one)")
+        return None
+    channels, size = int(cond["channels"]), int(cond["size"])
+    if req["condition"] is None:
+        if req["unconditioned"]:
+            return None
+        raise BadRequest(
+            f"field 'condition': task {task!r} is conditioned on {cond['kind']} maps ({channels} channel(s), "
+            f"{size}x{size} px): give 'condition', a base64 PNG image its map is extracted from (or, with "
+            "'condition_is_map': true, the map itself), or 'unconditioned': true for its output without a map"
+        )
+    try:
+        if req["condition_is_map"]:
+            return ready_map(req["condition"], "png", channels, size)
+        return map_from_image(req["condition"], "png", spec_from_record(cond), size)
+    except ConditionError as err:
+        what = "a ready map" if req["condition_is_map"] else "an image to extract the map from"
+        raise BadRequest(f"field 'condition' ({what}) for task {task!r}: {err}") from None
 
 
 @serve.deployment(name="TaskServer")
@@ -121,27 +207,40 @@ class TaskServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffscaler-model")
         self.lock = threading.Lock()
         self.last_miss_scan = 0.0
-        self.stats = {"batches": 0, "images": 0, "mixed_batches": 0, "batch_tasks": 0}
+        # mixed_condition_batches: batches holding rows with a condition map and rows without
+        self.stats = {"batches": 0, "images": 0, "mixed_batches": 0, "batch_tasks": 0, "mixed_condition_batches": 0}
         self.images_batched.set_max_batch_size(s.max_batch_size)
         self.images_batched.set_batch_wait_timeout_s(s.batch_wait_s)
 
     # -- the batch ------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def images_batched(self, items: list[tuple[Any, int, float]]) -> list[Any]:
-        """items: (ImageRow, steps, guidance) per image, of any requests and tasks -> uint8 image or error."""
+    async def images_batched(self, items: list[tuple[Any, int, float, float]]) -> list[Any]:
+        """items: (ImageRow, steps, guidance, condition_scale) per image, of any requests and tasks (a row of a
+        task with a condition map carries its map) -> uint8 image or error."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, self._run_batch, items)
 
-    def _run_batch(self, items: list[tuple[Any, int, float]]) -> list[Any]:
-        groups: dict[tuple[int, float], list[int]] = {}
-        for k, (_row, steps, guidance) in enumerate(items):
-            groups.setdefault((steps, guidance), []).append(k)
+    @staticmethod
+    def batch_groups(items: list[tuple[Any, int, float, float]]) -> dict[tuple[int, float, float | None], list[int]]:
+        """The parts of a batch that share a timestep schedule and guidance: (steps, guidance, condition_scale)
+        -> item positions. A row without a map ignores condition_scale: it joins a part of its steps and guidance."""
+        groups: dict[tuple[int, float, float | None], list[int]] = {}
+        for k, (row, steps, guidance, condition_scale) in enumerate(items):
+            groups.setdefault((steps, guidance, condition_scale if row.condition is not None else None), []).append(k)
+        for key in [k for k in groups if k[2] is None]:
+            host = next((h for h in groups if h[:2] == key[:2] and h[2] is not None), None)
+            if host is not None:
+                groups[host] = sorted(groups[host] + groups.pop(key))
+        return groups
+
+    def _run_batch(self, items: list[tuple[Any, int, float, float]]) -> list[Any]:
         out: list[Any] = [None] * len(items)
         with self.lock:
-            for (steps, guidance), members in groups.items():
+            for (steps, guidance, condition_scale), members in self.batch_groups(items).items():
                 rows = [items[k][0] for k in members]
                 try:
-                    images = self.runtime.images(rows, steps, self.cfg.serve.sampler, guidance)
+                    scale = 1.0 if condition_scale is None else condition_scale  # no row has a map
+                    images = self.runtime.images(rows, steps, self.cfg.serve.sampler, guidance, scale)
                 except Exception as err:  # a task removed between admission and its batch, a device error
                     for k in members:
                         out[k] = err
@@ -153,6 +252,8 @@ class TaskServer:
                 self.stats["images"] += len(rows)
                 self.stats["batch_tasks"] += tasks
                 self.stats["mixed_batches"] += tasks > 1
+                with_map = sum(r.condition is not None for r in rows)
+                self.stats["mixed_condition_batches"] += 0 < with_map < len(rows)
         return out
 
     def _reload(self) -> dict[str, Any]:
@@ -186,11 +287,19 @@ class TaskServer:
                 f"field 'class': {req['class']} is out of range for task {req['task']!r} "
                 f"({classes} class(es): 0..{classes - 1})",
             )
+        try:  # decoding and extracting off the event loop: other requests keep arriving
+            cond = await asyncio.to_thread(condition_map, req, entry)
+        except BadRequest as err:
+            return _error(400, str(err))
         plan = [
             (req["class"], k) if req["class"] is not None else (k % classes, k // classes) for k in range(req["num"])
         ]
-        rows = [ImageRow(req["task"], c, i, req["seed"]) for c, i in plan]
-        results = await asyncio.gather(*[self.images_batched((r, req["steps"], req["guidance"])) for r in rows])
+        # every image of the request takes its one map
+        unconditioned = req["unconditioned"] and entry.condition is not None
+        rows = [ImageRow(req["task"], c, i, req["seed"], cond, unconditioned) for c, i in plan]
+        results = await asyncio.gather(
+            *[self.images_batched((r, req["steps"], req["guidance"], req["condition_scale"])) for r in rows]
+        )
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:
             if isinstance(failed, KeyError):  # removed by a reload between admission and its batch
@@ -203,9 +312,16 @@ class TaskServer:
                 media_type="image/png",
                 headers={"X-Seed": str(rows[0].noise_seed), "X-Adapter-Hash": entry.hash},
             )
+        echo = {k: v for k, v in req.items() if k not in ("condition", "condition_is_map")}
+        if entry.condition is not None:  # the map the images were made with, as the task takes it
+            echo["condition"] = {
+                "kind": entry.condition["kind"],
+                "given": "none" if cond is None else "map" if req["condition_is_map"] else "image",
+                "map_png_base64": None if cond is None else base64.b64encode(encode_map(cond)).decode(),
+            }
         return JSONResponse(
             {
-                **req,
+                **echo,
                 "backbone_hash": self.backbone_hash,
                 "adapter_hash": entry.hash,
                 "images": [

@@ -12,6 +12,14 @@ OUT is a dataset folder `diffscaler shards check` accepts (index.json format_ver
 source). Each sample's `json`: task, class, seed, index, steps, sampler, guidance, backbone and adapter
 hashes. All images go to the train split; eval is empty.
 
+Tasks with a condition map take their maps from a split of their own shards (`data.shards_root/<task>`,
+`generate.condition_split`, read as evaluate reads `eval.reference_split`: `diffscaler.eval.resolve.split_maps`):
+image k of a task (its k-th image in the plan, whatever its class) takes map k mod M of the split's first M
+maps (M at most the task's image count). Its sample stores the map beside the image as `cond.png`, and its
+json records `condition`: kind, split, the source sample's key and the map's number. A set whose tasks all take
+the same kind of map records it in index.json (a conditional fine-tuning source). A task with maps and no
+shards to take them from is refused before Ray, naming the task.
+
 Resume: each written shard gets `<shard>.done.json` (its index entry and the hash of the plan rows and
 parameters that made it); a rerun with the same parameters keeps those shards and generates only the
 others. An actor that dies mid-run is restarted by Ray Data and its batches are retried. The sidecars
@@ -33,6 +41,7 @@ import numpy as np
 
 from diffscaler.config import ExperimentConfig, GenerateConfig
 from diffscaler.data import storage
+from diffscaler.data.conditions import CONDITION_MEMBER, encode_map
 from diffscaler.data.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, combine_hashes, sample_digest, shard_name
 from diffscaler.data.pngcodec import encode_png
 from diffscaler.data.tarformat import RawSample, write_tar
@@ -50,12 +59,27 @@ class TaskPlan:
     num_classes: int
     class_names: tuple[str, ...]
     adapter_hash: str
+    condition: str = ""  # the kind of condition map the task takes ("" = none)
 
     def label_names(self) -> list[str]:
         if self.num_classes == 1:
             return [self.name]
         names = self.class_names if len(self.class_names) == self.num_classes else range(self.num_classes)
         return [f"{self.name}/{c}" for c in names]
+
+
+@dataclass(frozen=True)
+class TaskMaps:
+    """A task's condition maps, from a split of its shards: image k of the task takes map k mod M."""
+
+    record: dict[str, Any]  # the adapter's condition (kind, params, channels, size)
+    shards: str  # the dataset folder the maps come from
+    split: str
+    maps: np.ndarray  # uint8 (M, C, S, S)
+    keys: np.ndarray  # str (M,): each map's source sample key
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.maps.tobytes() + "\n".join(self.keys.tolist()).encode()).hexdigest()
 
 
 def task_rows(task: TaskPlan, g: GenerateConfig) -> list[tuple[int, int]]:
@@ -77,16 +101,24 @@ def plan_rows(tasks: list[TaskPlan], g: GenerateConfig) -> list[dict[str, Any]]:
         for t, task in enumerate(tasks):
             if k < len(per_task[t]):
                 cls, index = per_task[t][k]
-                rows.append({"task": task.name, "cls": cls, "index": index, "label": first_label[t] + cls})
+                # `k`: the task's image number, whose map is k mod M (a task with condition maps)
+                rows.append({"task": task.name, "cls": cls, "index": index, "label": first_label[t] + cls, "k": k})
     for n, row in enumerate(rows):
         row["shard"], row["pos"] = divmod(n, g.samples_per_shard)
     return rows
 
 
-def image_parameters(cfg: ExperimentConfig, backbone_hash: str, tasks: list[TaskPlan]) -> dict[str, Any]:
+def image_parameters(
+    cfg: ExperimentConfig, backbone_hash: str, tasks: list[TaskPlan], maps: dict[str, TaskMaps] | None = None
+) -> dict[str, Any]:
     """What determines the images (not num_actors, batch_size or resources): equal parameters, equal set."""
     g, d = cfg.generate, cfg.diffusion
+    conditions = {
+        n: {"kind": m.record["kind"], "split": m.split, "num_maps": len(m.maps), "maps": m.digest()}
+        for n, m in sorted((maps or {}).items())
+    }
     return {
+        **({"conditions": conditions, "condition_scale": g.condition_scale} if conditions else {}),
         "backbone_hash": backbone_hash,
         "adapters": {t.name: t.adapter_hash for t in tasks},
         "images_per_task": g.images_per_task,
@@ -101,8 +133,11 @@ def image_parameters(cfg: ExperimentConfig, backbone_hash: str, tasks: list[Task
     }
 
 
-def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) -> tuple[list[TaskPlan], str]:
-    """(the tasks to generate, the backbone hash); GenerateInputError naming the problem, before Ray."""
+def check_inputs(
+    cfg: ExperimentConfig, backbone: str, adapters: str, out: str
+) -> tuple[list[TaskPlan], str, dict[str, TaskMaps]]:
+    """(the tasks to generate, the backbone hash, the condition maps of the tasks that take them);
+    GenerateInputError naming the problem, before Ray."""
     from diffscaler.adapters.bank import AdapterLoadError
     from diffscaler.artifacts import BackboneLoadError, read_backbone_meta
     from diffscaler.config import from_dict
@@ -130,14 +165,18 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) 
             f"generate.tasks: {missing or 'none'} not among the adapters of {adapters} that fit "
             f"the backbone {sorted(catalog.entries)}" + (f" ({why})" if why else "")
         )
-    tasks = []
+    tasks, maps = [], {}
     for n in names:
-        m = catalog.entries[n].meta
-        tasks.append(TaskPlan(n, m["num_classes"], tuple(m.get("class_names", ())), catalog.entries[n].hash))
+        entry = catalog.entries[n]
+        m, cond = entry.meta, entry.condition
+        task = TaskPlan(n, m["num_classes"], tuple(m.get("class_names", ())), entry.hash, cond["kind"] if cond else "")
+        tasks.append(task)
         if cfg.generate.class_label >= m["num_classes"] and m["num_classes"] > 1:
             raise GenerateInputError(
                 f"generate.class_label {cfg.generate.class_label}: task {n!r} has {m['num_classes']} classes"
             )
+        if cond is not None:
+            maps[n] = task_maps(cfg, task, cond)
     existing = Path(out) / INDEX_NAME
     if existing.is_file():
         try:
@@ -148,17 +187,43 @@ def check_inputs(cfg: ExperimentConfig, backbone: str, adapters: str, out: str) 
             raise GenerateInputError(
                 f"--out {out}: holds a dataset that is not a generated set ({existing}); choose another folder"
             )
-    return tasks, meta["content_hash"]
+    return tasks, meta["content_hash"], maps
+
+
+def task_maps(cfg: ExperimentConfig, task: TaskPlan, condition: dict[str, Any]) -> TaskMaps:
+    """The condition maps `task` takes: the first of generate.condition_split of its shards
+    (data.shards_root/<task>), as many as it has images at most; GenerateInputError naming the task."""
+    from diffscaler.data.build import dataset_dir
+    from diffscaler.eval.resolve import split_maps
+    from diffscaler.eval.stats import EvalInputError
+
+    g = cfg.generate
+    shards = dataset_dir(cfg.data, task.name)
+    try:
+        maps, keys = split_maps(shards, g.condition_split, len(task_rows(task, g)), condition, latent=False)
+    except EvalInputError as err:
+        raise GenerateInputError(
+            f"task {task.name!r} takes {condition['kind']} condition maps, taken from the "
+            f"{g.condition_split!r} split of its shards {shards} (data.shards_root/<task>, "
+            f"generate.condition_split): {err}"
+        ) from None
+    return TaskMaps(condition, shards, g.condition_split, maps, keys)
 
 
 class GenerateActor:
     """A Ray Data actor: the backbone and the bank (every generated task resident); one mixed batch per call."""
 
-    def __init__(self, backbone: str, adapters: str, hashes: dict[str, str], cfg_json: str, threads: int = 0):
+    def __init__(
+        self, backbone: str, adapters: str, hashes: dict[str, str], cfg_json: str, threads: int = 0, maps: Any = None
+    ):
+        import ray
+
         from diffscaler.config import config_from_json
         from diffscaler.serving.runtime import TaskRuntime, torch_threads
 
         torch_threads(threads)
+        # {task: uint8 (M, C, S, S)}: the condition maps, put in the object store once by the driver
+        self.maps: dict[str, np.ndarray] = (ray.get(maps) if isinstance(maps, ray.ObjectRef) else maps) or {}
         cfg = config_from_json(cfg_json)
         self.g = cfg.generate
         self.runtime = TaskRuntime.load(
@@ -175,11 +240,14 @@ class GenerateActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from diffscaler.serving.runtime import ImageRow
 
-        rows = [
-            ImageRow(str(t), int(c), int(i), self.g.seed)
-            for t, c, i in zip(batch["task"], batch["cls"], batch["index"])
-        ]
-        images = self.runtime.images(rows, self.g.sampling_steps, self.g.sampler, self.g.guidance)
+        rows = []
+        for t, c, i, k in zip(batch["task"], batch["cls"], batch["index"], batch["k"]):
+            maps = self.maps.get(str(t))
+            cond = None if maps is None else maps[int(k) % len(maps)]  # image k of the task takes map k mod M
+            rows.append(ImageRow(str(t), int(c), int(i), self.g.seed, cond))
+        images = self.runtime.images(
+            rows, self.g.sampling_steps, self.g.sampler, self.g.guidance, self.g.condition_scale
+        )
         return {
             **batch,
             "png": np.array([encode_png(im) for im in images], dtype=object),
@@ -192,7 +260,7 @@ def _sidecar(out: str, number: int) -> str:
 
 
 def _plan_hash(params: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    text = json.dumps([params, [(r["task"], r["cls"], r["index"]) for r in rows]], sort_keys=True)
+    text = json.dumps([params, [(r["task"], r["cls"], r["index"], r["k"]) for r in rows]], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -203,14 +271,16 @@ def generate_set(
     out: str,
     log: Callable[[str], None] | None = None,
     on_shard: Callable[[int, int], None] | None = None,
+    checked: tuple[list[TaskPlan], str, dict[str, TaskMaps]] | None = None,
 ) -> dict[str, Any]:
     """Generate the set into `out` (inputs checked first, then Ray: joined if not connected); returns the
-    index. `on_shard(written, total)` runs after each shard is written."""
+    index. `on_shard(written, total)` runs after each shard is written. `checked`: what `check_inputs` returned
+    for these arguments, when the caller ran it already (the condition maps are not read twice)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     g = cfg.generate
-    tasks, backbone_hash = check_inputs(cfg, backbone, adapters, out)
+    tasks, backbone_hash, maps = checked or check_inputs(cfg, backbone, adapters, out)
     rows = plan_rows(tasks, g)
-    params = image_parameters(cfg, backbone_hash, tasks)
+    params = image_parameters(cfg, backbone_hash, tasks, maps)
     shards: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         shards.setdefault(row["shard"], []).append(row)
@@ -244,9 +314,9 @@ def generate_set(
     t0, made = time.perf_counter(), 0
     if todo:
         for s, results in _generated_shards(
-            todo, cfg, backbone, adapters, {t.name: t.adapter_hash for t in tasks}, log
+            todo, cfg, backbone, adapters, {t.name: t.adapter_hash for t in tasks}, log, maps
         ):
-            done[s] = _write_shard(out, s, results, params, tasks, g)
+            done[s] = _write_shard(out, s, results, params, tasks, g, maps)
             done[s]["plan"] = _plan_hash(params, shards[s])
             storage.write_bytes_atomic(_sidecar(out, s), json.dumps(done[s], sort_keys=True).encode())
             made += len(results)
@@ -271,7 +341,7 @@ def generate_set(
         "samples_per_shard": g.samples_per_shard,
         "class_names": class_names,
         "num_samples": len(rows),
-        "condition": None,
+        **_index_condition(tasks, maps),
         "generate": params,
         "splits": {
             "train": {"num_samples": len(rows), "class_counts": counts, "shards": entries},
@@ -291,6 +361,22 @@ def generate_set(
     return index
 
 
+def _index_condition(tasks: list[TaskPlan], maps: dict[str, TaskMaps]) -> dict[str, Any]:
+    """index.json's condition: recorded when every task takes the same kind of map (each sample then holds
+    one, so the set is a conditional dataset); else none (the maps are extra members readers ignore)."""
+    kinds = {
+        json.dumps([m.record["kind"], m.record.get("params", {}), int(m.record["channels"])], sort_keys=True)
+        for m in maps.values()
+    }
+    if not maps or len(maps) != len(tasks) or len(kinds) != 1:
+        return {"condition": None}
+    first = next(iter(maps.values())).record
+    return {
+        "condition": {"kind": first["kind"], "params": dict(sorted(first.get("params", {}).items()))},
+        "members": {"condition": CONDITION_MEMBER, "condition_channels": int(first["channels"])},
+    }
+
+
 def _image_size(backbone: str) -> int:
     from diffscaler.artifacts import read_backbone_meta
 
@@ -304,6 +390,7 @@ def _generated_shards(
     adapters: str,
     hashes: dict[str, str],
     log: Callable[[str], None],
+    maps: dict[str, TaskMaps] | None = None,
 ) -> Iterator[tuple[int, list]]:
     """(shard, its rows in order) as each shard's images complete (in plan order)."""
     import ray
@@ -314,7 +401,8 @@ def _generated_shards(
     connect_ray(cfg, log_to_driver=False)  # the caller's cluster when connected (ray_jobs.generate joins first)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards complete one after another: bounded driver memory
-    columns = [{k: r[k] for k in ("shard", "pos", "task", "cls", "index")} for r in rows]
+    columns = [{k: r[k] for k in ("shard", "pos", "task", "cls", "index", "k")} for r in rows]
+    maps_ref = ray.put({n: m.maps for n, m in maps.items()}) if maps else None  # once, not per batch
     ds = ray.data.from_items(columns, override_num_blocks=max(1, min(len(rows) // g.batch_size, 1000)))
     ds = ds.map_batches(
         GenerateActor,
@@ -324,6 +412,7 @@ def _generated_shards(
             "hashes": hashes,
             "cfg_json": cfg.to_json(),
             "threads": max(1, int(g.cpus_per_actor)),
+            "maps": maps_ref,
         },
         batch_size=g.batch_size,
         batch_format="numpy",
@@ -353,7 +442,9 @@ def _write_shard(
     params: dict[str, Any],
     tasks: list[TaskPlan],
     g: GenerateConfig,
+    maps: dict[str, TaskMaps] | None = None,
 ) -> dict[str, Any]:
+    maps = maps or {}
     by_name = {t.name: t for t in tasks}
     first_label = dict(zip([t.name for t in tasks], np.cumsum([0] + [len(t.label_names()) for t in tasks]).tolist()))
     samples = []
@@ -376,8 +467,20 @@ def _write_shard(
         members = {
             "png": bytes(row["png"]),
             "cls": str(first_label[task.name] + cls).encode(),
-            "json": json.dumps(meta, sort_keys=True).encode(),
         }
+        own = maps.get(task.name)
+        if own is not None:  # the map the image was made with, beside it, and where it came from
+            m = int(row["k"]) % len(own.maps)
+            members[CONDITION_MEMBER] = encode_map(own.maps[m])
+            meta["condition"] = {
+                "kind": own.record["kind"],
+                "split": own.split,
+                "source": own.shards,
+                "source_key": str(own.keys[m]),
+                "map_index": m,
+                "condition_scale": g.condition_scale,
+            }
+        members["json"] = json.dumps(meta, sort_keys=True).encode()
         samples.append(RawSample(f"{number:06d}{int(row['pos']):06d}", members))
     hasher = hashlib.sha256()
     for sample in samples:

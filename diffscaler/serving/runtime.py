@@ -11,7 +11,9 @@ grouped path (`AdapterBank.forward` sorts it by task).
 
 Image i of task t, class c, run seed s is seeded by (s, t, c, i) only (`image_seed`): never by the batch it
 lands in, the slot its task occupies, the other tasks of the batch or the number of workers (up to float
-rounding of the grouped matmuls: at most one level of 255).
+rounding of the grouped matmuls: at most one level of 255). A task with a condition map (TaskInfo.condition)
+takes one map per row (`ImageRow.condition`), beside the rows of other tasks in the same batch: the bank gets
+the batch's maps and a mask of the rows that carry one; each slot holds its task's condition path.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo
 from diffscaler.artifacts import (
     _bank_tasks,
     _check_adapter_fits,
+    check_condition_fits,
     content_hash,
     load_backbone,
     read_adapter_file,
+    task_info_from_meta,
 )
 from diffscaler.config import DiffusionConfig, ModelConfig
 from diffscaler.diffusion.gaussian import GaussianDiffusion
@@ -57,6 +61,9 @@ class ImageRow:
     label: int  # class within the task (0 for an unconditional task)
     index: int  # image number within (task, class)
     seed: int  # the run's (or request's) seed
+    # a task with a condition map: uint8 (C, S, S), the task's channels at its map side (not part of the seed)
+    condition: np.ndarray | None = field(default=None, compare=False, repr=False)
+    unconditioned: bool = False  # a task with a condition map, asked explicitly for its output without one
 
     @property
     def noise_seed(self) -> int:
@@ -76,11 +83,21 @@ class AdapterEntry:
 
     @property
     def info(self) -> TaskInfo:
-        m = self.meta
-        return TaskInfo(m["task"], m["num_classes"], m["conditional"], m["rank"], tuple(m.get("class_names", ())))
+        return task_info_from_meta(self.meta)
+
+    @property
+    def condition(self) -> dict[str, Any] | None:
+        """The task's condition map as sampling needs it ({kind, params, channels, size}), None without one."""
+        from diffscaler.data.conditions import adapter_condition
+
+        record = adapter_condition(self.meta)
+        if record is not None and not record.get("size"):
+            record["size"] = self.meta["model"]["input_size"]
+        return record
 
     def describe(self) -> dict[str, Any]:
         m = self.meta
+        cond = self.condition
         return {
             "name": self.name,
             "method": m["method"],
@@ -89,6 +106,10 @@ class AdapterEntry:
             "conditional": m["conditional"],
             "class_names": list(m.get("class_names", ())),
             "adapter_hash": self.hash,
+            # the spatial condition map the task takes (None: none): kind, channels, side in pixels
+            "condition": None
+            if cond is None
+            else {"kind": cond["kind"], "channels": int(cond["channels"]), "size": int(cond["size"])},
         }
 
 
@@ -131,6 +152,8 @@ class AdapterCatalog:
         self.refused: dict[str, str] = {}
         self.method: str | None = None  # one bank holds one method and one target set: the first read decides
         self.targets: tuple[str, ...] | None = None
+        # how conditional tasks' maps enter the bank (size, blocks, controlnet_blocks): the first one read decides
+        self.condition_layout: tuple[int, bool, int] | None = None
 
     def _files(self) -> list[Path]:
         if not self.folder.is_dir():
@@ -141,6 +164,7 @@ class AdapterCatalog:
         stamp = _stamp(file)
         meta, state = read_adapter_file(file)
         _check_adapter_fits(meta, file, self.model_config, self.backbone_hash)
+        check_condition_fits(meta, file, self.model_config)
         if meta.get("task") != file.stem:
             raise AdapterLoadError(f"{file}: holds task {meta.get('task')!r}, its file name says {file.stem!r}")
         if self.method is not None and (meta["method"], tuple(meta["targets"])) != (self.method, self.targets):
@@ -148,7 +172,20 @@ class AdapterCatalog:
                 f"{file}: method {meta['method']} on {meta['targets']}, the served bank holds "
                 f"{self.method} on {list(self.targets or ())}: one bank holds one method"
             )
+        layout = self._layout(meta)
+        if layout is not None and self.condition_layout is not None and layout != self.condition_layout:
+            raise AdapterLoadError(
+                f"{file}: its condition map enters as (size, blocks, controlnet_blocks) {layout}, the served "
+                f"bank's conditional tasks as {self.condition_layout}: one bank takes every map the same way"
+            )
         return AdapterEntry(file.stem, file, meta, state, content_hash(state), stamp)
+
+    def _layout(self, meta: dict[str, Any]) -> tuple[int, bool, int] | None:
+        cond = meta.get("condition")
+        if not cond:
+            return None
+        size = int(cond.get("size") or self.model_config.input_size)
+        return size, bool(cond.get("blocks")), int(cond.get("controlnet_blocks") or 0)
 
     def scan(self) -> ScanResult:
         result = ScanResult()
@@ -171,6 +208,8 @@ class AdapterCatalog:
                 continue
             if self.method is None:
                 self.method, self.targets = entry.meta["method"], tuple(entry.meta["targets"])
+            if self.condition_layout is None:
+                self.condition_layout = self._layout(entry.meta)
             self.entries[name] = entry
             (result.updated if old is not None else result.added).append(name)
         for name in sorted(set(self.entries) - seen):
@@ -215,7 +254,8 @@ class TaskRuntime:
         self.diffusion = GaussianDiffusion.from_config(self.diffusion_config, learn_sigma=model.config.learn_sigma)
         self.model: DiT | None = None
         self.bank: AdapterBank | None = None
-        self.shape: tuple[str, tuple[str, ...], int, int] | None = None  # (method, targets, rank, classes) of the bank
+        # (method, targets, rank, classes, condition layout) of the bank
+        self.shape: tuple[str, tuple[str, ...], int, int, Any] | None = None
         self.slots: OrderedDict[str, tuple[int, str]] = OrderedDict()  # task -> (slot, adapter hash), LRU first
         self.free: list[int] = []
         self.stats = {"hits": 0, "misses": 0, "page_ins": 0, "page_in_seconds": 0.0, "images": 0}
@@ -259,8 +299,15 @@ class TaskRuntime:
         method, targets = self.catalog.method or "affiner", self.catalog.targets or ()
         rank = max(e.meta["rank"] for e in entries.values())
         classes = max(e.meta["num_classes"] for e in entries.values())
-        if self.shape is None or self.shape[:2] != (method, targets) or rank > self.shape[2] or classes > self.shape[3]:
-            self._build(method, targets, max(rank, 1), classes)
+        layout = self.catalog.condition_layout
+        if (
+            self.shape is None
+            or self.shape[:2] != (method, targets)
+            or rank > self.shape[2]
+            or classes > self.shape[3]
+            or (layout is not None and layout != self.shape[4])
+        ):
+            self._build(method, targets, max(rank, 1), classes, layout)
         for name, (slot, digest) in list(self.slots.items()):
             entry = entries.get(name)
             if entry is None or entry.hash != digest:
@@ -273,14 +320,23 @@ class TaskRuntime:
             self.slots[name] = (slot, entries[name].hash)
             self.slots.move_to_end(name, last=False)  # preloaded tasks are the first to go
 
-    def _build(self, method: str, targets: tuple[str, ...], rank: int, classes: int) -> None:
+    def _build(self, method: str, targets: tuple[str, ...], rank: int, classes: int, layout: Any) -> None:
         model = DiT(self.model_config)
         model.load_state_dict(self.backbone_state)
-        # placeholder slots: each takes a task's rank, classes and rows when the task is paged in
+        # placeholder slots: each takes a task's rank, classes, rows and condition path when the task is paged in
         slots = [TaskInfo(f"slot{i}", classes, classes > 1, rank) for i in range(self.max_resident)]
-        self.bank = AdapterBank.attach(model, slots, method=method, rank=rank, targets=targets)
+        _size, blocks, controlnet_blocks = layout or (0, False, 0)
+        self.bank = AdapterBank.attach(
+            model,
+            slots,
+            method=method,
+            rank=rank,
+            targets=targets,
+            condition_blocks=blocks,
+            controlnet_blocks=controlnet_blocks,
+        )
         self.model = model.to(self.device).eval()
-        self.shape = (method, targets, rank, classes)
+        self.shape = (method, targets, rank, classes, layout)
         self.slots.clear()
         self.free = list(range(self.max_resident))
 
@@ -288,15 +344,7 @@ class TaskRuntime:
     def _page_in(self, entry: AdapterEntry, slot: int, count: bool = True) -> None:
         assert self.bank is not None and self.model is not None
         t0 = time.perf_counter()
-        info = entry.info
-        self.bank.tasks[slot] = info
-        for layer in self.bank.layers.values():
-            if "down" in layer.parts:  # columns beyond the task's rank must be exactly zero
-                layer.down[slot].zero_()
-                layer.up[slot].zero_()
-        emb = self.model.task_embedder
-        emb.num_classes[slot] = info.num_classes
-        emb.conditional[slot] = info.conditional
+        self.bank.set_task(slot, entry.info)  # its classes, rank and condition path (a task with a map)
         self.bank.load_task_state(slot, entry.state, entry.file)
         if count:  # preloading at start or reload is not a page-in on demand
             self.stats["page_ins"] += 1
@@ -325,16 +373,44 @@ class TaskRuntime:
 
     # -- images ---------------------------------------------------------------------------------------
     def check_row(self, row: ImageRow) -> None:
+        """ValueError (UnknownTaskError) for a row its task cannot take: a class out of range, a map given to a
+        task without maps, a task with maps given none (and not asked `unconditioned`), a map of another shape."""
         entry = self.catalog.entries.get(row.task)
         if entry is None:
             raise UnknownTaskError(row.task)
         n = entry.meta["num_classes"]
         if not 0 <= row.label < n:
             raise ValueError(f"class {row.label} is out of range for task {row.task!r} ({n} class(es))")
+        cond = entry.condition
+        if cond is None:
+            if row.condition is not None:
+                raise ValueError(f"task {row.task!r} takes no condition map (trained without one)")
+            return
+        want = (int(cond["channels"]), int(cond["size"]), int(cond["size"]))
+        if row.condition is None:
+            if not row.unconditioned:
+                raise ValueError(
+                    f"task {row.task!r} is conditioned on {cond['kind']} maps {want} (C, H, W): give one, or "
+                    "ask for its output without a map explicitly (unconditioned)"
+                )
+            return
+        if row.unconditioned:
+            raise ValueError(f"task {row.task!r}: a condition map and unconditioned together")
+        shape = tuple(np.shape(row.condition))
+        if shape != want or np.asarray(row.condition).dtype != np.uint8:
+            raise ValueError(f"task {row.task!r} takes uint8 {cond['kind']} maps {want} (C, H, W), got {shape}")
 
-    def images(self, rows: Sequence[ImageRow], steps: int, sampler: str = "ddim", guidance: float = 1.0) -> np.ndarray:
+    def images(
+        self,
+        rows: Sequence[ImageRow],
+        steps: int,
+        sampler: str = "ddim",
+        guidance: float = 1.0,
+        condition_scale: float = 1.0,
+    ) -> np.ndarray:
         """uint8 (N, H, W, 3) images of `rows`, one mixed-task batch (split only where more than
-        max_resident distinct tasks meet)."""
+        max_resident distinct tasks meet). Rows of tasks with maps carry theirs (`ImageRow.condition`);
+        `condition_scale` guides on the map (rows without one are left as they are)."""
         for row in rows:
             self.check_row(row)
         out: list[np.ndarray] = []
@@ -344,7 +420,7 @@ class TaskRuntime:
             while hi < len(rows) and (rows[hi].task in tasks or len(tasks) < self.max_resident):
                 tasks.add(rows[hi].task)
                 hi += 1
-            out.append(self._run(rows[lo:hi], steps, sampler, guidance))
+            out.append(self._run(rows[lo:hi], steps, sampler, guidance, condition_scale))
             lo = hi
         self.stats["images"] += len(rows)
         if not out:
@@ -352,7 +428,27 @@ class TaskRuntime:
             return np.zeros((0, s, s, 3), np.uint8)
         return np.concatenate(out)
 
-    def _run(self, rows: Sequence[ImageRow], steps: int, sampler: str, guidance: float) -> np.ndarray:
+    def _conditions(self, rows: Sequence[ImageRow]) -> dict[str, torch.Tensor]:
+        """generate()'s condition arguments for `rows`: maps (N, C_max, S, S) in [-1, 1] (zeros for rows
+        without one) and condition_mask (N,), or nothing when no row's task takes a map."""
+        if self.bank is None or self.bank.condition_path is None:
+            return {}
+        mask = torch.tensor([r.condition is not None for r in rows], dtype=torch.bool)
+        given = [r.condition for r in rows if r.condition is not None]
+        if not given:
+            return {"condition_mask": mask}
+        from diffscaler.data.conditions import maps_to_unit
+
+        side = given[0].shape[-1]
+        maps = np.zeros((len(rows), max(m.shape[0] for m in given), side, side), np.uint8)
+        for k, r in enumerate(rows):
+            if r.condition is not None:
+                maps[k, : r.condition.shape[0]] = r.condition
+        return {"condition": torch.from_numpy(maps_to_unit(maps)), "condition_mask": mask}
+
+    def _run(
+        self, rows: Sequence[ImageRow], steps: int, sampler: str, guidance: float, condition_scale: float
+    ) -> np.ndarray:
         assert self.model is not None
         slots = self._ensure([r.task for r in rows])
         ids = [slots[r.task] for r in rows]
@@ -369,6 +465,8 @@ class TaskRuntime:
             cfg_scale=guidance,
             eta=self.diffusion_config.ddim_eta,
             sample_seeds=[r.noise_seed for r in rows],
+            condition_scale=condition_scale,
+            **self._conditions(rows),
         )
         return to_uint8(x)
 

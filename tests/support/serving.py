@@ -56,3 +56,22 @@ def live_actor_pids(class_fragment: str) -> list[int]:
         for a in actors().values()
         if a.get("State") == "ALIVE" and class_fragment in a.get("ActorClassName", "") and a.get("Pid")
     ]
+
+
+def condition_task(name: str, kind: str, size: int = 8) -> TaskInfo:
+    """A task taking `kind` maps (canny or mask, the data config's default extractor parameters) at `size` px."""
+    from diffscaler.config import DataConfig
+    from diffscaler.data.conditions import ConditionSpec
+
+    spec = ConditionSpec.from_config(kind, DataConfig())
+    record = {**spec.record(), "channels": 1, "size": size}
+    return TaskInfo(name, condition=kind, condition_channels=1, condition_size=size, condition_extractor=record)
+
+
+# edges and masked take condition maps (8 px, 1 channel); plain takes none; masked is class-conditional
+def condition_tasks() -> list[TaskInfo]:
+    """edges and masked take condition maps (8 px, 1 channel); plain takes none; masked has 2 classes."""
+    from dataclasses import replace
+
+    masked = replace(condition_task("masked", "mask"), num_classes=2, conditional=True)
+    return [condition_task("edges", "canny"), TaskInfo("plain"), masked]

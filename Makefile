@@ -58,18 +58,20 @@ compare-matched-eval: setup
 	$(BIN)/python -m ray_jobs.pipeline $(MATCHED) 'pipeline.stages=[evaluate, report]'
 
 # Issue 21: every method behind the same condition path on three conditional targets, two seeds each
-# (bench/QUALITY.md "Spatial control"); then the mixed run: the demo's set-up with two conditional and two
-# unconditional tasks in every training batch (the Affiner, two seeds; MIXED_LR = the lr the sweep chose).
+# (bench/QUALITY.md "Spatial control"). Then the mixed run, on compare-spatial's backbone: the demo's config
+# with two conditional and two unconditional tasks in every training batch (the Affiner, two seeds; batch 64
+# holds ~16 images of each task, the budget each task has alone; MIXED_LR = the lr the sweep chose).
 SPATIAL := --config ray_jobs/configs/compare-spatial.yaml
 compare-spatial: setup
 	$(BIN)/python -m ray_jobs.pipeline $(SPATIAL) --out runs/compare-spatial
 
+MIXED_LR ?= 1.0e-3
 compare-spatial-mixed: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/tiny.yaml --out runs/compare-spatial-mixed \
 	  'data.targets=[{name: emoji-canny, source: emoji, condition: canny}, {name: emoji-mask, source: emoji, condition: mask}, {name: icons}, {name: tiles}]' \
-	  finetune.mixed=true 'finetune.extra_seeds={affiner: [1]}' finetune.lr=$(MIXED_LR) \
-	  eval.num_samples=128 eval.kid_subset_size=64 'pipeline.stages=[shards, pretrain, finetune, evaluate, report]'
-MIXED_LR ?= 1.0e-3
+	  finetune.mixed=true finetune.batch_size=64 'finetune.extra_seeds={affiner: [1]}' finetune.lr=$(MIXED_LR) \
+	  pipeline.backbone=runs/compare-spatial/backbone/backbone.safetensors \
+	  eval.num_samples=128 eval.kid_subset_size=64 'pipeline.stages=[shards, finetune, evaluate, report]'
 
 test: setup
 	$(BIN)/ruff check .

@@ -55,7 +55,9 @@ def test_compare_spatial_mixed_trains_two_conditional_and_two_unconditional_task
         ("icons", ""),
         ("tiles", ""),
     ]
-    assert "sweep" not in cfg.pipeline.stages
+    assert cfg.finetune.batch_size == 4 * 16 and cfg.finetune.lr == 1.0e-3  # 16 of each task, the sweep's lr
+    assert cfg.pipeline.backbone == "runs/compare-spatial/backbone/backbone.safetensors"
+    assert "sweep" not in cfg.pipeline.stages and "pretrain" not in cfg.pipeline.stages
 
 
 @pytest.mark.parametrize("target", ["compare-spatial", "compare-spatial-mixed"])

@@ -87,6 +87,22 @@ def test_the_readme_conditional_targets_validate_on_the_dit_xl_config():
         load_config(str(ROOT / config), [*overrides[:-1], npy])
 
 
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--source", "webdataset:/data/rooms-wds"], "shards make encodes WebDataset shards through --vae PATH"),
+        (["--source", "emoji", "--label-key", "cls"], "--label-key: label_key and image_key are for webdataset:"),
+        (["--source", "emoji", "--condition", "key:depth.png"], "--condition 'key:depth.png': shards make computes"),
+        (["--source", "webdataset:/x", "--vae", "/v", "--image-key", "npy"], "--image-key: 'npy': with data.vae"),
+    ],
+)
+def test_shards_make_refuses_webdataset_flags_that_cannot_work(argv, words, tmp_path, capsys, refuse_ray):
+    from diffscaler.cli import main as cli_main
+
+    assert cli_main(["shards", "make", "--out", str(tmp_path / "out"), *argv]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_the_readme_depth_map_target_runs_as_written_encoded_fine_tuned_and_evaluated(ray_local, tmp_path, capsys):
@@ -172,6 +188,7 @@ def _config(tmp_path: Path, vae: Path, shards: Path, *extra: str, label_key: str
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_missing_map_is_named_and_a_rewritten_shard_or_other_keys_re_encode(ray_local, tmp_path):
+    from diffscaler.cli import main as cli_main
     from diffscaler.data import DatasetError, load_index
     from diffscaler.data.build import build_all
     from diffscaler.stages.base import Run
@@ -212,4 +229,30 @@ def test_a_missing_map_is_named_and_a_rewritten_shard_or_other_keys_re_encode(ra
     relabelled = Run.for_program(relabelled_cfg, "shards", tmp_path / "out")
     assert "read_with" in stage.check(relabelled).reason
     stage.run(relabelled)
-    assert load_index(str(tmp_path / "root" / "rooms-depth")).class_names == ["0", "1"]
+    built = load_index(str(tmp_path / "root" / "rooms-depth"))
+    assert built.class_names == ["0", "1"]
+
+    # by hand: the same shards, byte for byte
+    by_hand = [
+        "shards",
+        "make",
+        "--source",
+        f"webdataset:{shards}",
+        "--out",
+        str(tmp_path / "by-hand"),
+        "--vae",
+        str(vae),
+        "--size",
+        str(SIZE),
+        "--samples-per-shard",
+        "6",
+        "--eval-fraction",
+        str(EVAL_FRACTION),
+        "--label-key",
+        "cls",
+        "--condition",
+        "key:depth.png",
+        "--skip-bad",
+    ]
+    assert cli_main(by_hand) == 0
+    assert load_index(str(tmp_path / "by-hand")).content_hash == built.content_hash

@@ -1,12 +1,14 @@
 """`diffscaler shards make` and `diffscaler shards check` (a command-line contract).
 
-    diffscaler shards make --source NAME|folder:PATH --out DIR [--size 32] [--samples-per-shard N]
+    diffscaler shards make --source NAME|folder:PATH|webdataset:SHARDS --out DIR [--size 32] [--samples-per-shard N]
                            [--eval-fraction F] [--limit N] [--seed S] [--workers W] [--skip-bad]
                            [--vae PATH [--vae-config JSON] [--actors N] [--gpus-per-actor G]]
                            [--condition canny|mask [--canny-low L --canny-high H --canny-blur S]
                                                    [--mask-alpha-threshold A --mask-white-threshold W]]
                                          # --vae: latent shards (npy fp16, both flips) encoded on Ray
                                          # --condition: each sample also holds its map (cond.png)
+                           [--label-key cls|json:FIELD|none] [--image-key jpg] [--condition key:MEMBER]
+                                         # webdataset:SHARDS (with --vae): users' shards encoded, their maps kept
     diffscaler shards check DIR          # exit status 0 = valid, 1 = problems (each names file + key)
     diffscaler shards index URL_OR_DIR [--out DIR] [--image-key jpg] [--label-key cls|json:FIELD|none]
                             [--size N] [--eval-shards K | --eval-fraction F] [--skip-bad] [--ray]
@@ -24,7 +26,15 @@ import sys
 from dataclasses import replace
 
 from diffscaler.cluster import connect_ray
-from diffscaler.config import CONDITION_KINDS, ConfigError, DataConfig, ExperimentConfig, TaskSpec
+from diffscaler.config import (
+    CONDITION_KEY_PREFIX,
+    CONDITION_KINDS,
+    WEBDATASET_PREFIX,
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    TaskSpec,
+)
 from diffscaler.data.check import check_dataset
 from diffscaler.data.conditions import ConditionSpec
 from diffscaler.data.encode import encode_shards
@@ -39,32 +49,50 @@ _DEFAULTS = DataConfig()
 
 
 def _condition(args: argparse.Namespace) -> ConditionSpec | None:
-    """--condition and the extractor flags as a ConditionSpec (validated as data.targets' conditions are)."""
-    if not args.condition:
-        return None
-    if args.condition not in CONDITION_KINDS:
+    """--condition and the extractor flags as a ConditionSpec, the source and its flags validated as a config's
+    data.targets are (--label-key / --image-key belong to webdataset: sources, which shards make encodes
+    through --vae; key:<member> reads their maps)."""
+    users = args.source.startswith(WEBDATASET_PREFIX)
+    if users and not args.vae:
+        raise ConfigError(
+            f"--source {args.source}: shards make encodes WebDataset shards through --vae PATH; for a pixel "
+            "backbone they are indexed where they lie (`diffscaler shards index SHARDS`)"
+        )
+    keyed = users and args.condition.startswith(CONDITION_KEY_PREFIX)
+    if args.condition and args.condition not in CONDITION_KINDS and not keyed:
         raise ConfigError(
             f"--condition {args.condition!r}: shards make computes {' or '.join(CONDITION_KINDS)}; a "
-            "key:<member> map is read from WebDataset shards (`diffscaler shards index --condition`)"
+            "key:<member> map is read from WebDataset shards (`diffscaler shards index --condition`, or "
+            "`shards make --source webdataset:SHARDS --vae PATH`)"
         )
+    if not (args.condition or users or args.label_key or args.image_key):
+        return None
     data = DataConfig(
         canny_low=args.canny_low,
         canny_high=args.canny_high,
         canny_blur=args.canny_blur,
         mask_alpha_threshold=args.mask_alpha_threshold,
         mask_white_threshold=args.mask_white_threshold,
+        vae=args.vae,
     )
-    source = args.source
-    cfg = ExperimentConfig(data=replace(data, targets=(TaskSpec("cli", source, condition=args.condition),)))
+    task = TaskSpec("cli", args.source, condition=args.condition, label_key=args.label_key, image_key=args.image_key)
+    cfg = ExperimentConfig(data=replace(data, targets=(task,)))
     try:  # the same checks as a config's data.* (thresholds, mask on an opaque source), named as flags
         cfg.validate()
     except ConfigError as err:
-        flags = {"data.targets[0].condition": "--condition", "data.canny_": "--canny-", "data.mask_": "--mask-"}
+        flags = {
+            "data.targets[0].condition": "--condition",
+            "data.targets[0].label_key": "--label-key",
+            "data.targets[0].image_key": "--image-key",
+            "data.targets[0].source": "--source",
+            "data.canny_": "--canny-",
+            "data.mask_": "--mask-",
+        }
         message = str(err)
         for field, flag in flags.items():
             message = message.replace(field, flag)
         raise ConfigError(message.replace("_threshold", "-threshold")) from None
-    return ConditionSpec.from_config(args.condition, data)
+    return ConditionSpec.from_config(args.condition, data) if args.condition else None
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -93,6 +121,8 @@ def _make_here(args: argparse.Namespace, condition: ConditionSpec | None) -> int
                 gpus_per_actor=args.gpus_per_actor,
                 skip_bad=args.skip_bad,
                 condition=condition,
+                image_key=args.image_key,
+                label_key=args.label_key,
             )
         except (VaeError, DatasetError) as err:
             print(f"problem: {err}", file=sys.stderr)
@@ -160,7 +190,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = shards.add_subparsers(dest="shards_command", required=True)
 
     make = sub.add_parser("make", help="decode a source into <split>-NNNNNN.tar shards + index.json")
-    make.add_argument("--source", required=True, help=f"one of {', '.join(BUNDLED_SOURCES)} or folder:PATH")
+    make.add_argument(
+        "--source",
+        required=True,
+        help=f"one of {', '.join(BUNDLED_SOURCES)}, folder:PATH, or webdataset:SHARDS (with --vae)",
+    )
     make.add_argument("--out", required=True, help="output folder or fsspec URL")
     make.add_argument("--size", type=int, default=_DEFAULTS.image_size, help="square side in pixels")
     make.add_argument("--samples-per-shard", type=int, default=_DEFAULTS.samples_per_shard)
@@ -174,7 +208,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     make.add_argument("--actors", type=int, default=1, help="--vae: encoding actors (Ray Data actor pool)")
     make.add_argument("--gpus-per-actor", type=float, default=0.0, help="--vae: GPUs per encoding actor")
     make.add_argument("--batch-size", type=int, default=16, help="--vae: images per encode call")
-    make.add_argument("--condition", default="", help="store a condition map per image: canny | mask (alpha)")
+    make.add_argument(
+        "--condition",
+        default="",
+        help="store a condition map per image: canny | mask (alpha) | key:MEMBER (webdataset: sources, --vae)",
+    )
+    make.add_argument(
+        "--label-key", default="", help="webdataset: sources: cls | json:FIELD | none (default: cls if all)"
+    )
+    make.add_argument(
+        "--image-key", default="", help="webdataset: sources: image member(s), e.g. jpg;png (default: found)"
+    )
     make.add_argument("--canny-low", type=float, default=_DEFAULTS.canny_low, help="canny: low threshold")
     make.add_argument("--canny-high", type=float, default=_DEFAULTS.canny_high, help="canny: high threshold")
     make.add_argument("--canny-blur", type=float, default=_DEFAULTS.canny_blur, help="canny: Gaussian sigma, px")

@@ -26,7 +26,7 @@ from diffscaler.data.indexer import condition_key_member, scan_shards, shard_bas
 from diffscaler.data.samples import IMAGE_EXTENSIONS, iter_samples
 from diffscaler.data.sources import SourceItem
 
-SKIP_HINT = "set data.skip_bad_samples=true"  # how a pipeline leaves bad samples out
+SKIP_HINT = "set data.skip_bad_samples=true (shards make: --skip-bad)"  # how bad samples are left out
 
 
 @dataclass(frozen=True)

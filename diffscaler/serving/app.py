@@ -199,6 +199,16 @@ def condition_map(req: dict[str, Any], entry: Any) -> np.ndarray | None:
         raise BadRequest(f"field 'condition' ({what}) for task {task!r}: {err}") from None
 
 
+def _replica_id() -> str:
+    """Serve's id of this replica (unique within the deployment); the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (a direct construction)
+        import os
+
+        return f"pid-{os.getpid()}"
+
+
 @serve.deployment(name="TaskServer")
 @serve.ingress(api)
 class TaskServer:
@@ -298,8 +308,9 @@ class TaskServer:
         c = self.runtime.catalog
         return {"replica": self.replica, "generation": c.generation, "digest": c.digest()}
 
-    def __del__(self):
-        self.stop.set()
+    def __del__(self):  # Serve calls it when the replica shuts down: the watcher stops with it
+        if hasattr(self, "stop"):
+            self.stop.set()
 
     # -- routes ---------------------------------------------------------------------------------------
     @api.post("/v1/generate")
@@ -411,16 +422,6 @@ class TaskServer:
             "tasks": sorted(self.runtime.catalog.entries),
             **self.catalog_state(),
         }
-
-
-def _replica_id() -> str:
-    """Serve's id of this replica (unique within the deployment); the process id outside Serve."""
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # not inside a Serve replica (a direct construction)
-        import os
-
-        return f"pid-{os.getpid()}"
 
 
 def build_app(backbone: str, adapters: str, cfg: ExperimentConfig):

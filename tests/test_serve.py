@@ -49,7 +49,8 @@ def server(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     backbone, adapters = setup_models(root)
     (port,) = free_ports(1)
-    cfg = load_config(None, [*SERVE, f"serve.port={port}"])
+    # no watching here: the reload test reads what its own POST /v1/reload found (the watcher could find it first)
+    cfg = load_config(None, [*SERVE, f"serve.port={port}", "serve.watch_interval_s=0"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(backbone), str(adapters), cfg), name="diffscaler", route_prefix="/")
     try:

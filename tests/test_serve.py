@@ -288,6 +288,30 @@ def test_a_half_written_adapter_is_refused_on_every_replica_and_served_once_comp
     assert post(url, {"task": "h", "num": 2}).status_code == 200
 
 
+def test_the_catalog_fingerprint_digest_and_a_rewritten_json(tmp_path):
+    """No Ray: what the watcher compares (names, sizes, mtimes) and what a rewrite of either file of a task does."""
+    from diffscaler.artifacts import load_backbone
+    from diffscaler.serving.runtime import AdapterCatalog
+
+    backbone, adapters = setup_models(tmp_path)
+    model, meta = load_backbone(backbone)
+    one, two = (AdapterCatalog(adapters, meta["content_hash"], model.config, log=lambda _m: None) for _ in "12")
+    one.scan()
+    two.scan()
+    assert one.digest() == two.digest() and one.generation == 1
+    before = one.fingerprint()
+    assert one.fingerprint() == before and one.scan().summary()["updated"] == [] and one.generation == 1
+    task = json.loads((adapters / "b.json").read_text())
+    task["class_names"] = ["x", "y", "z"]
+    time.sleep(0.01)
+    (adapters / "b.json").write_text(json.dumps(task))  # the JSON alone rewritten: a change to read
+    assert one.fingerprint() != before
+    assert one.scan().updated == ["b"] and one.entries["b"].describe()["class_names"] == ["x", "y", "z"]
+    assert one.digest() == two.digest()  # the same tensors: the same served adapters
+    os.remove(adapters / "d.safetensors")
+    assert one.scan().removed == ["d"] and one.digest() != two.digest() and one.generation == 3
+
+
 def test_a_saturated_deployment_answers_503(server):
     from ray import serve
 

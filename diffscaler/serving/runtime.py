@@ -253,10 +253,9 @@ class AdapterCatalog:
             (result.updated if old is not None else result.added).append(name)
         with commit_lock or contextlib.nullcontext():
             self.method, self.targets, self.condition_layout = method, targets, layout
-            self.entries.update(read)
-            for name in sorted(set(self.entries) - seen):
-                del self.entries[name]
-                result.removed.append(name)
+            result.removed = sorted(set(self.entries) - seen)
+            # a new dict, not an edit of the old: a reader iterating the entries (a GET) never sees them change
+            self.entries = {n: e for n, e in {**self.entries, **read}.items() if n in seen}
             self.refused = result.refused = refused
             if result.added or result.updated or result.removed:
                 self.generation += 1

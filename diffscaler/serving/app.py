@@ -48,10 +48,10 @@ and only the swap of entries and slots waits for the batch in flight.
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -204,8 +204,6 @@ def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.unique_id
     except Exception:  # not inside a Serve replica (a direct construction)
-        import os
-
         return f"pid-{os.getpid()}"
 
 
@@ -241,9 +239,8 @@ class TaskServer:
 
     def _watch(self, interval: float) -> None:
         """Re-read the folder when its fingerprint changes (a stat per file every `interval` seconds)."""
+        # no fingerprint yet: the first tick re-reads once (a file written between the start's read and here)
         catalog, seen, failing = self.runtime.catalog, None, False
-        with contextlib.suppress(OSError):
-            seen = catalog.fingerprint()
         while not self.stop.wait(interval):
             try:
                 now = catalog.fingerprint()

@@ -253,7 +253,11 @@ def test_every_replica_serves_a_new_changed_or_removed_adapter_without_a_reload(
 
     # changed: a rewritten with other tensors; every replica serves the new version
     make_adapters(backbone, tmp_path / "changed", seed=3)
-    put_atomically(tmp_path / "changed", "a", adapters)
+    with ThreadPoolExecutor(6) as pool:  # requests in flight while the replicas re-read: none of them fails
+        busy = [pool.submit(post, url, {"task": t, "num": 2, "steps": 8}) for t in "abdabd"]
+        time.sleep(0.2)
+        put_atomically(tmp_path / "changed", "a", adapters)
+        assert [f.result().status_code for f in busy] == [200] * 6
     views = every_replica(url, lambda v: {t["name"]: t["adapter_hash"] for t in v["tasks"]}["a"] != old_a)
     assert len({v["digest"] for v in views.values()}) == 1
     assert old_a not in {post(url, {"task": "a"}).json()["adapter_hash"] for _ in range(6)}

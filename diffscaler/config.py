@@ -272,6 +272,9 @@ class ServeConfig:
     use_gpu: bool = False  # one GPU per replica (on the GPU worker types of cluster.yaml)
     cpus_per_replica: float = 1.0  # CPU request per replica
     threads: int = 0  # torch threads per replica (0 = torch's default)
+    # every replica checks the adapters folder's names, sizes and mtimes this often and re-reads it on a change
+    # (new, changed, removed adapters served everywhere without a POST); 0 = off (start, POST /v1/reload, 404 only)
+    watch_interval_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -829,6 +832,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(v.target_ongoing_requests > 0, "serve.target_ongoing_requests", "must be positive")
     _resource(v.cpus_per_replica, "serve.cpus_per_replica", positive=True)
     _require(v.threads >= 0, "serve.threads", "must be >= 0 (0 = torch's default)")
+    _require(0 <= v.watch_interval_s <= 3600, "serve.watch_interval_s", "must be in [0, 3600] seconds (0 = off)")
 
     stages = cfg.pipeline.stages
     for st in stages:

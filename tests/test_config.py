@@ -138,6 +138,7 @@ def test_the_readme_targets_override_of_tiny_yaml_validates():
         ("serve.max_replicas=0", "serve.max_replicas", "at least 1"),
         ("serve.guidance=-1", "serve.guidance", ">= 0"),
         ("serve.route_prefix=v1", "serve.route_prefix", "start with '/'"),
+        ("serve.watch_interval_s=-1", "serve.watch_interval_s", "[0, 3600] seconds (0 = off)"),
     ],
 )
 def test_generate_and_serve_sections_are_validated(override, field, words):

@@ -49,7 +49,8 @@ def server(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     backbone, adapters = setup_models(root)
     (port,) = free_ports(1)
-    cfg = load_config(None, [*SERVE, f"serve.port={port}"])
+    # no watching here: the reload test reads what its own POST /v1/reload found (the watcher could find it first)
+    cfg = load_config(None, [*SERVE, f"serve.port={port}", "serve.watch_interval_s=0"])
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(backbone), str(adapters), cfg), name="diffscaler", route_prefix="/")
     try:
@@ -168,6 +169,151 @@ def test_tasks_healthz_and_reload_of_new_removed_foreign_and_corrupt_adapters(se
         for ext in (".safetensors", ".json"):
             shutil.copy(tmp_path / "again" / f"c{ext}", adapters / f"c{ext}")
         requests.post(url + "/v1/reload", timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two replicas watching one adapters folder: a change reaches every replica with no POST
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def replicas(server, tmp_path):
+    """(base URL, adapters folder, backbone) of a 2-replica app watching its own copy of the adapters every 0.5 s."""
+    from ray import serve
+
+    from diffscaler.serving.app import build_app
+
+    url, _adapters, backbone = server
+    adapters = tmp_path / "adapters"
+    make_adapters(backbone, adapters)
+    cfg = load_config(
+        None, [*SERVE, "serve.num_replicas=2", "serve.cpus_per_replica=0.25", "serve.watch_interval_s=0.5"]
+    )
+    serve.run(build_app(str(backbone), str(adapters), cfg), name="multi", route_prefix="/multi")
+    try:
+        yield url + "/multi", adapters, backbone
+    finally:
+        serve.delete("multi")
+
+
+def every_replica(url: str, agree, replicas: int = 2, timeout: float = 60.0) -> dict[str, dict]:
+    """The latest /v1/tasks of each replica once `replicas` distinct ones answered and `agree(view)` holds for each
+    (Serve routes each GET to one replica: asking again reaches the others); AssertionError naming the views."""
+    views: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = requests.get(url + "/v1/tasks", timeout=30).json()
+        views[view["replica"]] = view
+        if len(views) == replicas and all(agree(v) for v in views.values()):
+            return views
+        time.sleep(0.1)
+    raise AssertionError(f"not every replica agreed within {timeout} s: {json.dumps(views)[:2000]}")
+
+
+def served(view: dict) -> list[str]:
+    return [t["name"] for t in view["tasks"]]
+
+
+def put_atomically(src_folder, name: str, folder) -> None:
+    """<name>.safetensors then <name>.json into `folder`, each by rename, as the fine-tune stage writes them."""
+    for ext in (".safetensors", ".json"):
+        shutil.copy(src_folder / f"{name}{ext}", folder / f".{name}{ext}.tmp")
+        os.replace(folder / f".{name}{ext}.tmp", folder / f"{name}{ext}")
+
+
+def test_every_replica_serves_a_new_changed_or_removed_adapter_without_a_reload(replicas, tmp_path):
+    from diffscaler.adapters import TaskInfo
+
+    url, adapters, backbone = replicas
+    views = every_replica(url, lambda v: served(v) == ["a", "b", "c", "d"])
+    assert len({v["digest"] for v in views.values()}) == 1
+    old_a = {t["name"]: t["adapter_hash"] for t in next(iter(views.values()))["tasks"]}["a"]
+
+    # new: e as the fine-tune stage writes it; f of another backbone and a corrupt g are refused on every replica
+    make_adapters(backbone, tmp_path / "new", tasks=[TaskInfo("e", rank=2)], seed=5)
+    put_atomically(tmp_path / "new", "e", adapters)
+    other = tmp_path / "other.safetensors"
+    make_backbone(other, seed=9)
+    make_adapters(other, tmp_path / "foreign", tasks=[TaskInfo("f")])
+    put_atomically(tmp_path / "foreign", "f", adapters)
+    shutil.copy(tmp_path / "new" / "e.json", adapters / "g.json")
+    (adapters / "g.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+
+    def refused(view: dict) -> set[str]:
+        return {os.path.basename(f) for f in view["refused"]}
+
+    views = every_replica(
+        url, lambda v: served(v) == ["a", "b", "c", "d", "e"] and refused(v) == {"f.safetensors", "g.safetensors"}
+    )
+    assert len({v["digest"] for v in views.values()}) == 1
+    why = next(iter(views.values()))["refused"]
+    assert any("only works on the backbone it was trained on" in r for r in why.values())
+    assert any("truncated or corrupt" in r for r in why.values())
+    assert all(post(url, {"task": t, "num": 1}).status_code == 200 for t in "eaeb")  # e and the others serve
+
+    # changed: a rewritten with other tensors; every replica serves the new version
+    make_adapters(backbone, tmp_path / "changed", seed=3)
+    with ThreadPoolExecutor(6) as pool:  # requests in flight while the replicas re-read: none of them fails
+        busy = [pool.submit(post, url, {"task": t, "num": 2, "steps": 8}) for t in "abdabd"]
+        time.sleep(0.2)
+        put_atomically(tmp_path / "changed", "a", adapters)
+        assert [f.result().status_code for f in busy] == [200] * 6
+    views = every_replica(url, lambda v: {t["name"]: t["adapter_hash"] for t in v["tasks"]}["a"] != old_a)
+    assert len({v["digest"] for v in views.values()}) == 1
+    assert old_a not in {post(url, {"task": "a"}).json()["adapter_hash"] for _ in range(6)}
+
+    # removed: c stops being served everywhere; every request for it is a 404 listing the served tasks
+    os.remove(adapters / "c.safetensors")
+    os.remove(adapters / "c.json")
+    every_replica(url, lambda v: "c" not in served(v))
+    for _ in range(8):
+        r = post(url, {"task": "c"})
+        assert r.status_code == 404 and "served tasks: a, b, d, e" in r.json()["error"], r.text
+
+
+def test_a_half_written_adapter_is_refused_on_every_replica_and_served_once_complete(replicas, tmp_path):
+    from diffscaler.adapters import TaskInfo
+
+    url, adapters, backbone = replicas
+    every_replica(url, lambda v: served(v) == ["a", "b", "c", "d"])
+    make_adapters(backbone, tmp_path / "new", tasks=[TaskInfo("h")], seed=6)
+    data = (tmp_path / "new" / "h.safetensors").read_bytes()
+    shutil.copy(tmp_path / "new" / "h.json", adapters / "h.json")
+    with open(adapters / "h.safetensors", "wb") as f:  # a writer that does not rename: half the file, then a pause
+        f.write(data[: len(data) // 2])
+        f.flush()
+        every_replica(url, lambda v: any(k.endswith("h.safetensors") for k in v["refused"]) and "h" not in served(v))
+        r = post(url, {"task": "h"})
+        assert r.status_code == 404 and "served tasks: a, b, c, d" in r.json()["error"]
+        time.sleep(0.01)  # a later mtime even on a coarse clock
+        f.write(data[len(data) // 2 :])
+    views = every_replica(url, lambda v: "h" in served(v) and not v["refused"])
+    assert len({v["digest"] for v in views.values()}) == 1
+    assert post(url, {"task": "h", "num": 2}).status_code == 200
+
+
+def test_the_catalog_fingerprint_digest_and_a_rewritten_json(tmp_path):
+    """No Ray: what the watcher compares (names, sizes, mtimes) and what a rewrite of either file of a task does."""
+    from diffscaler.artifacts import load_backbone
+    from diffscaler.serving.runtime import AdapterCatalog
+
+    backbone, adapters = setup_models(tmp_path)
+    model, meta = load_backbone(backbone)
+    one, two = (AdapterCatalog(adapters, meta["content_hash"], model.config, log=lambda _m: None) for _ in "12")
+    one.scan()
+    two.scan()
+    assert one.digest() == two.digest() and one.generation == 1
+    before = one.fingerprint()
+    assert one.fingerprint() == before and one.scan().summary()["updated"] == [] and one.generation == 1
+    task = json.loads((adapters / "b.json").read_text())
+    task["class_names"] = ["x", "y", "z"]
+    time.sleep(0.01)
+    (adapters / "b.json").write_text(json.dumps(task))  # the JSON alone rewritten: a change to read
+    assert one.fingerprint() != before
+    assert one.scan().updated == ["b"] and one.entries["b"].describe()["class_names"] == ["x", "y", "z"]
+    assert one.digest() == two.digest()  # the same tensors: the same served adapters
+    os.remove(adapters / "d.safetensors")
+    assert one.scan().removed == ["d"] and one.digest() != two.digest() and one.generation == 3
 
 
 def test_a_saturated_deployment_answers_503(server):

@@ -16,8 +16,10 @@ HTTP API (on the Serve proxy, under serve.route_prefix):
     GET  /v1/tasks      every served task (name, method, rank, classes, condition, adapter hash, resident) and
                         refused files
     GET  /healthz       {"status": "ok", ...}
-    POST /v1/reload     re-read the adapters folder on the replica that answers (new, changed and removed files)
+    POST /v1/reload     re-read the adapters folder now on the replica that answers (new, changed, removed files);
+                        every replica also watches the folder (serve.watch_interval_s)
     GET  /v1/stats      the replica's batches, images, mixed batches, adapter cache hits and page-ins
+    (/v1/tasks, /v1/stats, /healthz and /v1/reload name the replica and its catalog: generation and digest)
 
 Mixed-task dynamic batching: a request becomes `num` single-image calls of the replica's `@serve.batch`
 method, so one batch (up to serve.max_batch_size images, waiting at most serve.batch_wait_s) holds images of
@@ -30,9 +32,17 @@ splits every batch by model id, one adapter per batch (bench/serve_load.py measu
 
 A replica pages adapters between host memory and serve.max_resident_tasks device slots (least recently
 used out). Serve's `max_ongoing_requests` bounds a replica's concurrent requests and `max_queued_requests`
-the waiting ones: beyond them the proxy answers 503. Each replica reads the folder at start, on
-`POST /v1/reload`, and once before answering 404 for a task it does not know (at most once a second), so
-a new adapter written into the folder is found by every replica on its first request there.
+the waiting ones: beyond them the proxy answers 503.
+
+Adapters change while serving: every replica watches the folder (a thread compares the names, sizes and mtimes
+of its files every serve.watch_interval_s) and re-reads it on a change, so an adapter written, rewritten or
+removed reaches every replica, including those autoscaling starts later, with no request; each also re-reads on
+`POST /v1/reload` (at once, on the replica that answers) and before answering 404 for a task it does not know
+(at most once a second). Watching rather than fanning POST /v1/reload out with `DeploymentHandle.broadcast`:
+that is alpha in Ray 2.60, reaches only the replicas live at the call, and a broadcast made from inside a
+request waits for a free `max_ongoing_requests` slot on its own replica (never, at max_ongoing_requests=1),
+while a changed folder needs no client at all. Files are read outside the model's lock: batches keep running,
+and only the swap of entries and slots waits for the batch in flight.
 """
 
 import asyncio
@@ -41,6 +51,7 @@ import binascii
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +199,14 @@ def condition_map(req: dict[str, Any], entry: Any) -> np.ndarray | None:
         raise BadRequest(f"field 'condition' ({what}) for task {task!r}: {err}") from None
 
 
+def _replica_id() -> str:
+    """Serve's id of this replica (unique within the deployment); the process id outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica (a direct construction)
+        return f"pid-{os.getpid()}"
+
+
 @serve.deployment(name="TaskServer")
 @serve.ingress(api)
 class TaskServer:
@@ -211,6 +230,28 @@ class TaskServer:
         self.stats = {"batches": 0, "images": 0, "mixed_batches": 0, "batch_tasks": 0, "mixed_condition_batches": 0}
         self.images_batched.set_max_batch_size(s.max_batch_size)
         self.images_batched.set_batch_wait_timeout_s(s.batch_wait_s)
+        self.replica = _replica_id()
+        self.stop = threading.Event()
+        if s.watch_interval_s > 0:
+            threading.Thread(
+                target=self._watch, args=(s.watch_interval_s,), name="diffscaler-watch", daemon=True
+            ).start()
+
+    def _watch(self, interval: float) -> None:
+        """Re-read the folder when its fingerprint changes (a stat per file every `interval` seconds)."""
+        # no fingerprint yet: the first tick re-reads once (a file written between the start's read and here)
+        catalog, seen, failing = self.runtime.catalog, None, False
+        while not self.stop.wait(interval):
+            try:
+                now = catalog.fingerprint()
+                if now != seen:
+                    self._reload()
+                    seen = now
+                failing = False
+            except Exception as err:  # the folder gone or unreadable: keep serving what was read, say so once
+                if not failing:
+                    logger.warning(f"serve: watching {catalog.folder} failed: {type(err).__name__}: {err}")
+                failing = True
 
     # -- the batch ------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -257,11 +298,16 @@ class TaskServer:
         return out
 
     def _reload(self) -> dict[str, Any]:
-        with self.lock:
-            return self.runtime.reload().summary()
+        return self.runtime.reload(self.lock).summary()  # reads outside self.lock: batches keep running
 
-    async def _in_model_thread(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    def catalog_state(self) -> dict[str, Any]:
+        """Which replica answers and what it serves: the digest is equal on replicas serving the same adapters."""
+        c = self.runtime.catalog
+        return {"replica": self.replica, "generation": c.generation, "digest": c.digest()}
+
+    def __del__(self):  # Serve calls it when the replica shuts down: the watcher stops with it
+        if hasattr(self, "stop"):
+            self.stop.set()
 
     # -- routes ---------------------------------------------------------------------------------------
     @api.post("/v1/generate")
@@ -275,7 +321,7 @@ class TaskServer:
         entries = self.runtime.catalog.entries
         if req["task"] not in entries and time.monotonic() - self.last_miss_scan > 1.0:
             self.last_miss_scan = time.monotonic()
-            await self._in_model_thread(self._reload)  # a task written into the folder since the last scan
+            await asyncio.to_thread(self._reload)  # a task written into the folder since the last scan
         entry = self.runtime.catalog.entries.get(req["task"])
         if entry is None:
             served = sorted(self.runtime.catalog.entries)
@@ -347,20 +393,32 @@ class TaskServer:
             "refused": self.runtime.catalog.refused,
             "max_resident_tasks": self.runtime.max_resident,
             "backbone_hash": self.backbone_hash,
+            **self.catalog_state(),
         }
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "tasks": len(self.runtime.catalog.entries), "backbone_hash": self.backbone_hash}
+        return {
+            "status": "ok",
+            "tasks": len(self.runtime.catalog.entries),
+            "backbone_hash": self.backbone_hash,
+            **self.catalog_state(),
+        }
 
     @api.post("/v1/reload")
     async def reload(self) -> dict[str, Any]:
-        summary = await self._in_model_thread(self._reload)
-        return {**summary, "tasks": sorted(self.runtime.catalog.entries)}
+        summary = await asyncio.to_thread(self._reload)
+        return {**summary, "tasks": sorted(self.runtime.catalog.entries), **self.catalog_state()}
 
     @api.get("/v1/stats")
     async def replica_stats(self) -> dict[str, Any]:
-        return {**self.stats, **self.runtime.stats, "resident": len(self.runtime.resident())}
+        return {
+            **self.stats,
+            **self.runtime.stats,
+            "resident": len(self.runtime.resident()),
+            "tasks": sorted(self.runtime.catalog.entries),
+            **self.catalog_state(),
+        }
 
 
 def build_app(backbone: str, adapters: str, cfg: ExperimentConfig):

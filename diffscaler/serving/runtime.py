@@ -18,9 +18,11 @@ the batch's maps and a mask of the rows that carry one; each slot holds its task
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -79,7 +81,7 @@ class AdapterEntry:
     meta: dict[str, Any]
     state: dict[str, torch.Tensor]  # host tensors, as in the file
     hash: str  # content hash of the tensors (sha256 over names, dtypes, shapes and bytes)
-    stamp: tuple[int, int]  # (mtime_ns, size) of the file when read: an unchanged file is not read again
+    stamp: tuple[int, ...]  # (mtime_ns, size) of the tensors and of the JSON when read: unchanged, not read again
 
     @property
     def info(self) -> TaskInfo:
@@ -113,9 +115,14 @@ class AdapterEntry:
         }
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """(mtime_ns, size) of an adapter's tensors and of its JSON: either rewritten is a change to read."""
     st = path.stat()
-    return st.st_mtime_ns, st.st_size
+    try:
+        js = path.with_suffix(".json").stat()
+    except FileNotFoundError:  # the tensors written, the JSON not yet: refused now, read once it lands
+        return st.st_mtime_ns, st.st_size
+    return st.st_mtime_ns, st.st_size, js.st_mtime_ns, js.st_size
 
 
 @dataclass
@@ -154,29 +161,33 @@ class AdapterCatalog:
         self.targets: tuple[str, ...] | None = None
         # how conditional tasks' maps enter the bank (size, blocks, controlnet_blocks): the first one read decides
         self.condition_layout: tuple[int, bool, int] | None = None
+        self.generation = 0  # +1 at each scan that added, updated or removed a task
+        self.scan_lock = threading.Lock()
 
     def _files(self) -> list[Path]:
         if not self.folder.is_dir():
             raise AdapterLoadError(f"--adapters {self.folder}: not a folder")
         return [f for f in sorted(self.folder.glob("*.safetensors")) if _bank_tasks(f) is None]
 
-    def _read(self, file: Path) -> AdapterEntry:
+    def _read(
+        self, file: Path, method: str | None, targets: tuple[str, ...] | None, layout: tuple[int, bool, int] | None
+    ) -> AdapterEntry:
         stamp = _stamp(file)
         meta, state = read_adapter_file(file)
         _check_adapter_fits(meta, file, self.model_config, self.backbone_hash)
         check_condition_fits(meta, file, self.model_config)
         if meta.get("task") != file.stem:
             raise AdapterLoadError(f"{file}: holds task {meta.get('task')!r}, its file name says {file.stem!r}")
-        if self.method is not None and (meta["method"], tuple(meta["targets"])) != (self.method, self.targets):
+        if method is not None and (meta["method"], tuple(meta["targets"])) != (method, targets):
             raise AdapterLoadError(
                 f"{file}: method {meta['method']} on {meta['targets']}, the served bank holds "
-                f"{self.method} on {list(self.targets or ())}: one bank holds one method"
+                f"{method} on {list(targets or ())}: one bank holds one method"
             )
-        layout = self._layout(meta)
-        if layout is not None and self.condition_layout is not None and layout != self.condition_layout:
+        own = self._layout(meta)
+        if own is not None and layout is not None and own != layout:
             raise AdapterLoadError(
-                f"{file}: its condition map enters as (size, blocks, controlnet_blocks) {layout}, the served "
-                f"bank's conditional tasks as {self.condition_layout}: one bank takes every map the same way"
+                f"{file}: its condition map enters as (size, blocks, controlnet_blocks) {own}, the served "
+                f"bank's conditional tasks as {layout}: one bank takes every map the same way"
             )
         return AdapterEntry(file.stem, file, meta, state, content_hash(state), stamp)
 
@@ -187,11 +198,39 @@ class AdapterCatalog:
         size = int(cond.get("size") or self.model_config.input_size)
         return size, bool(cond.get("blocks")), int(cond.get("controlnet_blocks") or 0)
 
-    def scan(self) -> ScanResult:
+    def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """(name, mtime_ns, size) of every .safetensors and .json file of the folder: a stat per file and no read,
+        cheap enough to check every few seconds; a change means `scan()` has something to do."""
+        found = []
+        with os.scandir(self.folder) as it:
+            for e in it:
+                if e.name.endswith((".safetensors", ".json")) and e.is_file():
+                    with contextlib.suppress(FileNotFoundError):  # removed between listing and stat
+                        st = e.stat()
+                        found.append((e.name, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(found))
+
+    def digest(self) -> str:
+        """A short hash of the served (task, adapter hash) pairs: equal on two replicas serving the same adapters."""
+        pairs = ",".join(f"{n}={e.hash}" for n, e in sorted(self.entries.items()))
+        return hashlib.sha256(pairs.encode()).hexdigest()[:16]
+
+    def scan(
+        self, commit_lock: threading.Lock | None = None, on_commit: Callable[[], None] | None = None
+    ) -> ScanResult:
+        """Re-read the folder. New and changed files are read before `commit_lock` is taken (requests keep being
+        served from the entries as they were); the new entries then replace the old under it in one step, and
+        `on_commit` runs there too. One scan at a time (a watcher and a POST may ask together)."""
+        with self.scan_lock:
+            return self._scan(commit_lock, on_commit)
+
+    def _scan(self, commit_lock: threading.Lock | None, on_commit: Callable[[], None] | None) -> ScanResult:
         result = ScanResult()
         files = self._files()
         seen = set()
         refused: dict[str, str] = {}
+        read: dict[str, AdapterEntry] = {}
+        method, targets, layout = self.method, self.targets, self.condition_layout
         for file in files:
             name = file.stem
             seen.add(name)
@@ -199,23 +238,29 @@ class AdapterCatalog:
             try:
                 if old is not None and old.stamp == _stamp(file):
                     continue
-                entry = self._read(file)
+                entry = self._read(file, method, targets, layout)
             except (AdapterLoadError, OSError, KeyError, ValueError) as err:
                 refused[str(file)] = str(err)
                 if str(file) not in self.refused:
                     kept = " (the version read before keeps serving)" if old is not None else ""
                     self.log(f"serve: refused {file}: {err}{kept}")
                 continue
-            if self.method is None:
-                self.method, self.targets = entry.meta["method"], tuple(entry.meta["targets"])
-            if self.condition_layout is None:
-                self.condition_layout = self._layout(entry.meta)
-            self.entries[name] = entry
+            if method is None:
+                method, targets = entry.meta["method"], tuple(entry.meta["targets"])
+            if layout is None:
+                layout = self._layout(entry.meta)
+            read[name] = entry
             (result.updated if old is not None else result.added).append(name)
-        for name in sorted(set(self.entries) - seen):
-            del self.entries[name]
-            result.removed.append(name)
-        self.refused = result.refused = refused
+        with commit_lock or contextlib.nullcontext():
+            self.method, self.targets, self.condition_layout = method, targets, layout
+            result.removed = sorted(set(self.entries) - seen)
+            # a new dict, not an edit of the old: a reader iterating the entries (a GET) never sees them change
+            self.entries = {n: e for n, e in {**self.entries, **read}.items() if n in seen}
+            self.refused = result.refused = refused
+            if result.added or result.updated or result.removed:
+                self.generation += 1
+            if on_commit is not None:
+                on_commit()
         if result.added or result.updated or result.removed:
             self.log(
                 f"serve: adapters of {self.folder}: {len(self.entries)} served; added {result.added}, "
@@ -284,11 +329,10 @@ class TaskRuntime:
         return runtime
 
     # -- the bank -------------------------------------------------------------------------------------
-    def reload(self) -> ScanResult:
-        """Re-read the adapters folder; resident tasks whose file changed or went are paged out."""
-        result = self.catalog.scan()
-        self.sync()
-        return result
+    def reload(self, lock: threading.Lock | None = None) -> ScanResult:
+        """Re-read the adapters folder; resident tasks whose file changed or went are paged out. With `lock` (the one
+        batches hold), files are read outside it and only the swap of entries and slots happens under it."""
+        return self.catalog.scan(lock, on_commit=self.sync)
 
     def sync(self) -> None:
         """Build the bank if the catalog needs a larger one (rank, classes), and drop stale slots."""

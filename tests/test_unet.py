@@ -20,7 +20,7 @@ MICRO = ModelConfig(arch="unet", name="UNet-T", input_size=16, num_classes=3)
 TASKS = [TaskInfo("a"), TaskInfo("b", num_classes=2, conditional=True)]
 
 
-def test_arch_field_is_validated_and_the_pipeline_refuses_a_unet_by_name():
+def test_arch_field_is_validated_and_what_a_unet_cannot_take_is_refused_by_name():
     validate_model(MICRO)
     bad = {
         "model.arch=cnn": "model.arch",
@@ -34,8 +34,9 @@ def test_arch_field_is_validated_and_the_pipeline_refuses_a_unet_by_name():
     unet = ["model.arch=unet", "model.name=UNet-T"]
     with pytest.raises(ConfigError, match=r"finetune\.methods: 'affiner' does not apply to a U-Net"):
         load_config(None, [*unet, "finetune.methods=[affiner]"])
-    with pytest.raises(ConfigError, match=r"model\.arch: 'unet' .* run the DiT only so far"):
-        load_config(None, [*unet, "finetune.methods=[difffit, bitfit, full]"])
+    load_config(None, [*unet, "finetune.methods=[difffit, bitfit, full]"])  # the pipeline runs it now
+    with pytest.raises(ConfigError, match=r"finetune\.lr_from_sweep"):
+        load_config(None, [*unet, "finetune.methods=[difffit]", "finetune.lr_from_sweep=true"])
 
 
 def test_unet_t_is_about_dit_t4s_size():

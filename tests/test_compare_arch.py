@@ -64,3 +64,18 @@ def test_an_unreadable_file_is_named(tmp_path):
     bad.write_text("{")
     with pytest.raises(SystemExit, match="bad.json: not a readable fid.json"):
         main([str(bad), str(bad)])
+
+
+def test_compare_unet_has_compare_yamls_data_and_budgets():
+    from diffscaler.config import load_config
+
+    dit, unet = load_config("ray_jobs/configs/compare.yaml"), load_config("ray_jobs/configs/compare-unet.yaml")
+    assert unet.model.arch == "unet" and dit.model.arch == "dit"
+    assert unet.model.input_size == dit.model.input_size and unet.model.num_classes == dit.model.num_classes
+    assert unet.data == dit.data and unet.eval == dit.eval and unet.diffusion == dit.diffusion
+    for key in ("steps", "global_batch_size", "grad_accum_steps", "lr", "warmup_steps", "ema_decay", "seed"):
+        assert getattr(unet.pretrain, key) == getattr(dit.pretrain, key), key
+    for key in ("steps", "batch_size", "warmup_steps", "grad_clip", "seed", "mixed"):
+        assert getattr(unet.finetune, key) == getattr(dit.finetune, key), key
+    assert set(unet.finetune.methods) == {"full", "difffit", "bitfit"} <= set(dit.finetune.methods)
+    assert "sweep" not in unet.pipeline.stages

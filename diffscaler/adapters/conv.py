@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffscaler.adapters.bank import AdapterLoadError, TaskInfo
+from diffscaler.adapters.bank import AdapterLoadError, TaskInfo, TaskNames
 from diffscaler.models.unet import ClassUNet
 
 CONV_METHODS = ("bitfit", "difffit", "full")
@@ -123,7 +123,7 @@ class TaskClassEmbedding(nn.Module):
 
 
 @dataclass
-class ConvBank:
+class ConvBank(TaskNames):
     """Handle on the adapters attached to one ClassUNet (the modules themselves live in the model)."""
 
     model: ClassUNet
@@ -200,15 +200,6 @@ class ConvBank:
     def parameters(self) -> list[nn.Parameter]:
         params = [p for layer in self.layers.values() for _, p in layer.task_parameters()]
         return [*params, self.model.unet.class_embedding.rows]
-
-    def task_index(self, name: str) -> int:
-        for i, t in enumerate(self.tasks):
-            if t.name == name:
-                return i
-        raise KeyError(f"unknown task {name!r}; this bank holds {[t.name for t in self.tasks]}")
-
-    def task_ids(self, names: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor([self.task_index(n) for n in names], dtype=torch.long, device=device)
 
     def task_state(self, task: str | int) -> dict[str, torch.Tensor]:
         """One task's tensors (its slice of every stacked part, its class rows), fp32 on the CPU."""

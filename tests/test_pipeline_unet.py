@@ -33,7 +33,7 @@ def test_a_unet_experiment_runs_every_stage_and_its_adapters_fit_only_a_unet(ray
     cfg = load_config(unet_config(tmp_path))
     out = tmp_path / "run"
     run_pipeline(cfg, out)
-    assert statuses(out) == dict.fromkeys(UNET_STAGES, "done")
+    assert statuses(out) == {**dict.fromkeys(UNET_STAGES, "done"), "sweep": "not selected"}
 
     backbone = out / "backbone" / "backbone.safetensors"
     meta = json.loads(backbone.with_suffix(".json").read_text())

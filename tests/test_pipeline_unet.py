@@ -8,14 +8,15 @@ on the micro config with `model.arch: unet`; and what a U-Net cannot take is ref
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from diffscaler.adapters.bank import AdapterLoadError
-from diffscaler.artifacts import adapter_files, load_adapters, load_backbone
+from diffscaler.artifacts import load_adapters, load_backbone
 from diffscaler.config import ConfigError, load_config
 from diffscaler.pipeline import PipelineInputError, run_pipeline
-from tests.support.pipeline import micro_config, save_micro_backbone, statuses
+from tests.support.pipeline import manifest, micro_config, save_micro_backbone, statuses
 
 UNET_STAGES = ["shards", "pretrain", "finetune", "evaluate", "report"]
 UNET_MODEL = {"arch": "unet", "name": "UNet-T", "input_size": 16, "num_classes": 3}
@@ -41,12 +42,13 @@ def test_a_unet_experiment_runs_every_stage_and_its_adapters_fit_only_a_unet(ray
     model, _ = load_backbone(backbone)
     assert type(model).__name__ == "ClassUNet"
 
-    files = adapter_files([out / "adapters" / m for m in UNET_METHODS])
-    assert {(json.loads(f.with_suffix(".json").read_text())["method"], f.stem) for f in files} == {
-        (m, t) for m in UNET_METHODS for t in ("red", "blue")
-    }
-    for f in files:
-        assert json.loads(f.with_suffix(".json").read_text())["model"]["arch"] == "unet"
+    adapters = manifest(out)["stages"]["finetune"]["outputs"]["adapters"]
+    assert {m: set(tasks) for m, tasks in adapters.items()} == dict.fromkeys(UNET_METHODS, {"red", "blue"})
+    files = [Path(p) for tasks in adapters.values() for p in tasks.values()]
+    for method, tasks in adapters.items():
+        for p in tasks.values():
+            adapter_meta = json.loads(Path(p).with_suffix(".json").read_text())
+            assert adapter_meta["method"] == method and adapter_meta["model"]["arch"] == "unet"
 
     fid = json.loads((out / "fid.json").read_text())
     labels = {(r["task"], r["label"]) for r in fid["results"]}

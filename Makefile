@@ -15,7 +15,7 @@ PIP_CAP := $(if $(wildcard /etc/xdg/pip/constraints.txt),-c /etc/xdg/pip/constra
 UV_INSTALL := $(BIN)/uv pip install --python $(BIN)/python --compile-bytecode $(TORCH_SOURCE) $(PIP_CAP)
 PYTEST_ARGS ?=
 
-.PHONY: setup datasets demo compare compare-spatial compare-spatial-mixed compare-matched compare-matched-train compare-matched-eval test test-slow lint bench lock clean-venv
+.PHONY: setup datasets demo compare compare-unet compare-spatial compare-spatial-mixed compare-matched compare-matched-train compare-matched-eval test test-slow lint bench lock clean-venv
 setup: $(STAMP) datasets
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -41,6 +41,14 @@ demo: setup
 # The comparison table (bench/QUALITY.md): every method on the four targets, ~60-90 min on 2 CPU cores.
 compare: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare.yaml --out runs/compare
+
+# Issue 24: the U-Net baseline (diffusers' UNet2DModel) through the same stages and budgets as make compare;
+# then the DiT-vs-U-Net table per task from both runs (printed when runs/compare/fid.json exists).
+compare-unet: setup
+	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare-unet.yaml --out runs/compare-unet
+	@if [ -f runs/compare/fid.json ]; then \
+	  $(BIN)/python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json; \
+	else echo "run make compare for the DiT side, then: python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json"; fi
 
 # Issue 24: every method at about 0.5-1 % of the backbone (shares printed first, counted on real banks),
 # beside full fine-tuning, three seeds each; mean ± std over seeds in the report. See bench/QUALITY.md.

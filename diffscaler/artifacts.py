@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo, attached_bank
+from diffscaler.adapters.bank import AdapterBank, AdapterLoadError, TaskInfo
 from diffscaler.atomic import atomic_path
+from diffscaler.backbones import attach_bank, bank_of, build_backbone
 from diffscaler.config import ModelConfig, from_dict
 from diffscaler.errors import rust_os_error
 from diffscaler.models.dit import DIT_SIZES, DiT, parse_preset
@@ -58,7 +60,7 @@ def content_hash(state: dict[str, torch.Tensor]) -> str:
 
 def backbone_state(model: DiT) -> dict[str, torch.Tensor]:
     """The backbone's own tensors in DiT key layout (adapters, if attached, are not part of it)."""
-    if attached_bank(model) is not None:
+    if bank_of(model) is not None:
         raise ValueError("export the backbone before attaching adapters (its weights are wrapped)")
     return {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
 
@@ -136,7 +138,7 @@ def save_backbone(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a backbone file ends in .safetensors")
-    if isinstance(model, DiT):
+    if isinstance(model, nn.Module):
         state, config = backbone_state(model), model.config
     else:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.items()}
@@ -189,7 +191,7 @@ def load_backbone(
                 f"{path}: content hash {digest} does not match its JSON "
                 f"({meta['content_hash']}); the file is corrupt or was replaced"
             )
-    model = DiT(config)
+    model = build_backbone(config)
     _load_state(model, state, str(path))
     return model, meta
 
@@ -434,6 +436,12 @@ def _check_adapter_fits(
             f"{backbone_hash!r}; an adapter only works on the backbone it was trained on"
         )
     theirs, mine = meta.get("model", {}), asdict(model_cfg)
+    arch = theirs.get("arch", "dit")  # files written before model.arch existed are DiT adapters
+    if arch != model_cfg.arch:
+        raise AdapterLoadError(
+            f"{file}: an adapter of a {arch!r} backbone (model.arch), but the loaded backbone is a "
+            f"{model_cfg.arch!r}; DiT and U-Net adapters do not load onto each other"
+        )
     keys = ("name", "input_size", "in_channels", "learn_sigma")
     diff = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
     if diff:
@@ -474,7 +482,7 @@ def attach_described(model: DiT, metas: Sequence[dict[str, Any]], names: Sequenc
             )
     tasks = [task_info_from_meta(m) for m in metas]
     first = conds[0][1] if conds else {}
-    return AdapterBank.attach(
+    return attach_bank(
         model,
         tasks,
         method=metas[0]["method"],

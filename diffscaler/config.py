@@ -696,13 +696,14 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"{m!r} does not apply to a U-Net (model.arch unet); "
                 f"its methods: {list(UNET_METHODS)} (bias and scale act on convolution channels)",
             )
-        _require(
-            False,
-            "model.arch",
-            "'unet' builds (diffscaler.models.unet) and takes adapters "
-            "(diffscaler.adapters.conv), but the pipeline's stages (pretrain, finetune, evaluate) run the DiT "
-            "only so far (issue 24)",
-        )
+        for i, task in enumerate(cfg.data.targets):
+            _require(
+                not task.condition,
+                f"data.targets[{i}].condition",
+                f"{task.condition!r}: spatial conditions enter the DiT's tokens; the U-Net baseline "
+                "(model.arch unet) takes none",
+            )
+        _require(not f.lr_from_sweep, "finetune.lr_from_sweep", "the U-Net baseline has no sweep stage to read")
     _require(len(f.methods) > 0, "finetune.methods", f"must name at least one of {list(ADAPTER_METHODS)}")
     for m in f.methods:
         _one_of(m, FINETUNE_METHODS, "finetune.methods")

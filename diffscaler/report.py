@@ -33,12 +33,12 @@ import numpy as np
 from diffscaler.adapters import METHOD_PARTS
 from diffscaler.artifacts import is_task_model, load_adapters, load_backbone, read_backbone_meta, read_trained_meta
 from diffscaler.atomic import atomic_path, write_text_atomic
+from diffscaler.backbones import backbone_macs
 from diffscaler.config import ExperimentConfig, ModelConfig, from_dict
 from diffscaler.data import DatasetError, ShardError, dataset_dir, load_index, read_split
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.sampling import plan_samples, sample_images
 from diffscaler.images import image_grid, save_png
-from diffscaler.models.dit import model_macs
 from diffscaler.seed_spread import seed_spread_section
 from diffscaler.train.train_log import read_jsonl
 from diffscaler.vae import VaeError, load_vae
@@ -497,7 +497,7 @@ def _backbone_macs(inputs: ReportInputs) -> int:
     """Multiply-adds per image of the backbone's forward pass (0 when there is no backbone yet)."""
     if inputs.backbone is None or not Path(inputs.backbone).is_file():
         return 0
-    return model_macs(from_dict(ModelConfig, read_backbone_meta(inputs.backbone)["model"], "backbone.model"))
+    return backbone_macs(from_dict(ModelConfig, read_backbone_meta(inputs.backbone)["model"], "backbone.model"))
 
 
 def _sample_grids_here(inputs: ReportInputs) -> tuple[list[Path], list[str]]:

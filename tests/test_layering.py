@@ -49,6 +49,7 @@ LAYERS = {
         "diffscaler.seed_spread",
         "diffscaler.shares",
         "diffscaler.unet",
+        "diffscaler.backbones",
     ),
     "stages": ("diffscaler.stages",),
     "pipeline": ("diffscaler.pipeline",),

@@ -20,7 +20,7 @@ MICRO = ModelConfig(arch="unet", name="UNet-T", input_size=16, num_classes=3)
 TASKS = [TaskInfo("a"), TaskInfo("b", num_classes=2, conditional=True)]
 
 
-def test_arch_field_is_validated_and_the_pipeline_refuses_a_unet_by_name():
+def test_arch_field_is_validated_and_what_a_unet_cannot_take_is_refused_by_name():
     validate_model(MICRO)
     bad = {
         "model.arch=cnn": "model.arch",
@@ -34,8 +34,9 @@ def test_arch_field_is_validated_and_the_pipeline_refuses_a_unet_by_name():
     unet = ["model.arch=unet", "model.name=UNet-T"]
     with pytest.raises(ConfigError, match=r"finetune\.methods: 'affiner' does not apply to a U-Net"):
         load_config(None, [*unet, "finetune.methods=[affiner]"])
-    with pytest.raises(ConfigError, match=r"model\.arch: 'unet' .* run the DiT only so far"):
-        load_config(None, [*unet, "finetune.methods=[difffit, bitfit, full]"])
+    load_config(None, [*unet, "finetune.methods=[difffit, bitfit, full]"])  # the pipeline runs it now
+    with pytest.raises(ConfigError, match=r"finetune\.lr_from_sweep"):
+        load_config(None, [*unet, "finetune.methods=[difffit]", "finetune.lr_from_sweep=true"])
 
 
 def test_unet_t_is_about_dit_t4s_size():
@@ -141,3 +142,37 @@ def test_micro_pretrain_then_fine_tune_trains_only_the_adapter():
         )
         torch.testing.assert_close(now, before, atol=0, rtol=0)
     assert any(p.abs().sum() > 0 for p in bank.parameters()[:-1])  # the scales and biases trained
+
+
+def test_a_unet_adapter_round_trips_through_its_files_and_fits_no_dit(tmp_path):
+    from diffscaler.adapters.bank import AdapterBank, AdapterLoadError
+    from diffscaler.artifacts import load_adapters, load_backbone, save_adapter, save_backbone
+
+    digest = save_backbone(build_unet(MICRO, seed=0), tmp_path / "unet.safetensors")
+    model, meta = load_backbone(tmp_path / "unet.safetensors")
+    assert meta["model"]["arch"] == "unet" and meta["content_hash"] == digest
+    bank = ConvBank.attach(model, TASKS, method="difffit")
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    (tmp_path / "a").mkdir()
+    path, _ = save_adapter(bank, "b", tmp_path / "a", digest)
+    fresh, _ = load_backbone(tmp_path / "unet.safetensors")
+    loaded = load_adapters(fresh, [path], digest)
+    x, t = _batch(4)
+    y = torch.tensor([0, 1, -1, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y, task_ids=0), model(x, t, y, task_ids=1), atol=0, rtol=0)
+    assert loaded.trainable_parameters_per_task("b") == bank.trainable_parameters_per_task(1)
+
+    dit_cfg = ModelConfig(name="DiT-T/4", input_size=16, num_classes=3)
+    dit_digest = save_backbone(build_model(dit_cfg, seed=0), tmp_path / "dit.safetensors")
+    dit, _ = load_backbone(tmp_path / "dit.safetensors")
+    with pytest.raises(AdapterLoadError, match="'unet' backbone .* do not load onto each other"):
+        load_adapters(dit, [path], None)
+    dit_bank = AdapterBank.attach(dit, [TaskInfo("a")], method="bitfit")
+    (tmp_path / "d").mkdir()
+    dit_path, _ = save_adapter(dit_bank, "a", tmp_path / "d", dit_digest)
+    unet, _ = load_backbone(tmp_path / "unet.safetensors")
+    with pytest.raises(AdapterLoadError, match="'dit' backbone .* do not load onto each other"):
+        load_adapters(unet, [dit_path], None)

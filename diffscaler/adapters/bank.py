@@ -106,8 +106,23 @@ def _target_slots(model: DiT, method: str, targets: Sequence[str]) -> list[tuple
 # ------------------------------------------------------------------------------------------------
 
 
+class TaskNames:
+    """Task name -> slot, for a bank of either kind (AdapterBank; diffscaler.adapters.conv.ConvBank)."""
+
+    tasks: list[TaskInfo]
+
+    def task_index(self, name: str) -> int:
+        for i, t in enumerate(self.tasks):
+            if t.name == name:
+                return i
+        raise KeyError(f"unknown task {name!r}; this bank holds {[t.name for t in self.tasks]}")
+
+    def task_ids(self, names: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.tensor([self.task_index(n) for n in names], dtype=torch.long, device=device)
+
+
 @dataclass
-class AdapterBank:
+class AdapterBank(TaskNames):
     """Handle on the adapters attached to one DiT (the modules themselves live in the model)."""
 
     model: DiT
@@ -512,15 +527,6 @@ class AdapterBank:
         path = self.condition_path
         cond = [] if path is None else list(path.parameters())
         return params + [self.model.task_embedder.rows] + cond
-
-    def task_index(self, name: str) -> int:
-        for i, t in enumerate(self.tasks):
-            if t.name == name:
-                return i
-        raise KeyError(f"unknown task {name!r}; this bank holds {[t.name for t in self.tasks]}")
-
-    def task_ids(self, names: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.tensor([self.task_index(n) for n in names], dtype=torch.long, device=device)
 
     def trainable_parameters_per_task(self, task: str | int = 0) -> int:
         """Parameters one task owns (its own rank, its own rows, its condition path), as a separate

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffscaler.adapters.bank import TaskInfo
+from diffscaler.adapters.bank import AdapterLoadError, TaskInfo, TaskNames
 from diffscaler.models.unet import ClassUNet
 
 CONV_METHODS = ("bitfit", "difffit", "full")
@@ -123,7 +123,7 @@ class TaskClassEmbedding(nn.Module):
 
 
 @dataclass
-class ConvBank:
+class ConvBank(TaskNames):
     """Handle on the adapters attached to one ClassUNet (the modules themselves live in the model)."""
 
     model: ClassUNet
@@ -132,6 +132,7 @@ class ConvBank:
     route: TaskRoute
     layers: dict[str, TaskConvLayer] = field(default_factory=dict)
     label_dropout: float = 0.0
+    targets: tuple[str, ...] = ()  # every Conv2d and Linear: no target set to choose (the adapter JSON's field)
 
     @classmethod
     def attach(cls, model: nn.Module, tasks: Sequence[TaskInfo], method: str = "difffit", seed: int = 0) -> ConvBank:
@@ -200,8 +201,46 @@ class ConvBank:
         params = [p for layer in self.layers.values() for _, p in layer.task_parameters()]
         return [*params, self.model.unet.class_embedding.rows]
 
-    def trainable_parameters_per_task(self, task: int = 0) -> int:
+    def task_state(self, task: str | int) -> dict[str, torch.Tensor]:
+        """One task's tensors (its slice of every stacked part, its class rows), fp32 on the CPU."""
+        t = task if isinstance(task, int) else self.task_index(task)
+        state = {
+            f"{path}.{name}": p.detach()[t].float().contiguous().cpu()
+            for path, layer in self.layers.items()
+            for name, p in layer.task_parameters()
+        }
+        rows = self.model.unet.class_embedding.rows.detach()[t, : self.tasks[t].num_classes]
+        state["class_embedding.rows"] = rows.float().contiguous().cpu()
+        return state
+
+    @torch.no_grad()
+    def load_task_state(self, t: int, state: dict[str, torch.Tensor], file: object = "<state>") -> None:
+        """Put one task's tensors (as `task_state` wrote them) into slot `t`; a foreign file is refused."""
+        expected = {f"{path}.{name}" for path, layer in self.layers.items() for name, _ in layer.task_parameters()}
+        expected.add("class_embedding.rows")
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise AdapterLoadError(
+                f"{file}: tensors do not match this U-Net bank ({self.method}): missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        for path, layer in self.layers.items():
+            for name, p in layer.task_parameters():
+                v = state[f"{path}.{name}"]
+                if tuple(v.shape) != tuple(p[t].shape):
+                    raise AdapterLoadError(
+                        f"{file}: {path}.{name} has shape {tuple(v.shape)}, needs {tuple(p[t].shape)}"
+                    )
+                p[t].copy_(v)
+        rows = self.model.unet.class_embedding.rows
+        v = state["class_embedding.rows"]
+        if tuple(v.shape) != (self.tasks[t].num_classes, rows.shape[-1]):
+            raise AdapterLoadError(f"{file}: class_embedding.rows has shape {tuple(v.shape)}")
+        rows[t, : v.shape[0]].copy_(v)
+
+    def trainable_parameters_per_task(self, task: str | int = 0) -> int:
         """Parameters one task owns (its own rows), as a separate fine-tune trains them."""
+        task = task if isinstance(task, int) else self.task_index(task)
         per_layer = sum(p[task].numel() for layer in self.layers.values() for _, p in layer.task_parameters())
         return per_layer + self.tasks[task].num_classes * self.model.unet.class_embedding.rows.shape[-1]
 

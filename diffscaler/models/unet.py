@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from diffscaler.config import ModelConfig, validate_model
+from diffscaler.models.dit import DiT
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ClassUNet(nn.Module):
             attention_head_dim=HEAD_DIM,
             num_class_embeds=config.num_classes + 1,  # + the null row
         )
+        self.in_channels = config.in_channels
         self.null_label = config.num_classes
         self.dropout_prob = config.class_dropout_prob
         self.check_inputs = True
@@ -92,6 +94,16 @@ class ClassUNet(nn.Module):
         if self.check_inputs:
             self.check_batch(x, t, y)
         return self.unet(x, t, class_labels=self.embed_labels(y)).sample
+
+    # Classifier-free guidance exactly as the DiT's (label -1 = the null row; task ids passed on to forward).
+    forward_with_cfg = DiT.forward_with_cfg
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """diffusers' own activation checkpointing of its blocks."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

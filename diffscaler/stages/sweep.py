@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from diffscaler.artifacts import AdapterLoadError, read_trained_meta
-from diffscaler.stages.base import Run, Stage, StageCheck, StageFailed
+from diffscaler.stages.base import InputError, Run, Stage, StageCheck, StageFailed
 from diffscaler.stages.inputs import require_targets_and_backbone
 from diffscaler.train.finetune import FinetuneInputError
-from diffscaler.train.sweep import SweepResult, run_sweep, sweep_fingerprints
+from diffscaler.train.sweep import SweepResult, refuse_unet_sweep, run_sweep, sweep_fingerprints
 
 
 def _best(run: Run) -> dict[str, Any]:
@@ -52,6 +52,10 @@ class SweepStage(Stage):
     name = "sweep"
 
     def preflight(self, run: Run) -> None:
+        try:
+            refuse_unet_sweep(run.cfg)
+        except FinetuneInputError as err:
+            raise InputError(str(err)) from None
         require_targets_and_backbone(run)
 
     def check(self, run: Run) -> StageCheck:

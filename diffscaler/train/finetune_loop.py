@@ -34,14 +34,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffscaler.adapters import AdapterBank, TaskInfo
+from diffscaler.adapters.conv import ConvBank
 from diffscaler.artifacts import load_backbone, save_adapter, save_task_model
 from diffscaler.atomic import with_umask_mode
+from diffscaler.backbones import attach_bank, build_backbone
 from diffscaler.config import ExperimentConfig, config_from_json
 from diffscaler.data import MixedTaskReader, ShardReader, load_index, read_split
 from diffscaler.data.conditions import maps_to_unit
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.gaussian import ModelFn
-from diffscaler.models import build_model
 from diffscaler.models.compile import compile_blocks, resolve_compile
 
 LOSS_UNIT = "MSE of the predicted noise, per element"
@@ -154,7 +155,7 @@ class AdapterRun:
                 raise ValueError(f"task {task.name!r}: {problem} ({spec.backbone_path})")
         a = self.cfg.adapter
         infos = [t.task_info(spec.rank) for t in spec.tasks]
-        self.bank: AdapterBank | None = None
+        self.bank: AdapterBank | ConvBank | None = None
         self.backbone_params = self.model.num_parameters()
         if spec.method == "scratch":
             # The comparison's lower bar: the same DiT from random init, every parameter trained, on the task
@@ -162,11 +163,11 @@ class AdapterRun:
             if len(spec.tasks) != 1:
                 raise ValueError("method 'scratch' trains one task per model; it has no mixed-task form")
             config = dataclasses.replace(self.model.config, num_classes=infos[0].num_classes)
-            self.model = build_model(config, seed=ft.seed)
+            self.model = build_backbone(config, seed=ft.seed)
             self.params = [p for p in self.model.parameters() if p.requires_grad]
         else:
             # conditional tasks: their maps are dropped at finetune.condition_dropout so guidance can use them
-            self.bank = AdapterBank.attach(
+            self.bank = attach_bank(  # the DiT's AdapterBank or the U-Net's ConvBank (DiT-only options unused)
                 self.model,
                 infos,
                 method=spec.method,

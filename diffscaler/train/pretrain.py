@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from diffscaler.atomic import copy_file_atomic, with_umask_mode
+from diffscaler.backbones import backbone_macs, build_backbone
 from diffscaler.cluster import connect_ray, max_cluster_resources
 from diffscaler.config import ConfigError, ExperimentConfig, config_from_json
 from diffscaler.data import storage
@@ -43,7 +44,6 @@ from diffscaler.data.tarformat import ShardError
 from diffscaler.diffusion import GaussianDiffusion
 from diffscaler.diffusion.sampling import sample_images
 from diffscaler.images import image_grid, save_png
-from diffscaler.models import DiT, build_model, model_macs
 from diffscaler.train.deepspeed_setup import (
     build_optimizer,
     deepspeed_config,
@@ -451,11 +451,11 @@ class LossWindow:
 
 
 class GridSampler:
-    """Rank 0: sample grids from the EMA weights (fixed seeds, a few classes) with a plain DiT."""
+    """Rank 0: sample grids from the EMA weights (fixed seeds, a few classes) with a plain backbone."""
 
     def __init__(self, cfg: ExperimentConfig, device: torch.device, class_names: tuple[str, ...], bf16: bool):
         self.cfg, self.device = cfg, device
-        self.model = DiT(cfg.model).to(device).eval()
+        self.model = build_backbone(cfg.model).to(device).eval()
         self.diffusion = GaussianDiffusion.from_config(cfg.diffusion, learn_sigma=cfg.model.learn_sigma)
         n = min(SAMPLE_GRID_CLASSES, len(class_names))
         self.classes = sorted({round(i * (len(class_names) - 1) / max(n - 1, 1)) for i in range(n)})
@@ -560,7 +560,7 @@ class RankTrainer:
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
 
         # The same initial weights on every rank (ZeRO-3 partitions each rank's own copy).
-        model = build_model(cfg.model, seed=p.seed)
+        model = build_backbone(cfg.model, seed=p.seed)
         model.check_inputs = False  # the reader checked labels and shapes; the checks would sync every step
         model.set_grad_checkpointing(p.grad_checkpointing)
         params = {n for n, _ in model.named_parameters()}
@@ -582,7 +582,7 @@ class RankTrainer:
 
         device_name = torch.cuda.get_device_name(self.device) if p.use_gpu else ""
         self.peak_flops, self.peak_source = device_peak_flops(p.peak_tflops, p.use_gpu, device_name)
-        self.flops_per_image = training_flops_per_image(model_macs(cfg.model))
+        self.flops_per_image = training_flops_per_image(backbone_macs(cfg.model))
         self.step = self.micro_step = self.images_seen = 0  # optimizer steps, data position, images
         self.history: list[dict[str, Any]] | None = None  # rank 0: the resumed checkpoint's metrics
         self.resumed_from: str | None = None

@@ -147,8 +147,18 @@ def sweep_methods(cfg: ExperimentConfig) -> tuple[str, ...]:
     return cfg.sweep.methods or (cfg.adapter.method,)
 
 
+def refuse_unet_sweep(cfg: ExperimentConfig) -> None:
+    """The U-Net baseline is not swept (yet): its lrs come from finetune.method_lrs."""
+    if cfg.model.arch == "unet":
+        raise FinetuneInputError(
+            "the sweep runs the DiT only: model.arch unet (the U-Net baseline) takes its lrs from "
+            "finetune.method_lrs; leave 'sweep' out of pipeline.stages"
+        )
+
+
 def plan_sweep(cfg: ExperimentConfig, backbone: str | Path, method: str | None = None) -> SweepPlan:
     """Validate the search space, the datasets and the backbone; raises FinetuneInputError."""
+    refuse_unet_sweep(cfg)
     s = cfg.sweep
     model_cfg, backbone_hash = backbone_model_config(backbone)
     method = method or cfg.adapter.method

@@ -219,7 +219,9 @@ def test_matched_block_on_the_micro_pipeline(ray_local, tmp_path):
             assert meta["rank"] == finetune["method_ranks"][method]
             assert meta["targets"] == finetune["method_targets"][method]
     report = (out / "report.md").read_text()
-    section = report[report.index("## Over seeds") :]
+    start = report.index("## Over seeds")
+    end = report.find("\n## ", start + 1)  # the section ends where the next one starts
+    section = report[start:] if end < 0 else report[start:end]
     for task in ("red", "blue"):
         assert section.count(f"| {task} |") == 3  # FID, KID, the verdict table
     assert section.count("(n=3)") == 8  # 2 tasks x 2 methods x (FID, KID)

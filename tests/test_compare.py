@@ -182,6 +182,7 @@ def test_report_table_has_reference_rows_task_accuracy_and_averages(work, tmp_pa
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~85 s: the default suite stays near 15 min; CI runs it in `make test-slow`
 @pytest.mark.ray
 def test_comparison_flow_on_the_micro_pipeline(ray_local, tmp_path):
     from diffscaler.pipeline import run_pipeline

@@ -316,6 +316,7 @@ def test_finetune_stage_trains_on_foreign_webp_shards(webp_cls, tmp_path):
         run.close()
 
 
+@pytest.mark.slow  # ~110 s: the default suite stays near 15 min; CI runs it in `make test-slow`
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_index_on_ray_then_pretrain_on_jpg_and_latent_shards(ray_local, jpg_json, latents, tmp_path):

@@ -31,9 +31,7 @@ from diffscaler.config import WEBDATASET_PREFIX
 from diffscaler.data import storage
 from diffscaler.data.conditions import (
     CONDITION_MEMBER,
-    ConditionError,
     ConditionSpec,
-    check_condition_source,
     encode_map,
     fit_map,
 )
@@ -53,10 +51,10 @@ from diffscaler.data.index import (
 )
 from diffscaler.data.indexer import shards_fingerprint
 from diffscaler.data.pngcodec import encode_png
-from diffscaler.data.sources import ImageSource, prepare_image_alpha, select_balanced, split_train_eval
+from diffscaler.data.sources import ImageSource, prepare_image_alpha
 from diffscaler.data.tarformat import RawSample, write_tar
 from diffscaler.data.user_shards import UserShardSource, scan_user_shards
-from diffscaler.data.writer import _SHARD_FILE, build_parameters, condition_members, open_source
+from diffscaler.data.writer import _SHARD_FILE, build_parameters, condition_members, open_and_select
 from diffscaler.vae import load_vae, vae_identity
 
 FLIP_MEMBER = "flip.npy"
@@ -226,13 +224,7 @@ def encode_shards(
         if condition is not None:  # stored as a computed map is: member cond.png, 8-bit, at pixel resolution
             condition = replace(condition, member=CONDITION_MEMBER, channels=found.condition_channels)
     else:
-        src, catalog = open_source(source)
-        try:
-            check_condition_source(condition, source, src, catalog)  # before anything is written
-        except ConditionError as err:
-            raise DatasetError(f"source {source!r}: {err}") from None
-        selected = select_balanced(catalog, limit, seed)
-        train, evals = split_train_eval(selected, eval_fraction, seed)
+        src, catalog, _selected, train, evals = open_and_select(source, condition, limit, seed, eval_fraction)
         class_names, available = catalog.class_names, len(catalog.items)
     log(
         f"shards make {source} --vae {vae_path}: {len(train) + len(evals)} of {available} images -> train "

@@ -199,6 +199,19 @@ def open_source(source: str):
     return src, catalog
 
 
+def open_and_select(source: str, condition, limit: int, seed: int, eval_fraction: float):
+    """(source, catalog, selected, train, eval) for `shards make`, pixel or latent: the source opened, checked
+    to give `condition` before anything is written, its images chosen per class and split."""
+    src, catalog = open_source(source)
+    try:
+        check_condition_source(condition, source, src, catalog)
+    except ConditionError as err:
+        raise DatasetError(f"source {source!r}: {err}") from None
+    selected = select_balanced(catalog, limit, seed)
+    train, evals = split_train_eval(selected, eval_fraction, seed)
+    return src, catalog, selected, train, evals
+
+
 def make_shards(
     source: str,
     out: str,
@@ -228,13 +241,7 @@ def make_shards(
     if limit < 0:
         raise ValueError(f"--limit must be >= 0 (0 = all), got {limit}")
     params = build_parameters(source, size, samples_per_shard, eval_fraction, limit, seed, condition)  # before reading
-    src, catalog = open_source(source)
-    try:
-        check_condition_source(condition, source, src, catalog)  # before anything is written
-    except ConditionError as err:
-        raise DatasetError(f"source {source!r}: {err}") from None
-    selected = select_balanced(catalog, limit, seed)
-    train, evals = split_train_eval(selected, eval_fraction, seed)
+    src, catalog, selected, train, evals = open_and_select(source, condition, limit, seed, eval_fraction)
     with_map = f", condition {condition.kind} -> {condition.member}" if condition is not None else ""
     log(
         f"shards make {source}: {len(selected)} of {len(catalog.items)} images, {len(catalog.class_names)} "

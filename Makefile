@@ -87,7 +87,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The `slow` tests the default run leaves out: spot-node loss, the autoscaler, ray job submit, an interrupted
-# sweep (~8 min on 2 cores; CI runs them after `make test`). Each test's own timeout fails a hang.
+# sweep, the U-Net pipeline (~9 min on 2 cores; CI runs them after `make test`). Each test's own timeout fails a hang.
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 

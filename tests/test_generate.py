@@ -23,21 +23,38 @@ def models(tmp_path_factory):
     return setup_models(tmp_path_factory.mktemp("gen_models"))
 
 
-def read_set(out) -> dict[tuple[str, int, int], np.ndarray]:
-    """{(task, class, index): image} of a generated folder, with each sample's json checked against its cls."""
+def read_samples(out) -> dict[tuple[str, int, int], dict]:
+    """{(task, class, index): {"png": image, "cond": map or None, "json": meta, "cls": label}} of a generated
+    folder."""
+    from PIL import Image
+
     from diffscaler.data.pngcodec import decode_png
 
     index = json.loads((out / "index.json").read_text())
-    images = {}
+    found = {}
     for entry in index["splits"]["train"]["shards"]:
         with tarfile.open(out / entry["name"]) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         for name in sorted(n for n in members if n.endswith(".json")):
             key = name[: -len(".json")]
             meta = json.loads(members[name])
-            assert index["class_names"][int(members[key + ".cls"])] == meta["class_name"]
-            images[(meta["task"], meta["class"], meta["index"])] = decode_png(members[key + ".png"])
-    return images
+            cond = members.get(key + ".cond.png")
+            found[(meta["task"], meta["class"], meta["index"])] = {
+                "png": decode_png(members[key + ".png"]),
+                "cond": None if cond is None else np.asarray(Image.open(io.BytesIO(cond))),  # grey (S, S)
+                "json": meta,
+                "cls": int(members[key + ".cls"]),
+            }
+    return found
+
+
+def read_set(out) -> dict[tuple[str, int, int], np.ndarray]:
+    """{(task, class, index): image} of a generated folder, with each sample's json checked against its cls."""
+    found = read_samples(out)
+    class_names = json.loads((out / "index.json").read_text())["class_names"]
+    for s in found.values():
+        assert class_names[s["cls"]] == s["json"]["class_name"]
+    return {k: s["png"] for k, s in found.items()}
 
 
 def test_plan_interleaves_tasks_and_splits_conditional_tasks_over_classes():
@@ -244,29 +261,6 @@ def cond_models(models, tmp_path_factory):
             f"folder:{pictures}", str(root / "shards" / task), size=8, eval_fraction=0.25, condition=spec, log=print
         )
     return backbone, root / "adapters", root / "shards"
-
-
-def read_samples(out) -> dict[tuple[str, int, int], dict]:
-    """{(task, class, index): {"png": image, "cond": map or None, "json": meta}} of a generated folder."""
-    from PIL import Image
-
-    from diffscaler.data.pngcodec import decode_png
-
-    index = json.loads((out / "index.json").read_text())
-    found = {}
-    for entry in index["splits"]["train"]["shards"]:
-        with tarfile.open(out / entry["name"]) as tar:
-            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-        for name in sorted(n for n in members if n.endswith(".json")):
-            key = name[: -len(".json")]
-            meta = json.loads(members[name])
-            cond = members.get(key + ".cond.png")
-            found[(meta["task"], meta["class"], meta["index"])] = {
-                "png": decode_png(members[key + ".png"]),
-                "cond": None if cond is None else np.asarray(Image.open(io.BytesIO(cond))),  # grey (S, S)
-                "json": meta,
-            }
-    return found
 
 
 @pytest.mark.ray

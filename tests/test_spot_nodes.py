@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffscaler.train.finetune import FinetuneInputError
+from diffscaler.train.pretrain_checkpoint import RAY_SNAPSHOT
 from tests.support.cluster import cluster_processes, free_ports
 from tests.support.finetune import TWO_TASKS, make_work, tiny_config
 
@@ -410,6 +411,17 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
 # ------------------------------------------------------------------------------------------------
 
 
+def ray_recorded_a_checkpoint(run_dir: Path) -> bool:
+    """True once Ray Train's own snapshot names a checkpoint: the one a restarted gang resumes from. A checkpoint
+    folder on disk is not enough: a node lost after the folder is persisted but before the controller records
+    it restarts the gang from scratch (CI saw exactly that)."""
+    try:
+        snapshot = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return False  # not written yet, or caught mid-write
+    return isinstance(snapshot, dict) and snapshot.get("latest_checkpoint_result") is not None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tmp_path, monkeypatch):
@@ -429,7 +441,7 @@ def test_pretraining_restarts_from_its_checkpoint_when_a_workers_node_is_lost(tm
         reclaimer = NodeReclaimer(
             cluster,
             doomed,
-            lambda: (run_dir / "checkpoint_step00000004").is_dir(),
+            lambda: ray_recorded_a_checkpoint(run_dir),
             after=lambda: add_replacement_node(cluster),
         )
         reclaimer.start()

@@ -37,6 +37,7 @@ ADAPTER_METHODS = ("affiner", "difffit", "lora", "bitfit", "full", "controlnet")
 # What a fine-tune row can be: an adapter method, or the same DiT trained from random init on the task alone.
 FINETUNE_METHODS = (*ADAPTER_METHODS, "scratch")
 ADAPTER_TARGETS = ("qkv", "proj", "fc1", "fc2", "adaLN")
+FINETUNE_LR_SCHEDULES = ("constant", "cosine")
 SAMPLERS = ("ddim", "ddpm")
 FEATURE_NETWORKS = ("efficientnet-lite0", "inception-v3-compat")
 BUNDLED_SOURCES = ("openclipart", "emoji", "icons", "tiles", "textiles", "fashion-mnist")
@@ -177,6 +178,7 @@ class FinetuneConfig:
     batch_size: int = 32  # images per step
     lr: float = 1e-3  # AdamW learning rate for adapter parameters
     warmup_steps: int = 10  # linear warm-up steps
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (decays to 0 at the last step)
     grad_clip: float = 1.0  # gradient-norm clip (0 = off)
     use_gpu: bool = False  # one GPU per fine-tune
     cpus_per_task: float = 0.5  # CPU resource request per fine-tune (fractional packs a node)
@@ -727,6 +729,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(f.batch_size >= 1, "finetune.batch_size", "must be at least 1")
     _require(f.lr > 0 and math.isfinite(f.lr), "finetune.lr", "must be positive and finite")
     _require(f.warmup_steps >= 0, "finetune.warmup_steps", "must be >= 0")
+    _one_of(f.lr_schedule, FINETUNE_LR_SCHEDULES, "finetune.lr_schedule")
     _require(f.grad_clip >= 0, "finetune.grad_clip", "must be >= 0 (0 = off)")
     _resource(f.cpus_per_task, "finetune.cpus_per_task", positive=True)
     _require(f.log_every >= 1, "finetune.log_every", "must be at least 1")

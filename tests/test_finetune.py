@@ -16,8 +16,14 @@ import torch
 from diffscaler.artifacts import load_adapters, load_backbone, read_adapter_file
 from diffscaler.bank_file import load_bank
 from diffscaler.config import ConfigError
-from diffscaler.train.finetune import FinetuneInputError, format_table, plan_finetunes, run_finetunes
-from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec
+from diffscaler.train.finetune import (
+    FinetuneInputError,
+    fingerprint,
+    format_table,
+    plan_finetunes,
+    run_finetunes,
+)
+from diffscaler.train.finetune_loop import AdapterRun, AdapterRunSpec, lr_factor
 from tests.support.finetune import IMAGE_SIZE, TWO_TASKS, make_work, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -86,6 +92,31 @@ def test_resumed_run_continues_exactly(work, tmp_path):
     assert any(not torch.equal(p, q) for p, q in zip(straight.params, AdapterRun(spec).params, strict=True))
     val = straight.validation_loss()
     assert val == straight.validation_loss() and 0 < val["ta"] < 10  # fixed timesteps and noise: repeatable
+
+
+def test_a_cosine_schedule_warms_up_decays_to_zero_resumes_exactly_and_is_a_new_adapter(work, tmp_path):
+    factors = [lr_factor(k, warmup=2, steps=6, schedule="cosine") for k in range(6)]
+    assert factors[:2] == [0.5, 1.0] and factors[-1] == 0.0
+    assert all(a > b for a, b in zip(factors[1:], factors[2:], strict=False))  # falls every step after the warm-up
+    assert [lr_factor(k, warmup=2, steps=6, schedule="constant") for k in range(6)] == [0.5, 1, 1, 1, 1, 1]
+    cfg = tiny_config(work.shards, TWO_TASKS, "finetune.lr_schedule=cosine")
+    (task,) = plan_finetunes(cfg, work.backbone, tmp_path, force=True).jobs[0].spec.tasks
+    spec = AdapterRunSpec((task,), "affiner", 4, 0.01, 4, str(work.backbone), cfg.to_dict(), str(tmp_path / "a.jsonl"))
+    straight = AdapterRun(spec)
+    straight.train_until(4)
+    assert straight.scheduler.get_last_lr()[0] == 0.0
+    first = AdapterRun(spec)
+    first.train_until(2)
+    first.save_state(tmp_path / "state")
+    resumed = AdapterRun(spec)
+    resumed.load_state(tmp_path / "state")
+    resumed.train_until(4)
+    for a, b in zip(straight.params, resumed.params, strict=True):
+        assert torch.equal(a, b)
+    constant = tiny_config(work.shards, TWO_TASKS)
+    assert fingerprint(cfg, "affiner", 4, (task,), "h") != fingerprint(constant, "affiner", 4, (task,), "h")
+    with pytest.raises(ConfigError, match=r"finetune.lr_schedule: 'linear' is not one of \['constant', 'cosine'\]"):
+        tiny_config(work.shards, TWO_TASKS, "finetune.lr_schedule=linear")
 
 
 def test_compiled_blocks_train_like_eager(work, tmp_path):

@@ -272,6 +272,7 @@ def fingerprint(
         "lr": lr if lr is not None else ft.lr,
         "batch_size": ft.batch_size,
         "warmup_steps": ft.warmup_steps,
+        **({"lr_schedule": ft.lr_schedule} if ft.lr_schedule != "constant" else {}),  # constant: as before
         "grad_clip": ft.grad_clip,
         "seed": ft.seed,
         "data": [d.seed, d.hflip, d.shuffle_buffer, d.skip_bad_samples],

@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,17 @@ class AdapterRunSpec:
         return cls(**{**d, "tasks": tuple(TaskData.from_dict(t) for t in d["tasks"])})
 
 
+def lr_factor(step: int, *, warmup: int, steps: int, schedule: str) -> float:
+    """The lr multiplier of optimizer step `step` (0-based): a linear warm-up over `warmup` steps, then
+    constant, or a cosine from 1 down to 0 at the run's last step."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup)  # the cosine's length: every step after the warm-up
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup + 1) / span)))
+
+
 def step_seed(seed: int, step: int) -> int:
     """A stable per-step seed (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(f"finetune/{seed}/{step}".encode()).digest()[:8], "big") >> 1
@@ -192,9 +204,9 @@ class AdapterRun:
         self.optimizer = torch.optim.AdamW(
             self.params, lr=spec.lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
         )
-        warmup = max(0, ft.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda k: min(1.0, (k + 1) / warmup) if warmup else 1.0
+            self.optimizer,
+            partial(lr_factor, warmup=max(0, ft.warmup_steps), steps=spec.steps, schedule=ft.lr_schedule),
         )
         self.diffusion = GaussianDiffusion.from_config(self.cfg.diffusion, learn_sigma=self.model.config.learn_sigma)
         self.step = 0

@@ -74,8 +74,9 @@ def test_bad_input_is_a_clear_error_before_anything_runs(work):
     assert not out.exists()  # nothing was written
 
 
-def test_resumed_run_continues_exactly(work, tmp_path):
-    cfg = tiny_config(work.shards, TWO_TASKS)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resumed_run_continues_exactly(work, tmp_path, schedule):
+    cfg = tiny_config(work.shards, TWO_TASKS, f"finetune.lr_schedule={schedule}")
     (task,) = plan_finetunes(cfg, work.backbone, tmp_path, force=True).jobs[0].spec.tasks
     spec = AdapterRunSpec((task,), "affiner", 4, 0.01, 4, str(work.backbone), cfg.to_dict(), str(tmp_path / "a.jsonl"))
     straight = AdapterRun(spec)
@@ -90,31 +91,20 @@ def test_resumed_run_continues_exactly(work, tmp_path):
         assert torch.equal(a, b)
     assert resumed.last_window_loss == straight.last_window_loss
     assert any(not torch.equal(p, q) for p, q in zip(straight.params, AdapterRun(spec).params, strict=True))
+    assert straight.scheduler.get_last_lr()[0] == (0.0 if schedule == "cosine" else 0.01)  # cosine: 0 at the end
     val = straight.validation_loss()
     assert val == straight.validation_loss() and 0 < val["ta"] < 10  # fixed timesteps and noise: repeatable
 
 
-def test_a_cosine_schedule_warms_up_decays_to_zero_resumes_exactly_and_is_a_new_adapter(work, tmp_path):
+def test_a_cosine_schedule_warms_up_decays_to_zero_and_is_a_new_adapter(work, tmp_path):
     factors = [lr_factor(k, warmup=2, steps=6, schedule="cosine") for k in range(6)]
     assert factors[:2] == [0.5, 1.0] and factors[-1] == 0.0
     assert all(a > b for a, b in zip(factors[1:], factors[2:], strict=False))  # falls every step after the warm-up
     assert [lr_factor(k, warmup=2, steps=6, schedule="constant") for k in range(6)] == [0.5, 1, 1, 1, 1, 1]
-    cfg = tiny_config(work.shards, TWO_TASKS, "finetune.lr_schedule=cosine")
-    (task,) = plan_finetunes(cfg, work.backbone, tmp_path, force=True).jobs[0].spec.tasks
-    spec = AdapterRunSpec((task,), "affiner", 4, 0.01, 4, str(work.backbone), cfg.to_dict(), str(tmp_path / "a.jsonl"))
-    straight = AdapterRun(spec)
-    straight.train_until(4)
-    assert straight.scheduler.get_last_lr()[0] == 0.0
-    first = AdapterRun(spec)
-    first.train_until(2)
-    first.save_state(tmp_path / "state")
-    resumed = AdapterRun(spec)
-    resumed.load_state(tmp_path / "state")
-    resumed.train_until(4)
-    for a, b in zip(straight.params, resumed.params, strict=True):
-        assert torch.equal(a, b)
+    cosine = tiny_config(work.shards, TWO_TASKS, "finetune.lr_schedule=cosine")
+    (task,) = plan_finetunes(cosine, work.backbone, tmp_path, force=True).jobs[0].spec.tasks
     constant = tiny_config(work.shards, TWO_TASKS)
-    assert fingerprint(cfg, "affiner", 4, (task,), "h") != fingerprint(constant, "affiner", 4, (task,), "h")
+    assert fingerprint(cosine, "affiner", 4, (task,), "h") != fingerprint(constant, "affiner", 4, (task,), "h")
     with pytest.raises(ConfigError, match=r"finetune.lr_schedule: 'linear' is not one of \['constant', 'cosine'\]"):
         tiny_config(work.shards, TWO_TASKS, "finetune.lr_schedule=linear")
 

@@ -52,7 +52,8 @@ compare-unet: setup
 
 # Issue 24: every method at about 0.5-1 % of the backbone (shares printed first, counted on real banks),
 # beside full fine-tuning, three seeds each; mean ± std over seeds in the report. See bench/QUALITY.md.
-# Longer than 90 min on 2 cores: also as two parts, each resuming what the other left (same run folder).
+# 81 min on 2 cores (measured, bench/QUALITY.md): 48 min train + 33 min eval. Also as those two parts, each
+# resuming what the other left (same run folder).
 MATCHED := --config ray_jobs/configs/compare-matched.yaml --out runs/compare-matched
 compare-matched: setup
 	$(BIN)/python -m bench.param_shares --config ray_jobs/configs/compare-matched.yaml --unet UNet-T

@@ -18,6 +18,7 @@ from diffscaler.seed_spread import SeedStats, pool_seeds, seed_method, seed_spre
 from diffscaler.shares import method_shares
 from diffscaler.train.finetune import method_adapter, plan_finetunes
 from tests.support.finetune import make_work, tiny_config
+from tests.support.pipeline import ROOT, config_of_argv, make_pipeline_argv
 
 MATCHED = "ray_jobs/configs/compare-matched.yaml"
 
@@ -236,3 +237,18 @@ def test_the_shares_bench_prints_dit_and_unet_tables(capsys):
     assert "| affiner | 1 | qkv, proj, fc1, fc2 |" in out and "| lora | 2 |" in out
     assert "UNet-T (diffusers UNet2DModel)" in out and "| difffit | - | all convs and linears |" in out
     assert main(["--config", MATCHED, "--unet", "UNet-X"]) == 2
+
+
+def test_the_readme_commands_run_the_matched_config_whole_or_in_two_parts_that_add_up():
+    """`make compare-matched`, `-train` and `-eval` (the README's block): the same config and run folder; the two
+    parts' stages are the whole run's, in its order."""
+    readme = (ROOT / "README.md").read_text()
+    whole, whole_out = config_of_argv(make_pipeline_argv("compare-matched"))
+    parts = []
+    for target in ("compare-matched-train", "compare-matched-eval"):
+        assert f"make {target}" in readme
+        cfg, out = config_of_argv(make_pipeline_argv(target))
+        assert out == whole_out == "runs/compare-matched"
+        assert cfg.finetune == whole.finetune and cfg.model == whole.model  # only the stages differ
+        parts += cfg.pipeline.stages
+    assert "make compare-matched " in readme and parts == list(whole.pipeline.stages)

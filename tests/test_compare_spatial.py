@@ -3,35 +3,13 @@ Makefile runs, as `make -n` prints them, give valid experiments with the setting
 
 from __future__ import annotations
 
-import shlex
-import subprocess
-from pathlib import Path
-
 import pytest
 
-from diffscaler.config import load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def pipeline_argv(target: str) -> list[str]:
-    """The arguments of the `ray_jobs.pipeline` command the make target runs (set-up skipped)."""
-    printed = subprocess.run(
-        ["make", "-n", "-o", "setup", target], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.replace("\\\n", " ")  # a recipe continued over lines
-    line = next(line for line in printed.splitlines() if "-m ray_jobs.pipeline" in line)
-    argv = shlex.split(line)
-    return argv[argv.index("ray_jobs.pipeline") + 1 :]
-
-
-def config_of(argv: list[str]):
-    config = argv[argv.index("--config") + 1]
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    return load_config(ROOT / config, overrides), argv[argv.index("--out") + 1]
+from tests.support.pipeline import ROOT, config_of_argv, make_pipeline_argv
 
 
 def test_compare_spatial_trains_every_method_on_three_conditional_targets_with_two_seeds():
-    cfg, out = config_of(pipeline_argv("compare-spatial"))
+    cfg, out = config_of_argv(make_pipeline_argv("compare-spatial"))
     assert out == "runs/compare-spatial"
     assert {t.name: (t.source, t.condition) for t in cfg.data.targets} == {
         "emoji-canny": ("emoji", "canny"),
@@ -46,7 +24,7 @@ def test_compare_spatial_trains_every_method_on_three_conditional_targets_with_t
 
 
 def test_compare_spatial_mixed_trains_two_conditional_and_two_unconditional_tasks_together():
-    cfg, out = config_of(pipeline_argv("compare-spatial-mixed"))
+    cfg, out = config_of_argv(make_pipeline_argv("compare-spatial-mixed"))
     assert out == "runs/compare-spatial-mixed"
     assert cfg.finetune.mixed and cfg.finetune.methods == ("affiner",) and cfg.finetune.extra_seeds == {"affiner": (1,)}
     assert [(t.name, t.condition) for t in cfg.data.targets] == [

@@ -4,13 +4,16 @@ finished pipeline leaves in its run folder."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from diffscaler.config import ModelConfig
+from diffscaler.config import ModelConfig, load_config
 
+ROOT = Path(__file__).resolve().parents[2]
 MICRO_MODEL = ModelConfig(name="DiT-T/4", input_size=16, num_classes=3)
 ALL_STAGES = ["shards", "pretrain", "finetune", "sweep", "evaluate", "report"]
 
@@ -165,3 +168,21 @@ def save_micro_backbone(path: Path, model_cfg=MICRO_MODEL) -> Path:
 
     save_backbone(build_model(model_cfg, seed=0), path, provenance={"stage": "test"})
     return path
+
+
+def make_pipeline_argv(target: str) -> list[str]:
+    """The arguments of the `ray_jobs.pipeline` command a make target runs, as `make -n` prints it (set-up
+    skipped)."""
+    printed = subprocess.run(
+        ["make", "-n", "-o", "setup", target], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.replace("\\\n", " ")  # a recipe continued over lines
+    line = next(line for line in printed.splitlines() if "-m ray_jobs.pipeline" in line)
+    argv = shlex.split(line)
+    return argv[argv.index("ray_jobs.pipeline") + 1 :]
+
+
+def config_of_argv(argv: list[str]):
+    """(the experiment config, the --out folder) of a pipeline command line."""
+    config = argv[argv.index("--config") + 1]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return load_config(ROOT / config, overrides), argv[argv.index("--out") + 1]

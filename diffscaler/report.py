@@ -446,11 +446,20 @@ def _sweep_section(inputs: ReportInputs) -> list[str]:
     if best is None:
         return [*lines, f"_No sweep result in `{inputs.sweep_dir}` yet._", ""]
     per_dataset = best.get("best", best.get("datasets", best))
-    if isinstance(per_dataset, dict) and all(isinstance(v, dict) for v in per_dataset.values()):
+    per_method = best.get("methods")
+    # several swept methods (sweep.methods): one row per method and dataset, not only the first method's
+    if isinstance(per_method, dict) and len(per_method) > 1 and all(isinstance(v, dict) for v in per_method.values()):
+        rows = [(name, row) for per in per_method.values() for name, row in per.items() if isinstance(row, dict)]
+        columns: tuple[str, ...] = ("method", "rank", "lr", "fid", "val_loss", "steps", "selected_by", "trial_id")
+    elif isinstance(per_dataset, dict) and all(isinstance(v, dict) for v in per_dataset.values()):
+        rows = list(per_dataset.items())
         columns = ("rank", "lr", "fid", "val_loss", "steps", "selected_by", "trial_id")
-        keys = [k for k in columns if any(k in v for v in per_dataset.values())]
+    else:
+        rows = []
+    if rows:
+        keys = [k for k in columns if any(k in v for _, v in rows)]
         lines += ["| dataset | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-        for name, row in per_dataset.items():
+        for name, row in rows:
             lines.append(f"| {name} | " + " | ".join(_fmt_value(row.get(k)) for k in keys) + " |")
     else:
         lines += ["```json", json.dumps(best, indent=2)[:3000], "```"]

@@ -118,3 +118,25 @@ def test_the_report_shows_each_fine_tunes_speed_per_cpu_against_pretraining(tmp_
     text = write_report(inputs)[0].read_text()
     assert "**30.0 images/s per CPU**" in text  # median 60 over 2 workers x 1 CPU
     assert "| affiner | a | 45.0 | 1.50x |" in text, text[text.index("## Training speed") :]
+
+
+def test_the_sweep_section_lists_every_swept_method(tmp_path):
+    """With sweep.methods, best.json holds each method's winner: the report lists them all (it showed only
+    the first method's)."""
+    import json
+
+    row = {"rank": 1, "lr": 1e-3, "val_loss": 0.0569, "steps": 60, "selected_by": "val_loss", "trial_id": "t0"}
+    best = {
+        "datasets": {"emoji": {**row, "method": "affiner"}},
+        "methods": {
+            "affiner": {"emoji": {**row, "method": "affiner"}},
+            "full": {"emoji": {**row, "method": "full", "rank": 8, "lr": 1e-4, "trial_id": "t1"}},
+        },
+    }
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "best.json").write_text(json.dumps(best))
+    cfg = load_config(None, ["model.name=DiT-T/4", "model.input_size=16", "data.image_size=16"])
+    text = write_report(ReportInputs(cfg, tmp_path / "r", sweep_dir=tmp_path / "sweep"))[0].read_text()
+    table = text[text.index("## Sweep (Ray Tune)") :]
+    assert "| dataset | method | rank | lr |" in table
+    assert "| emoji | affiner | 1 | 0.001 |" in table and "| emoji | full | 8 | 0.0001 |" in table

@@ -153,9 +153,10 @@ def test_compiled_blocks_train_like_eager(work, tmp_path):
 def test_two_datasets_in_parallel_give_a_bank_that_reproduces_each_task(ray_local, work):
     out = work.root / "adapters"
     cfg = tiny_config(work.shards, TWO_TASKS)
-    summary = run_finetunes(cfg, work.backbone, out, log=print)
+    said: list[str] = []
+    summary = run_finetunes(cfg, work.backbone, out, log=said.append)
     table = format_table(summary)
-    print(table)
+    print("\n".join(said), table, sep="\n")
     assert [(r.task, r.method, r.status) for r in summary.rows] == [("ta", "affiner", "ok"), ("tb", "affiner", "ok")]
     for r in summary.rows:
         assert r.steps == 4 and 0 < r.final_loss < 10 and r.wall_s > 0
@@ -164,8 +165,10 @@ def test_two_datasets_in_parallel_give_a_bank_that_reproduces_each_task(ray_loca
         assert [x["step"] for x in lines if x["kind"] == "train"] == [2, 4]
         assert lines[-1]["kind"] == "val"
     assert "trainable params" in table and "% of backbone" in table and "final loss" in table
-    ta_row, tb_row = summary.rows
-    assert ta_row.started_at < tb_row.finished_at and tb_row.started_at < ta_row.finished_at  # ran concurrently
+    # Both handed to Ray before the first result came back: running them side by side is then Ray's scheduling.
+    # (Comparing their start and end times was flaky: a 1-s fine-tune can finish before a cold worker starts.)
+    submitted = next(i for i, line in enumerate(said) if "2 run(s) submitted" in line)
+    assert all(" ok, " not in line for line in said[:submitted]), said
     ta_meta, _ = read_adapter_file(out / "ta.safetensors")
     assert ta_meta["conditional"] and ta_meta["num_classes"] == 2 and ta_meta["backbone_hash"] == work.hash
     assert json.loads((out / "summary.json").read_text())["rows"][1]["task"] == "tb"

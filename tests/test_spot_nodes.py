@@ -414,7 +414,8 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
 def ray_recorded_a_checkpoint(run_dir: Path) -> bool:
     """True once Ray Train's own snapshot names a checkpoint: the one a restarted gang resumes from. A checkpoint
     folder on disk is not enough: a node lost after the folder is persisted but before the controller records
-    it restarts the gang from scratch (CI saw exactly that)."""
+    it restarts the gang from scratch (CI saw exactly that). Not `resume_checkpoint`: on a snapshot caught
+    mid-write it falls back to the highest folder on disk, the very signal this replaces."""
     try:
         snapshot = json.loads((run_dir / RAY_SNAPSHOT).read_text())
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):

@@ -46,9 +46,9 @@ compare: setup
 # then the DiT-vs-U-Net table per task from both runs (printed when runs/compare/fid.json exists).
 compare-unet: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare-unet.yaml --out runs/compare-unet
-	@if [ -f runs/compare/fid.json ]; then \
-	  $(BIN)/python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json; \
-	else echo "run make compare for the DiT side, then: python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json"; fi
+	@dit=$$(ls runs/compare/fid.json runs/compare-matched/fid.json 2>/dev/null | head -1); \
+	if [ -n "$$dit" ]; then $(BIN)/python -m bench.compare_arch $$dit runs/compare-unet/fid.json; \
+	else echo "run make compare (or make compare-matched) for the DiT side, then: python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json"; fi
 
 # Issue 24: every method at about 0.5-1 % of the backbone (shares printed first, counted on real banks),
 # beside full fine-tuning, three seeds each; mean ± std over seeds in the report. See bench/QUALITY.md.

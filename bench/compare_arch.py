@@ -1,14 +1,18 @@
 """DiT against the U-Net baseline (issue 24, the paper's third claim), per task: one table from the fid.json
-of `make compare` (the DiT) and of `make compare-unet` (diffusers' UNet2DModel, same pretraining set, image
-budget and fine-tune budget).
+of a DiT run (`make compare`, or `make compare-matched`, whose full, DiffFit and BitFit rows have compare.yaml's
+budgets) and of `make compare-unet` (diffusers' UNet2DModel, same pretraining set, image budget and fine-tune
+budget).
 
     python -m bench.compare_arch runs/compare/fid.json runs/compare-unet/fid.json
 
 For each task and method both architectures ran (full, difffit, bitfit; `scratch` too when both have it):
 FID and KID, mean ± std over the training seeds each run has; the gain over that architecture's own
 no-adapter row (what fine-tuning bought; higher is better); and the verdict on FID, DiT against U-Net
-(diffscaler.seed_spread: a win only beyond the seed spread, `?` with one seed). FID and KID use each run's
-feature network, printed: the two runs are comparable only with the same network and sample counts.
+(diffscaler.seed_spread: a win only beyond the seed spread). Where one side has a single seed and the other
+several, the verdict is marked `(est.)`: it assumes the single-seed side spreads as the other does, so a win
+needs a gap beyond twice the other side's std. FID and KID use each run's feature network, printed: the two runs
+are comparable only with the same network and sample counts. A run folder's config.json names its backbone's
+arch; a DiT file that is a U-Net run (or the reverse) is refused by name.
 """
 
 from __future__ import annotations
@@ -31,6 +35,32 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return json.loads(path.read_text())["results"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: not a readable fid.json ({err})") from None
+
+
+def check_arch(path: Path, expected: str) -> None:
+    """Refuse a fid.json whose run folder's config.json records another `model.arch` (a run without a
+    config.json beside it is taken as given)."""
+    config = path.parent / "config.json"
+    if not config.is_file():
+        return
+    try:
+        arch = json.loads(config.read_text())["model"].get("arch", "dit")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise SystemExit(f"{config}: not a readable run config ({err})") from None
+    if arch != expected:
+        raise SystemExit(f"{path}: a model.arch={arch} run (its {config.name}), given where the {expected} run goes")
+
+
+def judge(a: SeedStats, b: SeedStats) -> str:
+    """verdict() when both sides have seeds; with one seed on one side only, the same rule with that side's
+    std taken as the other's (marked `(est.)`); `?` when neither has a spread."""
+    if a.n > 1 and b.n > 1:
+        return verdict(a, b)
+    if a.n > 1 or b.n > 1:
+        std = a.std if a.n > 1 else b.std
+        assumed = SeedStats(2, a.mean, std), SeedStats(2, b.mean, std)
+        return f"{verdict(*assumed)} (est.)"
+    return "?"
 
 
 def no_adapter(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
@@ -72,7 +102,7 @@ def table(dit_rows: list[dict[str, Any]], unet_rows: list[dict[str, Any]]) -> li
             out.append(
                 f"| {task} | {m} | {_cell(fid[0][key], '.1f')} | {_cell(fid[1][key], '.1f')} | "
                 f"{_gain(base[0].get(task), fid[0][key])} | {_gain(base[1].get(task), fid[1][key])} | "
-                f"{verdict(fid[0][key], fid[1][key])} | {_cell(kid[0].get(key), '.4f')} | "
+                f"{judge(fid[0][key], fid[1][key])} | {_cell(kid[0].get(key), '.4f')} | "
                 f"{_cell(kid[1].get(key), '.4f')} |"
             )
         d, u = base[0].get(task), base[1].get(task)
@@ -82,15 +112,21 @@ def table(dit_rows: list[dict[str, Any]], unet_rows: list[dict[str, Any]]) -> li
         )
     if not tasks:
         out.append("| (no task has fine-tune rows in both runs) | | | | | | | | |")
-    out += ["", "gain = the architecture's no-adapter FID minus the method's (what fine-tuning bought)."]
+    out += [
+        "",
+        "gain = the architecture's no-adapter FID minus the method's (what fine-tuning bought). (est.) = one "
+        "side has a single seed and is assumed to spread as the other side does.",
+    ]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dit", type=Path, help="fid.json of the DiT run (make compare)")
+    parser.add_argument("dit", type=Path, help="fid.json of the DiT run (make compare or make compare-matched)")
     parser.add_argument("unet", type=Path, help="fid.json of the U-Net run (make compare-unet)")
     args = parser.parse_args(argv)
+    check_arch(args.dit, "dit")
+    check_arch(args.unet, "unet")
     print("\n".join(table(read_rows(args.dit), read_rows(args.unet))))
     return 0
 

@@ -38,6 +38,10 @@ def test_the_table_pairs_each_task_and_method_and_judges_by_the_seed_spread(tmp_
             _row("emoji", "affiner", 90.0),  # DiT-only method: not in the table
             _row("emoji", "no adapter", 200.0, method=""),
             _row("icons", "full", 80.0),
+            _row("tiles", "bitfit", 100.0),
+            _row("tiles", "bitfit seed 1", 104.0),
+            _row("textiles", "bitfit", 100.0),
+            _row("textiles", "bitfit seed 1", 104.0),
         ],
     )
     unet = _write(
@@ -47,6 +51,8 @@ def test_the_table_pairs_each_task_and_method_and_judges_by_the_seed_spread(tmp_
             _row("emoji", "full seed 1", 121.0),
             _row("emoji", "difffit", 149.0),
             _row("emoji", "no adapter", 210.0, method=""),
+            _row("tiles", "bitfit", 120.0),  # one seed against DiT's 102 ± 2.8: beyond twice that
+            _row("textiles", "bitfit", 105.0),  # inside it
         ],
     )
     assert main([str(dit), str(unet)]) == 0
@@ -55,6 +61,8 @@ def test_the_table_pairs_each_task_and_method_and_judges_by_the_seed_spread(tmp_
     assert "| win |" in rows[("emoji", "full")]  # 101 ± 1.4 against 120.5 ± 0.7: beyond the spread
     assert "+99.0" in rows[("emoji", "full")] and "+89.5" in rows[("emoji", "full")]  # gains over no adapter
     assert "| ? |" in rows[("emoji", "difffit")]  # one seed each: no verdict
+    assert "| win (est.) |" in rows[("tiles", "bitfit")]  # the U-Net's one seed taken to spread as the DiT's
+    assert "| tie (est.) |" in rows[("textiles", "bitfit")]
     assert ("emoji", "affiner") not in rows and ("icons", "full") not in rows  # only what both ran
     assert "200.0 | 210.0" in rows[("emoji", "no adapter")]
 
@@ -64,6 +72,17 @@ def test_an_unreadable_file_is_named(tmp_path):
     bad.write_text("{")
     with pytest.raises(SystemExit, match="bad.json: not a readable fid.json"):
         main([str(bad), str(bad)])
+
+
+def test_a_run_of_the_other_arch_is_refused_by_name(tmp_path):
+    for name, arch in (("dit", "dit"), ("unet", "unet")):
+        (tmp_path / name).mkdir()
+        _write(tmp_path / name / "fid.json", [_row("emoji", "full", 100.0)])
+        (tmp_path / name / "config.json").write_text(json.dumps({"model": {"arch": arch}}))
+    dit, unet = str(tmp_path / "dit" / "fid.json"), str(tmp_path / "unet" / "fid.json")
+    assert main([dit, unet]) == 0
+    with pytest.raises(SystemExit, match=r"unet/fid.json: a model.arch=unet run .* where the dit run goes"):
+        main([unet, dit])
 
 
 def test_compare_unet_has_compare_yamls_data_and_budgets():

@@ -43,7 +43,7 @@ compare: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare.yaml --out runs/compare
 
 # Issue 24: the U-Net baseline (diffusers' UNet2DModel) through the same stages and budgets as make compare;
-# then the DiT-vs-U-Net table per task from both runs (printed when runs/compare/fid.json exists).
+# then the DiT-vs-U-Net table per task, the DiT side from make compare's run or else make compare-matched's.
 compare-unet: setup
 	$(BIN)/python -m ray_jobs.pipeline --config ray_jobs/configs/compare-unet.yaml --out runs/compare-unet
 	@dit=$$(ls runs/compare/fid.json runs/compare-matched/fid.json 2>/dev/null | head -1); \

@@ -88,7 +88,14 @@ def test_a_run_of_the_other_arch_is_refused_by_name(tmp_path):
 def test_compare_unet_has_compare_yamls_data_and_budgets():
     from diffscaler.config import load_config
 
-    dit, unet = load_config("ray_jobs/configs/compare.yaml"), load_config("ray_jobs/configs/compare-unet.yaml")
+    unet = load_config("ray_jobs/configs/compare-unet.yaml")
+    # make compare-unet takes its DiT side from either run: both must hold the U-Net run's budgets
+    for dit in (load_config("ray_jobs/configs/compare.yaml"), load_config("ray_jobs/configs/compare-matched.yaml")):
+        _same_data_and_budgets(dit, unet)
+    assert "sweep" not in unet.pipeline.stages
+
+
+def _same_data_and_budgets(dit, unet):
     assert unet.model.arch == "unet" and dit.model.arch == "dit"
     assert unet.model.input_size == dit.model.input_size and unet.model.num_classes == dit.model.num_classes
     assert unet.data == dit.data and unet.eval == dit.eval and unet.diffusion == dit.diffusion
@@ -97,4 +104,3 @@ def test_compare_unet_has_compare_yamls_data_and_budgets():
     for key in ("steps", "batch_size", "warmup_steps", "grad_clip", "seed", "mixed"):
         assert getattr(unet.finetune, key) == getattr(dit.finetune, key), key
     assert set(unet.finetune.methods) == {"full", "difffit", "bitfit"} <= set(dit.finetune.methods)
-    assert "sweep" not in unet.pipeline.stages

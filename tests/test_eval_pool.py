@@ -119,6 +119,39 @@ def test_request_failing_twice_is_reported_failed_and_the_rest_completes(pool, p
     assert doomed.feature_network == "efficientnet-lite0" and doomed.label == "doomed"
 
 
+def test_an_actor_that_cannot_start_fails_its_request_after_bounded_tries_naming_the_cause(
+    ray_local, project, tmp_path
+):
+    """A replacement lost before it started (on a spot node: scheduled on a node already gone) does not spend the
+    chunk's retry; but one that can never start (here: its backbone file was removed) still ends the request,
+    after MAX_UNSTARTED such losses plus the retry, with the constructor's error."""
+    import shutil
+
+    from diffscaler.eval import FidEvaluator, request_for_task
+    from diffscaler.eval.pool import MAX_UNSTARTED
+
+    shutil.copytree(Path(project["backbone"]).parent, tmp_path / "run")  # the weights and backbone.json beside
+    backbone = tmp_path / "run" / Path(project["backbone"]).name
+    events = []
+    cfg = project["cfg"]
+    with FidEvaluator(str(backbone), cfg, num_actors=1) as ev:
+        ev.actor_pids()  # started: the kill below is a counted attempt
+
+        def remove_backbone_and_kill(event):
+            events.append(event)
+            if event["event"] == "submitted" and len(events) == 1:
+                backbone.unlink()
+                os.kill(ev.actor_pid(event["slot"]), signal.SIGKILL)
+
+        (result,) = ev.evaluate([request_for_task(cfg, "dots", project["adapter"])], progress=remove_backbone_and_kill)
+        replaced = ev.actors_replaced
+    assert result.status == "failed" and "failed 2 times" in result.error
+    assert "backbone.safetensors" in result.error.split(" | ")[-1], result.error  # the constructor's error
+    unstarted = [e for e in events if e["event"] == "retry" and "had not started" in e["reason"]]
+    assert len(unstarted) == MAX_UNSTARTED and all(e["attempt"] == 2 for e in unstarted)
+    assert replaced == 1 + MAX_UNSTARTED + 1
+
+
 def test_bad_input_is_refused_before_any_work(pool, project, tmp_path):
     from diffscaler.config import load_config
     from diffscaler.eval import EvalInputError, EvalRequest, FidEvaluator, request_for_task

@@ -398,6 +398,7 @@ def test_an_fid_actor_lost_with_its_node_is_replaced_on_a_new_node_and_the_score
                 reclaimer.finish()
             replaced = ev.actors_replaced
         assert spot_nodes_settle_at(2) == 2  # the survivor and the new node
+    print("retries:", [(e["attempt"], e["reason"]) for e in events if e["event"] == "retry"])  # shown on a failure
     assert [r.status for r in spot] == ["ok", "ok"], [r.error for r in spot]
     assert replaced >= 1 and [e["event"] for e in events].count("retry") >= 1
     for a, b in zip(calm, spot, strict=True):

@@ -7,8 +7,11 @@
 Each request becomes chunks of sample indices (and missing reference statistics chunks of images), one in
 flight per actor. An actor that dies (killed, out of memory, its node gone) surfaces as `RayActorError` on
 its chunk: a new actor replaces it and the chunk is retried once; a chunk failing twice fails its request
-alone, with the reason. The scores are those of an undisturbed run: a chunk's samples depend only on their
-indices. The driver computes FID/KID from the features (stats.py).
+alone, with the reason. A replacement lost before it started (its constructor never ran: scheduled on a node
+that was already gone but not yet declared dead, CI saw it) does not spend the chunk's retry: the chunk never
+ran. Such losses are bounded too (MAX_UNSTARTED), so an actor that cannot start at all still fails the request.
+The scores are those of an undisturbed run: a chunk's samples depend only on their indices.
+The driver computes FID/KID from the features (stats.py).
 
 Why not Ray's own `max_restarts` / `max_task_retries` (tried for issue 25): with an actor lost with its node
 (tests/test_spot_nodes.py), Ray spent the chunk's retry on "actor temporarily unavailable" errors (connection
@@ -54,6 +57,7 @@ from diffscaler.eval.stats import (
 from diffscaler.eval.worker import FidWorker
 
 MAX_ATTEMPTS = 2  # a job is tried at most twice (one retry), on a fresh actor after a death
+MAX_UNSTARTED = 2  # actors lost before they started that a job may see before those count as attempts
 
 
 @dataclass
@@ -64,6 +68,7 @@ class _Job:
     count: int
     payload: dict[str, Any] | np.ndarray
     attempts: int = 0
+    unstarted: int = 0  # times its actor was lost before the actor started (the job never ran)
     errors: list[str] = field(default_factory=list)
 
 
@@ -139,6 +144,21 @@ class FidEvaluator:
         self._actors[slot] = self._start_actor()
         self._pid_refs[slot] = self._actors[slot].pid.remote()
         self.actors_replaced += 1
+
+    def _actor_started(self, slot: int) -> bool:
+        """True when the actor in `slot` ran its constructor: its first call (`pid`) answered. Calls to one actor
+        run in order, so a chunk that ran on it comes after that answer."""
+        import ray
+        from ray.exceptions import RayError
+
+        ref = self._pid_refs[slot]
+        if not ray.wait([ref], timeout=0)[0]:
+            return False
+        try:
+            ray.get(ref)
+        except RayError:
+            return False
+        return True
 
     def actor_pid(self, slot: int, timeout: float = 120.0) -> int:
         """Process id of the actor in `slot` (waits for it to start); for tests and diagnostics."""
@@ -251,8 +271,15 @@ class FidEvaluator:
                 try:
                     out = ray.get(ref)
                 except RayActorError as err:  # died: killed, OOM, crashed, or failed to start
+                    started = self._actor_started(slot)
                     self._replace_actor(slot)
-                    fail(jid, slot, f"actor died ({type(err).__name__}: {last_error_line(err)})")
+                    reason = f"actor died ({type(err).__name__}: {last_error_line(err)})"
+                    if not started and jobs[jid].unstarted < MAX_UNSTARTED:
+                        jobs[jid].unstarted += 1  # the chunk never ran: not an attempt
+                        emit("retry", jid, slot, reason=f"{reason}; it had not started, the chunk did not run")
+                        queue.appendleft(jid)
+                    else:
+                        fail(jid, slot, reason)
                 except RayTaskError as err:  # the job raised; the actor itself is fine
                     cause = err.cause or err
                     fail(jid, slot, f"{type(cause).__name__}: {last_error_line(cause)}")

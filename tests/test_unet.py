@@ -79,6 +79,33 @@ def test_an_untrained_adapter_is_the_backbone_and_a_mixed_batch_is_each_tasks_ow
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".base." in n)
 
 
+@pytest.mark.parametrize("method", CONV_METHODS)
+def test_a_merged_task_samples_as_its_adapter_and_unmerge_restores_the_backbone_exactly(method):
+    model = build_unet(MICRO, seed=0).eval()
+    bank = ConvBank.attach(model, TASKS, method=method)
+    x, t = _batch(4)
+    y = torch.tensor([0, 1, -1, 0])
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        before = {n: b.clone() for n, b in model.named_parameters() if ".base." in n}
+        adapted = model(x, t, y, task_ids=1)
+        bare = model(x, t, y.clamp(max=-1))
+        bank.merge("b")
+        torch.testing.assert_close(model(x, t, y, task_ids=1), adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model(x, t, y, task_ids=torch.ones(4, dtype=torch.long)), adapted, atol=1e-4, rtol=1e-4
+        )
+        for other in ({"task_ids": 0}, {"task_ids": torch.tensor([1, 0, 1, 1])}, {}):  # would get b's weights
+            with pytest.raises(RuntimeError, match="task 1 is merged"):
+                model(x, t, y.clamp(max=0) if other else y.clamp(max=-1), **other)  # labels every task has
+        bank.unmerge()
+        for n, b in model.named_parameters():
+            if ".base." in n:
+                torch.testing.assert_close(b, before[n], atol=0, rtol=0)
+        torch.testing.assert_close(model(x, t, y.clamp(max=-1)), bare, atol=0, rtol=0)
+
+
 def test_methods_that_do_not_apply_to_a_unet_are_refused_by_name():
     for method in ("affiner", "lora"):
         with pytest.raises(ValueError, match=f"{method}.*does not apply to a U-Net"):

@@ -3,13 +3,16 @@
 For every Conv2d and Linear of the U-Net (frozen W, b̂) and task t, on the output channels c:
 
     bitfit:   y = W * x + b̂ + b_t                    (bias only)
-    difffit:  y = (1 + a_t) ⊙ (W * x) + b̂ + b_t      (DiffFit-style scale + bias)
+    difffit:  y = (1 + a_t) ⊙ (W * x + b̂) + b_t      (DiffFit-style scale + bias)
     full:     y = (W + ΔW_t) * x + b̂ + b_t           (a full fine-tune per task)
 
 a_t, b_t, ΔW_t start at zero, so at init every task's output equals the backbone's exactly. Each task also
 owns class-embedding rows (one per class, or one for an unconditional task), initialised from the backbone's
 null row, as the DiT's bank does. The Affiner and LoRA are refused: their rank-r branches are defined on
 the DiT's token linears (diffscaler.adapters.bank).
+
+`bank.merge(task)` folds one task into W, b̂ (single-task sampling at the backbone's cost); `unmerge()`
+restores them exactly.
 
 diffusers' forward cannot thread task ids to each layer (the DiT's `route`), so the bank's forward puts them
 on one shared `TaskRoute` for the duration of the call; the wrappers read it.
@@ -51,6 +54,8 @@ class TaskConvLayer(nn.Module):
         self.parts = CONV_PARTS[method]
         self.route = route
         self.is_conv = isinstance(base, nn.Conv2d)
+        self.merged_task: int | None = None
+        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
         out = base.out_channels if self.is_conv else base.out_features
         zeros = dict(device=base.weight.device, dtype=torch.float32)  # adapter weights stay fp32
         self.shift = nn.Parameter(torch.zeros(num_tasks, out, **zeros))  # (T, out)
@@ -77,8 +82,36 @@ class TaskConvLayer(nn.Module):
             return self.base._conv_forward(x, weight, self.base.bias)
         return F.linear(x, weight, self.base.bias)
 
+    @torch.no_grad()
+    def merge(self, t: int) -> None:
+        """Fold task t into W, b̂ in place: W' = (1 + a_t) ⊙ (W + ΔW_t), b' = (1 + a_t) ⊙ b̂ + b_t."""
+        if self.merged_task is not None:
+            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge() first")
+        w, b = self.base.weight, self.base.bias
+        if b is None:  # (no layer of UNet2DModel lacks one; a bias-free layer has nowhere to put b_t)
+            raise RuntimeError("a layer without a bias cannot take a merged task")
+        self._unmerged = (w.detach().clone(), b.detach().clone())  # exact restore, no division
+        gain = 1 + self.scale[t] if "scale" in self.parts else torch.ones_like(self.shift[t])  # (out,)
+        if "weight_delta" in self.parts:
+            w.add_(self.weight_delta[t].to(w.dtype))
+        w.mul_(gain.reshape(-1, *[1] * (w.ndim - 1)).to(w.dtype))  # out is dim 0 of a conv's and a linear's W
+        b.mul_(gain.to(b.dtype)).add_(self.shift[t].to(b.dtype))
+        self.merged_task = t
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._unmerged is not None:
+            self.base.weight.copy_(self._unmerged[0])
+            self.base.bias.copy_(self._unmerged[1])
+        self._unmerged, self.merged_task = None, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.route.ids
+        if self.merged_task is not None:
+            # The task lives in W, b̂ now: any other task (or the bare backbone) would silently get its weights.
+            if ids is None or bool((torch.as_tensor(ids) != self.merged_task).any()):
+                raise RuntimeError(f"task {self.merged_task} is merged into the weights; unmerge() to run others")
+            return self.base(x)
         if ids is None:
             return self.base(x)
         if isinstance(ids, int):
@@ -196,6 +229,16 @@ class ConvBank(TaskNames):
             return model.unet(x, t, class_labels=y).sample
         finally:
             self.route.ids = None
+
+    def merge(self, task: str | int) -> None:
+        """Fold one task into every wrapped layer's weights, for single-task sampling."""
+        t = task if isinstance(task, int) else self.task_index(task)
+        for layer in self.layers.values():
+            layer.merge(t)
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
 
     def parameters(self) -> list[nn.Parameter]:
         params = [p for layer in self.layers.values() for _, p in layer.task_parameters()]

@@ -203,3 +203,41 @@ def test_a_unet_adapter_round_trips_through_its_files_and_fits_no_dit(tmp_path):
     unet, _ = load_backbone(tmp_path / "unet.safetensors")
     with pytest.raises(AdapterLoadError, match="'dit' backbone .* do not load onto each other"):
         load_adapters(unet, [dit_path], None)
+
+
+def test_a_unet_samples_merged_through_the_cli_and_serve_and_generate_refuse_it_by_name(tmp_path, refuse_ray, capsys):
+    """`diffscaler sample --merge` gives the unmerged images; serving and generation page tasks into the DiT's
+    bank, so a U-Net backbone is refused there, naming the arch and the command that samples it, before Ray."""
+    import numpy as np
+
+    from diffscaler.artifacts import load_backbone, save_adapter, save_backbone
+    from diffscaler.cli import main
+    from ray_jobs.generate import main as generate
+
+    digest = save_backbone(build_unet(MICRO, seed=0), tmp_path / "unet.safetensors")
+    model, _ = load_backbone(tmp_path / "unet.safetensors")
+    bank = ConvBank.attach(model, TASKS, method="difffit")
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    (tmp_path / "adapters").mkdir()
+    save_adapter(bank, "a", tmp_path / "adapters", digest)
+    images = {}
+    for out, merge in (("plain", []), ("merged", ["--merge"])):
+        args = ["--backbone", str(tmp_path / "unet.safetensors"), "--adapters", str(tmp_path / "adapters")]
+        assert (
+            main(["sample", *args, "--task", "a", "--num", "2", "--steps", "3", "--out", str(tmp_path / out), *merge])
+            == 0
+        )
+        images[out] = np.load(tmp_path / out / "samples.npz")["images"].astype(int)
+    assert np.abs(images["plain"] - images["merged"]).max() <= 1  # float rounding of the folded weights
+    capsys.readouterr()
+
+    backbone, adapters = str(tmp_path / "unet.safetensors"), str(tmp_path / "adapters")
+    assert main(["serve", "--backbone", backbone, "--adapters", adapters]) == 2
+    assert "a U-Net backbone (model.arch unet); serving and generation run DiT" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate: {images_per_task: 2}\n")
+    argv = ["--config", str(cfg), "--backbone", backbone, "--adapters", adapters, "--out", str(tmp_path / "o")]
+    assert generate(argv) == 2
+    assert "diffscaler sample --backbone" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -33,10 +33,11 @@ def check_inputs(backbone: str, adapters: str, cfg) -> list[str]:
     """The servable task names; ValueError naming the problem (backbone, adapters, port), before Ray."""
     from diffscaler.artifacts import read_backbone_meta
     from diffscaler.config import ModelConfig, from_dict
-    from diffscaler.serving.runtime import AdapterCatalog
+    from diffscaler.serving.runtime import AdapterCatalog, refuse_unet
 
     meta = read_backbone_meta(backbone)
     model = from_dict(ModelConfig, meta["model"], "backbone.model")
+    refuse_unet(model, backbone)
     if model.in_channels != 3:
         raise ValueError(
             f"--backbone {backbone}: a latent backbone ({model.in_channels} channels); serve takes "

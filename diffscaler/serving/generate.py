@@ -141,7 +141,7 @@ def check_inputs(
     from diffscaler.adapters.bank import AdapterLoadError
     from diffscaler.artifacts import BackboneLoadError, read_backbone_meta
     from diffscaler.config import from_dict
-    from diffscaler.serving.runtime import AdapterCatalog
+    from diffscaler.serving.runtime import AdapterCatalog, refuse_unet
 
     try:
         meta = read_backbone_meta(backbone)
@@ -151,6 +151,10 @@ def check_inputs(
         catalog = AdapterCatalog(adapters, meta["content_hash"], model_cfg, log=lambda _m: None)
         catalog.scan()
     except (BackboneLoadError, AdapterLoadError) as err:
+        raise GenerateInputError(str(err)) from None
+    try:
+        refuse_unet(model_cfg, backbone)
+    except ValueError as err:
         raise GenerateInputError(str(err)) from None
     if model_cfg.in_channels != 3:
         raise GenerateInputError(

@@ -49,6 +49,16 @@ from diffscaler.diffusion.sampling import generate, to_uint8
 from diffscaler.models.dit import DiT
 
 
+def refuse_unet(model: ModelConfig, backbone: str | Path) -> None:
+    """ValueError for a U-Net backbone: serving and generation page tasks into the DiT's AdapterBank slots. A
+    U-Net's adapters (BitFit, DiffFit, full: `diffscaler.adapters.conv`) sample through `diffscaler sample`."""
+    if model.arch != "dit":
+        raise ValueError(
+            f"--backbone {backbone}: a U-Net backbone (model.arch {model.arch}); serving and generation run DiT "
+            "backbones only. Sample a U-Net's adapters with `diffscaler sample --backbone ... --adapters ...`"
+        )
+
+
 def image_seed(seed: int, task: str, label: int, index: int) -> int:
     """The 63-bit noise seed of image `index` of (`task`, class `label`) in a run seeded `seed`."""
     digest = hashlib.sha256(task.encode()).digest()
@@ -319,6 +329,7 @@ class TaskRuntime:
         AdapterLoadError (no adapter at all fits: each file's reason is named)."""
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, meta = load_backbone(backbone)
+        refuse_unet(model.config, backbone)
         catalog = AdapterCatalog(adapters, meta["content_hash"], model.config, log)
         catalog.scan()
         if not catalog.entries:

@@ -45,6 +45,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,9 +108,21 @@ def _target_slots(model: DiT, method: str, targets: Sequence[str]) -> list[tuple
 
 
 class TaskNames:
-    """Task name -> slot, for a bank of either kind (AdapterBank; diffscaler.adapters.conv.ConvBank)."""
+    """Task name -> slot, and merging one task into the weights, for a bank of either kind (AdapterBank;
+    diffscaler.adapters.conv.ConvBank): `layers` maps a path to its MergeableLayer."""
 
     tasks: list[TaskInfo]
+    layers: dict[str, Any]
+
+    def merge(self, task: str | int) -> None:
+        """Fold one task's parts into every wrapped layer's base weights, for single-task sampling."""
+        t = task if isinstance(task, int) else self.task_index(task)
+        for layer in self.layers.values():
+            layer.merge(t)
+
+    def unmerge(self) -> None:
+        for layer in self.layers.values():
+            layer.unmerge()
 
     def task_index(self, name: str) -> int:
         for i, t in enumerate(self.tasks):
@@ -552,16 +565,6 @@ class AdapterBank(TaskNames):
         return sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
 
     # -- merge ------------------------------------------------------------------------------------
-    def merge(self, task: str | int) -> None:
-        """Fold one task's a_t, b_t (or ΔW_t) into the base weights for single-task sampling."""
-        t = task if isinstance(task, int) else self.task_index(task)
-        for layer in self.layers.values():
-            layer.merge(t)
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
-
     # -- per-task state (file I/O lives in diffscaler.artifacts) ----------------------------------
     def task_state(self, task: str | int) -> dict[str, torch.Tensor]:
         t = task if isinstance(task, int) else self.task_index(task)

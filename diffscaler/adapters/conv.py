@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffscaler.adapters.bank import AdapterLoadError, TaskInfo, TaskNames
+from diffscaler.adapters.layers import MergeableLayer
 from diffscaler.models.unet import ClassUNet
 
 CONV_METHODS = ("bitfit", "difffit", "full")
@@ -44,7 +45,7 @@ class TaskRoute:
         self.ids: int | torch.Tensor | None = None
 
 
-class TaskConvLayer(nn.Module):
+class TaskConvLayer(MergeableLayer):
     """A frozen Conv2d or Linear plus per-task parts stacked over tasks ([T, ...]), on its output channels."""
 
     def __init__(self, base: nn.Conv2d | nn.Linear, method: str, num_tasks: int, route: TaskRoute):
@@ -54,8 +55,6 @@ class TaskConvLayer(nn.Module):
         self.parts = CONV_PARTS[method]
         self.route = route
         self.is_conv = isinstance(base, nn.Conv2d)
-        self.merged_task: int | None = None
-        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
         out = base.out_channels if self.is_conv else base.out_features
         zeros = dict(device=base.weight.device, dtype=torch.float32)  # adapter weights stay fp32
         self.shift = nn.Parameter(torch.zeros(num_tasks, out, **zeros))  # (T, out)
@@ -82,28 +81,13 @@ class TaskConvLayer(nn.Module):
             return self.base._conv_forward(x, weight, self.base.bias)
         return F.linear(x, weight, self.base.bias)
 
-    @torch.no_grad()
-    def merge(self, t: int) -> None:
-        """Fold task t into W, b̂ in place: W' = (1 + a_t) ⊙ (W + ΔW_t), b' = (1 + a_t) ⊙ b̂ + b_t."""
-        if self.merged_task is not None:
-            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge() first")
-        w, b = self.base.weight, self.base.bias
-        if b is None:  # (no layer of UNet2DModel lacks one; a bias-free layer has nowhere to put b_t)
-            raise RuntimeError("a layer without a bias cannot take a merged task")
-        self._unmerged = (w.detach().clone(), b.detach().clone())  # exact restore, no division
+    def _fold(self, w: torch.Tensor, b: torch.Tensor, t: int) -> None:
+        """W' = (1 + a_t) ⊙ (W + ΔW_t), b' = (1 + a_t) ⊙ b̂ + b_t, on the output channels (dim 0 of W)."""
         gain = 1 + self.scale[t] if "scale" in self.parts else torch.ones_like(self.shift[t])  # (out,)
         if "weight_delta" in self.parts:
             w.add_(self.weight_delta[t].to(w.dtype))
-        w.mul_(gain.reshape(-1, *[1] * (w.ndim - 1)).to(w.dtype))  # out is dim 0 of a conv's and a linear's W
+        w.mul_(gain.reshape(-1, *[1] * (w.ndim - 1)).to(w.dtype))
         b.mul_(gain.to(b.dtype)).add_(self.shift[t].to(b.dtype))
-        self.merged_task = t
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._unmerged is not None:
-            self.base.weight.copy_(self._unmerged[0])
-            self.base.bias.copy_(self._unmerged[1])
-        self._unmerged, self.merged_task = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.route.ids
@@ -229,16 +213,6 @@ class ConvBank(TaskNames):
             return model.unet(x, t, class_labels=y).sample
         finally:
             self.route.ids = None
-
-    def merge(self, task: str | int) -> None:
-        """Fold one task into every wrapped layer's weights, for single-task sampling."""
-        t = task if isinstance(task, int) else self.task_index(task)
-        for layer in self.layers.values():
-            layer.merge(t)
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge()
 
     def parameters(self) -> list[nn.Parameter]:
         params = [p for layer in self.layers.values() for _, p in layer.task_parameters()]

@@ -57,7 +57,39 @@ def _zeros(*shape: int, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.zeros(*shape, device=device, dtype=torch.float32))  # adapter weights stay fp32
 
 
-class AdaptedLinear(nn.Module):
+class MergeableLayer(nn.Module):
+    """A frozen `base` layer (weight, bias) into which one task can be folded: `merge(t)` calls `_fold`, and
+    `unmerge()` restores the saved weight and bias exactly. Shared by the DiT's AdaptedLinear and the
+    U-Net's TaskConvLayer (diffscaler.adapters.conv)."""
+
+    base: nn.Module
+    merged_task: int | None = None
+    _unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _fold(self, w: torch.Tensor, b: torch.Tensor, t: int) -> None:
+        """Fold task t into the base weight and bias in place."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, t: int) -> None:
+        if self.merged_task is not None:
+            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge() first")
+        w, b = self.base.weight, self.base.bias
+        if b is None:  # a bias-free layer has nowhere to put b_t
+            raise RuntimeError("a layer without a bias cannot take a merged task")
+        self._unmerged = (w.detach().clone(), b.detach().clone())  # exact restore, no division
+        self._fold(w, b, t)
+        self.merged_task = t
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._unmerged is not None:
+            self.base.weight.copy_(self._unmerged[0])
+            self.base.bias.copy_(self._unmerged[1])
+        self._unmerged, self.merged_task = None, None
+
+
+class AdaptedLinear(MergeableLayer):
     """A frozen base linear plus stacked per-task parameters; forward(x, task_ids) like TaskLinear.
 
     A family implements `_forward_single`, `_forward_mixed`, `_forward_merged` and `_fold`."""
@@ -67,8 +99,6 @@ class AdaptedLinear(nn.Module):
         self.base = base
         self.method = method
         self.parts = METHOD_PARTS[method]
-        self.merged_task: int | None = None
-        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # the frozen base weight, for code that reads dtype/device
@@ -108,26 +138,6 @@ class AdaptedLinear(nn.Module):
 
     def _forward_merged(self, x: torch.Tensor, t: int) -> torch.Tensor:
         return F.linear(x, self.base.weight, self.base.bias)
-
-    def _fold(self, w: torch.Tensor, b: torch.Tensor, t: int) -> None:
-        """Fold task t into the base weight and bias in place."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def merge(self, t: int) -> None:
-        if self.merged_task is not None:
-            raise RuntimeError(f"task {self.merged_task} is already merged; unmerge() first")
-        w, b = self.base.weight, self.base.bias
-        self._unmerged = (w.detach().clone(), b.detach().clone())  # exact restore, no division
-        self._fold(w, b, t)
-        self.merged_task = t
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self._unmerged is not None:
-            self.base.weight.copy_(self._unmerged[0])
-            self.base.bias.copy_(self._unmerged[1])
-        self._unmerged, self.merged_task = None, None
 
 
 class _RankBranch:

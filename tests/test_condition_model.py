@@ -223,7 +223,8 @@ def test_condition_guidance_scale_one_is_one_pass_and_the_scales_combine_as_docu
     generate(model, diffusion, **kw, condition_scale=3.0, cfg_scale=2.0)
     assert set(calls) == {12}
     # the unconditional task's row (1) is left as it is; conditional rows move
-    assert torch.allclose(guided[1], plain[1], atol=1e-5)
+    # (1e-4: the guided batch has twice the rows, so the matmuls block differently; 5e-5 seen on an AVX-512 Xeon)
+    assert torch.allclose(guided[1], plain[1], atol=1e-4)
     assert not torch.allclose(guided[0], plain[0], atol=1e-3)
     # the guidance formula on one forward
     from diffscaler.diffusion.sampling import guided_forward

@@ -307,11 +307,31 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
             )
         if offsets is not None and not torch.is_grad_enabled():
             return self._forward_grouped(x, ids, offsets)
+        if x.dim() == 3 and not torch.is_grad_enabled():
+            return self._forward_per_sample_inplace(x, ids)
         per_sample = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)  # broadcast (N, out) over tokens
         y = F.linear(x, w)  # (N, *, out): one shared matmul for every task in the batch
         scale = self.scale[ids].view(per_sample) if self.scale is not None else None
         y = _scale_shift(y, scale, b, self.shift[ids].view(per_sample))
         return self._add_branch_mixed(y, x, ids) if self.relu_branch else y
+
+    def _forward_per_sample_inplace(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Sampling a mixed batch where grouping does not pay (few tokens per sample): one shared matmul, then
+        y += y ⊙ a_t in place and b̂ + b_t riding in the branch's matmul (`add_shift_and_branch_`): two passes
+        over the (N, L, out) output where the autograd path takes four and three temporaries."""
+        w, b = self.base.weight, self.base.bias
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x3 = x.to(dtype)  # (N, L, in)
+            y = F.linear(x3, w.to(dtype))  # (N, L, out)
+            if self.scale is not None:
+                y.addcmul_(y, self.scale[ids].to(dtype).unsqueeze(1))  # y + y·a: a keeps its precision in bf16
+            c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
+            relu_h = up_scaled = None
+            if self.relu_branch:
+                relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
+                up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
+            return add_shift_and_branch_(y, c, relu_h, up_scaled)
 
     def _forward_merged(self, x: torch.Tensor, t: int) -> torch.Tensor:
         # a_t, b_t live in W, b̂ now; only the rank-r side path remains

@@ -266,24 +266,29 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
             return None
         return groups.present_offsets(length)
 
+    def _add_shift_and_branch_(self, y: torch.Tensor, x3: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """y (N, L, out) += b̂ + b_t [+ s_t U_t relu(D_t x)] in place, per sample, in y's dtype."""
+        dtype = y.dtype
+        c = (self.base.bias.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
+        relu_h = up_scaled = None
+        if self.relu_branch:
+            relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
+            up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
+        return add_shift_and_branch_(y, c, relu_h, up_scaled)
+
     def _forward_grouped(
         self, x: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, task_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Sampling a batch sorted by task: (1 + a_t) folded into each task's weight copy, one grouped
         matmul, then b̂ + b_t and the branch added by one more (rank r + 1) matmul into the output.
         `task_scale` (P, out): the scales of the tasks `offsets` delimit (default: every task's)."""
-        w, b = self.base.weight, self.base.bias
+        w = self.base.weight
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x3 = x.to(dtype)  # (N, L, in)
             scales = self.scale if task_scale is None else task_scale
             y = grouped_scaled_linear(x3, w, scales, offsets, dtype)  # (N, L, out)
-            c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
-            relu_h = up_scaled = None
-            if self.relu_branch:
-                relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
-                up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
-            return add_shift_and_branch_(y, c, relu_h, up_scaled)
+            return self._add_shift_and_branch_(y, x3, ids)
 
     def _forward_mixed(self, x: torch.Tensor, task_ids: torch.Tensor | TaskGroups) -> torch.Tensor:
         groups = task_ids if isinstance(task_ids, TaskGroups) else None
@@ -319,19 +324,14 @@ class ScaleShiftLinear(_RankBranch, AdaptedLinear):
         """Sampling a mixed batch where grouping does not pay (few tokens per sample): one shared matmul, then
         y += y ⊙ a_t in place and b̂ + b_t riding in the branch's matmul (`add_shift_and_branch_`): two passes
         over the (N, L, out) output where the autograd path takes four and three temporaries."""
-        w, b = self.base.weight, self.base.bias
+        w = self.base.weight
         dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x3 = x.to(dtype)  # (N, L, in)
             y = F.linear(x3, w.to(dtype))  # (N, L, out)
             if self.scale is not None:
                 y.addcmul_(y, self.scale[ids].to(dtype).unsqueeze(1))  # y + y·a: a keeps its precision in bf16
-            c = (b.to(self.shift.dtype) + self.shift[ids]).to(dtype)  # (N, out)
-            relu_h = up_scaled = None
-            if self.relu_branch:
-                relu_h = F.relu(torch.bmm(x3, self.down[ids].to(dtype).transpose(1, 2)))  # (N, L, r)
-                up_scaled = self._up_scaled(ids).to(dtype)  # (N, out, r)
-            return add_shift_and_branch_(y, c, relu_h, up_scaled)
+            return self._add_shift_and_branch_(y, x3, ids)
 
     def _forward_merged(self, x: torch.Tensor, t: int) -> torch.Tensor:
         # a_t, b_t live in W, b̂ now; only the rank-r side path remains

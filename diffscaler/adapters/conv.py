@@ -91,12 +91,7 @@ class TaskConvLayer(MergeableLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = self.route.ids
-        if self.merged_task is not None:
-            # The task lives in W, b̂ now: any other task (or the bare backbone) would silently get its weights.
-            if ids is None or bool((torch.as_tensor(ids) != self.merged_task).any()):
-                raise RuntimeError(f"task {self.merged_task} is merged into the weights; unmerge() to run others")
-            return self.base(x)
-        if ids is None:
+        if ids is None or self.merged_task is not None:  # (a merged batch's ids are checked once, by the bank)
             return self.base(x)
         if isinstance(ids, int):
             y = self._base(x, ids)  # conv (N, out, H, W) or linear (N, .., out)
@@ -196,6 +191,10 @@ class ConvBank(TaskNames):
     ) -> torch.Tensor:
         """Without `task_ids` the backbone; with them each sample's task (y indexes its classes, -1 = null)."""
         model = self.model
+        merged = next(iter(self.layers.values())).merged_task  # every layer holds the same merged task, or none
+        if merged is not None and (task_ids is None or bool((torch.as_tensor(task_ids) != merged).any())):
+            # The task lives in W, b̂ now: any other task (or the bare backbone) would silently get its weights.
+            raise RuntimeError(f"task {merged} is merged into the weights; unmerge() to run others")
         if task_ids is None:
             return ClassUNet.forward(model, x, t, y)
         if isinstance(task_ids, torch.Tensor) and task_ids.shape != (x.shape[0],):
